@@ -1,0 +1,34 @@
+# The README's commands. `make test` and `make serve` install what they need first.
+PYTHON  ?= .venv/bin/python
+VENV    := .venv
+STAMP   := $(VENV)/.installed
+REPO    ?= model_repository
+
+.PHONY: install serve test train export protos check-protos clean
+
+$(VENV)/bin/python:
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+
+# torch==2.13.0 first, by exact version: it is the CPU wheel; a range would pull a CUDA build.
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -e '.[train,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	@echo "tserve's server is not built yet (see the service issue); the model is in $(REPO)/"
+
+test: $(STAMP)
+	$(PYTHON) -m pytest -q
+
+train: $(STAMP)
+	$(PYTHON) -m model.train --out runs/default
+
+export: $(STAMP)
+	$(PYTHON) -m export --checkpoint runs/default/checkpoint.pt --repository $(REPO)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,130 @@
+"""Checkpoint -> verified, optimized and quantized repository entries.
+
+    python -m export --checkpoint runs/default/checkpoint.pt --repository model_repository
+
+Writes <name> (fp32) and <name>_int8 (dynamic int8), each with config.pbtxt, model.onnx and
+a manifest carrying the tokenizer, training metrics, parity and speed reports, sha256 and
+golden inputs/outputs the server checks itself against at load time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from export.onnx_export import ONNX_OPSET, export_onnx
+from export.optimize import fusion_report, quantize_int8, speed_ratios
+from export.repository import decoder_config_pbtxt, golden_record, write_entry
+from export.verify import cpu_session, decoder_feeds, empty_past, verify
+from model import tokenizer
+from model.data import load_corpus
+from model.evaluate import bits_per_byte, sliding_nll
+from model.transformer import GPT, load_checkpoint
+
+SAMPLE_PROMPTS = ["def fibonacci(n):", "import os\n", "class Stack:"]
+
+
+def onnx_logits_fn(session: ort.InferenceSession, model: GPT):
+    def fn(x: np.ndarray) -> np.ndarray:
+        B, T = x.shape
+        mask = np.ones((B, T), np.int64)
+        pos = np.tile(np.arange(T, dtype=np.int64), (B, 1))
+        return session.run(["logits"], decoder_feeds(model.cfg.n_layer, x, mask, pos, empty_past(model, B)))[0]
+
+    return fn
+
+
+def onnx_bpb(session: ort.InferenceSession, model: GPT, tokens: np.ndarray) -> float:
+    return round(bits_per_byte(sliding_nll(onnx_logits_fn(session, model), tokens, model.cfg.block_size), len(tokens) - 1), 4)
+
+
+def golden_feeds(model: GPT) -> dict[str, np.ndarray]:
+    ids = np.array([tokenizer.encode(SAMPLE_PROMPTS[0])], np.int64)
+    T = ids.shape[1]
+    return decoder_feeds(
+        model.cfg.n_layer, ids, np.ones((1, T), np.int64), np.arange(T, dtype=np.int64)[None], empty_past(model, 1)
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, default=Path("runs/default/checkpoint.pt"))
+    p.add_argument("--repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--name", default="bytegpt")
+    p.add_argument("--eval-tokens", type=int, default=65_536, help="validation tokens scored in ONNX Runtime")
+    p.add_argument("--skip-int8", action="store_true")
+    p.add_argument("--checkpoint-copy", type=Path, default=Path("model/checkpoints/bytegpt.pt"),
+                   help="where to keep the weights-only checkpoint the parity tests compare against")
+    args = p.parse_args(argv)
+
+    model, ckpt = load_checkpoint(str(args.checkpoint))
+    prompts = [tokenizer.encode(s) for s in SAMPLE_PROMPTS]
+    tc = ckpt.get("train_config", {})
+    corpus = load_corpus([Path(d) for d in tc.get("data", [])] or None, seed=tc.get("seed", 0),
+                         max_bytes=tc.get("max_corpus_bytes"))
+    val = corpus.val[: args.eval_tokens]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = export_onnx(model, Path(tmp) / "fp32.onnx")
+        print(f"exported {fp32.stat().st_size / 1e6:.2f} MB, opset {ONNX_OPSET}")
+        parity = verify(model, fp32, prompts)
+        print(f"parity: max |logits diff| {parity['max_abs_logits_diff']:.2e}, "
+              f"greedy 64 tokens equal alone {parity['greedy_equal_alone']}, batched {parity['greedy_equal_batched']}")
+        fusions = fusion_report(fp32)
+        print(f"ONNX Runtime fusions: {fusions}")
+        int8 = None if args.skip_int8 else quantize_int8(fp32, Path(tmp) / "int8.onnx")
+        speed = speed_ratios(fp32, int8, model.cfg.vocab_size)
+        print(f"speed: {speed}")
+
+        fp32_session = cpu_session(fp32)
+        fp32_bpb = onnx_bpb(fp32_session, model, val)
+        samples = {s: tokenizer.decode(model.generate(ids, 96, temperature=0.7, top_k=40, seed=0))
+                   for s, ids in zip(SAMPLE_PROMPTS, prompts)}
+        common = {
+            "architecture": "decoder-with-past",
+            "tokenizer": tokenizer.manifest_entry(),
+            "generation": {"max_context": model.cfg.block_size, "eos_token_id": tokenizer.EOT_ID},
+            "model_config": model.cfg.to_dict(),
+            "parameters": model.num_parameters(),
+            "training": {"config": tc, "metrics": ckpt.get("metrics", {})},
+            "export": {"opset": ONNX_OPSET, "torch": torch.__version__, "onnxruntime": ort.__version__,
+                       "parity": parity, "fusions": fusions, "speed": speed},
+            "samples": {"temperature": 0.7, "top_k": 40, "seed": 0, "completions": samples},
+        }
+        feeds = golden_feeds(model)
+        entry = write_entry(
+            args.repository, args.name, fp32, decoder_config_pbtxt(args.name, model.cfg, tokenizer.EOT_ID),
+            {**common, "validation": {"onnx_bits_per_byte": fp32_bpb, "tokens": len(val)},
+             "golden": [golden_record(fp32_session, feeds, atol=1e-3)]},
+        )
+        print(f"wrote {entry}: ONNX validation {fp32_bpb} bits/byte on {len(val)} tokens")
+        if int8 is not None:
+            int8_session = cpu_session(int8)
+            int8_bpb = onnx_bpb(int8_session, model, val)
+            name = f"{args.name}_int8"
+            entry = write_entry(
+                args.repository, name, int8, decoder_config_pbtxt(name, model.cfg, tokenizer.EOT_ID),
+                {**common, "quantization": {"method": "dynamic", "weight_type": "int8",
+                                            "bytes": int8.stat().st_size, "fp32_bytes": fp32.stat().st_size},
+                 "validation": {"onnx_bits_per_byte": int8_bpb, "fp32_onnx_bits_per_byte": fp32_bpb, "tokens": len(val)},
+                 "golden": [golden_record(int8_session, feeds, atol=5e-2)]},
+            )
+            print(f"wrote {entry}: int8 {int8.stat().st_size / 1e6:.2f} MB, validation {int8_bpb} bits/byte "
+                  f"(fp32 {fp32_bpb}) on {len(val)} tokens")
+    slim = {k: ckpt[k] for k in ("config", "model", "step", "train_config", "metrics") if k in ckpt}
+    args.checkpoint_copy.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(slim, args.checkpoint_copy)  # no optimizer state: a third of the size
+    for s, text in samples.items():
+        print(f"--- {s!r}\n{s}{text}")
+    print(json.dumps({"val_bpb": ckpt.get("metrics", {}).get("val_bpb"),
+                      "ngram_val_bpb": ckpt.get("metrics", {}).get("ngram_val_bpb")}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The Transformer in PyTorch, its byte tokenizer, corpus and training loop (training extra)."""

@@ -1,0 +1,38 @@
+"""Shared fixtures: a tiny model trained for a few steps and exported, once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_REPOSITORY = ROOT / "model_repository"
+DEFAULT_CHECKPOINT = ROOT / "model" / "checkpoints" / "bytegpt.pt"
+
+TINY_TRAIN_ARGS = [
+    "--block-size", "96", "--d-model", "32", "--d-ff", "64", "--n-layer", "2", "--n-head", "2",
+    "--batch-size", "8", "--max-steps", "12", "--warmup-steps", "2", "--lr", "3e-3", "--eval-interval", "12",
+    "--eval-tokens", "2048", "--final-eval-tokens", "4096", "--max-corpus-bytes", "300000", "--ngram-order", "2",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    from model.train import parse_args, train
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    tc, mc, _ = parse_args(["--out", str(out), *TINY_TRAIN_ARGS])
+    train(tc, mc)
+    return out / "checkpoint.pt"
+
+
+@pytest.fixture(scope="session")
+def tiny_repository(tiny_checkpoint, tmp_path_factory) -> Path:
+    """A model repository holding the tiny model as `bytegpt` and `bytegpt_int8`."""
+    from export.__main__ import main as export_main
+
+    repo = tmp_path_factory.mktemp("repo")
+    export_main(["--checkpoint", str(tiny_checkpoint), "--repository", str(repo), "--eval-tokens", "2048",
+                 "--checkpoint-copy", str(repo.parent / "tiny.pt")])
+    return repo

@@ -1,0 +1,86 @@
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from export.optimize import op_counts
+from export.repository import sha256
+from export.verify import cpu_session, logits_max_abs_diff, parity_cases, verify
+from model import tokenizer
+from model.transformer import load_checkpoint
+from tests.conftest import DEFAULT_CHECKPOINT, DEFAULT_REPOSITORY
+
+PROMPTS = [tokenizer.encode(s) for s in ["def fibonacci(n):", "import os\n", "class Stack:"]]
+
+
+def golden_reproduces(entry_version_dir) -> None:
+    manifest = json.loads((entry_version_dir / "manifest.json").read_text())
+    assert manifest["files"]["model.onnx"]["sha256"] == sha256(entry_version_dir / "model.onnx")
+    session = cpu_session(entry_version_dir / "model.onnx")
+    for golden in manifest["golden"]:
+        feeds = {k: np.array(v["data"], {"INT64": np.int64, "FP32": np.float32}[v["datatype"]]).reshape(v["shape"])
+                 for k, v in golden["inputs"].items()}
+        expected = golden["outputs"]["logits"]
+        got = session.run(["logits"], feeds)[0]
+        assert list(got.shape) == expected["shape"]
+        np.testing.assert_allclose(got.ravel(), expected["data"], atol=golden["atol"])
+
+
+def test_tiny_export_matches_pytorch(tiny_repository):
+    model, _ = load_checkpoint(str(tiny_repository.parent / "tiny.pt"))
+    report = verify(model, tiny_repository / "bytegpt" / "1" / "model.onnx", PROMPTS)
+    assert report["max_abs_logits_diff"] <= 1e-4
+    assert report["greedy_equal_alone"] and report["greedy_equal_batched"]
+    assert {"batch1_seq1_empty_past", "batch1_long", "batch2_seq1_past17", "real_prompts_left_padded"} <= set(report["cases"])
+
+
+def test_left_padded_rows_stay_finite(tiny_repository):
+    model, _ = load_checkpoint(str(tiny_repository.parent / "tiny.pt"))
+    session = cpu_session(tiny_repository / "bytegpt" / "1" / "model.onnx")
+    case = next(c for c in parity_cases(model, PROMPTS) if c.name == "real_prompts_left_padded")
+    assert case.attention_mask.min() == 0, "the case must contain padding"
+    assert logits_max_abs_diff(model, session, case) <= 1e-4  # inf when any logit is NaN
+
+
+def test_repository_entries_are_complete(tiny_repository):
+    for name in ("bytegpt", "bytegpt_int8"):
+        version = tiny_repository / name / "1"
+        assert (tiny_repository / name / "config.pbtxt").read_text().startswith(f'name: "{name}"')
+        golden_reproduces(version)
+        manifest = json.loads((version / "manifest.json").read_text())
+        assert manifest["tokenizer"]["type"] == "byte" and manifest["architecture"] == "decoder-with-past"
+    fp32 = tiny_repository / "bytegpt" / "1" / "model.onnx"
+    int8 = tiny_repository / "bytegpt_int8" / "1" / "model.onnx"
+    assert int8.stat().st_size < fp32.stat().st_size
+    assert op_counts(int8)["DynamicQuantizeLinear"] > 0 or op_counts(int8)["MatMulInteger"] > 0
+    # dynamic axes survive: batch, sequence and past are symbolic
+    graph = onnx.load(str(fp32)).graph
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    assert isinstance(dims["input_ids"][0], str) and isinstance(dims["input_ids"][1], str)
+    assert isinstance(dims["past_key_values.0.key"][2], str)
+
+
+def test_committed_default_matches_pytorch():
+    assert DEFAULT_CHECKPOINT.exists() and (DEFAULT_REPOSITORY / "bytegpt" / "1" / "model.onnx").exists()
+    model, ckpt = load_checkpoint(str(DEFAULT_CHECKPOINT))
+    report = verify(model, DEFAULT_REPOSITORY / "bytegpt" / "1" / "model.onnx", PROMPTS)
+    assert report["max_abs_logits_diff"] <= 1e-4
+    assert report["greedy_equal_alone"] and report["greedy_equal_batched"]
+    for name in ("bytegpt", "bytegpt_int8"):
+        golden_reproduces(DEFAULT_REPOSITORY / name / "1")
+
+
+def test_committed_default_beats_the_ngram_baseline():
+    manifest = json.loads((DEFAULT_REPOSITORY / "bytegpt" / "1" / "manifest.json").read_text())
+    metrics = manifest["training"]["metrics"]
+    assert metrics["val_bpb"] < metrics["ngram_val_bpb"] - 0.1
+    assert metrics["train_seconds"] <= 45 * 60
+    int8 = json.loads((DEFAULT_REPOSITORY / "bytegpt_int8" / "1" / "manifest.json").read_text())["validation"]
+    assert int8["onnx_bits_per_byte"] < int8["fp32_onnx_bits_per_byte"] + 0.1
+
+
+@pytest.mark.parametrize("name", ["bytegpt", "bytegpt_int8"])
+def test_committed_models_are_small(name):
+    size = (DEFAULT_REPOSITORY / name / "1" / "model.onnx").stat().st_size
+    assert size < 10_000_000
