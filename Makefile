@@ -19,9 +19,10 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 install: $(STAMP)
 
 serve: $(STAMP)
-	@echo "tserve's server is not built yet (see the service issue); the model is in $(REPO)/"
+	$(PYTHON) -m service serve --model-repository $(REPO)
 
 test: $(STAMP)
+	$(PYTHON) -m service.generated.build --check
 	$(PYTHON) -m pytest -q
 
 train: $(STAMP)
@@ -29,6 +30,12 @@ train: $(STAMP)
 
 export: $(STAMP)
 	$(PYTHON) -m export --checkpoint runs/default/checkpoint.pt --repository $(REPO)
+
+protos: $(STAMP)
+	$(PYTHON) -m service.generated.build
+
+check-protos: $(STAMP)
+	$(PYTHON) -m service.generated.build --check
 
 clean:
 	rm -rf $(VENV) .pytest_cache

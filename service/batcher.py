@@ -1,0 +1,257 @@
+"""The dynamic batcher: one per model version; it owns the queue and the time.
+
+Requests wait in groups of batch-compatible shapes. A batch starts when an instance is free
+and either enough rows are waiting for the largest preferred batch size or the oldest
+request has waited max_queue_delay. It takes the oldest request and, from the same group,
+the requests closest to it in length, so padding stays low; inputs the model declares
+paddable are right-padded to the longest, outputs are cut back and split so every caller
+gets exactly its own rows.
+
+The queue is bounded (QueueFull at once beyond it), requests whose deadline passed or whose
+caller went away are dropped before compute, and a batch that fails is re-run one request
+at a time so a failure stays with the request that caused it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.errors import DeadlineExceeded, InternalError, InvalidInput, QueueFull, TServeError
+from service.runtime import OrtRuntime
+from service.stats import BatchObserver
+from service.types import ModelSpec
+from service.validation import Prepared
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Timing:
+    queue_s: float = 0.0
+    compute_s: float = 0.0
+
+
+@dataclass
+class _Item:
+    prepared: Prepared
+    deadline: float | None  # time.monotonic() deadline
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class DynamicBatcher:
+    def __init__(self, spec: ModelSpec, runtime: OrtRuntime, observer: BatchObserver) -> None:
+        self.spec = spec
+        self.runtime = runtime
+        self.observer = observer
+        policy = spec.batching
+        self.max_rows = policy.max_batch_size if policy.enabled else 0  # 0: one request per run
+        preferred = [p for p in policy.preferred_batch_sizes if p <= policy.max_batch_size]
+        self.target_rows = max(preferred) if preferred else policy.max_batch_size
+        self.max_delay = policy.max_queue_delay_s
+        self.max_queue = policy.max_queue_size
+        self._groups: dict[tuple, deque[_Item]] = {}
+        self._queued = 0
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(runtime.instances)
+        self._running: set[asyncio.Task] = set()
+        self._loop_task: asyncio.Task | None = None
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._schedule(), name=f"batcher:{self.spec.name}")
+
+    async def close(self) -> None:
+        if self._loop_task:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        await asyncio.gather(*self._running, return_exceptions=True)
+        for group in self._groups.values():
+            for item in group:
+                if not item.future.done():
+                    item.future.set_exception(InternalError("the model was unloaded before the request ran"))
+        self._groups.clear()
+
+    async def submit(self, prepared: Prepared, deadline: float | None) -> tuple[dict[str, np.ndarray], Timing]:
+        if self._queued >= self.max_queue:
+            raise QueueFull(f"model {self.spec.name!r} has {self._queued} requests queued (max_queue_size {self.max_queue})")
+        item = _Item(prepared, deadline, asyncio.get_running_loop().create_future())
+        self._groups.setdefault(prepared.group, deque()).append(item)
+        self._queued += 1
+        self.observer.queue_depth(self._queued)
+        item.future.add_done_callback(lambda f, it=item: self._forget(it) if f.cancelled() else None)
+        self._wakeup.set()
+        return await item.future
+
+    def _forget(self, item: _Item) -> None:
+        """A cancelled caller frees its place in the queue at once."""
+        group = self._groups.get(item.prepared.group)
+        if group is not None and item in group:
+            group.remove(item)
+            self._queued -= 1
+            if not group:
+                del self._groups[item.prepared.group]
+            self.observer.queue_depth(self._queued)
+
+    # -- scheduling -------------------------------------------------------------------------
+
+    async def _schedule(self) -> None:
+        while True:
+            if not self._queued:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            await self._slots.acquire()
+            batch = await self._form_batch()
+            if not batch:
+                self._slots.release()
+                continue
+            task = asyncio.create_task(self._execute(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    def _oldest_group(self) -> tuple | None:
+        if not self._groups:
+            return None
+        return min(self._groups, key=lambda g: self._groups[g][0].enqueued)
+
+    async def _form_batch(self) -> list[_Item]:
+        while True:
+            key = self._oldest_group()
+            if key is None:
+                return []
+            group = self._groups[key]
+            if not self.max_rows:
+                break
+            rows = sum(it.prepared.rows for it in group)
+            wait = group[0].enqueued + self.max_delay - time.monotonic()
+            if rows >= self.target_rows or wait <= 0:
+                break
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout=wait)
+            except TimeoutError:
+                pass
+        return self._take(key)
+
+    def _take(self, key: tuple) -> list[_Item]:
+        group = self._groups[key]
+        oldest = group.popleft()
+        batch, rows = [oldest], oldest.prepared.rows
+        if self.max_rows and group:
+            length = oldest.prepared.length
+            # closest in length first (less padding), then oldest first
+            ranked = sorted(group, key=lambda it: (abs((it.prepared.length or 0) - (length or 0)), it.enqueued))
+            for it in ranked:
+                if rows + it.prepared.rows <= self.max_rows:
+                    batch.append(it)
+                    rows += it.prepared.rows
+                    group.remove(it)
+                if rows >= self.max_rows:
+                    break
+        if not group:
+            del self._groups[key]
+        self._queued -= len(batch)
+        self.observer.queue_depth(self._queued)
+        return batch
+
+    # -- execution --------------------------------------------------------------------------
+
+    async def _execute(self, batch: list[_Item]) -> None:
+        try:
+            now = time.monotonic()
+            live = []
+            for it in batch:
+                if it.future.done():  # cancelled while queued
+                    continue
+                if it.deadline is not None and now >= it.deadline:
+                    it.future.set_exception(DeadlineExceeded(f"deadline passed after {now - it.enqueued:.3f}s in the queue"))
+                    continue
+                live.append(it)
+            if not live:
+                return
+            try:
+                await self._run(live, now)
+            except Exception as e:
+                if len(live) == 1:
+                    self._fail(live[0], e)
+                    return
+                log.warning("batch of %d failed (%s); running its requests one at a time", len(live), e)
+                for it in live:
+                    if it.future.done():
+                        continue
+                    try:
+                        await self._run([it], time.monotonic())
+                    except Exception as e2:
+                        self._fail(it, e2)
+        finally:
+            self._slots.release()
+
+    def _fail(self, item: _Item, error: Exception) -> None:
+        if item.future.done():
+            return
+        if isinstance(error, TServeError):
+            item.future.set_exception(error)
+        elif type(error).__name__ in ("InvalidArgument", "InvalidGraph"):  # onnxruntime's own types
+            item.future.set_exception(InvalidInput(f"ONNX Runtime rejected the input: {str(error)[:300]}"))
+        else:
+            log.error("inference failed for model %s", self.spec.name, exc_info=error)
+            item.future.set_exception(InternalError(f"inference failed: {type(error).__name__}"))
+
+    async def _run(self, items: list[_Item], started: float) -> None:
+        spec = self.spec
+        outputs = list(items[0].prepared.outputs)
+        feeds, pads, efficiency = self._assemble(items)
+        t0 = time.perf_counter()
+        results = await self.runtime.run(feeds, outputs)
+        compute_s = time.perf_counter() - t0
+        rows = sum(it.prepared.rows for it in items)
+        self.observer.batch(len(items), rows, compute_s, efficiency)
+        start = 0
+        for it, pad in zip(items, pads):
+            n = it.prepared.rows
+            own: dict[str, np.ndarray] = {}
+            for name, value in zip(outputs, results):
+                part = value[start : start + n] if spec.max_batch_size else value
+                if pad:
+                    axis = spec.output(name).variable_axis
+                    part = part[(slice(None),) * axis + (slice(0, part.shape[axis] - pad),)]
+                own[name] = part
+            start += n
+            if not it.future.done():
+                it.future.set_result((own, Timing(queue_s=started - it.enqueued, compute_s=compute_s)))
+
+    def _assemble(self, items: list[_Item]) -> tuple[dict[str, np.ndarray], list[int], float | None]:
+        """Concatenate along the batch axis, right-padding paddable inputs to the longest."""
+        if len(items) == 1:
+            return items[0].prepared.inputs, [0], None
+        spec = self.spec
+        longest = max(it.prepared.length or 0 for it in items)
+        pads = [longest - (it.prepared.length or 0) for it in items]
+        feeds: dict[str, np.ndarray] = {}
+        for name in items[0].prepared.inputs:
+            parts = [it.prepared.inputs[name] for it in items]
+            if any(pads) and name in spec.padding.pad_values:
+                axis = spec.input(name).variable_axis
+                value = spec.padding.pad_values[name]
+                parts = [
+                    np.pad(p, [(0, pad) if a == axis else (0, 0) for a in range(p.ndim)], constant_values=value)
+                    if pad else p
+                    for p, pad in zip(parts, pads)
+                ]
+            feeds[name] = np.concatenate(parts, axis=0)
+        efficiency = None
+        if items[0].prepared.length is not None:
+            real = sum(it.prepared.rows * (it.prepared.length or 0) for it in items)
+            total = sum(it.prepared.rows for it in items) * longest
+            efficiency = real / total if total else 1.0
+        return feeds, pads, efficiency

@@ -1,0 +1,75 @@
+"""The data plane: validates, admits, routes to the model's batcher and records the outcome.
+
+Servicers call one method here per RPC; nothing here knows about protobuf or grpc.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from service.errors import InternalError, TServeError, Unavailable
+from service.logs import request_id
+from service.models import ModelManager, ModelVersion
+from service.types import InferRequest, InferResponse
+from service.validation import prepare
+
+log = logging.getLogger(__name__)
+
+
+class DataPlane:
+    def __init__(self, manager: ModelManager) -> None:
+        self.manager = manager
+        self.draining = False
+        self.loading_done = False
+        self._inflight = 0
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    def ready(self, strict: bool) -> bool:
+        """Server readiness: loading finished (and, when strict, every model is ready); not draining."""
+        return self.loading_done and not self.draining and (self.manager.all_ready or not strict)
+
+    def admit(self) -> None:
+        if self.draining:
+            raise Unavailable("the server is shutting down; retry on another replica")
+
+    async def infer(self, request: InferRequest, deadline: float | None = None) -> InferResponse:
+        request_id.set(request.id[:64])
+        self.admit()
+        mv = self.manager.get(request.model_name, request.model_version)
+        observer = mv.observer
+        started = time.perf_counter()
+        self._inflight += 1
+        observer.inflight(1)
+        try:
+            prepared = prepare(mv.spec, request)
+            outputs, timing = await mv.batcher.submit(prepared, deadline)
+        except TServeError as e:
+            observer.request_done(False, e.reason, time.perf_counter() - started)
+            raise
+        except BaseException as e:  # cancellation included: it must still be counted
+            reason = "cancelled" if isinstance(e, (KeyboardInterrupt, SystemExit)) or type(e).__name__ == "CancelledError" else "internal"
+            observer.request_done(False, reason, time.perf_counter() - started)
+            if reason == "internal":
+                log.exception("unexpected error in ModelInfer for %s", request.model_name)
+                raise InternalError(f"unexpected error: {type(e).__name__}") from e
+            raise
+        else:
+            observer.request_done(True, "", time.perf_counter() - started, timing.queue_s, timing.compute_s)
+            return InferResponse(mv.name, str(mv.version), request.id, outputs)
+        finally:
+            self._inflight -= 1
+            observer.inflight(-1)
+
+    def model(self, name: str, version: str = "", ready: bool = False) -> ModelVersion:
+        return self.manager.get(name, version, ready=ready)
+
+    def statistics(self, name: str = "", version: str = "") -> list[ModelVersion]:
+        if name:
+            if version:
+                return [self.manager.get(name, version, ready=False)]
+            return [mv for mv in self.manager.versions(name).values() if mv.observer]
+        return [mv for mv in self.manager.all() if mv.observer]

@@ -1,0 +1,225 @@
+"""Model lifecycle: load every model version in the repository, verify, warm up, unload.
+
+A model that fails (missing or corrupt file, bad config, checksum or golden-output mismatch)
+is recorded UNAVAILABLE with the reason; the server and the other models keep serving.
+Loading runs in a worker thread so health checks are answered meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from service.batcher import DynamicBatcher
+from service.errors import ModelLoadError, ModelNotFound, Unavailable
+from service.generated import model_config_pb2 as mc
+from service.metrics import Metrics
+from service.repository import build_spec, completed_config, model_names, read_config, select_versions
+from service.runtime import OrtRuntime, choose_providers
+from service.settings import Settings
+from service.stats import ModelObserver
+from service.types import DATATYPES, ModelSpec
+
+log = logging.getLogger(__name__)
+
+LOADING, READY, UNAVAILABLE, UNLOADED = "LOADING", "READY", "UNAVAILABLE", "UNLOADED"
+
+
+@dataclass
+class ModelVersion:
+    name: str
+    version: int
+    state: str = LOADING
+    reason: str = ""
+    spec: ModelSpec | None = None
+    config: mc.ModelConfig | None = None  # as served by the ModelConfig RPC
+    runtime: OrtRuntime | None = None
+    batcher: DynamicBatcher | None = None
+    observer: ModelObserver | None = None
+    extras: dict = field(default_factory=dict)  # per-model state other engines attach (generation)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _tensor(record: dict) -> np.ndarray:
+    return np.array(record["data"], dtype=DATATYPES[record["datatype"]]).reshape(record["shape"])
+
+
+def check_golden(spec: ModelSpec, runtime: OrtRuntime) -> None:
+    """Re-run the manifest's golden inputs; a mismatch means a corrupt or wrong model."""
+    for i, golden in enumerate((spec.manifest or {}).get("golden", [])):
+        feeds = {name: _tensor(rec) for name, rec in golden["inputs"].items()}
+        names = list(golden["outputs"])
+        for name, got in zip(names, runtime.run_sync(feeds, names)):
+            want = _tensor(golden["outputs"][name])
+            if got.shape != want.shape:
+                raise ModelLoadError(f"golden sample {i}: output {name!r} has shape {list(got.shape)}, expected {list(want.shape)}")
+            diff = float(np.abs(got - want).max()) if got.size else 0.0
+            if not diff <= golden.get("atol", 1e-4):
+                raise ModelLoadError(f"golden sample {i}: output {name!r} differs by {diff:.3g} (atol {golden.get('atol', 1e-4)})")
+
+
+def warm_up(spec: ModelSpec, runtime: OrtRuntime) -> None:
+    """One small run so the first real request does not pay for allocation and kernel setup."""
+    feeds = {}
+    for t in spec.inputs:
+        dims = [1 if d == -1 else d for d in t.dims]
+        if t.name.startswith("past_key_values.") and len(dims) == 3:
+            dims[1] = 0  # an empty cache
+        shape = ([1] if spec.max_batch_size else []) + dims
+        feeds[t.name] = np.ones(shape, t.dtype) if t.name == "attention_mask" else np.zeros(shape, t.dtype)
+    if spec.is_decoder:
+        feeds["attention_mask"] = np.ones(feeds["input_ids"].shape, np.int64)
+    runtime.run_sync(feeds, [t.name for t in spec.outputs])
+
+
+class ModelManager:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.repo = settings.model_repository
+        self._models: dict[str, dict[int, ModelVersion]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.on_ready: list = []  # callbacks(ModelVersion) run when a version becomes ready
+        self.on_unload: list = []
+
+    async def load_all(self) -> None:
+        await asyncio.gather(*(self.load(name) for name in model_names(self.repo)))
+
+    def _load_version_sync(self, mv: ModelVersion, entry) -> None:
+        spec = None
+        providers = choose_providers(self.settings.execution_provider, self.settings.provider_fallback)
+        model_file = entry.path / (entry.config.default_model_filename or "model.onnx")
+        from service.repository import read_manifest
+
+        manifest = read_manifest(entry.path)
+        if manifest and model_file.exists():
+            want = manifest.get("files", {}).get(model_file.name, {}).get("sha256")
+            if want and want != _sha256(model_file):
+                raise ModelLoadError(f"{model_file.name} does not match the sha256 in manifest.json")
+        runtime = OrtRuntime(
+            model_file,
+            providers,
+            instances=self.settings.instance_count or sum(g.count or 1 for g in entry.config.instance_group) or 1,
+            intra_op_threads=self.settings.session_threads,
+            inter_op_threads=self.settings.inter_op_threads,
+        )
+        try:
+            spec = build_spec(entry, runtime.graph_inputs, runtime.graph_outputs, self.settings.default_max_queue_size)
+            if self.settings.verify_golden:
+                check_golden(spec, runtime)
+            warm_up(spec, runtime)
+        except Exception:
+            runtime.close()
+            raise
+        mv.spec, mv.runtime, mv.config = spec, runtime, completed_config(spec, entry.config)
+
+    async def load(self, name: str) -> None:
+        """(Re)load a model's versions. Raises ModelNotFound if the repository has no such model."""
+        if name not in model_names(self.repo):
+            raise ModelNotFound(f"model {name!r} is not in the repository")
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            await self._unload_locked(name)
+            try:
+                entries = select_versions(self.repo / name, read_config(self.repo / name))
+            except ModelLoadError as e:
+                mv = ModelVersion(name, 0, UNAVAILABLE, str(e))
+                self._models[name] = {0: mv}
+                log.error("model %s failed to load: %s", name, e)
+                return
+            self._models[name] = {e.version: ModelVersion(name, e.version) for e in entries}
+            for entry in entries:
+                mv = self._models[name][entry.version]
+                mv.observer = ModelObserver(self.metrics, name, entry.version)
+                mv.observer.state(LOADING)
+                started = time.perf_counter()
+                try:
+                    await asyncio.to_thread(self._load_version_sync, mv, entry)
+                except ModelLoadError as e:
+                    mv.state, mv.reason = UNAVAILABLE, str(e)
+                except Exception as e:  # anything ORT or numpy raised on a broken model
+                    mv.state, mv.reason = UNAVAILABLE, f"{type(e).__name__}: {str(e)[:300]}"
+                else:
+                    mv.batcher = DynamicBatcher(mv.spec, mv.runtime, mv.observer)
+                    mv.batcher.start()
+                    mv.state = READY
+                    for callback in self.on_ready:
+                        callback(mv)
+                    seconds = time.perf_counter() - started
+                    mv.observer.loaded(seconds, mv.runtime.provider)
+                    log.info("model %s version %d ready on %s in %.2fs", name, entry.version, mv.runtime.provider, seconds)
+                if mv.state == UNAVAILABLE:
+                    log.error("model %s version %d failed to load: %s", name, entry.version, mv.reason)
+                mv.observer.state(mv.state)
+
+    async def unload(self, name: str) -> None:
+        if name not in self._models:
+            raise ModelNotFound(f"model {name!r} is not loaded")
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            await self._unload_locked(name)
+
+    async def _unload_locked(self, name: str) -> None:
+        for mv in self._models.get(name, {}).values():
+            if mv.state != READY:
+                continue
+            mv.state, mv.reason = UNLOADED, "unloaded"
+            for callback in self.on_unload:
+                await callback(mv)
+            if mv.batcher:
+                await mv.batcher.close()
+            if mv.runtime:
+                await asyncio.to_thread(mv.runtime.close)
+            if mv.observer:
+                mv.observer.state(UNLOADED)
+
+    async def close(self) -> None:
+        for name in list(self._models):
+            await self._unload_locked(name)
+
+    # -- lookups ----------------------------------------------------------------------------
+
+    def versions(self, name: str) -> dict[int, ModelVersion]:
+        versions = self._models.get(name)
+        if not versions:
+            raise ModelNotFound(f"unknown model {name[:64]!r}")
+        return versions
+
+    def get(self, name: str, version: str = "", ready: bool = True) -> ModelVersion:
+        """The named version, or the latest; raises NotFound / Unavailable (when ready=True)."""
+        versions = self.versions(name)
+        if version:
+            if not version.isdigit() or int(version) not in versions:
+                raise ModelNotFound(f"model {name!r} has no version {version[:16]!r} (loaded: {sorted(versions)})")
+            mv = versions[int(version)]
+        else:
+            ready_versions = [v for v in versions.values() if v.state == READY]
+            mv = max(ready_versions, key=lambda v: v.version) if ready_versions else max(versions.values(), key=lambda v: v.version)
+        if ready and mv.state != READY:
+            raise Unavailable(f"model {name!r} version {mv.version} is not ready: {mv.state}{': ' + mv.reason if mv.reason else ''}")
+        return mv
+
+    def all(self) -> list[ModelVersion]:
+        return [mv for versions in self._models.values() for mv in versions.values()]
+
+    def index(self) -> list[ModelVersion]:
+        """Every model in the repository: loaded versions, and those never loaded."""
+        listed = {mv.name for mv in self.all()}
+        unloaded = [ModelVersion(n, 0, UNLOADED) for n in model_names(self.repo) if n not in listed]
+        return sorted(self.all() + unloaded, key=lambda mv: (mv.name, mv.version))
+
+    @property
+    def all_ready(self) -> bool:
+        return all(mv.state == READY for mv in self.all())

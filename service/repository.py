@@ -1,0 +1,190 @@
+"""The model repository in Triton's layout: <repo>/<model>/config.pbtxt and <version>/model.onnx.
+
+Reads config.pbtxt with protobuf's text format into Triton's ModelConfig message, picks the
+versions its version_policy asks for, reads the export manifest where one exists, and turns
+it all, together with the ONNX graph's own inputs and outputs (auto-completion, as Triton
+does), into a ModelSpec.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+
+from service.errors import ModelLoadError
+from service.generated import model_config_pb2 as mc
+from service.types import DATATYPE_OF_ORT, BatchingPolicy, ModelSpec, PaddingRules, TensorSpec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BATCH_SIZE = 8  # for a graph with a dynamic batch axis and no config saying otherwise
+
+
+@dataclass
+class VersionEntry:
+    name: str
+    version: int
+    path: Path  # the version folder
+    config: mc.ModelConfig
+
+
+def model_names(repo: Path) -> list[str]:
+    return sorted(p.name for p in repo.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def read_config(model_dir: Path) -> mc.ModelConfig:
+    config = mc.ModelConfig()
+    path = model_dir / "config.pbtxt"
+    if path.exists():
+        try:
+            # skip fields of Triton's full schema that tserve does not use
+            text_format.Parse(path.read_text(), config, allow_unknown_field=True)
+        except text_format.ParseError as e:
+            raise ModelLoadError(f"config.pbtxt does not parse: {e}") from e
+    if config.name and config.name != model_dir.name:
+        raise ModelLoadError(f"config.pbtxt names the model {config.name!r} but its folder is {model_dir.name!r}")
+    config.name = model_dir.name
+    if config.platform and config.platform != "onnxruntime_onnx" or config.backend not in ("", "onnxruntime"):
+        raise ModelLoadError(f"platform {config.platform or config.backend!r} is not served; tserve runs ONNX models")
+    config.platform = "onnxruntime_onnx"
+    return config
+
+
+def select_versions(model_dir: Path, config: mc.ModelConfig) -> list[VersionEntry]:
+    versions = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    if not versions:
+        raise ModelLoadError("no numbered version folder")
+    policy = config.version_policy.WhichOneof("policy_choice")
+    if policy == "all":
+        chosen = versions
+    elif policy == "specific":
+        chosen = [v for v in versions if v in set(config.version_policy.specific.versions)]
+        missing = set(config.version_policy.specific.versions) - set(versions)
+        if missing:
+            raise ModelLoadError(f"version_policy asks for versions {sorted(missing)} which do not exist")
+    else:
+        n = config.version_policy.latest.num_versions or 1
+        chosen = versions[-n:]
+    return [VersionEntry(model_dir.name, v, model_dir / str(v), config) for v in chosen]
+
+
+def read_manifest(version_dir: Path) -> dict | None:
+    path = version_dir / "manifest.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"manifest.json is unreadable: {e}") from e
+
+
+def _parse_map(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, _, value = item.partition("=")
+        out[key.strip()] = float(value)
+    return out
+
+
+def build_spec(entry: VersionEntry, graph_inputs: list, graph_outputs: list, default_max_queue_size: int) -> ModelSpec:
+    """ModelSpec from the config, completed and checked against the session's graph metadata.
+
+    graph_inputs/outputs are onnxruntime NodeArg lists (name, type, shape)."""
+    config = entry.config
+    graph_in = {a.name: a for a in graph_inputs}
+    graph_out = {a.name: a for a in graph_outputs}
+
+    batch_dynamic = all(a.shape and not isinstance(a.shape[0], int) for a in [*graph_inputs, *graph_outputs])
+    has_config_tensors = bool(config.input) or bool(config.output)
+    max_batch = config.max_batch_size
+    if not has_config_tensors and max_batch == 0 and batch_dynamic:
+        max_batch = DEFAULT_MAX_BATCH_SIZE
+
+    def from_graph(arg, optional: bool = False) -> TensorSpec:
+        if arg.type not in DATATYPE_OF_ORT:
+            raise ModelLoadError(f"tensor {arg.name!r} has type {arg.type}, which tserve does not serve")
+        shape = [d if isinstance(d, int) else -1 for d in arg.shape]
+        return TensorSpec(arg.name, DATATYPE_OF_ORT[arg.type], tuple(shape[1:] if max_batch else shape), optional)
+
+    def from_config(t, graph: dict, kind: str, optional: bool = False) -> TensorSpec:
+        if t.name not in graph:
+            raise ModelLoadError(f"config {kind} {t.name!r} is not a {kind} of the ONNX graph (it has {sorted(graph)})")
+        datatype = mc.DataType.Name(t.data_type).removeprefix("TYPE_")
+        graph_type = DATATYPE_OF_ORT.get(graph[t.name].type)
+        if datatype != graph_type:
+            raise ModelLoadError(f"config {kind} {t.name!r} is {datatype} but the ONNX graph has {graph_type}")
+        dims = tuple(t.reshape.shape) if t.HasField("reshape") else tuple(t.dims)
+        return TensorSpec(t.name, datatype, dims, optional)
+
+    listed_in = {t.name for t in config.input}
+    inputs = [from_config(t, graph_in, "input", t.optional) for t in config.input]
+    inputs += [from_graph(a) for a in graph_inputs if a.name not in listed_in]
+    listed_out = {t.name for t in config.output}
+    outputs = [from_config(t, graph_out, "output") for t in config.output]
+    outputs += [from_graph(a) for a in graph_outputs if a.name not in listed_out]
+
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    db = config.dynamic_batching
+    batching_on = max_batch > 0 and (config.HasField("dynamic_batching") or not has_config_tensors)
+    batching = BatchingPolicy(
+        enabled=batching_on,
+        max_batch_size=max_batch,
+        preferred_batch_sizes=tuple(sorted(db.preferred_batch_size)),
+        max_queue_delay_s=db.max_queue_delay_microseconds / 1e6,
+        max_queue_size=db.default_queue_policy.max_queue_size or default_max_queue_size,
+    )
+    padding = PaddingRules(
+        pad_values=_parse_map(params.get("tserve.pad_values", "")),
+        unpad_outputs=tuple(s.strip() for s in params.get("tserve.unpad_outputs", "").split(",") if s.strip()),
+    )
+    for name in padding.pad_values:
+        if name not in {t.name for t in inputs}:
+            raise ModelLoadError(f"tserve.pad_values names {name!r}, which is not an input")
+    manifest = read_manifest(entry.path)
+    vocab = params.get("tserve.vocab_size") or (manifest or {}).get("tokenizer", {}).get("vocab_size")
+    max_len = params.get("tserve.max_sequence_length") or (manifest or {}).get("generation", {}).get("max_context")
+    count = sum(g.count or 1 for g in config.instance_group) or 1
+
+    def int_param(key: str) -> int | None:
+        return int(params[key]) if params.get(key) else None
+
+    return ModelSpec(
+        name=entry.name,
+        version=entry.version,
+        platform="onnxruntime_onnx",
+        model_path=entry.path / (config.default_model_filename or "model.onnx"),
+        inputs=tuple(inputs),
+        outputs=tuple(outputs),
+        max_batch_size=max_batch,
+        batching=batching,
+        padding=padding,
+        instance_count=count,
+        # Triton's onnxruntime backend reads its thread settings from these parameters
+        intra_op_threads=int_param("intra_op_thread_count"),
+        inter_op_threads=int_param("inter_op_thread_count"),
+        vocab_size=int(vocab) if vocab else None,
+        token_inputs=tuple(s.strip() for s in params.get("tserve.token_inputs", "input_ids" if vocab else "").split(",") if s.strip()),
+        max_sequence_length=int(max_len) if max_len else None,
+        manifest=manifest,
+    )
+
+
+def completed_config(spec: ModelSpec, config: mc.ModelConfig) -> mc.ModelConfig:
+    """The config as served by the ModelConfig RPC: the file's, with auto-completed tensors."""
+    out = mc.ModelConfig()
+    out.CopyFrom(config)
+    out.max_batch_size = spec.max_batch_size
+    listed_in, listed_out = {t.name for t in out.input}, {t.name for t in out.output}
+    for t in spec.inputs:
+        if t.name not in listed_in:
+            out.input.add(name=t.name, data_type=mc.DataType.Value("TYPE_" + t.datatype), dims=list(t.dims))
+    for t in spec.outputs:
+        if t.name not in listed_out:
+            out.output.add(name=t.name, data_type=mc.DataType.Value("TYPE_" + t.datatype), dims=list(t.dims))
+    if spec.batching.enabled and not out.HasField("dynamic_batching"):
+        out.dynamic_batching.SetInParent()
+    return out

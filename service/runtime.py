@@ -1,0 +1,97 @@
+"""ONNX Runtime: sessions per model version, execution provider choice, runs off the event loop.
+
+session.run releases the GIL, so a thread pool sized to the instance count runs batches in
+parallel while the asyncio loop keeps serving. Each instance is its own session (own arena),
+handed out through an asyncio queue so one batch runs per instance at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def choose_providers(requested: str, fallback: str) -> list[str]:
+    """Providers to ask ONNX Runtime for, applying the fallback policy when one is missing."""
+    want = PROVIDERS[requested]
+    available = ort.get_available_providers()
+    if want in available:
+        return [want] if want == "CPUExecutionProvider" else [want, "CPUExecutionProvider"]
+    if fallback == "fail":
+        raise ModelLoadError(f"execution provider {want} is not available (have {available}) and provider_fallback=fail")
+    log.warning("execution provider %s is not available (have %s); falling back to CPU", want, available)
+    return ["CPUExecutionProvider"]
+
+
+class OrtRuntime:
+    def __init__(
+        self,
+        model_path: Path,
+        providers: list[str],
+        instances: int = 1,
+        intra_op_threads: int = 1,
+        inter_op_threads: int = 1,
+    ) -> None:
+        if not model_path.is_file():
+            raise ModelLoadError(f"model file {model_path.name} is missing")
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = intra_op_threads
+        so.inter_op_num_threads = inter_op_threads
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        try:
+            self.sessions = [ort.InferenceSession(str(model_path), so, providers=providers) for _ in range(instances)]
+        except Exception as e:  # ORT raises its own exception types for corrupt or invalid graphs
+            raise ModelLoadError(f"ONNX Runtime could not load {model_path.name}: {str(e)[:300]}") from e
+        # the provider that really runs the graph: the first one the session kept
+        self.provider = self.sessions[0].get_providers()[0]
+        if self.provider != providers[0]:
+            log.warning("%s asked for %s but runs on %s", model_path, providers[0], self.provider)
+        self._executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix="ort")
+        self._free: asyncio.Queue[ort.InferenceSession] | None = None
+
+    @property
+    def graph_inputs(self) -> list:
+        return self.sessions[0].get_inputs()
+
+    @property
+    def graph_outputs(self) -> list:
+        return self.sessions[0].get_outputs()
+
+    @property
+    def instances(self) -> int:
+        return len(self.sessions)
+
+    def _pool(self) -> asyncio.Queue:
+        if self._free is None:  # created lazily, inside the running loop
+            self._free = asyncio.Queue()
+            for s in self.sessions:
+                self._free.put_nowait(s)
+        return self._free
+
+    def run_sync(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+        return self.sessions[0].run(outputs, feeds)
+
+    async def run(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+        pool = self._pool()
+        session = await pool.get()
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._executor, session.run, outputs, feeds)
+        finally:
+            pool.put_nowait(session)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self.sessions.clear()

@@ -1,0 +1,138 @@
+"""Assemble and run tserve: gRPC (inference, health, reflection) and the metrics endpoint.
+
+Lifecycle: listen with health NOT_SERVING -> load and warm up every model -> SERVING ->
+on SIGTERM/SIGINT: NOT_SERVING, new requests UNAVAILABLE, in-flight requests get up to
+drain_grace_seconds, then stop and exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+from prometheus_client import CollectorRegistry
+
+from service.dataplane import DataPlane
+from service.generated import POOL
+from service.generated import grpc_service_pb2 as pb
+from service.generated import grpc_service_pb2_grpc as pb_grpc
+from service.metrics import Metrics, serve_metrics
+from service.models import ModelManager
+from service.servicers.inference import InferenceServicer
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+def _register_in_pool(*files) -> None:
+    """Reflection answers from our private pool: give it the health and reflection files too."""
+    for f in files:
+        try:
+            POOL.FindFileByName(f.name)
+        except KeyError:
+            POOL.AddSerializedFile(f.serialized_pb)
+
+
+class TServe:
+    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
+        self.settings = settings
+        self.registry = registry or CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.manager = ModelManager(settings, self.metrics)
+        self.dataplane = DataPlane(self.manager)
+        self.health = health.aio.HealthServicer()
+        self.extra_services: list[str] = []  # names of services other modules add (generation)
+        self.server: grpc.aio.Server | None = None
+        self.grpc_port = 0
+        self.metrics_port = 0
+        self._metrics_server = None
+        self._stopping = asyncio.Event()
+
+    def _build_server(self) -> grpc.aio.Server:
+        limit = self.settings.max_message_bytes
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.dataplane, self.settings.strict_readiness), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        _register_in_pool(health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)
+        names = [INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                 reflection.SERVICE_NAME, *self.extra_services]
+        reflection.enable_server_reflection(names, server, pool=POOL)
+        return server
+
+    async def refresh_health(self) -> None:
+        ready = self.dataplane.ready(self.settings.strict_readiness)
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set("", status)
+        await self.health.set(INFERENCE_SERVICE, status)
+        for mv in self.manager.all():
+            model_ok = ready and mv.state == "READY"
+            await self.health.set(
+                mv.name,
+                health_pb2.HealthCheckResponse.SERVING if model_ok else health_pb2.HealthCheckResponse.NOT_SERVING,
+            )
+        self.metrics.server_ready.set(1 if ready else 0)
+
+    async def start(self) -> None:
+        started = time.perf_counter()
+        self._metrics_server, self.metrics_port = serve_metrics(self.registry, self.settings.host, self.settings.metrics_port)
+        self.server = self._build_server()
+        self.grpc_port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.grpc_port}")
+        if not self.grpc_port:
+            raise OSError(f"could not bind gRPC to {self.settings.host}:{self.settings.grpc_port}")
+        await self.server.start()
+        await self.refresh_health()  # NOT_SERVING while loading
+        if self.settings.port_file:
+            self.settings.port_file.write_text(json.dumps({"grpc": self.grpc_port, "metrics": self.metrics_port}))
+        log.info("listening: gRPC %s:%d, metrics %s:%d", self.settings.host, self.grpc_port, self.settings.host, self.metrics_port)
+        await self.manager.load_all()
+        self.dataplane.loading_done = True
+        self.manager.on_ready.append(lambda mv: asyncio.ensure_future(self.refresh_health()))
+        await self.refresh_health()
+        states = {f"{mv.name}/{mv.version}": mv.state for mv in self.manager.all()}
+        log.info("loading finished in %.2fs: %s", time.perf_counter() - started, states)
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def drain(self) -> None:
+        """NOT_SERVING, refuse new work, let in-flight requests finish within the grace."""
+        grace = self.settings.drain_grace_seconds
+        log.info("draining: %d requests in flight, grace %.1fs", self.dataplane.inflight, grace)
+        self.dataplane.draining = True
+        self.metrics.server_ready.set(0)
+        await self.health.enter_graceful_shutdown()
+        deadline = time.monotonic() + grace
+        while self.dataplane.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if self.server:
+            await self.server.stop(max(0.0, deadline - time.monotonic()))
+        await self.manager.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        log.info("stopped")
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self.start()
+            await self._stopping.wait()
+        finally:
+            await self.drain()

@@ -1,0 +1,1 @@
+"""gRPC servicers: translate protobuf <-> domain objects and await one data-plane call."""

@@ -1,0 +1,132 @@
+"""All protobuf <-> domain conversion for the inference service.
+
+Decoding checks what only the wire can tell: datatypes, non-negative shapes, and that the
+bytes (raw_input_contents) or typed contents hold exactly shape x datatype, before anything
+is allocated from a client-supplied shape.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from service.errors import InvalidInput, short
+from service.generated import grpc_service_pb2 as pb
+from service.models import ModelVersion
+from service.stats import Duration
+from service.types import DATATYPE_OF_NUMPY, DATATYPES, InferRequest, InferResponse
+
+# typed `contents` field per datatype (FP16 and BF16 travel as raw bytes only, as in Triton)
+CONTENTS_FIELD = {
+    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+    "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
+    "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents",
+}
+
+
+def _param_value(p: pb.InferParameter):
+    which = p.WhichOneof("parameter_choice")
+    return getattr(p, which) if which else None
+
+
+def infer_request_from_proto(req: pb.ModelInferRequest) -> InferRequest:
+    raw = req.raw_input_contents
+    if raw and len(raw) != len(req.inputs):
+        raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {len(req.inputs)} inputs")
+    inputs: dict[str, np.ndarray] = {}
+    for i, t in enumerate(req.inputs):
+        name = t.name
+        if name in inputs:
+            raise InvalidInput(f"input {short(name)} appears twice")
+        if t.datatype not in DATATYPES:
+            raise InvalidInput(f"input {short(name)} has unsupported datatype {short(t.datatype, 16)}; "
+                               f"use one of {sorted(DATATYPES)}")
+        shape = list(t.shape)
+        if any(d < 0 for d in shape):
+            raise InvalidInput(f"input {short(name)} has a negative dimension in shape {shape[:8]}")
+        dtype = DATATYPES[t.datatype].newbyteorder("<")
+        count = math.prod(shape)
+        if raw:
+            if t.HasField("contents"):
+                raise InvalidInput(f"input {short(name)} has both raw_input_contents and contents")
+            need = count * dtype.itemsize
+            if len(raw[i]) != need:
+                raise InvalidInput(
+                    f"input {short(name)}: raw_input_contents holds {len(raw[i])} bytes; "
+                    f"shape {shape[:8]} of {t.datatype} needs {need}"
+                )
+            array = np.frombuffer(raw[i], dtype=dtype).reshape(shape)
+        else:
+            field = CONTENTS_FIELD.get(t.datatype)
+            if field is None:
+                raise InvalidInput(f"input {short(name)}: datatype {t.datatype} must be sent in raw_input_contents")
+            values = getattr(t.contents, field)
+            if len(values) != count:
+                raise InvalidInput(
+                    f"input {short(name)}: contents.{field} holds {len(values)} values; shape {shape[:8]} needs {count}"
+                )
+            array = np.array(values, dtype=dtype).reshape(shape)
+        inputs[name] = array.astype(DATATYPES[t.datatype], copy=False)
+    return InferRequest(
+        model_name=req.model_name,
+        model_version=req.model_version,
+        id=req.id,
+        inputs=inputs,
+        requested_outputs=tuple(o.name for o in req.outputs),
+        parameters={k: _param_value(v) for k, v in req.parameters.items()},
+    )
+
+
+def infer_response_to_proto(res: InferResponse, order: tuple[str, ...] = ()) -> pb.ModelInferResponse:
+    out = pb.ModelInferResponse(model_name=res.model_name, model_version=res.model_version, id=res.id)
+    for name in order or tuple(res.outputs):
+        array = np.ascontiguousarray(res.outputs[name])
+        out.outputs.add(name=name, datatype=DATATYPE_OF_NUMPY[array.dtype], shape=array.shape)
+        out.raw_output_contents.append(array.tobytes())
+    return out
+
+
+def model_metadata_to_proto(mv: ModelVersion, versions: list[int]) -> pb.ModelMetadataResponse:
+    spec = mv.spec
+    batch = [-1] if spec.max_batch_size else []
+    res = pb.ModelMetadataResponse(name=mv.name, versions=[str(v) for v in versions], platform=spec.platform)
+    for t in spec.inputs:
+        res.inputs.add(name=t.name, datatype=t.datatype, shape=batch + list(t.dims))
+    for t in spec.outputs:
+        res.outputs.add(name=t.name, datatype=t.datatype, shape=batch + list(t.dims))
+    return res
+
+
+def _duration(d: Duration) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=d.count, ns=d.ns)
+
+
+def statistics_to_proto(models: list[ModelVersion]) -> pb.ModelStatisticsResponse:
+    res = pb.ModelStatisticsResponse()
+    for mv in models:
+        s = mv.observer.stats
+        entry = res.model_stats.add(
+            name=mv.name, version=str(mv.version), last_inference=s.last_inference_ms,
+            inference_count=s.inference_count, execution_count=s.execution_count,
+        )
+        st = entry.inference_stats
+        st.success.CopyFrom(_duration(s.success))
+        st.fail.CopyFrom(_duration(s.fail))
+        st.queue.CopyFrom(_duration(s.queue))
+        st.compute_infer.CopyFrom(_duration(s.compute_infer))
+        # input/output conversion happens outside the batch run; counted with zero time
+        st.compute_input.CopyFrom(pb.StatisticDuration(count=s.compute_infer.count))
+        st.compute_output.CopyFrom(pb.StatisticDuration(count=s.compute_infer.count))
+        for size, bs in sorted(s.by_batch_size.items()):
+            entry.batch_stats.add(batch_size=size, compute_infer=_duration(bs.compute_infer))
+    return res
+
+
+def repository_index_to_proto(models: list[ModelVersion], ready_only: bool) -> pb.RepositoryIndexResponse:
+    res = pb.RepositoryIndexResponse()
+    for mv in models:
+        if ready_only and mv.state != "READY":
+            continue
+        res.models.add(name=mv.name, version=str(mv.version) if mv.version else "", state=mv.state, reason=mv.reason)
+    return res

@@ -1,0 +1,95 @@
+"""One typed settings object: CLI flags > TSERVE_* environment > settings file > defaults.
+
+A wrong value fails at start-up with a message naming the setting (pydantic's validation).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+
+def available_cores() -> int:
+    """Cores this process may run on (the affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TSERVE_", extra="forbid", validate_default=True)
+
+    settings_file: Path | None = Field(default=None, description="Optional TOML file with any of these settings.")
+    model_repository: Path = Field(default=Path("model_repository"), description="Triton-layout model repository.")
+    host: str = Field(default="127.0.0.1", description="Address the gRPC and metrics servers bind to.")
+    grpc_port: int = Field(default=8001, ge=0, le=65535, description="gRPC port (0: pick a free one).")
+    metrics_port: int = Field(default=8002, ge=0, le=65535, description="Prometheus /metrics port (0: pick a free one).")
+    execution_provider: Literal["cpu", "cuda"] = Field(default="cpu", description="ONNX Runtime execution provider.")
+    provider_fallback: Literal["cpu", "fail"] = Field(
+        default="cpu", description="When the requested provider is unavailable: run on CPU (logged), or fail the load."
+    )
+    intra_op_threads: int = Field(
+        default=0, ge=0, description="ONNX Runtime intra-op threads per session; 0: the cores this process may use."
+    )
+    inter_op_threads: int = Field(default=1, ge=1, description="ONNX Runtime inter-op threads per session.")
+    instance_count: int = Field(
+        default=0, ge=0, description="Sessions per model version; 0: the config's instance_group count (default 1)."
+    )
+    max_message_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent (RESOURCE_EXHAUSTED beyond)."
+    )
+    drain_grace_seconds: float = Field(
+        default=20.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
+    )
+    strict_readiness: bool = Field(
+        default=False, description="Server ready only when every model is ready (else: when loading finished)."
+    )
+    verify_golden: bool = Field(default=True, description="Check the manifest's golden outputs at load.")
+    default_max_queue_size: int = Field(
+        default=1024, ge=1, description="Queue bound for models whose config sets none (RESOURCE_EXHAUSTED beyond)."
+    )
+    port_file: Path | None = Field(
+        default=None, description="Write the bound ports here as JSON once listening (for port 0)."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
+    log_format: Literal["text", "json"] = Field(default="text", description="Log line format.")
+
+    @field_validator("model_repository")
+    @classmethod
+    def _repository_exists(cls, v: Path) -> Path:
+        if not v.is_dir():
+            raise ValueError(f"model_repository {str(v)!r} is not a directory")
+        return v
+
+    @property
+    def session_threads(self) -> int:
+        return self.intra_op_threads or available_cores()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        file = _settings_file(init_settings(), env_settings())
+        if file is not None:
+            if not Path(file).is_file():
+                raise ValueError(f"settings_file {str(file)!r} does not exist")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=file))
+        return tuple(sources)
+
+
+def _settings_file(*layers: dict[str, Any]) -> Any:
+    for layer in layers:
+        if layer.get("settings_file"):
+            return layer["settings_file"]
+    return None
