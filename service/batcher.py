@@ -37,7 +37,7 @@ class Timing:
     compute_s: float = 0.0
 
 
-@dataclass
+@dataclass(eq=False)  # identity: deque.remove must not compare numpy payloads
 class _Item:
     prepared: Prepared
     deadline: float | None  # time.monotonic() deadline
@@ -111,7 +111,15 @@ class DynamicBatcher:
                 await self._wakeup.wait()
                 continue
             await self._slots.acquire()
-            batch = await self._form_batch()
+            try:
+                batch = await self._form_batch()
+            except asyncio.CancelledError:
+                self._slots.release()
+                raise
+            except Exception:  # a bug here must not stop the model: log it, keep serving
+                log.exception("batch formation failed for model %s", self.spec.name)
+                self._slots.release()
+                continue
             if not batch:
                 self._slots.release()
                 continue

@@ -58,7 +58,10 @@ class DataPlane:
                 raise InternalError(f"unexpected error: {type(e).__name__}") from e
             raise
         else:
-            observer.request_done(True, "", time.perf_counter() - started, timing.queue_s, timing.compute_s)
+            duration = time.perf_counter() - started
+            observer.request_done(True, "", duration, timing.queue_s, timing.compute_s)
+            log.debug("%s/%d answered in %.2f ms (queue %.2f ms, compute %.2f ms)", mv.name, mv.version,
+                      duration * 1e3, timing.queue_s * 1e3, timing.compute_s * 1e3)
             return InferResponse(mv.name, str(mv.version), request.id, outputs)
         finally:
             self._inflight -= 1

@@ -16,7 +16,7 @@ from service.errors import InvalidInput, short
 from service.types import InferRequest, ModelSpec, TensorSpec
 
 
-@dataclass
+@dataclass(eq=False)
 class Prepared:
     inputs: dict[str, np.ndarray]  # with the batch axis first when the model batches
     rows: int

@@ -1,0 +1,95 @@
+"""A real tserve process on loopback, for integration tests: started with port 0, found through
+its port file, ready when the gRPC health service says SERVING, stopped by PID."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class ServerProcess:
+    def __init__(self, repository: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.repository = repository
+        self.args = list(args)
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self.grpc_port = 0
+        self.metrics_port = 0
+        self._dir = tempfile.TemporaryDirectory()
+        self.log_path = Path(self._dir.name) / "server.log"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def start(self, wait_serving: bool = True, timeout: float = 60.0) -> "ServerProcess":
+        port_file = Path(self._dir.name) / "ports.json"
+        cmd = [sys.executable, "-m", "service", "serve", "--model-repository", str(self.repository),
+               "--grpc-port", "0", "--metrics-port", "0", "--port-file", str(port_file), *self.args]
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while not port_file.exists() or not port_file.read_text():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tserve exited with {self.proc.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"tserve did not listen within {timeout}s:\n{self.log()}")
+            time.sleep(0.02)
+        ports = json.loads(port_file.read_text())
+        self.grpc_port, self.metrics_port = ports["grpc"], ports["metrics"]
+        if wait_serving:
+            self.wait_health(health_pb2.HealthCheckResponse.SERVING, deadline - time.monotonic())
+        return self
+
+    def health(self, service: str = "") -> int:
+        with grpc.insecure_channel(self.address) as ch:
+            return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+    def wait_health(self, status: int, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if self.health() == status:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"health never became {status}:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM by PID; returns the exit code."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.terminate()
+        self._log.close()
+        self._dir.cleanup()
