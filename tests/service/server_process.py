@@ -93,3 +93,9 @@ class ServerProcess:
         self.terminate()
         self._log.close()
         self._dir.cleanup()
+
+
+def channel(address: str) -> grpc.Channel:
+    """A client channel that accepts the large logits tensors some tests ask for."""
+    return grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20),
+                                                   ("grpc.max_send_message_length", 64 << 20)])

@@ -1,0 +1,300 @@
+"""Start-up, failed loads, readiness, queue bounds, deadlines, draining and settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.generated import grpc_service_pb2 as pb
+from service.generated import grpc_service_pb2_grpc as pb_grpc
+from tests.conftest import DEFAULT_REPOSITORY, ROOT
+from tests.service.server_process import ServerProcess, channel
+
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def infer_request(ids: np.ndarray, model: str = "bytegpt") -> pb.ModelInferRequest:
+    req = pb.ModelInferRequest(model_name=model)
+    req.inputs.add(name="input_ids", datatype="INT64", shape=list(ids.shape))
+    req.raw_input_contents.append(ids.astype(np.int64).tobytes())
+    req.outputs.add(name="logits")
+    return req
+
+
+def copy_model(repo, name: str, new_name: str | None = None) -> None:
+    new_name = new_name or name
+    shutil.copytree(DEFAULT_REPOSITORY / name, repo / new_name)
+    config = repo / new_name / "config.pbtxt"
+    config.write_text(config.read_text().replace(f'name: "{name}"', f'name: "{new_name}"', 1))
+
+
+@pytest.fixture(scope="module")
+def broken_repository(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("broken_repo")
+    copy_model(repo, "bytegpt")
+    copy_model(repo, "bytegpt_int8", "corrupt")
+    (repo / "corrupt" / "1" / "model.onnx").write_bytes(b"not an onnx file")
+    (repo / "corrupt" / "1" / "manifest.json").unlink()
+    copy_model(repo, "bytegpt_int8", "bad_config")
+    (repo / "bad_config" / "config.pbtxt").write_text('name: "bad_config"\nmax_batch_size: [oops\n')
+    copy_model(repo, "bytegpt_int8", "missing_file")
+    (repo / "missing_file" / "1" / "model.onnx").unlink()
+    copy_model(repo, "bytegpt_int8", "golden_mismatch")
+    manifest_path = repo / "golden_mismatch" / "1" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["golden"][0]["outputs"]["logits"]["data"][0] += 1.0
+    manifest_path.write_text(json.dumps(manifest))
+    copy_model(repo, "bytegpt_int8", "checksum_mismatch")
+    manifest_path = repo / "checksum_mismatch" / "1" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["model.onnx"]["sha256"] = "0" * 64
+    manifest_path.write_text(json.dumps(manifest))
+    return repo
+
+
+def test_failed_models_are_reported_and_the_rest_keep_serving(broken_repository):
+    with ServerProcess(broken_repository) as server, channel(server.address) as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        index = {m.name: m for m in stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10).models}
+        assert index["bytegpt"].state == "READY"
+        reasons = {
+            "corrupt": "could not load",
+            "bad_config": "does not parse",
+            "missing_file": "missing",
+            "golden_mismatch": "golden",
+            "checksum_mismatch": "sha256",
+        }
+        for name, words in reasons.items():
+            assert index[name].state == "UNAVAILABLE", name
+            assert words in index[name].reason, (name, index[name].reason)
+        assert stub.ServerReady(pb.ServerReadyRequest(), timeout=5).ready
+        assert not stub.ModelReady(pb.ModelReadyRequest(name="corrupt"), timeout=5).ready
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(infer_request(np.ones((1, 3)), "golden_mismatch"), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "golden" in info.value.details()
+        res = stub.ModelInfer(infer_request(np.ones((1, 3))), timeout=10)
+        assert res.outputs[0].shape == [1, 3, 257]
+        assert server.health("corrupt") == NOT_SERVING and server.health("bytegpt") == SERVING
+        metrics = urllib.request.urlopen(server.metrics_url).read().decode()
+        assert 'tserve_model_state{model="golden_mismatch",state="UNAVAILABLE",version="1"} 1.0' in metrics
+        ready_only = stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True), timeout=10).models
+        assert [m.name for m in ready_only] == ["bytegpt"]
+
+
+def test_strict_readiness_stays_not_serving_while_a_model_is_broken(broken_repository):
+    server = ServerProcess(broken_repository, "--strict-readiness").start(wait_serving=False)
+    try:
+        deadline = time.monotonic() + 30
+        with channel(server.address) as ch:
+            stub = pb_grpc.GRPCInferenceServiceStub(ch)
+            while not any(m.state == "READY" for m in stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=5).models):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            time.sleep(0.2)
+            assert server.health() == NOT_SERVING
+            assert not stub.ServerReady(pb.ServerReadyRequest(), timeout=5).ready
+            assert server.health("bytegpt") == NOT_SERVING  # the server as a whole is not serving
+    finally:
+        assert server.terminate() == 0
+
+
+def test_health_never_serves_before_loading_finished(tmp_path):
+    """From the moment the port is open: whenever health says SERVING, no model is LOADING."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    copy_model(repo, "bytegpt")
+    copy_model(repo, "bytegpt_int8")
+    server = ServerProcess(repo).start(wait_serving=False)
+    try:
+        observations = []
+        with channel(server.address) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            stub = pb_grpc.GRPCInferenceServiceStub(ch)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                # health first: once it said SERVING, nothing read after it may still be loading
+                status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                states = {m.state for m in stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=5).models}
+                observations.append((status, states))
+                if status == SERVING:
+                    break
+        assert observations[-1][0] == SERVING
+        assert all("LOADING" not in states for status, states in observations if status == SERVING)
+    finally:
+        assert server.terminate() == 0
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    copy_model(repo, "bytegpt")
+    server = ServerProcess(repo, "--drain-grace-seconds", "20").start()
+    big = np.random.default_rng(0).integers(0, 256, (32, 256))
+    results, errors = [], []
+
+    def slow_call():
+        with channel(server.address) as ch:
+            try:
+                res = pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(infer_request(big), timeout=60)
+                results.append(res.outputs[0].shape)
+            except grpc.RpcError as e:
+                errors.append(e)
+
+    watch_channel = channel(server.address)
+    statuses = []
+    watch = health_pb2_grpc.HealthStub(watch_channel).Watch(health_pb2.HealthCheckRequest(), timeout=60)
+    watcher = threading.Thread(target=lambda: [statuses.append(r.status) for r in _until_error(watch)])
+    watcher.start()
+    callers = [threading.Thread(target=slow_call) for _ in range(3)]
+    for t in callers:
+        t.start()
+    _wait_inflight(server, 3)
+    code = server.terminate()
+    for t in callers:
+        t.join(60)
+    watch_channel.close()
+    watcher.join(10)
+    assert code == 0
+    assert not errors and results == [[32, 256, 257]] * 3, (errors, server.log())
+    assert statuses[0] == SERVING and NOT_SERVING in statuses
+    assert "draining" in server.log()
+
+
+def _until_error(stream):
+    try:
+        yield from stream
+    except grpc.RpcError:
+        return
+
+
+def _wait_inflight(server: ServerProcess, n: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = urllib.request.urlopen(server.metrics_url).read().decode()
+        for line in text.splitlines():
+            if line.startswith("tserve_inflight_requests{") and float(line.split()[-1]) >= n:
+                return
+        time.sleep(0.01)
+    raise TimeoutError("no request in flight")
+
+
+def test_new_requests_during_drain_get_unavailable(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    copy_model(repo, "bytegpt")
+    server = ServerProcess(repo, "--drain-grace-seconds", "20").start()
+    big = np.random.default_rng(1).integers(0, 256, (32, 256))
+    ch = channel(server.address)
+    stub = pb_grpc.GRPCInferenceServiceStub(ch)
+    futures = [stub.ModelInfer.future(infer_request(big), timeout=60) for _ in range(4)]
+    _wait_inflight(server, 1)
+    server.proc.send_signal(15)
+    deadline = time.monotonic() + 10
+    code = None
+    while time.monotonic() < deadline:
+        try:
+            stub.ModelInfer(infer_request(np.ones((1, 2))), timeout=5)
+        except grpc.RpcError as e:
+            code = e.code()
+            break
+        time.sleep(0.01)
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert all(f.result().outputs[0].shape == [32, 256, 257] for f in futures)
+    assert server.proc.wait(30) == 0
+    ch.close()
+
+
+def test_queue_bound_answers_resource_exhausted_at_once(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    copy_model(repo, "bytegpt", "small_queue")
+    config = repo / "small_queue" / "config.pbtxt"
+    config.write_text(config.read_text().replace("max_queue_size: 512", "max_queue_size: 2"))
+    big = np.random.default_rng(2).integers(0, 256, (32, 128))
+    with ServerProcess(repo) as server, channel(server.address) as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        futures = [stub.ModelInfer.future(infer_request(big, "small_queue"), timeout=120) for _ in range(12)]
+        codes = []
+        for f in futures:
+            try:
+                f.result()
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as e:
+                codes.append(e.code())
+                assert "max_queue_size 2" in e.details()
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        metrics = urllib.request.urlopen(server.metrics_url).read().decode()
+        assert 'tserve_queue_depth{model="small_queue",version="1"} 0.0' in metrics
+
+
+def test_expired_requests_are_dropped_before_compute(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    copy_model(repo, "bytegpt")
+    big = np.random.default_rng(3).integers(0, 256, (32, 256))
+    with ServerProcess(repo) as server, channel(server.address) as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        slow = [stub.ModelInfer.future(infer_request(big), timeout=120) for _ in range(3)]
+        _wait_inflight(server, 1)
+        hurried = [stub.ModelInfer.future(infer_request(np.ones((1, 4))), timeout=0.05) for _ in range(20)]
+        codes = []
+        for f in hurried:
+            try:
+                f.result()
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as e:
+                codes.append(e.code())
+        for f in slow:
+            assert f.result().outputs[0].shape == [32, 256, 257]
+        stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="bytegpt"), timeout=10).model_stats[0]
+        assert grpc.StatusCode.DEADLINE_EXCEEDED in codes
+        # requests whose deadline passed in the queue were never computed
+        ok = codes.count(grpc.StatusCode.OK)
+        assert 96 + ok <= stats.inference_count < 96 + len(hurried)
+        text = urllib.request.urlopen(server.metrics_url).read().decode()
+        assert 'tserve_queue_depth{model="bytegpt",version="1"} 0.0' in text
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "service", "serve", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, **(env or {})})
+
+
+def test_wrong_settings_fail_at_startup_naming_the_setting(tmp_path):
+    res = run_cli("--grpc-port", "99999")
+    assert res.returncode == 2 and "grpc_port" in res.stderr
+    res = run_cli("--model-repository", str(tmp_path / "nowhere"))
+    assert res.returncode == 2 and "model_repository" in res.stderr
+    res = run_cli(env={"TSERVE_EXECUTION_PROVIDER": "tpu"})
+    assert res.returncode == 2 and "execution_provider" in res.stderr
+    settings = tmp_path / "tserve.toml"
+    settings.write_text('log_format = "yaml"\n')
+    res = run_cli("--settings-file", str(settings))
+    assert res.returncode == 2 and "log_format" in res.stderr
+
+
+def test_settings_file_and_environment_are_applied(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    copy_model(repo, "bytegpt_int8")
+    settings = tmp_path / "tserve.toml"
+    settings.write_text(f'model_repository = "{repo}"\nlog_format = "json"\n')
+    server = ServerProcess(DEFAULT_REPOSITORY, "--settings-file", str(settings), env={"TSERVE_LOG_LEVEL": "debug"})
+    # the CLI's --model-repository (DEFAULT_REPOSITORY) outranks the file's
+    with server, channel(server.address) as ch:
+        names = {m.name for m in pb_grpc.GRPCInferenceServiceStub(ch).RepositoryIndex(pb.RepositoryIndexRequest()).models}
+        assert names == {"bytegpt", "bytegpt_int8"}
+        assert server.log().lstrip().startswith("{")  # json from the file
+        assert '"level": "debug"' in server.log()  # debug from the environment
