@@ -1,8 +1,9 @@
 """The dynamic batcher: one per model version; it owns the queue and the time.
 
 Requests wait in groups of batch-compatible shapes. A batch starts when an instance is free
-and either enough rows are waiting for the largest preferred batch size or the oldest
-request has waited max_queue_delay. It takes the oldest request and, from the same group,
+and either enough rows are waiting for the largest preferred batch size, the oldest request
+has waited max_queue_delay, or no other batch is running (an idle server does not hold a
+request back; under load, batches fill with what arrived during the previous run). It takes the oldest request and, from the same group,
 the requests closest to it in length, so padding stays low; inputs the model declares
 paddable are right-padded to the longest, outputs are cut back and split so every caller
 gets exactly its own rows.
@@ -142,7 +143,9 @@ class DynamicBatcher:
                 break
             rows = sum(it.prepared.rows for it in group)
             wait = group[0].enqueued + self.max_delay - time.monotonic()
-            if rows >= self.target_rows or wait <= 0:
+            # Waiting for a fuller batch pays only while other batches run (more requests are
+            # arriving behind them); an idle server never holds a lone request back.
+            if rows >= self.target_rows or wait <= 0 or not self._running:
                 break
             self._wakeup.clear()
             try:

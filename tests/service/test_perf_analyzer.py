@@ -1,0 +1,48 @@
+"""Triton's perf_analyzer, unchanged, against a real tserve."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+
+import grpc
+import pytest
+
+from bench import perf_analyzer
+from service.generated import grpc_service_pb2 as pb
+from service.generated import grpc_service_pb2_grpc as pb_grpc
+
+
+@pytest.fixture(scope="module")
+def perf_analyzer_cmd() -> list[str]:
+    return perf_analyzer.ensure()
+
+
+def successes(server) -> int:
+    with grpc.insecure_channel(server.address) as ch:
+        stats = pb_grpc.GRPCInferenceServiceStub(ch).ModelStatistics(pb.ModelStatisticsRequest(name="bytegpt"))
+    return stats.model_stats[0].inference_stats.success.count
+
+
+def test_perf_analyzer_measures_the_shipped_model(server, perf_analyzer_cmd, tmp_path):
+    data = perf_analyzer.token_input_file(tmp_path / "input.json", 16)
+    before = successes(server)
+    res = subprocess.run([*perf_analyzer_cmd, "-m", "bytegpt", "-i", "grpc", "-u", server.address, "--input-data",
+                          str(data), "--concurrency-range", "1:2", "--measurement-interval", "1000"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    throughputs = [float(x) for x in re.findall(r"Concurrency: \d+, throughput: ([\d.]+) infer/sec", res.stdout)]
+    assert len(throughputs) == 2 and all(t > 0 for t in throughputs)
+    assert "Server:" in res.stdout  # it read ModelStatistics before and after each window
+    assert successes(server) > before
+
+
+def test_out_of_range_token_ids_are_refused_not_crashing(server, perf_analyzer_cmd, tmp_path):
+    data = tmp_path / "bad.json"
+    data.write_text(json.dumps({"data": [{"input_ids": {"content": [1, 70000, 3], "shape": [3]}}]}))
+    res = subprocess.run([*perf_analyzer_cmd, "-m", "bytegpt", "-i", "grpc", "-u", server.address, "--input-data",
+                          str(data), "--measurement-interval", "500"], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert "vocabulary" in res.stdout + res.stderr
+    assert server.health() == 1  # still SERVING
