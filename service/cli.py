@@ -40,6 +40,39 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def generate(args: argparse.Namespace) -> int:
+    """Stream a completion from a running server into the terminal."""
+    import grpc
+
+    from service.generated import generation_pb2 as gen
+    from service.generated import generation_pb2_grpc as gen_grpc
+
+    sampling = gen.SamplingParameters(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    if args.seed is not None:
+        sampling.seed = args.seed
+    request = gen.GenerateRequest(model=args.model, text=args.prompt, sampling=sampling, stop=args.stop or [])
+    if args.max_new_tokens is not None:
+        request.max_new_tokens = args.max_new_tokens
+    with grpc.insecure_channel(args.url) as channel:
+        stub = gen_grpc.TextGenerationStub(channel)
+        try:
+            if not args.quiet:
+                sys.stdout.write(args.prompt)
+            last = None
+            for last in stub.GenerateStream(request, timeout=args.timeout):
+                sys.stdout.write(last.text)
+                sys.stdout.flush()
+        except grpc.RpcError as e:
+            print(f"\ntserve generate: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    if last is not None and not args.quiet:
+        reason = gen.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower()
+        print(f"\n[{reason}: {last.usage.prompt_tokens} prompt + {last.usage.generated_tokens} generated tokens, "
+              f"first token {last.timings.time_to_first_token_seconds * 1e3:.1f} ms, "
+              f"total {last.timings.total_seconds * 1e3:.1f} ms]", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tserve", description="Serve ONNX Transformers over the Open Inference Protocol.")
     p.add_argument("--version", action="version", version=f"tserve {__version__}")
@@ -47,6 +80,19 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("serve", help="serve a model repository over gRPC")
     _add_settings_flags(s)
     s.set_defaults(func=serve)
+    g = sub.add_parser("generate", help="stream a completion from a running server")
+    g.add_argument("prompt")
+    g.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC address")
+    g.add_argument("--model", default="bytegpt")
+    g.add_argument("--max-new-tokens", type=int, default=None)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=40)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", help="a stop sequence (repeatable)")
+    g.add_argument("--timeout", type=float, default=60.0, help="seconds before the request's deadline")
+    g.add_argument("--quiet", action="store_true", help="print only the generated text")
+    g.set_defaults(func=generate)
     args = p.parse_args(argv)
     return args.func(args)
 

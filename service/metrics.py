@@ -62,6 +62,32 @@ class Metrics:
             [*MODEL, "provider"], registry=registry,
         )
         self.server_ready = Gauge("tserve_server_ready", "1 when the server reports SERVING.", registry=registry)
+        # generation
+        self.gen_ttft = Histogram(
+            "tserve_generation_time_to_first_token_seconds", "Time from a generation request's arrival to its first token.",
+            MODEL, buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.gen_itl = Histogram(
+            "tserve_generation_inter_token_latency_seconds", "Time between consecutive tokens of one sequence.",
+            MODEL, buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.gen_tokens = Counter("tserve_generation_tokens", "Tokens generated.", MODEL, registry=registry)
+        self.gen_prompt_tokens = Counter(
+            "tserve_generation_prompt_tokens", "Prompt tokens processed (prefill).", MODEL, registry=registry
+        )
+        self.gen_finished = Counter(
+            "tserve_generation_finished", "Finished sequences by finish reason (length, stop, eos, cancelled).",
+            [*MODEL, "reason"], registry=registry,
+        )
+        self.gen_active = Gauge(
+            "tserve_generation_active_sequences", "Sequences in prefill or decoding.", MODEL, registry=registry
+        )
+        self.gen_queued = Gauge(
+            "tserve_generation_queued_requests", "Generation requests waiting for a slot.", MODEL, registry=registry
+        )
+        self.gen_kv_bytes = Gauge(
+            "tserve_generation_kv_cache_bytes", "Bytes held by KV caches of active sequences.", MODEL, registry=registry
+        )
 
 
 def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> tuple[object, int]:

@@ -115,6 +115,7 @@ class ModelManager:
             instances=self.settings.instance_count or sum(g.count or 1 for g in entry.config.instance_group) or 1,
             intra_op_threads=self.settings.session_threads,
             inter_op_threads=self.settings.inter_op_threads,
+            spin=self.settings.ort_spinning,
         )
         try:
             spec = build_spec(entry, runtime.graph_inputs, runtime.graph_outputs, self.settings.default_max_queue_size)

@@ -19,17 +19,22 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import CollectorRegistry
 
 from service.dataplane import DataPlane
+from service.generated import generation_pb2 as gen_pb
+from service.generated import generation_pb2_grpc as gen_grpc
+from service.generation.service import Generation
 from service.generated import POOL
 from service.generated import grpc_service_pb2 as pb
 from service.generated import grpc_service_pb2_grpc as pb_grpc
 from service.metrics import Metrics, serve_metrics
 from service.models import ModelManager
+from service.servicers.generation import GenerationServicer
 from service.servicers.inference import InferenceServicer
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+GENERATION_SERVICE = gen_pb.DESCRIPTOR.services_by_name["TextGeneration"].full_name
 
 
 def _register_in_pool(*files) -> None:
@@ -48,8 +53,8 @@ class TServe:
         self.metrics = Metrics(self.registry)
         self.manager = ModelManager(settings, self.metrics)
         self.dataplane = DataPlane(self.manager)
+        self.generation = Generation(self.manager, settings)
         self.health = health.aio.HealthServicer()
-        self.extra_services: list[str] = []  # names of services other modules add (generation)
         self.server: grpc.aio.Server | None = None
         self.grpc_port = 0
         self.metrics_port = 0
@@ -68,10 +73,11 @@ class TServe:
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.dataplane, self.settings.strict_readiness), server
         )
+        gen_grpc.add_TextGenerationServicer_to_server(GenerationServicer(self.generation, self.dataplane.admit), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         _register_in_pool(health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)
         names = [INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                 reflection.SERVICE_NAME, *self.extra_services]
+                 GENERATION_SERVICE, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, server, pool=POOL)
         return server
 
@@ -80,6 +86,7 @@ class TServe:
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         await self.health.set("", status)
         await self.health.set(INFERENCE_SERVICE, status)
+        await self.health.set(GENERATION_SERVICE, status)
         for mv in self.manager.all():
             model_ok = ready and mv.state == "READY"
             await self.health.set(
@@ -113,12 +120,13 @@ class TServe:
     async def drain(self) -> None:
         """NOT_SERVING, refuse new work, let in-flight requests finish within the grace."""
         grace = self.settings.drain_grace_seconds
-        log.info("draining: %d requests in flight, grace %.1fs", self.dataplane.inflight, grace)
+        log.info("draining: %d requests in flight, %d sequences generating, grace %.1fs",
+                 self.dataplane.inflight, self.generation.busy, grace)
         self.dataplane.draining = True
         self.metrics.server_ready.set(0)
         await self.health.enter_graceful_shutdown()
         deadline = time.monotonic() + grace
-        while self.dataplane.inflight and time.monotonic() < deadline:
+        while (self.dataplane.inflight or self.generation.busy) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         if self.server:
             await self.server.stop(max(0.0, deadline - time.monotonic()))

@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(
         default=0, ge=0, description="ONNX Runtime intra-op threads per session; 0: the cores this process may use."
     )
+    ort_spinning: bool = Field(
+        default=True, description="Let idle ONNX Runtime threads spin: lower latency alone, less CPU left to others."
+    )
     inter_op_threads: int = Field(default=1, ge=1, description="ONNX Runtime inter-op threads per session.")
     instance_count: int = Field(
         default=0, ge=0, description="Sessions per model version; 0: the config's instance_group count (default 1)."
@@ -52,6 +55,18 @@ class Settings(BaseSettings):
     verify_golden: bool = Field(default=True, description="Check the manifest's golden outputs at load.")
     default_max_queue_size: int = Field(
         default=1024, ge=1, description="Queue bound for models whose config sets none (RESOURCE_EXHAUSTED beyond)."
+    )
+    generation_max_sequences: int = Field(
+        default=32, ge=1, description="Sequences a decoder generates for at once (continuous batching)."
+    )
+    generation_max_queue: int = Field(
+        default=256, ge=1, description="Generation requests waiting for a slot (RESOURCE_EXHAUSTED beyond)."
+    )
+    generation_token_budget: int = Field(
+        default=256, ge=8, description="Tokens per engine step: decode tokens first, then prompt chunks of joiners."
+    )
+    generation_default_max_new_tokens: int = Field(
+        default=64, ge=1, description="max_new_tokens when a request leaves it out (capped by the context left)."
     )
     port_file: Path | None = Field(
         default=None, description="Write the bound ports here as JSON once listening (for port 0)."

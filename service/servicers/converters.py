@@ -12,7 +12,10 @@ import math
 import numpy as np
 
 from service.errors import InvalidInput, short
+from service.generated import generation_pb2 as gen
 from service.generated import grpc_service_pb2 as pb
+from service.generation.engine import Event
+from service.generation.service import GenerateInput
 from service.models import ModelVersion
 from service.stats import Duration
 from service.types import DATATYPE_OF_NUMPY, DATATYPES, InferRequest, InferResponse
@@ -130,3 +133,44 @@ def repository_index_to_proto(models: list[ModelVersion], ready_only: bool) -> p
             continue
         res.models.add(name=mv.name, version=str(mv.version) if mv.version else "", state=mv.state, reason=mv.reason)
     return res
+
+
+FINISH = {"length": gen.FINISH_REASON_LENGTH, "stop": gen.FINISH_REASON_STOP, "eos": gen.FINISH_REASON_EOS,
+          "cancelled": gen.FINISH_REASON_CANCELLED}
+
+
+def generate_input_from_proto(req: gen.GenerateRequest) -> GenerateInput:
+    s = req.sampling
+    which = req.WhichOneof("prompt")
+    return GenerateInput(
+        model=req.model,
+        text=req.text if which == "text" else None,
+        token_ids=list(req.token_ids.ids) if which == "token_ids" else None,
+        max_new_tokens=req.max_new_tokens if req.HasField("max_new_tokens") else None,
+        temperature=s.temperature if s.HasField("temperature") else None,
+        top_k=s.top_k if s.HasField("top_k") else None,
+        top_p=s.top_p if s.HasField("top_p") else None,
+        seed=s.seed if s.HasField("seed") else None,
+        stop=list(req.stop),
+        request_id=req.request_id,
+    )
+
+
+def _finish_fields(event: Event) -> dict:
+    return {
+        "finish_reason": FINISH[event.finish_reason],
+        "usage": gen.Usage(prompt_tokens=event.prompt_tokens, generated_tokens=event.generated_tokens),
+        "timings": gen.Timings(queue_seconds=event.queue_s, time_to_first_token_seconds=event.ttft_s,
+                               total_seconds=event.total_s),
+    }
+
+
+def stream_event_to_proto(event: Event) -> gen.GenerateStreamResponse:
+    extra = _finish_fields(event) if event.finish_reason else {}
+    return gen.GenerateStreamResponse(text=event.text, token_ids=event.token_ids, **extra)
+
+
+def generate_response_to_proto(model: str, request_id: str, events: list[Event]) -> gen.GenerateResponse:
+    last = events[-1]
+    return gen.GenerateResponse(model=model, request_id=request_id, text="".join(e.text for e in events),
+                                token_ids=[t for e in events for t in e.token_ids], **_finish_fields(last))

@@ -1,0 +1,1 @@
+"""Text generation: tokenizers, sampling and the continuous-batching engine."""
