@@ -1,0 +1,208 @@
+"""Streaming generation through a real server: order, determinism, reference parity,
+cancellation, concurrency, bounds and every bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+
+from model.transformer import load_checkpoint
+from service.generated import generation_pb2 as gen
+from service.generated import generation_pb2_grpc as gen_grpc
+from tests.conftest import DEFAULT_CHECKPOINT, ROOT, DEFAULT_REPOSITORY
+from tests.service.server_process import ServerProcess
+
+PROMPT = "def fibonacci(n):"
+
+
+def make(prompt: str | list[int] = PROMPT, model: str = "bytegpt", **kw) -> gen.GenerateRequest:
+    sampling = {k: kw.pop(k) for k in ("temperature", "top_k", "top_p", "seed") if k in kw}
+    req = gen.GenerateRequest(model=model, sampling=gen.SamplingParameters(**sampling), **kw)
+    if isinstance(prompt, str):
+        req.text = prompt
+    else:
+        req.token_ids.ids.extend(prompt)
+    return req
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    channel = grpc.insecure_channel(server.address)
+    yield gen_grpc.TextGenerationStub(channel)
+    channel.close()
+
+
+def metric(server, name: str, model: str = "bytegpt") -> float:
+    text = urllib.request.urlopen(server.metrics_url).read().decode()
+    for line in text.splitlines():
+        if line.startswith(f'{name}{{model="{model}"'):
+            return float(line.split()[-1])
+    raise KeyError(name)
+
+
+def test_stream_is_ordered_and_complete(stub):
+    messages = list(stub.GenerateStream(make(max_new_tokens=40, temperature=0.8, seed=3), timeout=60))
+    assert all(len(m.token_ids) == 1 for m in messages)
+    assert [m.finish_reason for m in messages[:-1]] == [gen.FINISH_REASON_UNSPECIFIED] * (len(messages) - 1)
+    last = messages[-1]
+    assert last.finish_reason == gen.FINISH_REASON_LENGTH
+    assert last.usage.prompt_tokens == len(PROMPT) and last.usage.generated_tokens == 40 == len(messages)
+    assert last.timings.time_to_first_token_seconds > 0 and last.timings.total_seconds >= last.timings.time_to_first_token_seconds
+    unary = stub.Generate(make(max_new_tokens=40, temperature=0.8, seed=3), timeout=60)
+    assert [t for m in messages for t in m.token_ids] == list(unary.token_ids)
+    assert "".join(m.text for m in messages) == unary.text
+    assert unary.text == bytes(t for t in unary.token_ids if t < 256).decode("utf-8", errors="replace")
+
+
+def test_greedy_equals_the_pytorch_reference(stub):
+    model, _ = load_checkpoint(str(DEFAULT_CHECKPOINT))
+    for prompt in (PROMPT, "import os\n", "class Stack:"):
+        ids = list(prompt.encode())
+        reference = model.generate(ids, 48)
+        served = stub.Generate(make(prompt, max_new_tokens=48), timeout=60)
+        assert list(served.token_ids) == reference, prompt
+
+
+def test_seeded_request_is_identical_alone_and_in_a_busy_batch(server, stub):
+    request = make("class Stack:", max_new_tokens=48, temperature=0.9, top_k=50, top_p=0.95, seed=1234)
+    alone = stub.Generate(request, timeout=60).token_ids
+    results: dict[int, list[int]] = {}
+    noise = [make(f"x = {i}\n" * (i + 1), max_new_tokens=60 - i, temperature=1.0, seed=i) for i in range(12)]
+
+    def call(i, req):
+        results[i] = stub.Generate(req, timeout=120)
+
+    threads = [threading.Thread(target=call, args=(i, r)) for i, r in enumerate(noise)]
+    for t in threads:
+        t.start()
+    time.sleep(0.05)  # join while the others are mid-flight
+    busy = stub.Generate(request, timeout=120).token_ids
+    for t in threads:
+        t.join(120)
+    assert list(busy) == list(alone)
+    for i in range(12):  # each ran to its own length, or ended on the end-of-text token
+        r = results[i]
+        assert (r.finish_reason, len(r.token_ids)) == (gen.FINISH_REASON_LENGTH, 60 - i) or (
+            r.finish_reason == gen.FINISH_REASON_EOS and r.token_ids[-1] == 256)
+
+
+def test_32_concurrent_streams_finish_with_the_right_lengths(server, stub):
+    lengths = {i: 8 + (i * 7) % 50 for i in range(32)}
+    got: dict[int, tuple[int, int]] = {}
+    errors: list[Exception] = []
+
+    def call(i):
+        try:
+            msgs = list(stub.GenerateStream(make(f"# {i}\n", max_new_tokens=lengths[i], temperature=0.7, top_k=40, seed=i),
+                                            timeout=120))
+            assert msgs[-1].finish_reason == gen.FINISH_REASON_LENGTH, f"stream {i} ended early"
+            got[i] = (len(msgs), msgs[-1].usage.generated_tokens)
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert not errors
+    assert got == {i: (n, n) for i, n in lengths.items()}
+    assert metric(server, "tserve_generation_active_sequences") == 0
+
+
+def test_cancelling_a_stream_frees_its_slot(server, stub):
+    call = stub.GenerateStream(make(max_new_tokens=200, temperature=0.8, seed=5), timeout=60)
+    for i, _ in enumerate(call):
+        if i == 2:
+            assert metric(server, "tserve_generation_active_sequences") >= 1
+            call.cancel()
+            break
+    deadline = time.monotonic() + 5
+    while metric(server, "tserve_generation_active_sequences") != 0:
+        assert time.monotonic() < deadline, "the cancelled sequence kept its slot"
+        time.sleep(0.01)
+    assert metric(server, "tserve_generation_kv_cache_bytes") == 0
+    text = urllib.request.urlopen(server.metrics_url).read().decode()
+    assert 'tserve_generation_finished_total{model="bytegpt",reason="cancelled",version="1"}' in text
+
+
+def test_deadline_stops_the_sequence(server, stub):
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.GenerateStream(make(max_new_tokens=230, temperature=0.5, seed=2), timeout=0.05))
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 5
+    while metric(server, "tserve_generation_active_sequences") != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_stop_sequences_end_the_text_before_them(stub):
+    full = stub.Generate(make(max_new_tokens=60), timeout=60).text
+    stop = full[20:23]
+    cut = full.find(stop)
+    res = stub.Generate(make(max_new_tokens=60, stop=[stop]), timeout=60)
+    assert res.finish_reason == gen.FINISH_REASON_STOP
+    assert res.text == full[:cut] and stop not in res.text
+
+
+def test_token_id_prompts_and_the_int8_model(stub):
+    res = stub.Generate(make(list(PROMPT.encode()), model="bytegpt_int8", max_new_tokens=10), timeout=60)
+    assert len(res.token_ids) == 10 and res.usage.prompt_tokens == len(PROMPT)
+
+
+BAD = {
+    "empty prompt": (make(""), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+    "empty token ids": (make([]), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+    "prompt longer than the context": (make("x" * 300), grpc.StatusCode.INVALID_ARGUMENT, "context"),
+    "max_new_tokens beyond the context": (make(max_new_tokens=250), grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
+    "max_new_tokens zero": (make(max_new_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
+    "negative temperature": (make(temperature=-0.5), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    "top_p zero": (make(top_p=0.0), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+    "top_p above one": (make(top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+    "negative top_k": (make(top_k=-1), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
+    "token id outside the vocabulary": (make([1, 2, 400]), grpc.StatusCode.INVALID_ARGUMENT, "400"),
+    "unknown model": (make(model="nope"), grpc.StatusCode.NOT_FOUND, "nope"),
+    "not a decoder": (make(model="encoder"), grpc.StatusCode.FAILED_PRECONDITION, "decoder"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_generation_requests(stub, case):
+    req, code, word = BAD[case]
+    for call in (stub.Generate, lambda r, timeout: list(stub.GenerateStream(r, timeout=timeout))):
+        with pytest.raises(grpc.RpcError) as info:
+            call(req, timeout=30)
+        assert info.value.code() == code and word in info.value.details(), info.value.details()
+    assert stub.Generate(make(max_new_tokens=3), timeout=30).usage.generated_tokens == 3
+
+
+def test_generation_queue_bound(tmp_path):
+    with ServerProcess(DEFAULT_REPOSITORY, "--generation-max-sequences", "1", "--generation-max-queue", "1") as server:
+        with grpc.insecure_channel(server.address) as ch:
+            stub = gen_grpc.TextGenerationStub(ch)
+            calls = [stub.Generate.future(make(max_new_tokens=200, temperature=0.5, seed=i), timeout=60) for i in range(4)]
+            codes = []
+            for f in calls:
+                try:
+                    f.result()
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as e:
+                    codes.append(e.code())
+            assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes
+
+
+def test_cli_streams_a_completion(server):
+    res = subprocess.run([sys.executable, "-m", "service", "generate", PROMPT, "--url", server.address,
+                          "--max-new-tokens", "12", "--seed", "0"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(PROMPT) and len(res.stdout.encode()) > len(PROMPT)
+    assert "length: 17 prompt + 12 generated tokens" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "service", "generate", "", "--url", server.address],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "INVALID_ARGUMENT" in res.stderr
