@@ -4,7 +4,7 @@ VENV    := .venv
 STAMP   := $(VENV)/.installed
 REPO    ?= model_repository
 
-.PHONY: install serve test train export protos check-protos clean
+.PHONY: install serve test train export protos check-protos bench-serve bench-generation clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -36,6 +36,12 @@ protos: $(STAMP)
 
 check-protos: $(STAMP)
 	$(PYTHON) -m service.generated.build --check
+
+bench-serve: $(STAMP)
+	$(PYTHON) -m bench.serve_bench
+
+bench-generation: $(STAMP)
+	$(PYTHON) -m bench.generation_bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache

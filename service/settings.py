@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     generation_token_budget: int = Field(
         default=256, ge=8, description="Tokens per engine step: decode tokens first, then prompt chunks of joiners."
     )
+    generation_scheduling: Literal["continuous", "static"] = Field(
+        default="continuous", description="continuous batching, or static (a benchmark baseline: no joins mid-batch)."
+    )
     generation_default_max_new_tokens: int = Field(
         default=64, ge=1, description="max_new_tokens when a request leaves it out (capped by the context left)."
     )

@@ -86,6 +86,7 @@ class GenerationEngine:
         max_sequences: int = 32,
         max_queue: int = 256,
         token_budget: int = 256,
+        scheduling: str = "continuous",
     ) -> None:
         self.spec = spec
         self.runtime = runtime
@@ -94,6 +95,9 @@ class GenerationEngine:
         self.max_sequences = max_sequences
         self.max_queue = max_queue
         self.token_budget = token_budget
+        # "static": the textbook baseline, kept for benchmarks: a batch admits nobody until all
+        # its members are done, and finished members keep computing until the longest ends.
+        self.static = scheduling == "static"
         manifest = spec.manifest or {}
         self.eos_token_id = (manifest.get("generation") or {}).get("eos_token_id", tokenizer.eos_token_id if tokenizer else None)
         self.max_context = spec.max_sequence_length or (manifest.get("generation") or {}).get("max_context") or 1024
@@ -144,7 +148,7 @@ class GenerationEngine:
 
     @property
     def active(self) -> int:
-        return len(self.rows) + len(self.prefilling)
+        return sum(s.finish_reason is None for s in self.rows) + len(self.prefilling)
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -195,6 +199,8 @@ class GenerationEngine:
             self._set_rows([s for s in self.rows if s.finish_reason is None])
 
     def _admit(self) -> None:
+        if self.static and self.rows:
+            return
         while self.waiting and self.active < self.max_sequences:
             seq = self.waiting.popleft()
             seq.admitted = time.monotonic()
@@ -278,7 +284,7 @@ class GenerationEngine:
             token = sample(logits[i], seq.params, seq.rng)
             self.next_ids[i] = token
             finished |= self._emit(seq, token) is not None
-        if finished:
+        if finished and not (self.static and any(s.finish_reason is None for s in self.rows)):
             self._set_rows([s for s in self.rows if s.finish_reason is None])
 
     def _set_rows(self, keep: list[Sequence]) -> None:

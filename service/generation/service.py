@@ -41,7 +41,8 @@ class Generation:
             return
         s = self.settings
         engine = GenerationEngine(mv.spec, mv.runtime, self.manager.metrics, from_manifest(mv.spec.tokenizer),
-                                  s.generation_max_sequences, s.generation_max_queue, s.generation_token_budget)
+                                  s.generation_max_sequences, s.generation_max_queue, s.generation_token_budget,
+                                  s.generation_scheduling)
         engine.start()
         mv.extras["generation"] = engine
 

@@ -165,9 +165,11 @@ def _finish_fields(event: Event) -> dict:
     }
 
 
-def stream_event_to_proto(event: Event) -> gen.GenerateStreamResponse:
-    extra = _finish_fields(event) if event.finish_reason else {}
-    return gen.GenerateStreamResponse(text=event.text, token_ids=event.token_ids, **extra)
+def stream_chunk_to_proto(events: list[Event]) -> gen.GenerateStreamResponse:
+    last = events[-1]
+    extra = _finish_fields(last) if last.finish_reason else {}
+    return gen.GenerateStreamResponse(text="".join(e.text for e in events),
+                                      token_ids=[t for e in events for t in e.token_ids], **extra)
 
 
 def generate_response_to_proto(model: str, request_id: str, events: list[Event]) -> gen.GenerateResponse:

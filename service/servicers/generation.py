@@ -20,28 +20,33 @@ class GenerationServicer(gen_grpc.TextGenerationServicer):
         self.admit = admit  # raises Unavailable while draining
 
     async def _events(self, request, context):
-        """Yield the sequence's events; a client that goes away stops it within one step."""
+        """Yield the sequence's events in chunks: everything produced since the last message.
+        A client keeping up gets one token per message; one that falls behind (or a server
+        under load) gets fewer, larger messages instead of a growing backlog. A client that
+        goes away stops its sequence within one step."""
         request_id.set(request.request_id[:64])
         self.admit()
         engine, seq = self.generation.prepare(converters.generate_input_from_proto(request), deadline_of(context))
         engine.submit(seq)
         try:
             while True:
-                event: Event = await seq.events.get()
-                yield event
-                if event.finish_reason:
+                chunk: list[Event] = [await seq.events.get()]
+                while not chunk[-1].finish_reason and not seq.events.empty():
+                    chunk.append(seq.events.get_nowait())
+                yield chunk
+                if chunk[-1].finish_reason:
                     return
         finally:
             engine.cancel(seq)  # no-op when finished; frees the slot on cancel or disconnect
 
     @handle_errors
     async def Generate(self, request, context):
-        events = [e async for e in self._events(request, context)]
+        events = [e async for chunk in self._events(request, context) for e in chunk]
         return converters.generate_response_to_proto(request.model, request.request_id, events)
 
     async def GenerateStream(self, request, context):
         try:
-            async for event in self._events(request, context):
-                yield converters.stream_event_to_proto(event)
+            async for chunk in self._events(request, context):
+                yield converters.stream_chunk_to_proto(chunk)
         except TServeError as e:
             await context.abort(status_of(e), e.message)

@@ -198,7 +198,7 @@ def test_new_requests_during_drain_get_unavailable(tmp_path):
     ch = channel(server.address)
     stub = pb_grpc.GRPCInferenceServiceStub(ch)
     futures = [stub.ModelInfer.future(infer_request(big), timeout=60) for _ in range(4)]
-    _wait_inflight(server, 1)
+    _wait_inflight(server, 4)
     server.proc.send_signal(15)
     deadline = time.monotonic() + 10
     code = None
@@ -298,3 +298,18 @@ def test_settings_file_and_environment_are_applied(tmp_path):
         assert names == {"bytegpt", "bytegpt_int8"}
         assert server.log().lstrip().startswith("{")  # json from the file
         assert '"level": "debug"' in server.log()  # debug from the environment
+
+
+def test_execution_provider_fallback_policy(tmp_path):
+    """This machine has no CUDA provider: fallback=cpu serves on CPU and says so; fail refuses."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    copy_model(repo, "bytegpt_int8")
+    with ServerProcess(repo, "--execution-provider", "cuda", "--provider-fallback", "cpu") as server:
+        metrics = urllib.request.urlopen(server.metrics_url).read().decode()
+        assert 'tserve_execution_provider{model="bytegpt_int8",provider="CPUExecutionProvider",version="1"} 1.0' in metrics
+        assert "CUDAExecutionProvider is not available" in server.log() and "falling back to CPU" in server.log()
+    with ServerProcess(repo, "--execution-provider", "cuda", "--provider-fallback", "fail") as server:
+        with channel(server.address) as ch:
+            index = pb_grpc.GRPCInferenceServiceStub(ch).RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10).models
+        assert index[0].state == "UNAVAILABLE" and "provider_fallback=fail" in index[0].reason

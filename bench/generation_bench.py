@@ -1,0 +1,186 @@
+"""Generation benchmark: streaming throughput, latency and scheduling, measured in one run.
+
+    python -m bench.generation_bench        (make bench-generation)
+
+1. Aggregate tokens/s at 1, 4, 16 and 32 concurrent streams (greedy, 128 new tokens each, the
+   median of 3 rounds),
+   time to first token and inter-token latency p50/p99, as ratios to one stream.
+2. Scheduling on a mixed-length workload (64 requests, 8-128 new tokens, 16 slots):
+   continuous batching vs static batching (a batch runs until its longest member ends) vs
+   one request at a time, each a real server with that scheduling.
+3. Decode step latency in raw ONNX Runtime at position 16 vs 240 (one token, batch 1).
+
+Writes bench/results/generation.json and bench/results/generation.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+
+from service.generated import generation_pb2 as gen
+from service.generated import generation_pb2_grpc as gen_grpc
+from tests.service.server_process import ServerProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+STREAMS = (1, 4, 16, 32)
+
+
+def run_streams(address: str, requests: list[gen.GenerateRequest]) -> dict:
+    """Send all requests at once, one thread each; record every token's arrival."""
+    arrivals: dict[int, list[float]] = {}
+    starts: dict[int, float] = {}
+    errors: list[Exception] = []
+    barrier = threading.Barrier(len(requests))
+
+    def call(i: int) -> None:
+        with grpc.insecure_channel(address) as ch:
+            stub = gen_grpc.TextGenerationStub(ch)
+            barrier.wait()
+            starts[i] = time.perf_counter()
+            try:
+                arrivals[i] = [time.perf_counter() for m in stub.GenerateStream(requests[i], timeout=600) for _ in m.token_ids]
+            except grpc.RpcError as e:
+                errors.append(e)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(requests))]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"{len(errors)} streams failed: {errors[0]}")
+    ttft = [arrivals[i][0] - starts[i] for i in arrivals if arrivals[i]]
+    itl = [b - a for times in arrivals.values() for a, b in zip(times, times[1:])]
+    tokens = sum(len(t) for t in arrivals.values())
+    return {
+        "streams": len(requests), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+        "ttft_p50_ms": np.percentile(ttft, 50) * 1e3, "ttft_p99_ms": np.percentile(ttft, 99) * 1e3,
+        "itl_p50_ms": np.percentile(itl, 50) * 1e3 if itl else 0.0, "itl_p99_ms": np.percentile(itl, 99) * 1e3 if itl else 0.0,
+    }
+
+
+def request(prompt: str, max_new: int, seed: int) -> gen.GenerateRequest:
+    # greedy on distinct prompts; end-of-text could stop a stream early, which the counts include
+    return gen.GenerateRequest(model="bytegpt", text=prompt, max_new_tokens=max_new,
+                               sampling=gen.SamplingParameters(temperature=0.0, seed=seed))
+
+
+def decode_step_latency(model: Path, positions: list[int], repeats: int = 200) -> dict:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    pasts = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+    out = {}
+    for pos in positions:
+        feeds = {"input_ids": np.array([[65]], np.int64), "attention_mask": np.ones((1, pos + 1), np.int64),
+                 "position_ids": np.array([[pos]], np.int64)}
+        feeds.update({p.name: np.random.default_rng(0).standard_normal((1, p.shape[1], pos, p.shape[3])).astype(np.float32)
+                      for p in pasts})
+        for _ in range(10):
+            session.run(["logits"], feeds)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            session.run(["logits"], feeds)
+            times.append(time.perf_counter() - t0)
+        out[pos] = statistics.median(times) * 1e3
+    return out
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["streams"]
+    x = [r["streams"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot(x, [r["tokens_per_s"] for r in rows], marker="o", color="tab:blue", label="aggregate tokens/s")
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("aggregate tokens/s", color="tab:blue")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(x, [str(v) for v in x])
+    ax2 = ax.twinx()
+    ax2.plot(x, [r["itl_p99_ms"] for r in rows], marker="s", color="tab:red", label="inter-token p99 (ms)")
+    ax2.set_ylabel("inter-token latency p99 (ms)", color="tab:red")
+    ax.set_title("tserve generation, bytegpt, 128 new tokens per stream")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repository", type=Path, default=ROOT / "model_repository")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=3, help="runs per concurrency level; the median is reported")
+    args = p.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    prompts = ["def fibonacci(n):", "import os\n", "class Stack:", "for i in range(10):"]
+
+    print("concurrent streams (continuous batching, 32 slots):", flush=True)
+    sweep = []
+    with ServerProcess(args.repository) as server:
+        run_streams(server.address, [request("warm up", 8, 0)])
+        for n in STREAMS:
+            rounds = [run_streams(server.address, [request(f"{prompts[i % 4]}  # {i}\n", args.new_tokens, i + 100 * k)
+                                                  for i in range(n)]) for k in range(args.rounds)]
+            r = sorted(rounds, key=lambda x: x["tokens_per_s"])[len(rounds) // 2]  # the median round
+            sweep.append(r)
+            print(f"  {n:>2} streams: {r['tokens_per_s']:7.1f} tokens/s, TTFT p50 {r['ttft_p50_ms']:6.1f} ms "
+                  f"p99 {r['ttft_p99_ms']:6.1f} ms, inter-token p50 {r['itl_p50_ms']:5.1f} ms p99 {r['itl_p99_ms']:6.1f} ms",
+                  flush=True)
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(8, 129, 64)
+    workload = [request(f"{prompts[i % 4]}  # job {i}\n", int(n), i) for i, n in enumerate(lengths)]
+    scheduling = {}
+    for name, flags in (("continuous", ["--generation-max-sequences", "16"]),
+                        ("static", ["--generation-max-sequences", "16", "--generation-scheduling", "static"]),
+                        ("one_at_a_time", ["--generation-max-sequences", "1"])):
+        with ServerProcess(args.repository, *flags) as server:
+            run_streams(server.address, [request("warm up", 8, 0)])
+            scheduling[name] = run_streams(server.address, workload)
+        print(f"mixed workload, {name}: {scheduling[name]['tokens']} tokens in {scheduling[name]['wall_s']:.2f} s = "
+              f"{scheduling[name]['tokens_per_s']:.1f} tokens/s", flush=True)
+
+    steps = decode_step_latency(args.repository / "bytegpt" / "1" / "model.onnx", [16, 240])
+    base = sweep[0]["tokens_per_s"]
+    ratios = {
+        "streams16_vs_1": next(r for r in sweep if r["streams"] == 16)["tokens_per_s"] / base,
+        "continuous_vs_static": scheduling["continuous"]["tokens_per_s"] / scheduling["static"]["tokens_per_s"],
+        "continuous_vs_one_at_a_time": scheduling["continuous"]["tokens_per_s"] / scheduling["one_at_a_time"]["tokens_per_s"],
+        "step_240_vs_16": steps[240] / steps[16],
+    }
+    results = {"streams": sweep, "scheduling": scheduling, "decode_step_ms": {str(k): v for k, v in steps.items()},
+               "ratios": ratios, "workload_new_tokens": lengths.tolist()}
+    (RESULTS / "generation.json").write_text(json.dumps(results, indent=1) + "\n")
+    plot(results, RESULTS / "generation.png")
+
+    print("\n| streams | tokens/s | vs 1 stream | TTFT p50 ms | TTFT p99 ms | inter-token p50 ms | inter-token p99 ms |")
+    print("|---|---|---|---|---|---|---|")
+    for r in sweep:
+        print(f"| {r['streams']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base:.2f}x | {r['ttft_p50_ms']:.1f} | "
+              f"{r['ttft_p99_ms']:.1f} | {r['itl_p50_ms']:.1f} | {r['itl_p99_ms']:.1f} |")
+    print(f"\n16 streams / 1 stream, aggregate tokens/s: {ratios['streams16_vs_1']:.2f}x (target >= 5x)")
+    print(f"mixed workload: continuous / static batching: {ratios['continuous_vs_static']:.2f}x (target >= 1.5x); "
+          f"continuous / one at a time: {ratios['continuous_vs_one_at_a_time']:.2f}x")
+    print(f"decode step (raw ORT, batch 1): position 16 {steps[16]:.2f} ms, position 240 {steps[240]:.2f} ms: "
+          f"{ratios['step_240_vs_16']:.2f}x (target <= 1.5x)")
+
+
+if __name__ == "__main__":
+    main()
