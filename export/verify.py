@@ -117,7 +117,7 @@ def onnx_greedy(model: GPT, session: ort.InferenceSession, prompts: list[list[in
     past = empty_past(model, B)
     out: list[list[int]] = [[] for _ in range(B)]
     n_out = len(session.get_outputs())
-    for step in range(max_new_tokens):
+    for _ in range(max_new_tokens):
         res = session.run(None, decoder_feeds(c.n_layer, ids, mask, positions, past))
         nxt = res[0][:, -1].argmax(-1)
         for row in range(B):

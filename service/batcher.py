@@ -25,7 +25,7 @@ import numpy as np
 
 from service.errors import DeadlineExceeded, InternalError, InvalidInput, QueueFull, TServeError
 from service.runtime import OrtRuntime
-from service.stats import BatchObserver
+from service.stats import ModelObserver
 from service.types import ModelSpec
 from service.validation import Prepared
 
@@ -47,7 +47,7 @@ class _Item:
 
 
 class DynamicBatcher:
-    def __init__(self, spec: ModelSpec, runtime: OrtRuntime, observer: BatchObserver) -> None:
+    def __init__(self, spec: ModelSpec, runtime: OrtRuntime, observer: ModelObserver) -> None:
         self.spec = spec
         self.runtime = runtime
         self.observer = observer

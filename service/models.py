@@ -20,7 +20,7 @@ from service.batcher import DynamicBatcher
 from service.errors import ModelLoadError, ModelNotFound, Unavailable
 from service.generated import model_config_pb2 as mc
 from service.metrics import Metrics
-from service.repository import build_spec, completed_config, model_names, read_config, select_versions
+from service.repository import build_spec, completed_config, model_names, read_config, read_manifest, select_versions
 from service.runtime import OrtRuntime, choose_providers
 from service.settings import Settings
 from service.stats import ModelObserver
@@ -102,8 +102,6 @@ class ModelManager:
         spec = None
         providers = choose_providers(self.settings.execution_provider, self.settings.provider_fallback)
         model_file = entry.path / (entry.config.default_model_filename or "model.onnx")
-        from service.repository import read_manifest
-
         manifest = read_manifest(entry.path)
         if manifest and model_file.exists():
             want = manifest.get("files", {}).get(model_file.name, {}).get("sha256")

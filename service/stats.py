@@ -84,5 +84,3 @@ class ModelObserver:
         self.metrics.model_load_duration.labels(*self.labels).set(seconds)
         self.metrics.execution_provider.labels(*self.labels, provider).set(1)
 
-
-BatchObserver = ModelObserver

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.errors import InvalidInput, short
-from service.types import InferRequest, ModelSpec, TensorSpec
+from service.types import DATATYPE_OF_NUMPY, InferRequest, ModelSpec, TensorSpec
 
 
 @dataclass(eq=False)
@@ -58,8 +58,6 @@ def _check_tensor(spec: ModelSpec, t: TensorSpec, a: np.ndarray, allow_empty: bo
 
 
 def _dtname(dtype: np.dtype) -> str:
-    from service.types import DATATYPE_OF_NUMPY
-
     return DATATYPE_OF_NUMPY.get(dtype, str(dtype))
 
 

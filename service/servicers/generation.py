@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import grpc
 
 from service.errors import TServeError
 from service.generated import generation_pb2_grpc as gen_grpc

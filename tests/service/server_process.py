@@ -95,6 +95,18 @@ class ServerProcess:
         self._dir.cleanup()
 
 
+def outcome_codes(futures) -> list[grpc.StatusCode]:
+    """The status each gRPC future ended with (OK for a result)."""
+    codes = []
+    for f in futures:
+        try:
+            f.result()
+            codes.append(grpc.StatusCode.OK)
+        except grpc.RpcError as e:
+            codes.append(e.code())
+    return codes
+
+
 def channel(address: str) -> grpc.Channel:
     """A client channel that accepts the large logits tensors some tests ask for."""
     return grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20),

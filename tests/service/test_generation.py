@@ -16,7 +16,7 @@ from model.transformer import load_checkpoint
 from service.generated import generation_pb2 as gen
 from service.generated import generation_pb2_grpc as gen_grpc
 from tests.conftest import DEFAULT_CHECKPOINT, ROOT, DEFAULT_REPOSITORY
-from tests.service.server_process import ServerProcess
+from tests.service.server_process import ServerProcess, outcome_codes
 
 PROMPT = "def fibonacci(n):"
 
@@ -190,13 +190,7 @@ def test_generation_queue_bound(tmp_path):
         with grpc.insecure_channel(server.address) as ch:
             stub = gen_grpc.TextGenerationStub(ch)
             calls = [stub.Generate.future(make(max_new_tokens=200, temperature=0.5, seed=i), timeout=60) for i in range(4)]
-            codes = []
-            for f in calls:
-                try:
-                    f.result()
-                    codes.append(grpc.StatusCode.OK)
-                except grpc.RpcError as e:
-                    codes.append(e.code())
+            codes = outcome_codes(calls)
             assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes
 
 

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service.generated import grpc_service_pb2 as pb
 from service.generated import grpc_service_pb2_grpc as pb_grpc
 from tests.conftest import DEFAULT_REPOSITORY, ROOT
-from tests.service.server_process import ServerProcess, channel
+from tests.service.server_process import ServerProcess, channel, outcome_codes
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -249,13 +249,7 @@ def test_expired_requests_are_dropped_before_compute(tmp_path):
         slow = [stub.ModelInfer.future(infer_request(big), timeout=120) for _ in range(3)]
         _wait_inflight(server, 1)
         hurried = [stub.ModelInfer.future(infer_request(np.ones((1, 4))), timeout=0.05) for _ in range(20)]
-        codes = []
-        for f in hurried:
-            try:
-                f.result()
-                codes.append(grpc.StatusCode.OK)
-            except grpc.RpcError as e:
-                codes.append(e.code())
+        codes = outcome_codes(hurried)
         for f in slow:
             assert f.result().outputs[0].shape == [32, 256, 257]
         stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="bytegpt"), timeout=10).model_stats[0]
