@@ -2,9 +2,10 @@
 PYTHON  ?= .venv/bin/python
 VENV    := .venv
 STAMP   := $(VENV)/.installed
+SYSTEM  := $(VENV)/.system-tools
 REPO    ?= model_repository
 
-.PHONY: install serve test train export protos check-protos bench-serve bench-generation clean
+.PHONY: install serve test train export protos check-protos bench-serve bench-generation cluster-up cluster-down clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -16,12 +17,18 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 	$(VENV)/bin/pip install -q -e '.[train,dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# Real servers the tests start: Prometheus (and promtool) and nginx, from Debian's packages.
+$(SYSTEM): | $(VENV)/bin/python
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v nginx >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus nginx >/dev/null; }
+	touch $(SYSTEM)
+
+install: $(STAMP) $(SYSTEM)
 
 serve: $(STAMP)
 	$(PYTHON) -m service serve --model-repository $(REPO)
 
-test: $(STAMP)
+test: $(STAMP) $(SYSTEM)
 	$(PYTHON) -m service.generated.build --check
 	$(PYTHON) -m pytest -q
 
@@ -42,6 +49,12 @@ bench-serve: $(STAMP)
 
 bench-generation: $(STAMP)
 	$(PYTHON) -m bench.generation_bench
+
+cluster-up: $(STAMP) $(SYSTEM)
+	$(PYTHON) -m deploy.local.cluster up
+
+cluster-down: $(STAMP)
+	$(PYTHON) -m deploy.local.cluster down
 
 clean:
 	rm -rf $(VENV) .pytest_cache

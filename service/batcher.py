@@ -57,6 +57,7 @@ class DynamicBatcher:
         self.target_rows = max(preferred) if preferred else policy.max_batch_size
         self.max_delay = policy.max_queue_delay_s
         self.max_queue = policy.max_queue_size
+        observer.queue_capacity(self.max_queue)
         self._groups: dict[tuple, deque[_Item]] = {}
         self._queued = 0
         self._wakeup = asyncio.Event()

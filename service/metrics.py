@@ -46,6 +46,10 @@ class Metrics:
             MODEL, buckets=RATIO_BUCKETS, registry=registry,
         )
         self.queue_depth = Gauge("tserve_queue_depth", "Requests waiting in the batcher's queue.", MODEL, registry=registry)
+        self.queue_capacity = Gauge(
+            "tserve_queue_capacity", "Most requests the batcher's queue holds (RESOURCE_EXHAUSTED beyond).",
+            MODEL, registry=registry,
+        )
         self.inflight = Gauge(
             "tserve_inflight_requests", "Requests received and not yet answered.", MODEL, registry=registry
         )

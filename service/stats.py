@@ -46,6 +46,9 @@ class ModelObserver:
         self.stats = ModelStats()
 
     # batcher events
+    def queue_capacity(self, n: int) -> None:
+        self.metrics.queue_capacity.labels(*self.labels).set(n)
+
     def queue_depth(self, n: int) -> None:
         self.metrics.queue_depth.labels(*self.labels).set(n)
 

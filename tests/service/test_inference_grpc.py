@@ -205,7 +205,7 @@ def test_metrics_endpoint_exports_the_documented_series(server, client):
     client.infer("bytegpt", [infer_input("input_ids", np.ones((1, 2), np.int64))])
     text = urllib.request.urlopen(server.metrics_url).read().decode()
     for name in ("tserve_requests_total", "tserve_request_duration_seconds_bucket", "tserve_queue_duration_seconds_bucket",
-                 "tserve_compute_duration_seconds_bucket", "tserve_batch_size_bucket", "tserve_queue_depth",
+                 "tserve_compute_duration_seconds_bucket", "tserve_batch_size_bucket", "tserve_queue_depth", "tserve_queue_capacity",
                  "tserve_inflight_requests", "tserve_model_load_duration_seconds", "tserve_model_state",
                  "tserve_execution_provider", "tserve_server_ready"):
         assert f"\n{name}" in text, name
