@@ -5,7 +5,7 @@ STAMP   := $(VENV)/.installed
 SYSTEM  := $(VENV)/.system-tools
 REPO    ?= model_repository
 
-.PHONY: install serve test train export protos check-protos bench-serve bench-generation cluster-up cluster-down clean
+.PHONY: install serve test container-test train export protos check-protos bench-serve bench-generation cluster-up cluster-down clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -31,6 +31,10 @@ serve: $(STAMP)
 test: $(STAMP) $(SYSTEM)
 	$(PYTHON) -m service.generated.build --check
 	$(PYTHON) -m pytest -q
+
+# Builds the image with podman on a debootstrapped Debian base and runs it (a few minutes).
+container-test: $(STAMP)
+	$(PYTHON) -m pytest -q -s -m container tests/deploy/test_container.py
 
 train: $(STAMP)
 	$(PYTHON) -m model.train --out runs/default
