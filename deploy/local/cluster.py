@@ -79,6 +79,24 @@ def wait_port(port: int, timeout: float = 30.0) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
 
+def wait_serving(grpc_port: int, timeout: float = 120.0) -> None:
+    """Until the replica's gRPC health service says SERVING (models loaded and warmed up)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise TimeoutError(f"replica on port {grpc_port} did not become SERVING within {timeout:.0f}s")
+
+
 def up(replicas: int, port: int, prometheus_port: int, repository: Path, scrape_interval: str = "2s") -> dict:
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     (STATE_DIR / "nginx-tmp").mkdir(exist_ok=True)
@@ -101,6 +119,8 @@ def up(replicas: int, port: int, prometheus_port: int, repository: Path, scrape_
                 raise TimeoutError(f"replica {i} did not start; see {STATE_DIR / f'replica{i}.log'}")
             time.sleep(0.05)
         state["replicas"].append(json.loads(port_file.read_text()))
+    for replica in state["replicas"]:  # nginx must not route to a replica that is still loading
+        wait_serving(replica["grpc"])
 
     servers = "\n".join(f"        server 127.0.0.1:{r['grpc']};" for r in state["replicas"])
     user = "user root;" if os.geteuid() == 0 else ""
