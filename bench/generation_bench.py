@@ -9,6 +9,8 @@
    continuous batching vs static batching (a batch runs until its longest member ends) vs
    one request at a time, each a real server with that scheduling.
 3. Decode step latency in raw ONNX Runtime at position 16 vs 240 (one token, batch 1).
+4. The same stream counts and scheduling comparison on the engine alone, in-process (no gRPC,
+   no client): what the scheduler does, apart from what the transport costs.
 
 Writes bench/results/generation.json and bench/results/generation.png.
 """
@@ -17,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import asyncio
 import statistics
-import threading
 import time
 from pathlib import Path
 
@@ -36,31 +38,27 @@ STREAMS = (1, 4, 16, 32)
 
 
 def run_streams(address: str, requests: list[gen.GenerateRequest]) -> dict:
-    """Send all requests at once, one thread each; record every token's arrival."""
+    """Send all requests at once and record every token's arrival. One asyncio loop drives all
+    the streams: Python threads, one per stream, cost the two shared cores more than the server."""
     arrivals: dict[int, list[float]] = {}
     starts: dict[int, float] = {}
-    errors: list[Exception] = []
-    barrier = threading.Barrier(len(requests))
 
-    def call(i: int) -> None:
-        with grpc.insecure_channel(address) as ch:
-            stub = gen_grpc.TextGenerationStub(ch)
-            barrier.wait()
-            starts[i] = time.perf_counter()
-            try:
-                arrivals[i] = [time.perf_counter() for m in stub.GenerateStream(requests[i], timeout=600) for _ in m.token_ids]
-            except grpc.RpcError as e:
-                errors.append(e)
+    async def call(stub, i: int) -> None:
+        starts[i] = time.perf_counter()
+        times = arrivals.setdefault(i, [])
+        async for message in stub.GenerateStream(requests[i], timeout=600):
+            now = time.perf_counter()
+            times.extend(now for _ in message.token_ids)
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(requests))]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    if errors:
-        raise RuntimeError(f"{len(errors)} streams failed: {errors[0]}")
+    async def all_streams() -> float:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = gen_grpc.TextGenerationStub(channel)
+            await channel.channel_ready()
+            t0 = time.perf_counter()
+            await asyncio.gather(*(call(stub, i) for i in range(len(requests))))
+            return time.perf_counter() - t0
+
+    wall = asyncio.run(all_streams())
     ttft = [arrivals[i][0] - starts[i] for i in arrivals if arrivals[i]]
     itl = [b - a for times in arrivals.values() for a, b in zip(times, times[1:])]
     tokens = sum(len(t) for t in arrivals.values())
@@ -75,6 +73,45 @@ def request(prompt: str, max_new: int, seed: int) -> gen.GenerateRequest:
     # greedy on distinct prompts; end-of-text could stop a stream early, which the counts include
     return gen.GenerateRequest(model="bytegpt", text=prompt, max_new_tokens=max_new,
                                sampling=gen.SamplingParameters(temperature=0.0, seed=seed))
+
+
+def engine_alone(repository: Path, workloads: dict[str, list[tuple[list[int], int]]]) -> dict:
+    """tokens/s of each workload run straight against a GenerationEngine, per scheduling."""
+    from prometheus_client import CollectorRegistry
+
+    from service.generation.engine import GenerationEngine, Sequence
+    from service.generation.sampling import SamplingParams
+    from service.generation.tokenizer import from_manifest
+    from service.metrics import Metrics
+    from service.models import ModelManager
+    from service.settings import Settings
+
+    async def main() -> dict:
+        manager = ModelManager(Settings(model_repository=repository), Metrics(CollectorRegistry()))
+        await manager.load("bytegpt")
+        mv = manager.get("bytegpt")
+        out = {}
+        for name, (scheduling, slots, jobs) in workloads.items():
+            engine = GenerationEngine(mv.spec, mv.runtime, manager.metrics, from_manifest(mv.spec.tokenizer),
+                                      max_sequences=slots, scheduling=scheduling)
+            engine.start()
+            seqs = [Sequence(str(i), prompt, SamplingParams(), n) for i, (prompt, n) in enumerate(jobs)]
+            t0 = time.perf_counter()
+            for s in seqs:
+                engine.submit(s)
+            tokens = 0
+            for s in seqs:
+                while True:
+                    event = await s.events.get()
+                    tokens += len(event.token_ids)
+                    if event.finish_reason:
+                        break
+            out[name] = tokens / (time.perf_counter() - t0)
+            await engine.close()
+        await manager.close()
+        return out
+
+    return asyncio.run(main())
 
 
 def decode_step_latency(model: Path, positions: list[int], repeats: int = 200) -> dict:
@@ -158,6 +195,16 @@ def main() -> None:
               f"{scheduling[name]['tokens_per_s']:.1f} tokens/s", flush=True)
 
     steps = decode_step_latency(args.repository / "bytegpt" / "1" / "model.onnx", [16, 240])
+
+    def jobs(n: int, new: int) -> list[tuple[list[int], int]]:
+        return [(list(f"{prompts[i % 4]}  # {i}\n".encode()), new) for i in range(n)]
+
+    mixed = [(list(f"{prompts[i % 4]}  # job {i}\n".encode()), int(n)) for i, n in enumerate(lengths)]
+    alone = engine_alone(args.repository, {
+        **{f"streams_{n}": ("continuous", 32, jobs(n, args.new_tokens)) for n in STREAMS},
+        "continuous": ("continuous", 16, mixed), "static": ("static", 16, mixed), "one_at_a_time": ("continuous", 1, mixed),
+    })
+    print("engine alone, in-process: " + ", ".join(f"{k} {v:.0f} tokens/s" for k, v in alone.items()), flush=True)
     base = sweep[0]["tokens_per_s"]
     ratios = {
         "streams16_vs_1": next(r for r in sweep if r["streams"] == 16)["tokens_per_s"] / base,
@@ -165,7 +212,9 @@ def main() -> None:
         "continuous_vs_one_at_a_time": scheduling["continuous"]["tokens_per_s"] / scheduling["one_at_a_time"]["tokens_per_s"],
         "step_240_vs_16": steps[240] / steps[16],
     }
-    results = {"streams": sweep, "scheduling": scheduling, "decode_step_ms": {str(k): v for k, v in steps.items()},
+    ratios["engine_alone_streams16_vs_1"] = alone["streams_16"] / alone["streams_1"]
+    ratios["engine_alone_continuous_vs_static"] = alone["continuous"] / alone["static"]
+    results = {"streams": sweep, "scheduling": scheduling, "engine_alone_tokens_per_s": alone, "decode_step_ms": {str(k): v for k, v in steps.items()},
                "ratios": ratios, "workload_new_tokens": lengths.tolist()}
     (RESULTS / "generation.json").write_text(json.dumps(results, indent=1) + "\n")
     plot(results, RESULTS / "generation.png")
@@ -178,6 +227,8 @@ def main() -> None:
     print(f"\n16 streams / 1 stream, aggregate tokens/s: {ratios['streams16_vs_1']:.2f}x (target >= 5x)")
     print(f"mixed workload: continuous / static batching: {ratios['continuous_vs_static']:.2f}x (target >= 1.5x); "
           f"continuous / one at a time: {ratios['continuous_vs_one_at_a_time']:.2f}x")
+    print(f"engine alone (no gRPC): 16 streams / 1 stream {ratios['engine_alone_streams16_vs_1']:.2f}x; "
+          f"continuous / static {ratios['engine_alone_continuous_vs_static']:.2f}x")
     print(f"decode step (raw ORT, batch 1): position 16 {steps[16]:.2f} ms, position 240 {steps[240]:.2f} ms: "
           f"{ratios['step_240_vs_16']:.2f}x (target <= 1.5x)")
 

@@ -9,9 +9,11 @@ One engine per decoder model version. Each step reads like its description:
     emit      sample per sequence, stream the token, finish on eos / stop / length
 
 Running sequences share one batched KV cache, left-padded to a common past length (the
-attention mask hides the padding; position ids are per row). While nobody joins or leaves,
-a step's `present` outputs are the next step's `past` as they are: no copying. Rows are
-gathered and all-padding columns trimmed only when the batch changes.
+attention mask hides the padding; position ids are per row). A step's `present` outputs are
+the next step's `past` as they are. A sequence that finishes leaves a hole (its row is masked
+out) and a joiner whose prompt fits is written into a hole in place, so joins and leaves cost
+the size of one sequence's cache, not the batch's; the cache is compacted (rows gathered,
+all-padding columns trimmed) only when holes or dead columns pile up.
 """
 
 from __future__ import annotations
@@ -114,7 +116,12 @@ class GenerationEngine:
         self.next_ids = np.zeros(0, np.int64)
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._labels = (spec.name, str(spec.version))
+        labels = (spec.name, str(spec.version))
+        self._labels = labels
+        # label lookups take a lock and a dict probe: resolve the per-token series once
+        self._ttft = metrics.gen_ttft.labels(*labels)
+        self._itl = metrics.gen_itl.labels(*labels)
+        self._tokens = metrics.gen_tokens.labels(*labels)
 
     # -- API for the servicer -------------------------------------------------------------
 
@@ -192,11 +199,11 @@ class GenerationEngine:
         for seq in [s for s in self.prefilling if self._expired(s, now)]:
             self.prefilling.remove(seq)
             self._finish(seq, CANCELLED)
-        if any(self._expired(s, now) for s in self.rows):
-            for seq in self.rows:
-                if self._expired(seq, now):
-                    self._finish(seq, CANCELLED)
-            self._set_rows([s for s in self.rows if s.finish_reason is None])
+        for i, seq in enumerate(self.rows):
+            if seq.finish_reason is None and self._expired(seq, now):
+                self._finish(seq, CANCELLED)
+                self.mask[i] = 0  # a hole
+        self._compact_if_sparse()
 
     def _admit(self) -> None:
         if self.static and self.rows:
@@ -250,6 +257,17 @@ class GenerationEngine:
             self.rows = [seq]
             return
         current = self.mask.shape[1]
+        hole = None if self.static else next((i for i, s in enumerate(self.rows) if s.finish_reason is not None), None)
+        if hole is not None and length <= current:
+            # in place: right-align this sequence's cache in the hole; the mask hides the rest
+            for p, o in zip(self.past, own):
+                p[hole, :, current - length :] = o[0]
+            self.mask[hole] = 0
+            self.mask[hole, current - length :] = 1
+            self.positions[hole] = length
+            self.next_ids[hole] = token
+            self.rows[hole] = seq
+            return
         target = max(current, length)
 
         def left_pad(a: np.ndarray, n: int, axis: int) -> np.ndarray:
@@ -274,17 +292,31 @@ class GenerationEngine:
             self._feeds(self.next_ids[:, None], mask, self.positions[:, None], self.past),
             ["logits", *self.present_names],
         )
-        self.past, self.mask = out[1:], mask
+        # ONNX Runtime's outputs are fresh arrays this engine owns: joiners are written into them
+        self.past, self.mask = [p if p.flags.writeable else p.copy() for p in out[1:]], mask
         self.positions = self.positions + 1
         logits = out[0][:, -1]
-        finished = False
         for i, seq in enumerate(self.rows):
             if seq.finish_reason is not None:
                 continue
             token = sample(logits[i], seq.params, seq.rng)
             self.next_ids[i] = token
-            finished |= self._emit(seq, token) is not None
-        if finished and not (self.static and any(s.finish_reason is None for s in self.rows)):
+            if self._emit(seq, token) is not None and not self.static:
+                self.mask[i] = 0  # a hole; static batching keeps computing it, as static batching does
+        if self.static:
+            if all(s.finish_reason is not None for s in self.rows):
+                self._set_rows([])
+        else:
+            self._compact_if_sparse()
+
+    def _compact_if_sparse(self) -> None:
+        """Gather the live rows once holes are half the batch or dead columns a quarter of it."""
+        if not self.rows:
+            return
+        holes = sum(s.finish_reason is not None for s in self.rows)
+        live_columns = self.mask.any(axis=0)
+        dead = int(np.argmax(live_columns)) if live_columns.any() else self.mask.shape[1]
+        if holes == len(self.rows) or (holes and 2 * holes >= len(self.rows)) or dead >= max(16, self.mask.shape[1] // 4):
             self._set_rows([s for s in self.rows if s.finish_reason is None])
 
     def _set_rows(self, keep: list[Sequence]) -> None:
@@ -308,15 +340,14 @@ class GenerationEngine:
     def _emit(self, seq: Sequence, token: int) -> str | None:
         """Record a token, stream it, and return the finish reason if the sequence ended."""
         now = time.monotonic()
-        labels = self._labels
         if not seq.generated:
             seq.first_token_at = now
-            self.metrics.gen_ttft.labels(*labels).observe(now - seq.arrived)
+            self._ttft.observe(now - seq.arrived)
         else:
-            self.metrics.gen_itl.labels(*labels).observe(now - seq.last_token_at)
+            self._itl.observe(now - seq.last_token_at)
         seq.last_token_at = now
         seq.generated.append(token)
-        self.metrics.gen_tokens.labels(*labels).inc()
+        self._tokens.inc()
         reason = None
         if self.eos_token_id is not None and token == self.eos_token_id:
             reason = EOS
