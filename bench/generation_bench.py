@@ -8,7 +8,8 @@
 2. Scheduling on a mixed-length workload (64 requests, 8-128 new tokens, 16 slots):
    continuous batching vs static batching (a batch runs until its longest member ends) vs
    one request at a time, each a real server with that scheduling.
-3. Decode step latency in raw ONNX Runtime at position 16 vs 240 (one token, batch 1).
+3. Decode step latency in raw ONNX Runtime at position 16 vs 240 (one token, batch 1), and
+   what a batch of 16 costs against batch 1 at position 90 (the ceiling on batching's gain).
 4. The same stream counts and scheduling comparison on the engine alone, in-process (no gRPC,
    no client): what the scheduler does, apart from what the transport costs.
 
@@ -114,17 +115,18 @@ def engine_alone(repository: Path, workloads: dict[str, list[tuple[list[int], in
     return asyncio.run(main())
 
 
-def decode_step_latency(model: Path, positions: list[int], repeats: int = 200) -> dict:
+def decode_step_latency(model: Path, shapes: list[tuple[int, int]], repeats: int = 200) -> dict:
+    """Median ms of one decode step (one new token per row) for each (batch, position)."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     session = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
     pasts = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
     out = {}
-    for pos in positions:
-        feeds = {"input_ids": np.array([[65]], np.int64), "attention_mask": np.ones((1, pos + 1), np.int64),
-                 "position_ids": np.array([[pos]], np.int64)}
-        feeds.update({p.name: np.random.default_rng(0).standard_normal((1, p.shape[1], pos, p.shape[3])).astype(np.float32)
-                      for p in pasts})
+    for batch, pos in shapes:
+        feeds = {"input_ids": np.full((batch, 1), 65, np.int64), "attention_mask": np.ones((batch, pos + 1), np.int64),
+                 "position_ids": np.full((batch, 1), pos, np.int64)}
+        feeds.update({p.name: np.random.default_rng(0).standard_normal((batch, p.shape[1], pos, p.shape[3]))
+                      .astype(np.float32) for p in pasts})
         for _ in range(10):
             session.run(["logits"], feeds)
         times = []
@@ -132,7 +134,7 @@ def decode_step_latency(model: Path, positions: list[int], repeats: int = 200) -
             t0 = time.perf_counter()
             session.run(["logits"], feeds)
             times.append(time.perf_counter() - t0)
-        out[pos] = statistics.median(times) * 1e3
+        out[(batch, pos)] = statistics.median(times) * 1e3
     return out
 
 
@@ -194,7 +196,8 @@ def main() -> None:
         print(f"mixed workload, {name}: {scheduling[name]['tokens']} tokens in {scheduling[name]['wall_s']:.2f} s = "
               f"{scheduling[name]['tokens_per_s']:.1f} tokens/s", flush=True)
 
-    steps = decode_step_latency(args.repository / "bytegpt" / "1" / "model.onnx", [16, 240])
+    step_ms = decode_step_latency(args.repository / "bytegpt" / "1" / "model.onnx", [(1, 16), (1, 240), (1, 90), (16, 90)])
+    steps = {16: step_ms[(1, 16)], 240: step_ms[(1, 240)]}
 
     def jobs(n: int, new: int) -> list[tuple[list[int], int]]:
         return [(list(f"{prompts[i % 4]}  # {i}\n".encode()), new) for i in range(n)]
@@ -211,6 +214,7 @@ def main() -> None:
         "continuous_vs_static": scheduling["continuous"]["tokens_per_s"] / scheduling["static"]["tokens_per_s"],
         "continuous_vs_one_at_a_time": scheduling["continuous"]["tokens_per_s"] / scheduling["one_at_a_time"]["tokens_per_s"],
         "step_240_vs_16": steps[240] / steps[16],
+        "step_batch16_vs_batch1": step_ms[(16, 90)] / step_ms[(1, 90)],
     }
     ratios["engine_alone_streams16_vs_1"] = alone["streams_16"] / alone["streams_1"]
     ratios["engine_alone_continuous_vs_static"] = alone["continuous"] / alone["static"]
@@ -229,6 +233,8 @@ def main() -> None:
           f"continuous / one at a time: {ratios['continuous_vs_one_at_a_time']:.2f}x")
     print(f"engine alone (no gRPC): 16 streams / 1 stream {ratios['engine_alone_streams16_vs_1']:.2f}x; "
           f"continuous / static {ratios['engine_alone_continuous_vs_static']:.2f}x")
+    print(f"decode step (raw ORT) at position 90: batch 16 {step_ms[(16, 90)]:.2f} ms, batch 1 {step_ms[(1, 90)]:.2f} ms: "
+          f"16 rows cost {ratios['step_batch16_vs_batch1']:.2f}x one row")
     print(f"decode step (raw ORT, batch 1): position 16 {steps[16]:.2f} ms, position 240 {steps[240]:.2f} ms: "
           f"{ratios['step_240_vs_16']:.2f}x (target <= 1.5x)")
 
