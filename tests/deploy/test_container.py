@@ -30,8 +30,10 @@ CERTS = "/etc/ssl/certs/ca-certificates.crt"
 @pytest.fixture(scope="module")
 def podman(tmp_path_factory) -> list[str]:
     if not all(shutil.which(t) for t in ("podman", "runc", "debootstrap")):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True)
         subprocess.run(["apt-get", "install", "-y", "-qq", "podman", "buildah", "runc", "debootstrap"], check=True,
-                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, capture_output=True)
+                       env=env, capture_output=True)
     conf = tmp_path_factory.mktemp("podman") / "containers.conf"
     conf.write_text('[containers]\ndefault_ulimits = []\n[engine]\ncgroup_manager = "cgroupfs"\n')
     os.environ["CONTAINERS_CONF"] = str(conf)
