@@ -20,7 +20,15 @@ from service.batcher import DynamicBatcher
 from service.errors import ModelLoadError, ModelNotFound, Unavailable
 from service.generated import model_config_pb2 as mc
 from service.metrics import Metrics
-from service.repository import build_spec, completed_config, model_names, read_config, read_manifest, select_versions
+from service.repository import (
+    build_spec,
+    completed_config,
+    model_names,
+    read_config,
+    read_manifest,
+    runtime_options,
+    select_versions,
+)
 from service.runtime import OrtRuntime, choose_providers
 from service.settings import Settings
 from service.stats import ModelObserver
@@ -107,16 +115,18 @@ class ModelManager:
             want = manifest.get("files", {}).get(model_file.name, {}).get("sha256")
             if want and want != _sha256(model_file):
                 raise ModelLoadError(f"{model_file.name} does not match the sha256 in manifest.json")
+        opts = runtime_options(entry.config)  # the model's own config first, then the server's settings
         runtime = OrtRuntime(
             model_file,
             providers,
-            instances=self.settings.instance_count or sum(g.count or 1 for g in entry.config.instance_group) or 1,
-            intra_op_threads=self.settings.session_threads,
-            inter_op_threads=self.settings.inter_op_threads,
+            instances=self.settings.instance_count or opts.instances,
+            intra_op_threads=opts.intra_op_threads or self.settings.session_threads,
+            inter_op_threads=opts.inter_op_threads or self.settings.inter_op_threads,
             spin=self.settings.ort_spinning,
         )
         try:
-            spec = build_spec(entry, runtime.graph_inputs, runtime.graph_outputs, self.settings.default_max_queue_size)
+            spec = build_spec(entry, runtime.graph_inputs, runtime.graph_outputs, manifest,
+                              self.settings.default_max_queue_size)
             if self.settings.verify_golden:
                 check_golden(spec, runtime)
             warm_up(spec, runtime)
@@ -159,7 +169,8 @@ class ModelManager:
                         callback(mv)
                     seconds = time.perf_counter() - started
                     mv.observer.loaded(seconds, mv.runtime.provider)
-                    log.info("model %s version %d ready on %s in %.2fs", name, entry.version, mv.runtime.provider, seconds)
+                    log.info("model %s version %d ready on %s in %.2fs (%s)", name, entry.version, mv.runtime.provider,
+                             seconds, mv.runtime.describe())
                 if mv.state == UNAVAILABLE:
                     log.error("model %s version %d failed to load: %s", name, entry.version, mv.reason)
                 mv.observer.state(mv.state)

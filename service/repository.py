@@ -90,10 +90,42 @@ def _parse_map(text: str) -> dict[str, float]:
     return out
 
 
-def build_spec(entry: VersionEntry, graph_inputs: list, graph_outputs: list, default_max_queue_size: int) -> ModelSpec:
-    """ModelSpec from the config, completed and checked against the session's graph metadata.
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """What a model's config asks of its sessions; None leaves the server's setting."""
 
-    graph_inputs/outputs are onnxruntime NodeArg lists (name, type, shape)."""
+    instances: int
+    intra_op_threads: int | None
+    inter_op_threads: int | None
+
+
+def runtime_options(config: mc.ModelConfig) -> RuntimeOptions:
+    params = {k: v.string_value for k, v in config.parameters.items()}
+
+    def int_param(key: str) -> int | None:
+        if not params.get(key):
+            return None
+        try:
+            value = int(params[key])
+        except ValueError:
+            raise ModelLoadError(f"parameter {key} must be an integer, not {params[key][:32]!r}") from None
+        if value < 1:
+            raise ModelLoadError(f"parameter {key} must be at least 1")
+        return value
+
+    return RuntimeOptions(
+        instances=sum(g.count or 1 for g in config.instance_group) or 1,
+        # Triton's onnxruntime backend reads its thread settings from these parameters
+        intra_op_threads=int_param("intra_op_thread_count"),
+        inter_op_threads=int_param("inter_op_thread_count"),
+    )
+
+
+def build_spec(
+    entry: VersionEntry, graph_inputs: list, graph_outputs: list, manifest: dict | None, default_max_queue_size: int
+) -> ModelSpec:
+    """ModelSpec from the config and manifest, completed and checked against the session's graph
+    metadata (graph_inputs/outputs are onnxruntime NodeArg lists: name, type, shape)."""
     config = entry.config
     graph_in = {a.name: a for a in graph_inputs}
     graph_out = {a.name: a for a in graph_outputs}
@@ -144,13 +176,8 @@ def build_spec(entry: VersionEntry, graph_inputs: list, graph_outputs: list, def
     for name in padding.pad_values:
         if name not in {t.name for t in inputs}:
             raise ModelLoadError(f"tserve.pad_values names {name!r}, which is not an input")
-    manifest = read_manifest(entry.path)
     vocab = params.get("tserve.vocab_size") or (manifest or {}).get("tokenizer", {}).get("vocab_size")
     max_len = params.get("tserve.max_sequence_length") or (manifest or {}).get("generation", {}).get("max_context")
-    count = sum(g.count or 1 for g in config.instance_group) or 1
-
-    def int_param(key: str) -> int | None:
-        return int(params[key]) if params.get(key) else None
 
     return ModelSpec(
         name=entry.name,
@@ -162,10 +189,6 @@ def build_spec(entry: VersionEntry, graph_inputs: list, graph_outputs: list, def
         max_batch_size=max_batch,
         batching=batching,
         padding=padding,
-        instance_count=count,
-        # Triton's onnxruntime backend reads its thread settings from these parameters
-        intra_op_threads=int_param("intra_op_thread_count"),
-        inter_op_threads=int_param("inter_op_thread_count"),
         vocab_size=int(vocab) if vocab else None,
         token_inputs=tuple(s.strip() for s in params.get("tserve.token_inputs", "input_ids" if vocab else "").split(",") if s.strip()),
         max_sequence_length=int(max_len) if max_len else None,

@@ -62,8 +62,13 @@ class OrtRuntime:
         self.provider = self.sessions[0].get_providers()[0]
         if self.provider != providers[0]:
             log.warning("%s asked for %s but runs on %s", model_path, providers[0], self.provider)
+        self._threads = (intra_op_threads, inter_op_threads)
         self._executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix="ort")
         self._free: asyncio.Queue[ort.InferenceSession] | None = None
+
+    def describe(self) -> str:
+        intra, inter = self._threads
+        return f"{len(self.sessions)} instance(s), {intra} intra-op / {inter} inter-op thread(s) each"
 
     @property
     def graph_inputs(self) -> list:

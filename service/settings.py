@@ -34,7 +34,9 @@ class Settings(BaseSettings):
         default="cpu", description="When the requested provider is unavailable: run on CPU (logged), or fail the load."
     )
     intra_op_threads: int = Field(
-        default=0, ge=0, description="ONNX Runtime intra-op threads per session; 0: the cores this process may use."
+        default=0, ge=0,
+        description="ONNX Runtime intra-op threads per session, unless a model's config sets intra_op_thread_count; "
+        "0: the cores this process may use."
     )
     ort_spinning: bool = Field(
         default=True, description="Let idle ONNX Runtime threads spin: lower latency alone, less CPU left to others."

@@ -87,9 +87,6 @@ class ModelSpec:
     max_batch_size: int
     batching: BatchingPolicy
     padding: PaddingRules
-    instance_count: int = 1
-    intra_op_threads: int | None = None
-    inter_op_threads: int | None = None
     vocab_size: int | None = None
     token_inputs: tuple[str, ...] = ()
     max_sequence_length: int | None = None

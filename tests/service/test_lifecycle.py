@@ -307,3 +307,23 @@ def test_execution_provider_fallback_policy(tmp_path):
         with channel(server.address) as ch:
             index = pb_grpc.GRPCInferenceServiceStub(ch).RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10).models
         assert index[0].state == "UNAVAILABLE" and "provider_fallback=fail" in index[0].reason
+
+
+def test_model_config_sets_its_own_sessions(tmp_path):
+    """instance_group and Triton's intra/inter_op_thread_count parameters reach ONNX Runtime."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    copy_model(repo, "bytegpt_int8", "tuned")
+    config = repo / "tuned" / "config.pbtxt"
+    config.write_text(config.read_text().replace("instance_group [ { count: 1 kind: KIND_CPU } ]",
+                                                 "instance_group [ { count: 2 kind: KIND_CPU } ]")
+                      + 'parameters { key: "intra_op_thread_count" value: { string_value: "1" } }\n')
+    copy_model(repo, "bytegpt_int8", "bad_threads")
+    config = repo / "bad_threads" / "config.pbtxt"
+    config.write_text(config.read_text() + 'parameters { key: "intra_op_thread_count" value: { string_value: "two" } }\n')
+    with ServerProcess(repo, "--intra-op-threads", "2") as server, channel(server.address) as ch:
+        assert "model tuned version 1 ready" in server.log()
+        assert "2 instance(s), 1 intra-op / 1 inter-op thread(s) each" in server.log()
+        index = {m.name: m for m in pb_grpc.GRPCInferenceServiceStub(ch).RepositoryIndex(pb.RepositoryIndexRequest()).models}
+        assert index["tuned"].state == "READY"
+        assert index["bad_threads"].state == "UNAVAILABLE" and "intra_op_thread_count" in index["bad_threads"].reason
