@@ -5,6 +5,7 @@ Servicers call one method here per RPC; nothing here knows about protobuf or grp
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -50,13 +51,13 @@ class DataPlane:
         except TServeError as e:
             observer.request_done(False, e.reason, time.perf_counter() - started)
             raise
-        except BaseException as e:  # cancellation included: it must still be counted
-            reason = "cancelled" if isinstance(e, (KeyboardInterrupt, SystemExit)) or type(e).__name__ == "CancelledError" else "internal"
-            observer.request_done(False, reason, time.perf_counter() - started)
-            if reason == "internal":
-                log.exception("unexpected error in ModelInfer for %s", request.model_name)
-                raise InternalError(f"unexpected error: {type(e).__name__}") from e
+        except asyncio.CancelledError:  # the caller went away: counted, then let through
+            observer.request_done(False, "cancelled", time.perf_counter() - started)
             raise
+        except Exception as e:
+            observer.request_done(False, "internal", time.perf_counter() - started)
+            log.exception("unexpected error in ModelInfer for %s", request.model_name)
+            raise InternalError(f"unexpected error: {type(e).__name__}") from e
         else:
             duration = time.perf_counter() - started
             observer.request_done(True, "", duration, timing.queue_s, timing.compute_s)

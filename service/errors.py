@@ -44,18 +44,10 @@ class DeadlineExceeded(TServeError):
     reason = "deadline_exceeded"
 
 
-class Cancelled(TServeError):
-    reason = "cancelled"
-
-
 class FailedPrecondition(TServeError):
     """The request is valid but the model cannot serve it (e.g. generation on an encoder)."""
 
     reason = "failed_precondition"
-
-
-class Unauthenticated(TServeError):
-    reason = "unauthenticated"
 
 
 class InternalError(TServeError):

@@ -225,14 +225,8 @@ def test_queue_bound_answers_resource_exhausted_at_once(tmp_path):
     with ServerProcess(repo) as server, channel(server.address) as ch:
         stub = pb_grpc.GRPCInferenceServiceStub(ch)
         futures = [stub.ModelInfer.future(infer_request(big, "small_queue"), timeout=120) for _ in range(12)]
-        codes = []
-        for f in futures:
-            try:
-                f.result()
-                codes.append(grpc.StatusCode.OK)
-            except grpc.RpcError as e:
-                codes.append(e.code())
-                assert "max_queue_size 2" in e.details()
+        codes = outcome_codes(futures)
+        assert all("max_queue_size 2" in f.exception().details() for f in futures if f.exception())
         assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes
         assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
         metrics = urllib.request.urlopen(server.metrics_url).read().decode()
