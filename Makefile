@@ -1,21 +1,28 @@
 # The README's commands. `make test` and `make serve` install what they need first.
 PYTHON  ?= .venv/bin/python
 VENV    := .venv
+SERVE_STAMP := $(VENV)/.installed-serve
 STAMP   := $(VENV)/.installed
 SYSTEM  := $(VENV)/.system-tools
 REPO    ?= model_repository
 
-.PHONY: install serve test container-test train export protos check-protos bench-serve bench-generation cluster-up cluster-down clean
+.PHONY: install install-serve check-serve-install serve test container-test train export protos check-protos bench-serve bench-generation cluster-up cluster-down clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 
-# torch==2.13.0 first, by exact version: it is the CPU wheel; a range would pull a CUDA build.
+# Serving only: onnxruntime, grpcio, protobuf, prometheus-client, numpy, pydantic-settings. No torch.
+$(SERVE_STAMP): pyproject.toml | $(VENV)/bin/python
+	$(VENV)/bin/pip install -q -e .
+	touch $(SERVE_STAMP)
+
+# Everything: training, export and the test tools. torch==2.13.0 first, by exact version: it is
+# the CPU wheel; a range would pull a CUDA build.
 $(STAMP): pyproject.toml | $(VENV)/bin/python
 	$(VENV)/bin/pip install -q torch==2.13.0
 	$(VENV)/bin/pip install -q -e '.[train,dev]'
-	touch $(STAMP)
+	touch $(STAMP) $(SERVE_STAMP)
 
 # Real servers the tests start: Prometheus (and promtool) and nginx, from Debian's packages.
 $(SYSTEM): | $(VENV)/bin/python
@@ -25,8 +32,14 @@ $(SYSTEM): | $(VENV)/bin/python
 
 install: $(STAMP) $(SYSTEM)
 
-serve: $(STAMP)
+install-serve: $(SERVE_STAMP)
+
+serve: $(SERVE_STAMP)
 	$(PYTHON) -m service serve --model-repository $(REPO)
+
+# A fresh venv with the serving install alone: no torch, imports, serves (CI runs it).
+check-serve-install:
+	.ci/serve-install
 
 test: $(STAMP) $(SYSTEM)
 	$(PYTHON) -m service.generated.build --check

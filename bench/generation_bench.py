@@ -80,9 +80,9 @@ def engine_alone(repository: Path, workloads: dict[str, list[tuple[list[int], in
     """tokens/s of each workload run straight against a GenerationEngine, per scheduling."""
     from prometheus_client import CollectorRegistry
 
-    from service.generation.engine import GenerationEngine, Sequence
+    from service.generation.engine import EngineLimits, GenerationEngine
     from service.generation.sampling import SamplingParams
-    from service.generation.tokenizer import from_manifest
+    from service.generation.sequence import Sequence
     from service.metrics import Metrics
     from service.models import ModelManager
     from service.settings import Settings
@@ -93,8 +93,8 @@ def engine_alone(repository: Path, workloads: dict[str, list[tuple[list[int], in
         mv = manager.get("bytegpt")
         out = {}
         for name, (scheduling, slots, jobs) in workloads.items():
-            engine = GenerationEngine(mv.spec, mv.runtime, manager.metrics, from_manifest(mv.spec.tokenizer),
-                                      max_sequences=slots, scheduling=scheduling)
+            engine = GenerationEngine(mv.name, mv.runtime, mv.spec.decoder,
+                                      EngineLimits(max_sequences=slots, scheduling=scheduling))
             engine.start()
             seqs = [Sequence(str(i), prompt, SamplingParams(), n) for i, (prompt, n) in enumerate(jobs)]
             t0 = time.perf_counter()

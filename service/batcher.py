@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.errors import DeadlineExceeded, InternalError, InvalidInput, QueueFull, TServeError
+from service.errors import DeadlineExceeded, InternalError, QueueFull, TServeError
+from service.metrics import ModelObserver
 from service.runtime import OrtRuntime
-from service.stats import ModelObserver
+from service.stats import BatchRun
 from service.types import ModelSpec
 from service.validation import Prepared
 
@@ -211,12 +212,10 @@ class DynamicBatcher:
     def _fail(self, item: _Item, error: Exception) -> None:
         if item.future.done():
             return
-        if isinstance(error, TServeError):
+        if isinstance(error, TServeError):  # the runtime classified ONNX Runtime's verdict
             item.future.set_exception(error)
-        elif type(error).__name__ in ("InvalidArgument", "InvalidGraph"):  # onnxruntime's own types
-            item.future.set_exception(InvalidInput(f"ONNX Runtime rejected the input: {str(error)[:300]}"))
         else:
-            log.error("inference failed for model %s", self.spec.name, exc_info=error)
+            log.error("batch handling failed for model %s", self.spec.name, exc_info=error)
             item.future.set_exception(InternalError(f"inference failed: {type(error).__name__}"))
 
     async def _run(self, items: list[_Item], started: float) -> None:
@@ -227,7 +226,7 @@ class DynamicBatcher:
         results = await self.runtime.run(feeds, outputs)
         compute_s = time.perf_counter() - t0
         rows = sum(it.prepared.rows for it in items)
-        self.observer.batch(len(items), rows, compute_s, efficiency)
+        self.observer.batch(BatchRun(len(items), rows, compute_s, efficiency))
         start = 0
         for it, pad in zip(items, pads):
             n = it.prepared.rows

@@ -1,6 +1,14 @@
-"""The data plane: validates, admits, routes to the model's batcher and records the outcome.
+"""The data plane: the one road every request takes, whichever API and protocol it came by.
 
-Servicers call one method here per RPC; nothing here knows about protobuf or grpc.
+    admit      refuse new work while draining (UNAVAILABLE); find the model version
+    count      in-flight gauge per model and API, held until the last answer is sent
+    run        inference: validate -> the model's dynamic batcher
+               generation: check the request -> the model's generation engine -> events
+    record     one outcome per request (success, or the failure's reason) and its duration
+
+Front ends (the gRPC servicers today) convert wire messages to the domain objects here and
+back; nothing here knows protobuf or grpc. The server's drain waits on `inflight`, so it
+covers both APIs by construction.
 """
 
 from __future__ import annotations
@@ -8,68 +16,138 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
+from contextlib import contextmanager
+from typing import Iterator
 
-from service.errors import InternalError, TServeError, Unavailable
+from service.errors import FailedPrecondition, InternalError, TServeError, Unavailable
+from service.generation.requests import GenerateInput, to_sequence
+from service.generation.sequence import Event, FinishReason
 from service.logs import request_id
 from service.models import ModelManager, ModelVersion
+from service.settings import Settings
 from service.types import InferRequest, InferResponse
 from service.validation import prepare
 
 log = logging.getLogger(__name__)
 
+INFER, GENERATE = "infer", "generate"
+
+
+class _Outcome:
+    """What a request ended with, filled in by the code that runs it."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = "internal"  # None: success
+        self.queue_s = 0.0
+        self.compute_s = 0.0
+
 
 class DataPlane:
-    def __init__(self, manager: ModelManager) -> None:
+    def __init__(self, manager: ModelManager, settings: Settings) -> None:
         self.manager = manager
+        self.settings = settings
         self.draining = False
         self.loading_done = False
         self._inflight = 0
 
+    # -- state ------------------------------------------------------------------------------
+
     @property
     def inflight(self) -> int:
+        """Requests of either API received and not yet fully answered."""
         return self._inflight
 
-    def ready(self, strict: bool) -> bool:
-        """Server readiness: loading finished (and, when strict, every model is ready); not draining."""
-        return self.loading_done and not self.draining and (self.manager.all_ready or not strict)
+    def ready(self) -> bool:
+        """Server readiness: loading finished (and, with strict_readiness, every model is
+        ready); not draining."""
+        return (self.loading_done and not self.draining
+                and (self.manager.all_ready or not self.settings.strict_readiness))
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        return self.manager.get(name, version, ready=False).ready and not self.draining
 
     def admit(self) -> None:
         if self.draining:
             raise Unavailable("the server is shutting down; retry on another replica")
 
-    async def infer(self, request: InferRequest, deadline: float | None = None) -> InferResponse:
-        request_id.set(request.id[:64])
-        self.admit()
-        mv = self.manager.get(request.model_name, request.model_version)
-        observer = mv.observer
-        started = time.perf_counter()
+    # -- the two request kinds --------------------------------------------------------------
+
+    @contextmanager
+    def _request(self, mv: ModelVersion, api: str, rid: str) -> Iterator[_Outcome]:
+        """In-flight count and outcome record around one request of either API."""
+        request_id.set(rid[:64])
+        observer, outcome, started = mv.observer, _Outcome(), time.perf_counter()
         self._inflight += 1
-        observer.inflight(1)
+        observer.inflight(api, 1)
         try:
-            prepared = prepare(mv.spec, request)
-            outputs, timing = await mv.batcher.submit(prepared, deadline)
+            yield outcome
         except TServeError as e:
-            observer.request_done(False, e.reason, time.perf_counter() - started)
+            outcome.reason = e.reason
             raise
-        except asyncio.CancelledError:  # the caller went away: counted, then let through
-            observer.request_done(False, "cancelled", time.perf_counter() - started)
+        except (asyncio.CancelledError, GeneratorExit):  # the caller went away: counted, then let through
+            outcome.reason = "cancelled"
             raise
         except Exception as e:
-            observer.request_done(False, "internal", time.perf_counter() - started)
-            log.exception("unexpected error in ModelInfer for %s", request.model_name)
+            log.exception("unexpected error in a %s request for %s", api, mv.name)
             raise InternalError(f"unexpected error: {type(e).__name__}") from e
-        else:
-            duration = time.perf_counter() - started
-            observer.request_done(True, "", duration, timing.queue_s, timing.compute_s)
-            log.debug("%s/%d answered in %.2f ms (queue %.2f ms, compute %.2f ms)", mv.name, mv.version,
-                      duration * 1e3, timing.queue_s * 1e3, timing.compute_s * 1e3)
-            return InferResponse(mv.name, str(mv.version), request.id, outputs)
         finally:
             self._inflight -= 1
-            observer.inflight(-1)
+            observer.inflight(api, -1)
+            duration = time.perf_counter() - started
+            observer.request_done(api, outcome.reason is None, outcome.reason or "", duration,
+                                  outcome.queue_s, outcome.compute_s)
+            log.debug("%s %s/%d answered in %.2f ms (%s; queue %.2f ms, compute %.2f ms)", api, mv.name, mv.version,
+                      duration * 1e3, outcome.reason or "success", outcome.queue_s * 1e3, outcome.compute_s * 1e3)
+
+    async def infer(self, request: InferRequest, deadline: float | None = None) -> InferResponse:
+        self.admit()
+        mv = self.manager.get(request.model_name, request.model_version)
+        with self._request(mv, INFER, request.id) as outcome:
+            prepared = prepare(mv.spec, request)
+            outputs, timing = await mv.batcher.submit(prepared, deadline)
+            outcome.reason, outcome.queue_s, outcome.compute_s = None, timing.queue_s, timing.compute_s
+            return InferResponse(mv.name, str(mv.version), request.id, outputs)
+
+    async def generate(self, request: GenerateInput, deadline: float | None = None) -> AsyncIterator[list[Event]]:
+        """The sequence's events in chunks: everything produced since the last chunk. A reader
+        keeping up gets one token per chunk; one that falls behind (or a server under load)
+        gets fewer, larger chunks instead of a growing backlog. A failure of the sequence's own
+        run is raised as its error; a reader that goes away stops the sequence within one step."""
+        self.admit()
+        mv = self.manager.get(request.model, request.model_version)
+        if mv.engine is None:
+            raise FailedPrecondition(
+                f"model {request.model!r} is not a decoder with a KV cache (decoder-with-past inputs and present "
+                "outputs); it cannot generate"
+            )
+        with self._request(mv, GENERATE, request.request_id) as outcome:
+            seq = to_sequence(mv.generation, request, self.settings.generation_default_max_new_tokens, deadline)
+            mv.engine.submit(seq)
+            try:
+                while True:
+                    chunk = [await seq.events.get()]
+                    while chunk[-1].finish_reason is None and not seq.events.empty():
+                        chunk.append(seq.events.get_nowait())
+                    last = chunk[-1]
+                    if last.error is not None:
+                        raise last.error
+                    if last.finish_reason is not None:
+                        outcome.reason = "cancelled" if last.finish_reason == FinishReason.CANCELLED else None
+                        outcome.queue_s = last.queue_s
+                    yield chunk
+                    if last.finish_reason is not None:
+                        return
+            finally:
+                mv.engine.cancel(seq)  # a no-op when finished; frees the slot on cancel or disconnect
+
+    # -- lookups for the front ends ----------------------------------------------------------
 
     def model(self, name: str, version: str = "", ready: bool = False) -> ModelVersion:
         return self.manager.get(name, version, ready=ready)
+
+    def ready_versions(self, name: str) -> list[int]:
+        return sorted(v for v, mv in self.manager.versions(name).items() if mv.ready)
 
     def statistics(self, name: str = "", version: str = "") -> list[ModelVersion]:
         if name:
@@ -77,3 +155,13 @@ class DataPlane:
                 return [self.manager.get(name, version, ready=False)]
             return [mv for mv in self.manager.versions(name).values() if mv.observer]
         return [mv for mv in self.manager.all() if mv.observer]
+
+    def repository_index(self) -> list[ModelVersion]:
+        return self.manager.index()
+
+    async def load(self, name: str) -> None:
+        self.admit()
+        await self.manager.load(name)
+
+    async def unload(self, name: str) -> None:
+        await self.manager.unload(name)

@@ -1,30 +1,37 @@
-"""Prometheus metrics on an injected registry, served on their own port.
+"""Prometheus metrics on an injected registry, served on their own port, and the one class
+(`ModelObserver`) that turns the plain stats of service.stats into series.
 
 Names follow Prometheus conventions: base units (seconds, bytes), `_total` on counters
-(prometheus-client appends it), histograms for durations and sizes.
+(prometheus-client appends it), histograms for durations and sizes. Request series carry an
+`api` label (infer, generate): both APIs are counted by the data plane in the same place.
 """
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from service.stats import BatchRun, BatchStats, ModelStats, StepStats
+from service.types import ModelState
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 RATIO_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 MODEL = ("model", "version")
-STATES = ("LOADING", "READY", "UNAVAILABLE", "UNLOADED")
+API = "api"  # infer, generate
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.requests = Counter(
-            "tserve_requests", "Inference requests by outcome; reason is the status for failures.",
-            [*MODEL, "outcome", "reason"], registry=registry,
+            "tserve_requests", "Requests by API and outcome; reason is the status for failures.",
+            [*MODEL, API, "outcome", "reason"], registry=registry,
         )
         self.request_duration = Histogram(
-            "tserve_request_duration_seconds", "Time from a request's arrival to its answer.",
-            MODEL, buckets=LATENCY_BUCKETS, registry=registry,
+            "tserve_request_duration_seconds", "Time from a request's arrival to its answer (a stream's last message).",
+            [*MODEL, API], buckets=LATENCY_BUCKETS, registry=registry,
         )
         self.queue_duration = Histogram(
             "tserve_queue_duration_seconds", "Time a request waited in the batcher's queue.",
@@ -51,7 +58,8 @@ class Metrics:
             MODEL, registry=registry,
         )
         self.inflight = Gauge(
-            "tserve_inflight_requests", "Requests received and not yet answered.", MODEL, registry=registry
+            "tserve_inflight_requests", "Requests received and not yet answered (streams until their last message).",
+            [*MODEL, API], registry=registry
         )
         self.model_load_duration = Gauge(
             "tserve_model_load_duration_seconds", "Time the last load of a model version took (with warm-up).",
@@ -92,9 +100,107 @@ class Metrics:
         self.gen_kv_bytes = Gauge(
             "tserve_generation_kv_cache_bytes", "Bytes held by KV caches of active sequences.", MODEL, registry=registry
         )
+        self.gen_steps = Counter("tserve_generation_steps", "Generation engine steps run.", MODEL, registry=registry)
+        self.gen_decode_rows = Histogram(
+            "tserve_generation_decode_batch_size", "Rows in each batched decode run (holes included).",
+            MODEL, buckets=BATCH_BUCKETS, registry=registry,
+        )
 
 
 def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> tuple[object, int]:
     """Start the /metrics HTTP server in a thread; returns (server, bound port)."""
     server, _thread = start_http_server(port, addr=host, registry=registry)
     return server, server.server_port
+
+
+class ModelObserver:
+    """One model version's statistics: Triton's counters (ModelStats) and its Prometheus series.
+
+    The batcher, the data plane and the generation engine report plain events and stats here;
+    label lookups are resolved once, since some of these run per token.
+    """
+
+    def __init__(self, metrics: Metrics, model: str, version: int) -> None:
+        self.metrics = metrics
+        self.labels = labels = (model, str(version))
+        self.stats = ModelStats()
+        m = metrics
+        self._queue_depth = m.queue_depth.labels(*labels)
+        self._compute = m.compute_duration.labels(*labels)
+        self._batch_size = m.batch_size.labels(*labels)
+        self._batch_requests = m.batch_requests.labels(*labels)
+        self._padding = m.padding_efficiency.labels(*labels)
+        self._queue_duration = m.queue_duration.labels(*labels)
+        self._ttft = m.gen_ttft.labels(*labels)
+        self._itl = m.gen_itl.labels(*labels)
+        self._tokens = m.gen_tokens.labels(*labels)
+        self._prompt_tokens = m.gen_prompt_tokens.labels(*labels)
+        self._steps = m.gen_steps.labels(*labels)
+        self._decode_rows = m.gen_decode_rows.labels(*labels)
+        self._active = m.gen_active.labels(*labels)
+        self._queued = m.gen_queued.labels(*labels)
+        self._kv_bytes = m.gen_kv_bytes.labels(*labels)
+
+    # batcher
+    def queue_capacity(self, n: int) -> None:
+        self.metrics.queue_capacity.labels(*self.labels).set(n)
+
+    def queue_depth(self, n: int) -> None:
+        self._queue_depth.set(n)
+
+    def batch(self, run: BatchRun) -> None:
+        s = self.stats
+        s.execution_count += 1
+        s.inference_count += run.rows
+        s.last_inference_ms = int(time.time() * 1000)
+        s.by_batch_size.setdefault(run.rows, BatchStats()).compute_infer.add(run.compute_s)
+        self._compute.observe(run.compute_s)
+        self._batch_size.observe(run.rows)
+        self._batch_requests.observe(run.requests)
+        if run.padding_efficiency is not None:
+            self._padding.observe(run.padding_efficiency)
+
+    # data plane: every request of either API
+    def inflight(self, api: str, delta: int) -> None:
+        self.metrics.inflight.labels(*self.labels, api).inc(delta)
+
+    def request_done(self, api: str, ok: bool, reason: str, duration_s: float,
+                     queue_s: float = 0.0, compute_s: float = 0.0) -> None:
+        m, labels = self.metrics, self.labels
+        if api == "infer":  # Triton's ModelStatistics count inference requests
+            s = self.stats
+            (s.success if ok else s.fail).add(duration_s)
+            if ok:
+                s.queue.add(queue_s)
+                s.compute_infer.add(compute_s)
+                self._queue_duration.observe(queue_s)
+        m.requests.labels(*labels, api, "success" if ok else "failure", "none" if ok else reason).inc()
+        m.request_duration.labels(*labels, api).observe(duration_s)
+
+    # generation engine
+    def generation_step(self, step: StepStats) -> None:
+        self._steps.inc()
+        if step.decode_rows:
+            self._decode_rows.observe(step.decode_rows)
+        for seconds in step.time_to_first_token_s:
+            self._ttft.observe(seconds)
+        for seconds in step.inter_token_s:
+            self._itl.observe(seconds)
+        if step.tokens:
+            self._tokens.inc(step.tokens)
+        if step.prefill_tokens:
+            self._prompt_tokens.inc(step.prefill_tokens)
+        for reason in step.finished:
+            self.metrics.gen_finished.labels(*self.labels, reason).inc()
+        self._active.set(step.active)
+        self._queued.set(step.queued)
+        self._kv_bytes.set(step.kv_cache_bytes)
+
+    # model lifecycle
+    def state(self, state: ModelState) -> None:
+        for st in ModelState:
+            self.metrics.model_state.labels(*self.labels, st.value).set(1 if st == state else 0)
+
+    def loaded(self, seconds: float, provider: str) -> None:
+        self.metrics.model_load_duration.labels(*self.labels).set(seconds)
+        self.metrics.execution_provider.labels(*self.labels, provider).set(1)

@@ -11,7 +11,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,9 @@ import numpy as np
 from service.batcher import DynamicBatcher
 from service.errors import ModelLoadError, ModelNotFound, Unavailable
 from service.generated import model_config_pb2 as mc
-from service.metrics import Metrics
+from service.generation.engine import EngineLimits, GenerationEngine
+from service.generation.requests import GenerationConfig
+from service.metrics import Metrics, ModelObserver
 from service.repository import (
     build_spec,
     completed_config,
@@ -31,26 +33,30 @@ from service.repository import (
 )
 from service.runtime import OrtRuntime, choose_providers
 from service.settings import Settings
-from service.stats import ModelObserver
-from service.types import DATATYPES, ModelSpec
+from service.types import DATATYPES, ModelSpec, ModelState
 
 log = logging.getLogger(__name__)
 
-LOADING, READY, UNAVAILABLE, UNLOADED = "LOADING", "READY", "UNAVAILABLE", "UNLOADED"
 
 
 @dataclass
 class ModelVersion:
     name: str
     version: int
-    state: str = LOADING
+    state: ModelState = ModelState.LOADING
     reason: str = ""
     spec: ModelSpec | None = None
     config: mc.ModelConfig | None = None  # as served by the ModelConfig RPC
     runtime: OrtRuntime | None = None
     batcher: DynamicBatcher | None = None
     observer: ModelObserver | None = None
-    extras: dict = field(default_factory=dict)  # per-model state other engines attach (generation)
+    # decoders (the decoder-with-past convention) also generate:
+    engine: GenerationEngine | None = None
+    generation: GenerationConfig | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.state == ModelState.READY
 
 
 def _sha256(path: Path) -> str:
@@ -70,27 +76,35 @@ def check_golden(spec: ModelSpec, runtime: OrtRuntime) -> None:
     for i, golden in enumerate((spec.manifest or {}).get("golden", [])):
         feeds = {name: _tensor(rec) for name, rec in golden["inputs"].items()}
         names = list(golden["outputs"])
-        for name, got in zip(names, runtime.run_sync(feeds, names)):
-            want = _tensor(golden["outputs"][name])
-            if got.shape != want.shape:
-                raise ModelLoadError(f"golden sample {i}: output {name!r} has shape {list(got.shape)}, expected {list(want.shape)}")
-            diff = float(np.abs(got - want).max()) if got.size else 0.0
-            if not diff <= golden.get("atol", 1e-4):
-                raise ModelLoadError(f"golden sample {i}: output {name!r} differs by {diff:.3g} (atol {golden.get('atol', 1e-4)})")
+        for instance_outputs in runtime.run_each(feeds, names):
+            _compare_golden(i, golden, names, instance_outputs)
+
+
+def _compare_golden(i: int, golden: dict, names: list[str], outputs: list[np.ndarray]) -> None:
+    for name, got in zip(names, outputs):
+        want = _tensor(golden["outputs"][name])
+        if got.shape != want.shape:
+            raise ModelLoadError(f"golden sample {i}: output {name!r} has shape {list(got.shape)}, expected {list(want.shape)}")
+        diff = float(np.abs(got - want).max()) if got.size else 0.0
+        if not diff <= golden.get("atol", 1e-4):
+            raise ModelLoadError(f"golden sample {i}: output {name!r} differs by {diff:.3g} (atol {golden.get('atol', 1e-4)})")
+
+
+def warm_up_feeds(spec: ModelSpec) -> dict[str, np.ndarray]:
+    """One small input: decoders get a one-token prompt with an empty cache, other graphs zeros
+    of length 1 on every variable axis."""
+    if spec.decoder is not None:
+        return spec.decoder.prompt_feeds(np.zeros((1, 1), np.int64))
+    feeds = {}
+    for t in spec.inputs:
+        shape = ([1] if spec.max_batch_size else []) + [1 if d == -1 else d for d in t.dims]
+        feeds[t.name] = np.ones(shape, t.dtype) if t.name == "attention_mask" else np.zeros(shape, t.dtype)
+    return feeds
 
 
 def warm_up(spec: ModelSpec, runtime: OrtRuntime) -> None:
-    """One small run so the first real request does not pay for allocation and kernel setup."""
-    feeds = {}
-    for t in spec.inputs:
-        dims = [1 if d == -1 else d for d in t.dims]
-        if t.name.startswith("past_key_values.") and len(dims) == 3:
-            dims[1] = 0  # an empty cache
-        shape = ([1] if spec.max_batch_size else []) + dims
-        feeds[t.name] = np.ones(shape, t.dtype) if t.name == "attention_mask" else np.zeros(shape, t.dtype)
-    if spec.is_decoder:
-        feeds["attention_mask"] = np.ones(feeds["input_ids"].shape, np.int64)
-    runtime.run_sync(feeds, [t.name for t in spec.outputs])
+    """Run every instance once so no first request pays for allocation and kernel setup."""
+    runtime.run_each(warm_up_feeds(spec), [t.name for t in spec.outputs])
 
 
 class ModelManager:
@@ -100,8 +114,7 @@ class ModelManager:
         self.repo = settings.model_repository
         self._models: dict[str, dict[int, ModelVersion]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self.on_ready: list = []  # callbacks(ModelVersion) run when a version becomes ready
-        self.on_unload: list = []
+        self.on_change: list = []  # callbacks(ModelVersion) after a version's state changed
 
     async def load_all(self) -> None:
         await asyncio.gather(*(self.load(name) for name in model_names(self.repo)))
@@ -145,35 +158,51 @@ class ModelManager:
             try:
                 entries = select_versions(self.repo / name, read_config(self.repo / name))
             except ModelLoadError as e:
-                mv = ModelVersion(name, 0, UNAVAILABLE, str(e))
+                mv = ModelVersion(name, 0, ModelState.UNAVAILABLE, str(e))
                 self._models[name] = {0: mv}
                 log.error("model %s failed to load: %s", name, e)
+                self._changed(mv)
                 return
             self._models[name] = {e.version: ModelVersion(name, e.version) for e in entries}
             for entry in entries:
                 mv = self._models[name][entry.version]
                 mv.observer = ModelObserver(self.metrics, name, entry.version)
-                mv.observer.state(LOADING)
+                self._changed(mv)
                 started = time.perf_counter()
                 try:
                     await asyncio.to_thread(self._load_version_sync, mv, entry)
                 except ModelLoadError as e:
-                    mv.state, mv.reason = UNAVAILABLE, str(e)
+                    mv.state, mv.reason = ModelState.UNAVAILABLE, str(e)
                 except Exception as e:  # anything ORT or numpy raised on a broken model
-                    mv.state, mv.reason = UNAVAILABLE, f"{type(e).__name__}: {str(e)[:300]}"
+                    mv.state, mv.reason = ModelState.UNAVAILABLE, f"{type(e).__name__}: {str(e)[:300]}"
                 else:
-                    mv.batcher = DynamicBatcher(mv.spec, mv.runtime, mv.observer)
-                    mv.batcher.start()
-                    mv.state = READY
-                    for callback in self.on_ready:
-                        callback(mv)
+                    self._start_schedulers(mv)
+                    mv.state = ModelState.READY
                     seconds = time.perf_counter() - started
                     mv.observer.loaded(seconds, mv.runtime.provider)
                     log.info("model %s version %d ready on %s in %.2fs (%s)", name, entry.version, mv.runtime.provider,
                              seconds, mv.runtime.describe())
-                if mv.state == UNAVAILABLE:
+                if mv.state == ModelState.UNAVAILABLE:
                     log.error("model %s version %d failed to load: %s", name, entry.version, mv.reason)
-                mv.observer.state(mv.state)
+                self._changed(mv)
+
+    def _start_schedulers(self, mv: ModelVersion) -> None:
+        """The batcher for inference; for decoders, the generation engine too."""
+        mv.batcher = DynamicBatcher(mv.spec, mv.runtime, mv.observer)
+        mv.batcher.start()
+        if mv.spec.decoder is not None:
+            s = self.settings
+            limits = EngineLimits(s.generation_max_sequences, s.generation_max_queue, s.generation_token_budget,
+                                  s.generation_scheduling)
+            mv.generation = GenerationConfig.from_spec(mv.spec)
+            mv.engine = GenerationEngine(mv.name, mv.runtime, mv.spec.decoder, limits, mv.observer.generation_step)
+            mv.engine.start()
+
+    def _changed(self, mv: ModelVersion) -> None:
+        if mv.observer:
+            mv.observer.state(mv.state)
+        for callback in self.on_change:
+            callback(mv)
 
     async def unload(self, name: str) -> None:
         if name not in self._models:
@@ -183,17 +212,16 @@ class ModelManager:
 
     async def _unload_locked(self, name: str) -> None:
         for mv in self._models.get(name, {}).values():
-            if mv.state != READY:
+            if mv.state != ModelState.READY:
                 continue
-            mv.state, mv.reason = UNLOADED, "unloaded"
-            for callback in self.on_unload:
-                await callback(mv)
+            mv.state, mv.reason = ModelState.UNLOADED, "unloaded"
+            if mv.engine:
+                await mv.engine.close()
             if mv.batcher:
                 await mv.batcher.close()
             if mv.runtime:
                 await asyncio.to_thread(mv.runtime.close)
-            if mv.observer:
-                mv.observer.state(UNLOADED)
+            self._changed(mv)
 
     async def close(self) -> None:
         for name in list(self._models):
@@ -215,9 +243,9 @@ class ModelManager:
                 raise ModelNotFound(f"model {name!r} has no version {version[:16]!r} (loaded: {sorted(versions)})")
             mv = versions[int(version)]
         else:
-            ready_versions = [v for v in versions.values() if v.state == READY]
+            ready_versions = [v for v in versions.values() if v.state == ModelState.READY]
             mv = max(ready_versions, key=lambda v: v.version) if ready_versions else max(versions.values(), key=lambda v: v.version)
-        if ready and mv.state != READY:
+        if ready and mv.state != ModelState.READY:
             raise Unavailable(f"model {name!r} version {mv.version} is not ready: {mv.state}{': ' + mv.reason if mv.reason else ''}")
         return mv
 
@@ -227,9 +255,9 @@ class ModelManager:
     def index(self) -> list[ModelVersion]:
         """Every model in the repository: loaded versions, and those never loaded."""
         listed = {mv.name for mv in self.all()}
-        unloaded = [ModelVersion(n, 0, UNLOADED) for n in model_names(self.repo) if n not in listed]
+        unloaded = [ModelVersion(n, 0, ModelState.UNLOADED) for n in model_names(self.repo) if n not in listed]
         return sorted(self.all() + unloaded, key=lambda mv: (mv.name, mv.version))
 
     @property
     def all_ready(self) -> bool:
-        return all(mv.state == READY for mv in self.all())
+        return all(mv.state == ModelState.READY for mv in self.all())

@@ -8,6 +8,7 @@ does), into a ModelSpec.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from google.protobuf import text_format
 
+from service.conventions.decoder import INPUT_IDS, DecoderGraph
 from service.errors import ModelLoadError
 from service.generated import model_config_pb2 as mc
 from service.types import DATATYPE_OF_ORT, BatchingPolicy, ModelSpec, PaddingRules, TensorSpec
@@ -159,6 +161,12 @@ def build_spec(
     outputs = [from_config(t, graph_out, "output") for t in config.output]
     outputs += [from_graph(a) for a in graph_outputs if a.name not in listed_out]
 
+    decoder = DecoderGraph.of(inputs, outputs)
+    if decoder is not None:
+        # the convention's inputs other than input_ids are filled in when a request leaves them out
+        inputs = [t if t.name == INPUT_IDS else dataclasses.replace(t, optional=True) for t in inputs]
+        decoder = DecoderGraph.of(inputs, outputs)
+
     params = {k: v.string_value for k, v in config.parameters.items()}
     db = config.dynamic_batching
     batching_on = max_batch > 0 and (config.HasField("dynamic_batching") or not has_config_tensors)
@@ -193,6 +201,7 @@ def build_spec(
         token_inputs=tuple(s.strip() for s in params.get("tserve.token_inputs", "input_ids" if vocab else "").split(",") if s.strip()),
         max_sequence_length=int(max_len) if max_len else None,
         manifest=manifest,
+        decoder=decoder,
     )
 
 
@@ -204,7 +213,8 @@ def completed_config(spec: ModelSpec, config: mc.ModelConfig) -> mc.ModelConfig:
     listed_in, listed_out = {t.name for t in out.input}, {t.name for t in out.output}
     for t in spec.inputs:
         if t.name not in listed_in:
-            out.input.add(name=t.name, data_type=mc.DataType.Value("TYPE_" + t.datatype), dims=list(t.dims))
+            out.input.add(name=t.name, data_type=mc.DataType.Value("TYPE_" + t.datatype), dims=list(t.dims),
+                          optional=t.optional)
     for t in spec.outputs:
         if t.name not in listed_out:
             out.output.add(name=t.name, data_type=mc.DataType.Value("TYPE_" + t.datatype), dims=list(t.dims))

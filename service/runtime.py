@@ -3,6 +3,9 @@
 session.run releases the GIL, so a thread pool sized to the instance count runs batches in
 parallel while the asyncio loop keeps serving. Each instance is its own session (own arena),
 handed out through an asyncio queue so one batch runs per instance at a time.
+
+This is the only module that knows ONNX Runtime's exception types: a failed run comes out as
+a domain error (InvalidInput when ORT rejected the feeds, InternalError otherwise).
 """
 
 from __future__ import annotations
@@ -15,11 +18,26 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.errors import ModelLoadError
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+from service.errors import InternalError, InvalidInput, ModelLoadError, TServeError
 
 log = logging.getLogger(__name__)
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+# ORT's verdicts on the feeds themselves (shape, type, values a kernel refuses)
+_INPUT_ERRORS = (ort_state.InvalidArgument, ort_state.InvalidGraph)
+
+
+def classify(error: Exception) -> TServeError:
+    """The domain error for an exception a run raised."""
+    if isinstance(error, TServeError):
+        return error
+    if isinstance(error, _INPUT_ERRORS):
+        return InvalidInput(f"ONNX Runtime rejected the input: {str(error)[:300]}")
+    return InternalError(f"inference failed: {type(error).__name__}: {str(error)[:200]}")
 
 
 def choose_providers(requested: str, fallback: str) -> list[str]:
@@ -89,15 +107,23 @@ class OrtRuntime:
                 self._free.put_nowait(s)
         return self._free
 
-    def run_sync(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
-        return self.sessions[0].run(outputs, feeds)
+    def run_each(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[list[np.ndarray]]:
+        """Run the feeds on every instance, synchronously (load time: warm-up, golden checks),
+        so no instance meets its first real request cold or unchecked."""
+        return [session.run(outputs, feeds) for session in self.sessions]
 
     async def run(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+        """Run on a free instance off the event loop. Raises InvalidInput or InternalError."""
         pool = self._pool()
         session = await pool.get()
         try:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._executor, session.run, outputs, feeds)
+        except Exception as e:
+            error = classify(e)
+            if isinstance(error, InternalError):
+                log.error("ONNX Runtime run failed", exc_info=e)
+            raise error from e
         finally:
             pool.put_nowait(session)
 

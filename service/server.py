@@ -21,7 +21,6 @@ from prometheus_client import CollectorRegistry
 from service.dataplane import DataPlane
 from service.generated import generation_pb2 as gen_pb
 from service.generated import generation_pb2_grpc as gen_grpc
-from service.generation.service import Generation
 from service.generated import POOL
 from service.generated import grpc_service_pb2 as pb
 from service.generated import grpc_service_pb2_grpc as pb_grpc
@@ -52,14 +51,14 @@ class TServe:
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
         self.manager = ModelManager(settings, self.metrics)
-        self.dataplane = DataPlane(self.manager)
-        self.generation = Generation(self.manager, settings)
+        self.dataplane = DataPlane(self.manager, settings)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.grpc_port = 0
         self.metrics_port = 0
         self._metrics_server = None
         self._stopping = asyncio.Event()
+        self._health_updates: set[asyncio.Task] = set()
 
     def _build_server(self) -> grpc.aio.Server:
         limit = self.settings.max_message_bytes
@@ -71,9 +70,9 @@ class TServe:
             ]
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.dataplane, self.settings.strict_readiness), server
+            InferenceServicer(self.dataplane), server
         )
-        gen_grpc.add_TextGenerationServicer_to_server(GenerationServicer(self.generation, self.dataplane.admit), server)
+        gen_grpc.add_TextGenerationServicer_to_server(GenerationServicer(self.dataplane), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         _register_in_pool(health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)
         names = [INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -82,16 +81,18 @@ class TServe:
         return server
 
     async def refresh_health(self) -> None:
-        ready = self.dataplane.ready(self.settings.strict_readiness)
+        ready = self.dataplane.ready()
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         await self.health.set("", status)
         await self.health.set(INFERENCE_SERVICE, status)
         await self.health.set(GENERATION_SERVICE, status)
+        # a model is SERVING when any of its versions is ready
+        models: dict[str, bool] = {}
         for mv in self.manager.all():
-            model_ok = ready and mv.state == "READY"
+            models[mv.name] = models.get(mv.name, False) or (ready and mv.ready)
+        for name, ok in models.items():
             await self.health.set(
-                mv.name,
-                health_pb2.HealthCheckResponse.SERVING if model_ok else health_pb2.HealthCheckResponse.NOT_SERVING,
+                name, health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
             )
         self.metrics.server_ready.set(1 if ready else 0)
 
@@ -109,10 +110,16 @@ class TServe:
         log.info("listening: gRPC %s:%d, metrics %s:%d", self.settings.host, self.grpc_port, self.settings.host, self.metrics_port)
         await self.manager.load_all()
         self.dataplane.loading_done = True
-        self.manager.on_ready.append(lambda mv: asyncio.ensure_future(self.refresh_health()))
+        self.manager.on_change.append(self._model_changed)
         await self.refresh_health()
         states = {f"{mv.name}/{mv.version}": mv.state for mv in self.manager.all()}
         log.info("loading finished in %.2fs: %s", time.perf_counter() - started, states)
+
+    def _model_changed(self, _mv) -> None:
+        """A load or unload through the repository API: health follows at once."""
+        task = asyncio.ensure_future(self.refresh_health())
+        self._health_updates.add(task)
+        task.add_done_callback(self._health_updates.discard)
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -120,13 +127,12 @@ class TServe:
     async def drain(self) -> None:
         """NOT_SERVING, refuse new work, let in-flight requests finish within the grace."""
         grace = self.settings.drain_grace_seconds
-        log.info("draining: %d requests in flight, %d sequences generating, grace %.1fs",
-                 self.dataplane.inflight, self.generation.busy, grace)
+        log.info("draining: %d requests in flight (both APIs), grace %.1fs", self.dataplane.inflight, grace)
         self.dataplane.draining = True
         self.metrics.server_ready.set(0)
         await self.health.enter_graceful_shutdown()
         deadline = time.monotonic() + grace
-        while (self.dataplane.inflight or self.generation.busy) and time.monotonic() < deadline:
+        while self.dataplane.inflight and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         if self.server:
             await self.server.stop(max(0.0, deadline - time.monotonic()))

@@ -1,15 +1,12 @@
-"""Per-model-version statistics: Triton's ModelStatistics counters and the Prometheus series.
+"""Plain statistics objects: what the batcher, the data plane and the generation engine report.
 
-Stats are plain dataclasses; ModelObserver is the one place that updates both, so the
-batcher and the data plane report an event once.
+Nothing here knows Prometheus. `service.metrics.ModelObserver` is the one class that turns
+these into Prometheus series and keeps Triton's ModelStatistics counters.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
-
-from service.metrics import STATES, Metrics
 
 
 @dataclass
@@ -29,6 +26,8 @@ class BatchStats:
 
 @dataclass
 class ModelStats:
+    """Triton's ModelStatistics counters for one model version (inference requests)."""
+
     inference_count: int = 0  # rows inferred
     execution_count: int = 0  # batches executed
     last_inference_ms: int = 0
@@ -39,51 +38,26 @@ class ModelStats:
     by_batch_size: dict[int, BatchStats] = field(default_factory=dict)
 
 
-class ModelObserver:
-    def __init__(self, metrics: Metrics, model: str, version: int) -> None:
-        self.metrics = metrics
-        self.labels = (model, str(version))
-        self.stats = ModelStats()
+@dataclass
+class BatchRun:
+    """One executed batch of the dynamic batcher."""
 
-    # batcher events
-    def queue_capacity(self, n: int) -> None:
-        self.metrics.queue_capacity.labels(*self.labels).set(n)
+    requests: int
+    rows: int
+    compute_s: float
+    padding_efficiency: float | None  # real / padded tokens; None when nothing was padded
 
-    def queue_depth(self, n: int) -> None:
-        self.metrics.queue_depth.labels(*self.labels).set(n)
 
-    def batch(self, requests: int, rows: int, compute_s: float, padding_efficiency: float | None) -> None:
-        s = self.stats
-        s.execution_count += 1
-        s.inference_count += rows
-        s.last_inference_ms = int(time.time() * 1000)
-        s.by_batch_size.setdefault(rows, BatchStats()).compute_infer.add(compute_s)
-        m, labels = self.metrics, self.labels
-        m.compute_duration.labels(*labels).observe(compute_s)
-        m.batch_size.labels(*labels).observe(rows)
-        m.batch_requests.labels(*labels).observe(requests)
-        if padding_efficiency is not None:
-            m.padding_efficiency.labels(*labels).observe(padding_efficiency)
+@dataclass
+class StepStats:
+    """What one generation engine step did, and the engine's state after it."""
 
-    # data-plane events
-    def request_done(self, ok: bool, reason: str, duration_s: float, queue_s: float = 0.0, compute_s: float = 0.0) -> None:
-        s, m, labels = self.stats, self.metrics, self.labels
-        (s.success if ok else s.fail).add(duration_s)
-        if ok:
-            s.queue.add(queue_s)
-            s.compute_infer.add(compute_s)
-            m.queue_duration.labels(*labels).observe(queue_s)
-        m.requests.labels(*labels, "success" if ok else "failure", "none" if ok else reason).inc()
-        m.request_duration.labels(*labels).observe(duration_s)
-
-    def inflight(self, delta: int) -> None:
-        self.metrics.inflight.labels(*self.labels).inc(delta)
-
-    def state(self, state: str) -> None:
-        for st in STATES:
-            self.metrics.model_state.labels(*self.labels, st).set(1 if st == state else 0)
-
-    def loaded(self, seconds: float, provider: str) -> None:
-        self.metrics.model_load_duration.labels(*self.labels).set(seconds)
-        self.metrics.execution_provider.labels(*self.labels, provider).set(1)
-
+    decode_rows: int = 0  # rows in the batched decode run (holes included)
+    prefill_tokens: int = 0  # prompt tokens run this step
+    tokens: int = 0  # tokens generated this step
+    time_to_first_token_s: list[float] = field(default_factory=list)  # per sequence that got its first token
+    inter_token_s: list[float] = field(default_factory=list)  # per token after a sequence's first
+    finished: list[str] = field(default_factory=list)  # finish reasons of sequences that ended
+    active: int = 0  # sequences in prefill or decoding
+    queued: int = 0  # requests waiting for a slot
+    kv_cache_bytes: int = 0

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import enum
 import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from service.conventions.decoder import DecoderGraph
 
 # Open Inference Protocol datatype <-> numpy. BYTES (strings) is not served: ONNX Transformers
 # take token ids, and a tokenizer-in-server belongs to the generation API.
@@ -33,8 +37,14 @@ DATATYPE_OF_ORT = {
     "tensor(int64)": "INT64", "tensor(float16)": "FP16", "tensor(float)": "FP32", "tensor(double)": "FP64",
 }
 
-DECODER_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
+class ModelState(enum.StrEnum):
+    """A model version's state, as RepositoryIndex and `tserve_model_state` report it."""
+
+    LOADING = "LOADING"
+    READY = "READY"
+    UNAVAILABLE = "UNAVAILABLE"
+    UNLOADED = "UNLOADED"
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -91,27 +101,13 @@ class ModelSpec:
     token_inputs: tuple[str, ...] = ()
     max_sequence_length: int | None = None
     manifest: dict[str, Any] | None = None
+    decoder: DecoderGraph | None = None  # set when the graph follows the decoder-with-past convention
 
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)
 
     def output(self, name: str) -> TensorSpec | None:
         return next((t for t in self.outputs if t.name == name), None)
-
-    @property
-    def past_inputs(self) -> tuple[TensorSpec, ...]:
-        return tuple(t for t in self.inputs if t.name.startswith("past_key_values."))
-
-    @property
-    def is_decoder(self) -> bool:
-        """Follows the Hugging Face / Optimum decoder-with-past convention."""
-        names = {t.name for t in self.inputs}
-        return (
-            set(DECODER_INPUTS[:2]) <= names
-            and bool(self.past_inputs)
-            and self.output("logits") is not None
-            and any(t.name.startswith("present.") for t in self.outputs)
-        )
 
     @property
     def tokenizer(self) -> dict | None:
@@ -127,7 +123,6 @@ class InferRequest:
     id: str
     inputs: dict[str, np.ndarray]
     requested_outputs: tuple[str, ...]
-    parameters: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

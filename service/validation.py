@@ -70,50 +70,6 @@ def _check_tokens(spec: ModelSpec, name: str, a: np.ndarray) -> None:
         raise InvalidInput(f"input {name!r} holds token id {bad}, outside model {spec.name!r}'s vocabulary [0, {spec.vocab_size})")
 
 
-def _fill_decoder_defaults(spec: ModelSpec, inputs: dict[str, np.ndarray]) -> None:
-    ids = inputs["input_ids"]
-    if ids.ndim != 2:
-        return  # the rank check reports it
-    B, T = ids.shape
-    past_len = 0
-    present = [t for t in spec.past_inputs if t.name in inputs]
-    if present and inputs[present[0].name].ndim == 4:
-        past_len = inputs[present[0].name].shape[2]
-    for t in spec.past_inputs:
-        if t.name not in inputs:
-            if present:
-                raise InvalidInput(f"input {t.name!r} is missing: give every past_key_values input or none")
-            heads, head_dim = t.dims[0], t.dims[2]
-            inputs[t.name] = np.zeros((B, heads, 0, head_dim), np.float32)
-    if "attention_mask" not in inputs:
-        inputs["attention_mask"] = np.ones((B, past_len + T), np.int64)
-    if "position_ids" in {t.name for t in spec.inputs} and "position_ids" not in inputs:
-        mask = inputs["attention_mask"]
-        if mask.ndim == 2:
-            inputs["position_ids"] = np.maximum(mask.cumsum(-1) - 1, 0)[:, -T:].astype(np.int64)
-
-
-def _check_decoder_lengths(spec: ModelSpec, inputs: dict[str, np.ndarray]) -> None:
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    B, T = ids.shape
-    pasts = [inputs[t.name] for t in spec.past_inputs]
-    past_len = pasts[0].shape[2]
-    if any(p.shape != pasts[0].shape for p in pasts):
-        raise InvalidInput("past_key_values inputs must all have the same shape")
-    if mask.shape != (B, past_len + T):
-        raise InvalidInput(
-            f"input 'attention_mask' has shape {_shape(mask)}; with input_ids {_shape(ids)} and a past of "
-            f"{past_len} it must be [{B}, {past_len + T}]"
-        )
-    if "position_ids" in inputs and inputs["position_ids"].shape != ids.shape:
-        raise InvalidInput(f"input 'position_ids' has shape {_shape(inputs['position_ids'])}; it must match input_ids {_shape(ids)}")
-    if spec.max_sequence_length and past_len + T > spec.max_sequence_length:
-        raise InvalidInput(
-            f"past ({past_len}) plus input_ids ({T}) is {past_len + T} tokens, above model {spec.name!r}'s "
-            f"maximum sequence length {spec.max_sequence_length}"
-        )
-
-
 def prepare(spec: ModelSpec, request: InferRequest) -> Prepared:
     known = {t.name: t for t in spec.inputs}
     for name in request.inputs:
@@ -129,15 +85,15 @@ def prepare(spec: ModelSpec, request: InferRequest) -> Prepared:
             raise InvalidInput(f"unknown output {short(name)} requested from model {spec.name!r}; it has {sorted(names)}")
 
     inputs = dict(request.inputs)
-    decoder = spec.is_decoder
-    if decoder and "input_ids" in inputs:
-        _fill_decoder_defaults(spec, inputs)
-    past_names = {t.name for t in spec.past_inputs} if decoder else set()
+    decoder = spec.decoder
+    if decoder is not None and (problem := decoder.fill_defaults(inputs)):
+        raise InvalidInput(f"model {spec.name!r}: {problem}")
+    past_names = set(decoder.past_names) if decoder else set()
     for name, a in inputs.items():
         _check_tensor(spec, known[name], a, allow_empty=name in past_names)
         _check_tokens(spec, name, a)
-    if decoder:
-        _check_decoder_lengths(spec, inputs)
+    if decoder is not None and (problem := decoder.check_lengths(inputs, spec.max_sequence_length)):
+        raise InvalidInput(f"model {spec.name!r}: {problem}")
 
     rows = 1
     if spec.max_batch_size:

@@ -14,8 +14,8 @@ import numpy as np
 from service.errors import InvalidInput, short
 from service.generated import generation_pb2 as gen
 from service.generated import grpc_service_pb2 as pb
-from service.generation.engine import Event
-from service.generation.service import GenerateInput
+from service.generation.requests import GenerateInput
+from service.generation.sequence import Event, FinishReason
 from service.models import ModelVersion
 from service.stats import Duration
 from service.types import DATATYPE_OF_NUMPY, DATATYPES, InferRequest, InferResponse
@@ -26,11 +26,6 @@ CONTENTS_FIELD = {
     "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
     "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents",
 }
-
-
-def _param_value(p: pb.InferParameter):
-    which = p.WhichOneof("parameter_choice")
-    return getattr(p, which) if which else None
 
 
 def infer_request_from_proto(req: pb.ModelInferRequest) -> InferRequest:
@@ -77,7 +72,6 @@ def infer_request_from_proto(req: pb.ModelInferRequest) -> InferRequest:
         id=req.id,
         inputs=inputs,
         requested_outputs=tuple(o.name for o in req.outputs),
-        parameters={k: _param_value(v) for k, v in req.parameters.items()},
     )
 
 
@@ -129,14 +123,14 @@ def statistics_to_proto(models: list[ModelVersion]) -> pb.ModelStatisticsRespons
 def repository_index_to_proto(models: list[ModelVersion], ready_only: bool) -> pb.RepositoryIndexResponse:
     res = pb.RepositoryIndexResponse()
     for mv in models:
-        if ready_only and mv.state != "READY":
+        if ready_only and not mv.ready:
             continue
-        res.models.add(name=mv.name, version=str(mv.version) if mv.version else "", state=mv.state, reason=mv.reason)
+        res.models.add(name=mv.name, version=str(mv.version) if mv.version else "", state=mv.state.value, reason=mv.reason)
     return res
 
 
-FINISH = {"length": gen.FINISH_REASON_LENGTH, "stop": gen.FINISH_REASON_STOP, "eos": gen.FINISH_REASON_EOS,
-          "cancelled": gen.FINISH_REASON_CANCELLED}
+FINISH = {FinishReason.LENGTH: gen.FINISH_REASON_LENGTH, FinishReason.STOP: gen.FINISH_REASON_STOP,
+          FinishReason.EOS: gen.FINISH_REASON_EOS, FinishReason.CANCELLED: gen.FINISH_REASON_CANCELLED}
 
 
 def generate_input_from_proto(req: gen.GenerateRequest) -> GenerateInput:

@@ -23,9 +23,8 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, dataplane: DataPlane, strict_readiness: bool) -> None:
+    def __init__(self, dataplane: DataPlane) -> None:
         self.dp = dataplane
-        self.strict = strict_readiness
 
     @handle_errors
     async def ServerLive(self, request, context):
@@ -33,12 +32,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @handle_errors
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self.dp.ready(self.strict))
+        return pb.ServerReadyResponse(ready=self.dp.ready())
 
     @handle_errors
     async def ModelReady(self, request, context):
-        mv = self.dp.model(request.name, request.version)
-        return pb.ModelReadyResponse(ready=mv.state == "READY" and not self.dp.draining)
+        return pb.ModelReadyResponse(ready=self.dp.model_ready(request.name, request.version))
 
     @handle_errors
     async def ServerMetadata(self, request, context):
@@ -47,8 +45,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @handle_errors
     async def ModelMetadata(self, request, context):
         mv = self.dp.model(request.name, request.version, ready=True)
-        versions = sorted(v for v, m in self.dp.manager.versions(request.name).items() if m.state == "READY")
-        return converters.model_metadata_to_proto(mv, versions)
+        return converters.model_metadata_to_proto(mv, self.dp.ready_versions(request.name))
 
     @handle_errors
     async def ModelConfig(self, request, context):
@@ -82,15 +79,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @handle_errors
     async def RepositoryIndex(self, request, context):
-        return converters.repository_index_to_proto(self.dp.manager.index(), request.ready)
+        return converters.repository_index_to_proto(self.dp.repository_index(), request.ready)
 
     @handle_errors
     async def RepositoryModelLoad(self, request, context):
-        self.dp.admit()
-        await self.dp.manager.load(request.model_name)
+        await self.dp.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
     @handle_errors
     async def RepositoryModelUnload(self, request, context):
-        await self.dp.manager.unload(request.model_name)
+        await self.dp.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()

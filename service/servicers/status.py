@@ -1,10 +1,10 @@
-"""The one place domain errors become gRPC status codes."""
+"""The one place domain errors become gRPC status codes, for unary and streaming handlers."""
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -27,6 +27,13 @@ def status_of(error: errors.TServeError) -> grpc.StatusCode:
     return STATUS.get(type(error), grpc.StatusCode.INTERNAL)
 
 
+async def _abort(context: grpc.aio.ServicerContext, error: BaseException, method: str) -> None:
+    if isinstance(error, errors.TServeError):
+        await context.abort(status_of(error), error.message)
+    log.error("unhandled error in %s", method, exc_info=error)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log")
+
+
 def handle_errors(method: Callable) -> Callable:
     """Unary handlers: domain errors abort with their status; anything else is INTERNAL, logged."""
 
@@ -34,12 +41,25 @@ def handle_errors(method: Callable) -> Callable:
     async def wrapper(self, request, context: grpc.aio.ServicerContext):
         try:
             return await method(self, request, context)
-        except errors.TServeError as e:
-            await context.abort(status_of(e), e.message)
         except grpc.aio.AbortError:
             raise
-        except Exception:
-            log.exception("unhandled error in %s", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; see the server log")
+        except Exception as e:
+            await _abort(context, e, method.__name__)
+
+    return wrapper
+
+
+def handle_stream_errors(method: Callable[..., AsyncIterator]) -> Callable[..., AsyncIterator]:
+    """Server-streaming handlers: the same mapping, for an error before or between messages."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context: grpc.aio.ServicerContext):
+        try:
+            async for message in method(self, request, context):
+                yield message
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            await _abort(context, e, method.__name__)
 
     return wrapper

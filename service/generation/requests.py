@@ -1,0 +1,105 @@
+"""Generation requests in domain terms: what a model generates with, and checking a request
+against it before it reaches the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from service.errors import InvalidInput, short
+from service.generation.sampling import SamplingParams
+from service.generation.sequence import Sequence
+from service.generation.tokenizer import ByteTokenizer, from_manifest
+from service.types import ModelSpec
+
+DEFAULT_CONTEXT = 1024  # when neither the config nor the manifest says
+
+
+@dataclass
+class GenerateInput:
+    model: str
+    text: str | None
+    token_ids: list[int] | None
+    max_new_tokens: int | None
+    temperature: float | None
+    top_k: int | None
+    top_p: float | None
+    seed: int | None
+    stop: list[str]
+    request_id: str
+    model_version: str = ""
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How one decoder model generates: its tokenizer, end-of-sequence token and context."""
+
+    tokenizer: ByteTokenizer | None
+    eos_token_id: int | None
+    max_context: int
+    vocab_size: int | None
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec) -> GenerationConfig:
+        generation = (spec.manifest or {}).get("generation") or {}
+        tokenizer = from_manifest(spec.tokenizer)
+        return cls(
+            tokenizer=tokenizer,
+            eos_token_id=generation.get("eos_token_id", tokenizer.eos_token_id if tokenizer else None),
+            max_context=spec.max_sequence_length or generation.get("max_context") or DEFAULT_CONTEXT,
+            vocab_size=spec.vocab_size,
+        )
+
+
+def to_sequence(config: GenerationConfig, req: GenerateInput, default_max_new_tokens: int,
+                deadline: float | None) -> Sequence:
+    """Check a request against its model; raises InvalidInput naming the problem."""
+    if req.text is not None:
+        if config.tokenizer is None:
+            raise InvalidInput(f"model {req.model!r} has no tokenizer the server can load: send token_ids")
+        prompt = config.tokenizer.encode(req.text)
+    else:
+        prompt = list(req.token_ids or [])
+    if not prompt:
+        raise InvalidInput("the prompt is empty")
+    vocab = config.vocab_size
+    if vocab is not None:
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidInput(f"prompt token id {bad} is outside model {req.model!r}'s vocabulary [0, {vocab})")
+    context = config.max_context
+    if len(prompt) >= context:
+        raise InvalidInput(f"the prompt is {len(prompt)} tokens; model {req.model!r}'s context is {context}, "
+                           "which leaves no room to generate")
+    room = context - len(prompt)
+    if req.max_new_tokens is not None:
+        if req.max_new_tokens < 1:
+            raise InvalidInput("max_new_tokens must be at least 1")
+        if req.max_new_tokens > room:
+            raise InvalidInput(f"max_new_tokens {req.max_new_tokens} exceeds the {room} tokens the context "
+                               f"({context}) leaves after a {len(prompt)}-token prompt")
+        max_new = req.max_new_tokens
+    else:
+        max_new = min(default_max_new_tokens, room)
+    temperature = 0.0 if req.temperature is None else req.temperature
+    if not temperature >= 0:
+        raise InvalidInput(f"temperature must be >= 0 (got {temperature})")
+    top_k = 0 if req.top_k is None else req.top_k
+    if top_k < 0:
+        raise InvalidInput(f"top_k must be >= 0 (got {top_k})")
+    top_p = 1.0 if req.top_p is None else req.top_p
+    if not 0 < top_p <= 1:
+        raise InvalidInput(f"top_p must be in (0, 1] (got {top_p})")
+    stops = tuple(s for s in req.stop if s)
+    if any(len(s) > 256 for s in stops) or len(stops) > 16:
+        raise InvalidInput(f"at most 16 stop sequences of at most 256 characters ({short(stops[:2])})")
+    return Sequence(
+        request_id=req.request_id,
+        prompt=prompt,
+        params=SamplingParams(temperature, top_k, top_p, req.seed),
+        max_new_tokens=max_new,
+        stop=stops,
+        deadline=deadline,
+        eos_token_id=config.eos_token_id,
+        max_context=context,
+        decoder=config.tokenizer.decoder() if config.tokenizer else None,
+    )

@@ -1,0 +1,129 @@
+"""One generation request inside the engine: its tokens, its text, and when it ends.
+
+Everything that is per sequence and not per batch lives here: detokenizing a token at a time,
+holding back text that could be the start of a stop sequence, the finish rules (eos, stop,
+max_new_tokens, the model's context) and the events streamed to the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.errors import TServeError
+from service.generation.sampling import SamplingParams
+from service.generation.tokenizer import StreamDecoder
+
+
+class FinishReason(enum.StrEnum):
+    LENGTH = "length"
+    STOP = "stop"
+    EOS = "eos"
+    CANCELLED = "cancelled"
+    ERROR = "error"  # the sequence's own run failed; Event.error says why
+
+
+@dataclass
+class Event:
+    """One streamed message: a token (with the text it completed), and on the last one the finish."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    error: TServeError | None = None
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    queue_s: float = 0.0
+    ttft_s: float = 0.0
+    total_s: float = 0.0
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    max_new_tokens: int
+    stop: tuple[str, ...] = ()
+    deadline: float | None = None  # time.monotonic()
+    eos_token_id: int | None = None
+    max_context: int | None = None  # prompt + generated tokens the model can hold
+    decoder: StreamDecoder | None = None  # text out; None: token ids only
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0  # characters of `text` already streamed
+    prefilled: int = 0  # prompt tokens whose keys/values are cached
+    cache: list[np.ndarray] | None = None  # during prefill: this sequence's own past
+    arrived: float = field(default_factory=time.monotonic)
+    admitted: float = 0.0
+    first_token_at: float = 0.0
+    last_token_at: float = 0.0
+    finish_reason: FinishReason | None = None
+    cancelled: bool = False
+
+    def __post_init__(self) -> None:
+        self.rng = np.random.default_rng(self.params.seed)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def expired(self, now: float) -> bool:
+        return self.cancelled or (self.deadline is not None and now >= self.deadline)
+
+    def append(self, token: int, now: float) -> FinishReason | None:
+        """Record a token and stream it; on the sequence's last token, finish it and return why."""
+        first = not self.generated
+        self.last_token_at = now
+        if first:
+            self.first_token_at = now
+        self.generated.append(token)
+        reason = FinishReason.EOS if self.eos_token_id is not None and token == self.eos_token_id else None
+        if self.decoder is not None:
+            self.text += self.decoder.push(token)
+        if reason is None and self.stop:
+            for stop in self.stop:
+                at = self.text.find(stop, max(0, self.emitted - len(stop)))
+                if at != -1:
+                    self.text, reason = self.text[:at], FinishReason.STOP
+                    break
+        if reason is None and (len(self.generated) >= self.max_new_tokens
+                               or (self.max_context and len(self.prompt) + len(self.generated) >= self.max_context)):
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            if self.decoder is not None and reason != FinishReason.STOP:
+                self.text += self.decoder.flush()
+            self.finish(reason, now, last_token=token)
+            return reason
+        # hold back text that could be the start of a stop sequence
+        hold = max((len(s) - 1 for s in self.stop), default=0)
+        safe = max(self.emitted, len(self.text) - hold)
+        self.events.put_nowait(Event(self.text[self.emitted : safe], [token]))
+        self.emitted = safe
+        return None
+
+    def finish(self, reason: FinishReason, now: float, last_token: int | None = None,
+               error: TServeError | None = None) -> bool:
+        """End the sequence with its last event; False if it had already ended."""
+        if self.finish_reason is not None:
+            return False
+        self.finish_reason = reason
+        self.cache = None
+        self.events.put_nowait(Event(
+            text=self.text[self.emitted :],
+            token_ids=[] if last_token is None else [last_token],
+            finish_reason=reason,
+            error=error,
+            prompt_tokens=len(self.prompt),
+            generated_tokens=len(self.generated),
+            queue_s=(self.admitted or now) - self.arrived,
+            ttft_s=(self.first_token_at - self.arrived) if self.first_token_at else 0.0,
+            total_s=now - self.arrived,
+        ))
+        self.emitted = len(self.text)
+        return True
