@@ -114,7 +114,7 @@ class ModelManager:
         self.repo = settings.model_repository
         self._models: dict[str, dict[int, ModelVersion]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self.on_change: list = []  # callbacks(ModelVersion) after a version's state changed
+        self.on_change: list = []  # async callbacks(ModelVersion), awaited after a version's state changed
 
     async def load_all(self) -> None:
         await asyncio.gather(*(self.load(name) for name in model_names(self.repo)))
@@ -161,13 +161,13 @@ class ModelManager:
                 mv = ModelVersion(name, 0, ModelState.UNAVAILABLE, str(e))
                 self._models[name] = {0: mv}
                 log.error("model %s failed to load: %s", name, e)
-                self._changed(mv)
+                await self._changed(mv)
                 return
             self._models[name] = {e.version: ModelVersion(name, e.version) for e in entries}
             for entry in entries:
                 mv = self._models[name][entry.version]
                 mv.observer = ModelObserver(self.metrics, name, entry.version)
-                self._changed(mv)
+                await self._changed(mv)
                 started = time.perf_counter()
                 try:
                     await asyncio.to_thread(self._load_version_sync, mv, entry)
@@ -184,7 +184,7 @@ class ModelManager:
                              seconds, mv.runtime.describe())
                 if mv.state == ModelState.UNAVAILABLE:
                     log.error("model %s version %d failed to load: %s", name, entry.version, mv.reason)
-                self._changed(mv)
+                await self._changed(mv)
 
     def _start_schedulers(self, mv: ModelVersion) -> None:
         """The batcher for inference; for decoders, the generation engine too."""
@@ -198,11 +198,11 @@ class ModelManager:
             mv.engine = GenerationEngine(mv.name, mv.runtime, mv.spec.decoder, limits, mv.observer.generation_step)
             mv.engine.start()
 
-    def _changed(self, mv: ModelVersion) -> None:
+    async def _changed(self, mv: ModelVersion) -> None:
         if mv.observer:
             mv.observer.state(mv.state)
         for callback in self.on_change:
-            callback(mv)
+            await callback(mv)
 
     async def unload(self, name: str) -> None:
         if name not in self._models:
@@ -221,7 +221,7 @@ class ModelManager:
                 await mv.batcher.close()
             if mv.runtime:
                 await asyncio.to_thread(mv.runtime.close)
-            self._changed(mv)
+            await self._changed(mv)
 
     async def close(self) -> None:
         for name in list(self._models):

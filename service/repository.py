@@ -161,11 +161,10 @@ def build_spec(
     outputs = [from_config(t, graph_out, "output") for t in config.output]
     outputs += [from_graph(a) for a in graph_outputs if a.name not in listed_out]
 
-    decoder = DecoderGraph.of(inputs, outputs)
+    decoder = DecoderGraph.of({t.name: (t.dims, t.dtype) for t in inputs}, [t.name for t in outputs])
     if decoder is not None:
         # the convention's inputs other than input_ids are filled in when a request leaves them out
         inputs = [t if t.name == INPUT_IDS else dataclasses.replace(t, optional=True) for t in inputs]
-        decoder = DecoderGraph.of(inputs, outputs)
 
     params = {k: v.string_value for k, v in config.parameters.items()}
     db = config.dynamic_batching

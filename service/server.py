@@ -58,7 +58,6 @@ class TServe:
         self.metrics_port = 0
         self._metrics_server = None
         self._stopping = asyncio.Event()
-        self._health_updates: set[asyncio.Task] = set()
 
     def _build_server(self) -> grpc.aio.Server:
         limit = self.settings.max_message_bytes
@@ -115,11 +114,9 @@ class TServe:
         states = {f"{mv.name}/{mv.version}": mv.state for mv in self.manager.all()}
         log.info("loading finished in %.2fs: %s", time.perf_counter() - started, states)
 
-    def _model_changed(self, _mv) -> None:
-        """A load or unload through the repository API: health follows at once."""
-        task = asyncio.ensure_future(self.refresh_health())
-        self._health_updates.add(task)
-        task.add_done_callback(self._health_updates.discard)
+    async def _model_changed(self, _mv) -> None:
+        """A load or unload through the repository API: health follows before the RPC returns."""
+        await self.refresh_health()
 
     def request_stop(self) -> None:
         self._stopping.set()

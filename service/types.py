@@ -6,12 +6,11 @@ import enum
 import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from service.conventions.decoder import DecoderGraph
+from service.conventions.decoder import DecoderGraph
 
 # Open Inference Protocol datatype <-> numpy. BYTES (strings) is not served: ONNX Transformers
 # take token ids, and a tokenizer-in-server belongs to the generation API.

@@ -12,12 +12,10 @@ mask and positions are written once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
-from service.types import DATATYPES, TensorSpec
 
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
@@ -32,25 +30,37 @@ def present_name(past_name: str) -> str:
 
 
 @dataclass(frozen=True)
+class KVInput:
+    """One past_key_values input: [batch, heads, past, head_dim] of dtype."""
+
+    name: str
+    heads: int
+    head_dim: int
+    dtype: np.dtype
+
+
+@dataclass(frozen=True)
 class DecoderGraph:
     """What the engine and the validator need to know about one decoder-with-past graph."""
 
-    past: tuple[TensorSpec, ...]  # dims without the batch axis: (heads, past, head_dim)
+    past: tuple[KVInput, ...]
     has_position_ids: bool
 
     @classmethod
-    def of(cls, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> DecoderGraph | None:
-        """The convention if the graph follows it, else None."""
-        in_names = {t.name for t in inputs}
-        out_names = {t.name for t in outputs}
-        past = tuple(t for t in inputs if t.name.startswith(PAST_PREFIX))
-        follows = (
-            {INPUT_IDS, ATTENTION_MASK} <= in_names
-            and LOGITS in out_names
-            and bool(past)
-            and all(len(t.dims) == 3 and present_name(t.name) in out_names for t in past)
-        )
-        return cls(past, POSITION_IDS in in_names) if follows else None
+    def of(cls, inputs: Mapping[str, tuple[tuple[int, ...], np.dtype]], outputs: Iterable[str]) -> DecoderGraph | None:
+        """The convention if the graph follows it, else None. `inputs` maps each input's name to
+        its dims without the batch axis (-1: dynamic) and its dtype."""
+        out_names = set(outputs)
+        past = []
+        for name, (dims, dtype) in inputs.items():
+            if not name.startswith(PAST_PREFIX):
+                continue
+            if len(dims) != 3 or present_name(name) not in out_names:
+                return None
+            # a dynamic head count or head size, which no real export has, is taken as 1
+            past.append(KVInput(name, max(dims[0], 1), max(dims[2], 1), np.dtype(dtype)))
+        follows = {INPUT_IDS, ATTENTION_MASK} <= set(inputs) and LOGITS in out_names and bool(past)
+        return cls(tuple(past), POSITION_IDS in inputs) if follows else None
 
     @property
     def past_names(self) -> tuple[str, ...]:
@@ -65,14 +75,9 @@ class DecoderGraph:
         """What a generation step asks for: logits, then the presents in past order."""
         return [LOGITS, *self.present_names]
 
-    @property
-    def kv_dtype(self) -> np.dtype:
-        return DATATYPES[self.past[0].datatype]
-
     def empty_past(self, batch: int) -> list[np.ndarray]:
-        """A zero-length cache in the graph's own dtype and head shape (a dynamic head count
-        or head size, which no real export has, is taken as 1)."""
-        return [np.zeros((batch, max(t.dims[0], 1), 0, max(t.dims[2], 1)), DATATYPES[t.datatype]) for t in self.past]
+        """A zero-length cache in the graph's own dtype and head shape."""
+        return [np.zeros((batch, t.heads, 0, t.head_dim), t.dtype) for t in self.past]
 
     def feeds(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: Sequence[np.ndarray]) -> dict:
         feeds = {INPUT_IDS: ids, ATTENTION_MASK: mask}

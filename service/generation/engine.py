@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.conventions.decoder import DecoderGraph
-from service.errors import InternalError, QueueFull, TServeError
+from service.errors import DeadlineExceeded, InternalError, QueueFull, TServeError
 from service.generation.kv_rows import KVRows
 from service.generation.sampling import sample
 from service.generation.sequence import FinishReason, Sequence
@@ -161,10 +161,10 @@ class GenerationEngine:
         for queue in (self.waiting, self.prefilling):
             for seq in [s for s in queue if s.expired(now)]:
                 queue.remove(seq)
-                self._end(seq, FinishReason.CANCELLED, now, stats)
+                self._expire(seq, now, stats)
         for row, seq in enumerate(self.rows.seqs):
             if not seq.finished and seq.expired(now):
-                self._end(seq, FinishReason.CANCELLED, now, stats)
+                self._expire(seq, now, stats)
                 self.rows.make_hole(row)
         if not self.static:
             self.rows.compact_if_sparse()
@@ -263,6 +263,15 @@ class GenerationEngine:
         if reason is not None:
             stats.finished.append(reason.value)
         return reason is not None
+
+    def _expire(self, seq: Sequence, now: float, stats: StepStats) -> None:
+        """End a sequence its caller cancelled, or whose deadline passed."""
+        if seq.cancelled:
+            self._end(seq, FinishReason.CANCELLED, now, stats)
+        else:
+            error = DeadlineExceeded(f"the deadline passed after {now - seq.arrived:.3f}s, "
+                                     f"with {len(seq.generated)} of {seq.max_new_tokens} tokens generated")
+            self._end(seq, FinishReason.DEADLINE, now, stats, error=error)
 
     def _end(self, seq: Sequence, reason: FinishReason, now: float, stats: StepStats,
              error: TServeError | None = None) -> None:

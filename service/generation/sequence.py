@@ -24,7 +24,9 @@ class FinishReason(enum.StrEnum):
     STOP = "stop"
     EOS = "eos"
     CANCELLED = "cancelled"
-    ERROR = "error"  # the sequence's own run failed; Event.error says why
+    # ended with an error, raised to the caller instead of a last message (Event.error):
+    DEADLINE = "deadline"  # the request's deadline passed
+    ERROR = "error"  # the sequence's own run failed
 
 
 @dataclass
@@ -74,7 +76,10 @@ class Sequence:
         return self.finish_reason is not None
 
     def expired(self, now: float) -> bool:
-        return self.cancelled or (self.deadline is not None and now >= self.deadline)
+        return self.cancelled or self.past_deadline(now)
+
+    def past_deadline(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
 
     def append(self, token: int, now: float) -> FinishReason | None:
         """Record a token and stream it; on the sequence's last token, finish it and return why."""

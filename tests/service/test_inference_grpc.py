@@ -11,11 +11,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as tc
+from grpc_health.v1 import health_pb2
 from tritonclient.utils import InferenceServerException
 
 from service.generated import grpc_service_pb2 as pb
 from service.generated import grpc_service_pb2_grpc as pb_grpc
 from tests.service.conftest import ENCODER_VOCAB, random_ids
+
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def session_of(repository, name: str) -> ort.InferenceSession:
@@ -155,17 +158,19 @@ def test_statistics_count_requests(client):
     assert after.inference_stats.compute_infer.ns > before.inference_stats.compute_infer.ns
 
 
-def test_repository_index_load_and_unload(client):
+def test_repository_index_load_and_unload(server, client):
     index = {(m.name, m.state) for m in client.get_model_repository_index().models}
     assert ("bytegpt", "READY") in index and ("encoder_auto", "READY") in index
+    assert server.health("encoder_auto") == SERVING
     client.unload_model("encoder_auto")
     assert not client.is_model_ready("encoder_auto")
+    assert server.health("encoder_auto") == NOT_SERVING and server.health("bytegpt") == SERVING
     with pytest.raises(InferenceServerException, match="UNAVAILABLE"):
         ids = np.ones((1, 3), np.int64)
         client.infer("encoder_auto", [infer_input("input_ids", ids), infer_input("attention_mask", ids),
                                       infer_input("token_type_ids", ids * 0)])
     client.load_model("encoder_auto")
-    assert client.is_model_ready("encoder_auto")
+    assert client.is_model_ready("encoder_auto") and server.health("encoder_auto") == SERVING
     with pytest.raises(InferenceServerException, match="NOT_FOUND"):
         client.load_model("no_such_model")
 

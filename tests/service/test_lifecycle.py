@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from service.generated import generation_pb2 as gen
+from service.generated import generation_pb2_grpc as gen_grpc
 from service.generated import grpc_service_pb2 as pb
 from service.generated import grpc_service_pb2_grpc as pb_grpc
 from tests.conftest import DEFAULT_REPOSITORY, ROOT
@@ -171,6 +174,35 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path):
     assert "draining" in server.log()
 
 
+def test_sigterm_lets_generation_streams_finish(tmp_path):
+    """Streams go through the same data plane as ModelInfer: drain waits for every one of them
+    to send its last token, new streams are refused, and the server exits 0. One slot makes
+    the streams run one after another, so the later ones are still queued at SIGTERM."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    copy_model(repo, "bytegpt")
+    server = ServerProcess(repo, "--drain-grace-seconds", "60", "--generation-max-sequences", "1").start()
+    n, new_tokens = 4, 200
+    request = gen.GenerateRequest(model="bytegpt", text="def f(x):", max_new_tokens=new_tokens)
+    with channel(server.address) as ch:
+        stub = gen_grpc.TextGenerationStub(ch)
+        streams = [stub.GenerateStream(request, timeout=120) for _ in range(n)]
+        first = next(streams[0])  # the first stream runs; the others wait for the slot
+        _wait_inflight(server, n, api="generate")
+        server.proc.send_signal(15)
+        server.wait_health(NOT_SERVING)  # the server has begun to drain
+        with pytest.raises(grpc.RpcError) as refused:
+            next(stub.GenerateStream(request, timeout=10))
+        messages = [[first, *streams[0]]] + [list(s) for s in streams[1:]]
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    for stream in messages:
+        assert stream[-1].finish_reason == gen.FINISH_REASON_LENGTH, server.log()
+        assert sum(len(m.token_ids) for m in stream) == new_tokens
+    assert server.proc.wait(60) == 0
+    in_flight = int(re.search(r"draining: (\d+) requests in flight", server.log()).group(1))
+    assert in_flight >= 1  # the signal came while streams were running or queued
+
+
 def _until_error(stream):
     try:
         yield from stream
@@ -178,12 +210,13 @@ def _until_error(stream):
         return
 
 
-def _wait_inflight(server: ServerProcess, n: int, timeout: float = 20) -> None:
+def _wait_inflight(server: ServerProcess, n: int, timeout: float = 20, api: str = "infer") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         text = urllib.request.urlopen(server.metrics_url).read().decode()
         for line in text.splitlines():
-            if line.startswith("tserve_inflight_requests{") and float(line.split()[-1]) >= n:
+            if (line.startswith("tserve_inflight_requests{") and f'api="{api}"' in line
+                    and float(line.split()[-1]) >= n):
                 return
         time.sleep(0.01)
     raise TimeoutError("no request in flight")

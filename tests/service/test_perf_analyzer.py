@@ -25,24 +25,30 @@ def successes(server) -> int:
     return stats.model_stats[0].inference_stats.success.count
 
 
+REQUESTS = 200
+
+
 def test_perf_analyzer_measures_the_shipped_model(server, perf_analyzer_cmd, tmp_path):
+    """A fixed request count, not time windows: the run never depends on the machine being
+    quiet enough for a stable measurement."""
     data = perf_analyzer.token_input_file(tmp_path / "input.json", 16)
     before = successes(server)
     res = subprocess.run([*perf_analyzer_cmd, "-m", "bytegpt", "-i", "grpc", "-u", server.address, "--input-data",
-                          str(data), "--concurrency-range", "1:2", "--measurement-interval", "1000"],
+                          str(data), "--concurrency-range", "2", "--request-count", str(REQUESTS)],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     throughputs = [float(x) for x in re.findall(r"Concurrency: \d+, throughput: ([\d.]+) infer/sec", res.stdout)]
-    assert len(throughputs) == 2 and all(t > 0 for t in throughputs)
-    assert "Server:" in res.stdout  # it read ModelStatistics before and after each window
-    assert successes(server) > before
+    assert len(throughputs) == 1 and throughputs[0] > 0, res.stdout
+    assert "Server:" in res.stdout  # it read ModelStatistics before and after the measurement
+    # every request it sent was answered with success (perf_analyzer fails on any error)
+    assert successes(server) - before >= REQUESTS
 
 
 def test_out_of_range_token_ids_are_refused_not_crashing(server, perf_analyzer_cmd, tmp_path):
     data = tmp_path / "bad.json"
     data.write_text(json.dumps({"data": [{"input_ids": {"content": [1, 70000, 3], "shape": [3]}}]}))
     res = subprocess.run([*perf_analyzer_cmd, "-m", "bytegpt", "-i", "grpc", "-u", server.address, "--input-data",
-                          str(data), "--measurement-interval", "500"], capture_output=True, text=True, timeout=120)
+                          str(data), "--request-count", "10"], capture_output=True, text=True, timeout=120)
     assert res.returncode != 0
     assert "vocabulary" in res.stdout + res.stderr
     assert server.health() == 1  # still SERVING

@@ -1,0 +1,158 @@
+"""The generation engine, in-process, on the shipped bytegpt graph (a real ONNX decoder):
+joins, holes, compaction, chunked prefill, cancel, deadlines and failure isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from service.errors import DeadlineExceeded
+from service.generation.engine import EngineLimits, GenerationEngine
+from service.generation.sampling import SamplingParams
+from service.generation.sequence import FinishReason, Sequence
+from service.generation.tokenizer import ByteTokenizer
+from service.metrics import Metrics
+from service.models import ModelManager
+from service.settings import Settings
+from tests.conftest import DEFAULT_REPOSITORY
+
+PROMPTS = [list(b"def fibonacci(n):"), list(b"import os\n"), list(b"class Stack:\n    def push(self, x):"),
+           list(b"for i in range(10):"), list(b"x"), list(b"return self._data[key]")]
+LENGTHS = [40, 7, 25, 3, 33, 12]
+
+
+LOOP = asyncio.new_event_loop()  # one loop for the module: the loaded model's tasks live on it
+
+
+@pytest.fixture(scope="module")
+def bytegpt():
+    async def load():
+        manager = ModelManager(Settings(model_repository=DEFAULT_REPOSITORY), Metrics(CollectorRegistry()))
+        await manager.load("bytegpt")
+        return manager
+
+    manager = LOOP.run_until_complete(load())
+    yield manager.get("bytegpt")
+    LOOP.run_until_complete(manager.close())
+
+
+async def drain(seq: Sequence) -> list:
+    events = []
+    while not events or events[-1].finish_reason is None:
+        events.append(await seq.events.get())
+    return events
+
+
+def run(mv, jobs: list[Sequence], limits: EngineLimits, steps: list | None = None, during=None) -> list[list]:
+    """Submit every job at once; returns each job's events."""
+
+    async def main():
+        engine = GenerationEngine(mv.name, mv.runtime, mv.spec.decoder, limits, on_step=steps.append if steps is not None else None)
+        engine.start()
+        try:
+            for seq in jobs:
+                engine.submit(seq)
+            if during is not None:
+                await during(engine)
+            return await asyncio.gather(*(drain(s) for s in jobs))
+        finally:
+            await engine.close()
+
+    return LOOP.run_until_complete(main())
+
+
+def greedy(prompt: list[int], n: int, **kw) -> Sequence:
+    return Sequence("r", list(prompt), SamplingParams(), n, **kw)
+
+
+def tokens(events: list) -> list[int]:
+    return [t for e in events for t in e.token_ids]
+
+
+@pytest.fixture(scope="module")
+def alone(bytegpt) -> list[list[int]]:
+    """Each prompt generated on its own: the reference for every batched run."""
+    return [tokens(run(bytegpt, [greedy(p, n)], EngineLimits(max_sequences=1))[0]) for p, n in zip(PROMPTS, LENGTHS)]
+
+
+def test_a_busy_batch_gives_each_sequence_its_tokens_alone(bytegpt, alone):
+    """Three slots for six sequences of mixed lengths and a small token budget: prompts are run
+    in chunks, finished rows become holes that joiners fill, and the batch never grows past the
+    slots."""
+    steps = []
+    results = run(bytegpt, [greedy(p, n) for p, n in zip(PROMPTS, LENGTHS)],
+                  EngineLimits(max_sequences=3, token_budget=8), steps)
+    assert [tokens(r) for r in results] == alone
+    assert all(r[-1].finish_reason == FinishReason.LENGTH for r in results)
+    assert [r[-1].generated_tokens for r in results] == LENGTHS
+    assert max(s.decode_rows for s in steps) <= 3  # joiners took holes instead of adding rows
+    assert sum(s.prefill_tokens for s in steps) == sum(map(len, PROMPTS))
+    assert sum(s.tokens for s in steps) == sum(LENGTHS)
+    assert steps[-1].active == 0 and steps[-1].kv_cache_bytes == 0
+
+
+def test_static_batching_gives_the_same_tokens(bytegpt, alone):
+    results = run(bytegpt, [greedy(p, n) for p, n in zip(PROMPTS, LENGTHS)],
+                  EngineLimits(max_sequences=4, scheduling="static"))
+    assert [tokens(r) for r in results] == alone
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(bytegpt):
+    def sampled() -> Sequence:
+        return Sequence("s", list(PROMPTS[0]), SamplingParams(temperature=0.9, top_k=40, seed=11), 30)
+
+    by_itself = tokens(run(bytegpt, [sampled()], EngineLimits())[0])
+    crowd = [greedy(p, n) for p, n in zip(PROMPTS, LENGTHS)]
+    in_a_crowd = run(bytegpt, [*crowd[:3], sampled(), *crowd[3:]], EngineLimits(max_sequences=4))[3]
+    assert tokens(in_a_crowd) == by_itself
+
+
+def test_cancel_frees_the_slot_and_leaves_the_others_alone(bytegpt, alone):
+    long = greedy(PROMPTS[1], 200)
+    others = [greedy(p, n) for p, n in zip(PROMPTS[:3], LENGTHS[:3])]
+
+    async def cancel_after_first_token(engine):
+        first = await long.events.get()
+        assert first.finish_reason is None
+        engine.cancel(long)
+        long.events.put_nowait(first)  # keep the stream whole for drain()
+
+    results = run(bytegpt, [long, *others], EngineLimits(max_sequences=2), during=cancel_after_first_token)
+    assert results[0][-1].finish_reason == FinishReason.CANCELLED and len(tokens(results[0])) < 200
+    assert [tokens(r) for r in results[1:]] == alone[:3]
+
+
+def test_a_sequence_past_its_deadline_is_ended(bytegpt):
+    late = greedy(PROMPTS[0], 50, deadline=time.monotonic() - 1)
+    events = run(bytegpt, [late], EngineLimits())[0]
+    assert events[-1].finish_reason == FinishReason.DEADLINE and events[-1].generated_tokens == 0
+    assert isinstance(events[-1].error, DeadlineExceeded)
+
+
+def test_a_failing_prompt_ends_only_its_own_sequence(bytegpt, alone):
+    """A token id the embedding does not have (the data plane refuses it; here it reaches ONNX
+    Runtime) fails that sequence's prompt run; the rest generate as if it never came."""
+    bad = greedy([1, 2, 70000, 3], 10)
+    good = [greedy(p, n) for p, n in zip(PROMPTS, LENGTHS)]
+    results = run(bytegpt, [*good[:2], bad, *good[2:]], EngineLimits(max_sequences=4))
+    failed = results[2][-1]
+    assert failed.finish_reason == FinishReason.ERROR and failed.error is not None
+    assert [tokens(r) for r in results[:2] + results[3:]] == alone
+
+
+def test_eos_and_stop_end_a_sequence(bytegpt, alone):
+    reference = alone[5]  # " = sel..." after "return self._data[key]"
+    k = next(i for i in range(1, len(reference)) if reference[i] not in reference[:i])
+    eos = greedy(PROMPTS[5], 12, eos_token_id=reference[k])
+    events = run(bytegpt, [eos], EngineLimits())[0]
+    assert events[-1].finish_reason == FinishReason.EOS and tokens(events) == reference[: k + 1]
+
+    text = bytes(reference).decode()
+    stop = text[3:6]
+    stopped = greedy(PROMPTS[5], 12, stop=(stop,), decoder=ByteTokenizer(257, 256).decoder())
+    events = run(bytegpt, [stopped], EngineLimits())[0]
+    assert events[-1].finish_reason == FinishReason.STOP
+    assert "".join(e.text for e in events) == text[: text.index(stop)]
