@@ -19,10 +19,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class ServerProcess:
-    def __init__(self, repository: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, repository: Path, *args: str, env: dict[str, str] | None = None,
+                 cores: set[int] | None = None) -> None:
         self.repository = repository
         self.args = list(args)
         self.env = {**os.environ, **(env or {})}
+        self.cores = cores  # pin the server to these CPU cores (benchmarks)
         self.proc: subprocess.Popen | None = None
         self.grpc_port = 0
         self.metrics_port = 0
@@ -42,7 +44,9 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "service", "serve", "--model-repository", str(self.repository),
                "--grpc-port", "0", "--metrics-port", "0", "--port-file", str(port_file), *self.args]
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        pin = (lambda: os.sched_setaffinity(0, self.cores)) if self.cores else None
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     preexec_fn=pin)
         deadline = time.monotonic() + timeout
         while not port_file.exists() or not port_file.read_text():
             if self.proc.poll() is not None:
