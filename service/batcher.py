@@ -2,8 +2,9 @@
 
 Requests wait in groups of batch-compatible shapes. A batch starts when an instance is free
 and either enough rows are waiting for the largest preferred batch size, the oldest request
-has waited max_queue_delay, or no other batch is running (an idle server does not hold a
-request back; under load, batches fill with what arrived during the previous run). It takes the oldest request and, from the same group,
+has waited max_queue_delay, or the batch policy (service/batch_policy.py) finds that the next
+request is not expected soon enough to pay for waiting: it compares the expected gap to the
+next arrival with the fixed cost of a run, both measured. It takes the oldest request and, from the same group,
 the requests closest to it in length, so padding stays low; inputs the model declares
 paddable are right-padded to the longest, outputs are cut back and split so every caller
 gets exactly its own rows.
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from service.batch_policy import BatchPolicy
 from service.errors import DeadlineExceeded, InternalError, QueueFull, TServeError
 from service.metrics import ModelObserver
 from service.runtime import OrtRuntime
@@ -48,7 +50,8 @@ class _Item:
 
 
 class DynamicBatcher:
-    def __init__(self, spec: ModelSpec, runtime: OrtRuntime, observer: ModelObserver) -> None:
+    def __init__(self, spec: ModelSpec, runtime: OrtRuntime, observer: ModelObserver,
+                 cost_seeds: list[tuple[float, float]] = ()) -> None:
         self.spec = spec
         self.runtime = runtime
         self.observer = observer
@@ -56,8 +59,10 @@ class DynamicBatcher:
         self.max_rows = policy.max_batch_size if policy.enabled else 0  # 0: one request per run
         preferred = [p for p in policy.preferred_batch_sizes if p <= policy.max_batch_size]
         self.target_rows = max(preferred) if preferred else policy.max_batch_size
-        self.max_delay = policy.max_queue_delay_s
         self.max_queue = policy.max_queue_size
+        self.policy = BatchPolicy(policy.max_queue_delay_s, policy.latency_target_s)
+        for tokens, seconds in cost_seeds:  # timed at load: (rows x length, seconds) of whole runs
+            self.policy.costs.observe(tokens, seconds)
         observer.queue_capacity(self.max_queue)
         self._groups: dict[tuple, deque[_Item]] = {}
         self._queued = 0
@@ -88,6 +93,7 @@ class DynamicBatcher:
         if self._queued >= self.max_queue:
             raise QueueFull(f"model {self.spec.name!r} has {self._queued} requests queued (max_queue_size {self.max_queue})")
         item = _Item(prepared, deadline, asyncio.get_running_loop().create_future())
+        self.policy.arrivals.arrived(item.enqueued)
         self._groups.setdefault(prepared.group, deque()).append(item)
         self._queued += 1
         self.observer.queue_depth(self._queued)
@@ -144,16 +150,15 @@ class DynamicBatcher:
             if not self.max_rows:
                 break
             rows = sum(it.prepared.rows for it in group)
-            wait = group[0].enqueued + self.max_delay - time.monotonic()
-            # Waiting for a fuller batch pays only while other batches run (more requests are
-            # arriving behind them); an idle server never holds a lone request back.
-            if rows >= self.target_rows or wait <= 0 or not self._running:
+            length = max((it.prepared.length or 0) for it in group) or None
+            decision = self.policy.decide(group[0].enqueued, rows, length, self.target_rows)
+            if decision.wait_s <= 0:
                 break
             self._wakeup.clear()
             try:
-                await asyncio.wait_for(self._wakeup.wait(), timeout=wait)
+                await asyncio.wait_for(self._wakeup.wait(), timeout=decision.wait_s)
             except TimeoutError:
-                pass
+                break  # the request it waited for did not come: run what is there
         return self._take(key)
 
     def _take(self, key: tuple) -> list[_Item]:
@@ -227,6 +232,7 @@ class DynamicBatcher:
         compute_s = time.perf_counter() - t0
         rows = sum(it.prepared.rows for it in items)
         self.observer.batch(BatchRun(len(items), rows, compute_s, efficiency))
+        self.policy.costs.observe(rows * (max(it.prepared.length or 1 for it in items)), compute_s)
         start = 0
         for it, pad in zip(items, pads):
             n = it.prepared.rows

@@ -140,6 +140,14 @@ class ModelObserver:
         self._active = m.gen_active.labels(*labels)
         self._queued = m.gen_queued.labels(*labels)
         self._kv_bytes = m.gen_kv_bytes.labels(*labels)
+        self._per_api: dict[tuple, object] = {}  # per-request series, resolved on first use
+
+    def _series(self, metric, *labels):
+        key = (id(metric), *labels)
+        child = self._per_api.get(key)
+        if child is None:
+            child = self._per_api[key] = metric.labels(*self.labels, *labels)
+        return child
 
     # batcher
     def queue_capacity(self, n: int) -> None:
@@ -162,11 +170,11 @@ class ModelObserver:
 
     # data plane: every request of either API
     def inflight(self, api: str, delta: int) -> None:
-        self.metrics.inflight.labels(*self.labels, api).inc(delta)
+        self._series(self.metrics.inflight, api).inc(delta)
 
     def request_done(self, api: str, ok: bool, reason: str, duration_s: float,
                      queue_s: float = 0.0, compute_s: float = 0.0) -> None:
-        m, labels = self.metrics, self.labels
+        m = self.metrics
         if api == "infer":  # Triton's ModelStatistics count inference requests
             s = self.stats
             (s.success if ok else s.fail).add(duration_s)
@@ -174,8 +182,8 @@ class ModelObserver:
                 s.queue.add(queue_s)
                 s.compute_infer.add(compute_s)
                 self._queue_duration.observe(queue_s)
-        m.requests.labels(*labels, api, "success" if ok else "failure", "none" if ok else reason).inc()
-        m.request_duration.labels(*labels, api).observe(duration_s)
+        self._series(m.requests, api, "success" if ok else "failure", "none" if ok else reason).inc()
+        self._series(m.request_duration, api).observe(duration_s)
 
     # generation engine
     def generation_step(self, step: StepStats) -> None:

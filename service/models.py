@@ -11,7 +11,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,7 @@ class ModelVersion:
     runtime: OrtRuntime | None = None
     batcher: DynamicBatcher | None = None
     observer: ModelObserver | None = None
+    cost_seeds: list = field(default_factory=list)  # timed runs at load, for the batch policy
     # decoders (the decoder-with-past convention) also generate:
     engine: GenerationEngine | None = None
     generation: GenerationConfig | None = None
@@ -90,14 +91,14 @@ def _compare_golden(i: int, golden: dict, names: list[str], outputs: list[np.nda
             raise ModelLoadError(f"golden sample {i}: output {name!r} differs by {diff:.3g} (atol {golden.get('atol', 1e-4)})")
 
 
-def warm_up_feeds(spec: ModelSpec) -> dict[str, np.ndarray]:
-    """One small input: decoders get a one-token prompt with an empty cache, other graphs zeros
-    of length 1 on every variable axis."""
+def warm_up_feeds(spec: ModelSpec, batch: int = 1, length: int = 1) -> dict[str, np.ndarray]:
+    """A synthetic input: decoders get prompts of `length` tokens with an empty cache, other
+    graphs zeros of `length` on every variable axis."""
     if spec.decoder is not None:
-        return spec.decoder.prompt_feeds(np.zeros((1, 1), np.int64))
+        return spec.decoder.prompt_feeds(np.zeros((batch, length), np.int64))
     feeds = {}
     for t in spec.inputs:
-        shape = ([1] if spec.max_batch_size else []) + [1 if d == -1 else d for d in t.dims]
+        shape = ([batch] if spec.max_batch_size else []) + [length if d == -1 else d for d in t.dims]
         feeds[t.name] = np.ones(shape, t.dtype) if t.name == "attention_mask" else np.zeros(shape, t.dtype)
     return feeds
 
@@ -105,6 +106,28 @@ def warm_up_feeds(spec: ModelSpec) -> dict[str, np.ndarray]:
 def warm_up(spec: ModelSpec, runtime: OrtRuntime) -> None:
     """Run every instance once so no first request pays for allocation and kernel setup."""
     runtime.run_each(warm_up_feeds(spec), [t.name for t in spec.outputs])
+
+
+COST_LENGTH = 16  # tokens per row in the timed runs that seed the batch policy's cost line
+
+
+def time_batches(spec: ModelSpec, runtime: OrtRuntime, repeats: int = 3) -> list[tuple[float, float]]:
+    """(rows x length, seconds) of whole runs at batch 1 and at the largest batch: the first
+    two points of the cost line the batcher decides with (it keeps learning from real batches)."""
+    if not spec.batching.enabled or spec.max_batch_size < 2:
+        return []
+    outputs = [t.name for t in spec.outputs]
+    seeds = []
+    for rows in (1, spec.max_batch_size):
+        feeds = warm_up_feeds(spec, rows, COST_LENGTH)
+        runtime.run_each(feeds, outputs)  # this shape's first run allocates; not timed
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            runtime.sessions[0].run(outputs, feeds)
+            best = min(best, time.perf_counter() - started)
+        seeds.append((float(rows * COST_LENGTH), best))
+    return seeds
 
 
 class ModelManager:
@@ -143,6 +166,7 @@ class ModelManager:
             if self.settings.verify_golden:
                 check_golden(spec, runtime)
             warm_up(spec, runtime)
+            mv.cost_seeds = time_batches(spec, runtime)
         except Exception:
             runtime.close()
             raise
@@ -188,7 +212,7 @@ class ModelManager:
 
     def _start_schedulers(self, mv: ModelVersion) -> None:
         """The batcher for inference; for decoders, the generation engine too."""
-        mv.batcher = DynamicBatcher(mv.spec, mv.runtime, mv.observer)
+        mv.batcher = DynamicBatcher(mv.spec, mv.runtime, mv.observer, mv.cost_seeds)
         mv.batcher.start()
         if mv.spec.decoder is not None:
             s = self.settings

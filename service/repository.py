@@ -92,6 +92,18 @@ def _parse_map(text: str) -> dict[str, float]:
     return out
 
 
+def _positive_float(params: dict[str, str], key: str, scale: float = 1.0) -> float | None:
+    if not params.get(key):
+        return None
+    try:
+        value = float(params[key])
+    except ValueError:
+        raise ModelLoadError(f"parameter {key} must be a number, not {params[key][:32]!r}") from None
+    if not value > 0:
+        raise ModelLoadError(f"parameter {key} must be above 0")
+    return value * scale
+
+
 @dataclass(frozen=True)
 class RuntimeOptions:
     """What a model's config asks of its sessions; None leaves the server's setting."""
@@ -175,6 +187,7 @@ def build_spec(
         preferred_batch_sizes=tuple(sorted(db.preferred_batch_size)),
         max_queue_delay_s=db.max_queue_delay_microseconds / 1e6,
         max_queue_size=db.default_queue_policy.max_queue_size or default_max_queue_size,
+        latency_target_s=_positive_float(params, "tserve.latency_target_ms", 1e-3),
     )
     padding = PaddingRules(
         pad_values=_parse_map(params.get("tserve.pad_values", "")),

@@ -72,6 +72,7 @@ class BatchingPolicy:
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_delay_s: float = 0.0
     max_queue_size: int = 1024
+    latency_target_s: float | None = None  # tserve.latency_target_ms: bounds waiting for a fuller batch
 
 
 @dataclass(frozen=True)

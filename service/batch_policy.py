@@ -1,0 +1,115 @@
+"""When to run a batch and when to wait for more: decided from measured costs, not a fixed delay.
+
+A run of a batch costs about `fixed + per_token * tokens` (tokens = rows x padded length): the
+fixed part is what every run pays whatever its size (kernel launches, thread hand-offs, the
+framework around them). Merging one more request into a batch saves exactly one fixed part.
+So when an instance is free and a batch is not full, the batcher waits for the next request
+only if it is expected to arrive sooner than one fixed part:
+
+    wait  iff  expected gap to the next arrival  <  fixed cost of a run
+
+bounded by the model's max_queue_delay and, when the model sets one, by a latency target
+(the oldest request's wait plus the batch's estimated run time must stay within it). A lone
+client never waits (its next request cannot come before this one is answered, so the gap it
+shows is a whole round trip), while a burst of arrivals is gathered into one run.
+
+The cost line is fitted by exponentially weighted least squares: seeded at load from timed
+warm-up runs at two batch sizes, then updated from every executed batch. The arrival gap is an
+exponentially weighted mean of the gaps between submissions.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+
+class CostModel:
+    """seconds ~ fixed + per_token * tokens, by weighted least squares with forgetting."""
+
+    def __init__(self, decay: float = 0.98) -> None:
+        self.decay = decay
+        self._w = self._x = self._y = self._xx = self._xy = 0.0
+
+    def observe(self, tokens: float, seconds: float) -> None:
+        d = self.decay
+        self._w = d * self._w + 1.0
+        self._x = d * self._x + tokens
+        self._y = d * self._y + seconds
+        self._xx = d * self._xx + tokens * tokens
+        self._xy = d * self._xy + tokens * seconds
+
+    @property
+    def known(self) -> bool:
+        return self._w > 0 and self._variance > 0
+
+    @property
+    def _variance(self) -> float:
+        return self._w * self._xx - self._x * self._x
+
+    @property
+    def per_token_s(self) -> float:
+        if not self.known:
+            return 0.0
+        return max(0.0, (self._w * self._xy - self._x * self._y) / self._variance)
+
+    @property
+    def fixed_s(self) -> float:
+        """The part of a run's cost that does not grow with its size (0 until two sizes were seen)."""
+        if not self.known:
+            return 0.0
+        return max(0.0, (self._y - self.per_token_s * self._x) / self._w)
+
+    def estimate(self, tokens: float) -> float:
+        return self.fixed_s + self.per_token_s * tokens
+
+
+class ArrivalRate:
+    """Exponentially weighted mean gap between arrivals."""
+
+    def __init__(self, weight: float = 0.1) -> None:
+        self.weight = weight
+        self.mean_gap_s: float | None = None
+        self._last: float | None = None
+
+    def arrived(self, now: float) -> None:
+        if self._last is not None:
+            gap = now - self._last
+            self.mean_gap_s = gap if self.mean_gap_s is None else self.mean_gap_s + self.weight * (gap - self.mean_gap_s)
+        self._last = now
+
+
+@dataclass
+class Decision:
+    wait_s: float  # 0: run now
+    reason: str
+
+
+class BatchPolicy:
+    def __init__(self, max_delay_s: float, latency_target_s: float | None = None) -> None:
+        self.max_delay_s = max_delay_s
+        self.latency_target_s = latency_target_s
+        self.costs = CostModel()
+        self.arrivals = ArrivalRate()
+
+    def decide(self, oldest_enqueued: float, rows: int, length: int | None, max_rows: int,
+               now: float | None = None) -> Decision:
+        """Whether a batch of `rows` (padded to `length`) whose oldest request arrived at
+        `oldest_enqueued` should run now, or wait for how long for one more request."""
+        now = time.monotonic() if now is None else now
+        if rows >= max_rows:
+            return Decision(0.0, "full")
+        waited = now - oldest_enqueued
+        room = self.max_delay_s - waited
+        if room <= 0:
+            return Decision(0.0, "max_queue_delay")
+        gap = self.arrivals.mean_gap_s
+        fixed = self.costs.fixed_s
+        if gap is None or gap >= fixed:
+            return Decision(0.0, "next arrival not expected within a run's fixed cost")
+        if self.latency_target_s is not None:
+            run_s = self.costs.estimate((rows + 1) * (length or 1))
+            room = min(room, self.latency_target_s - waited - run_s)
+            if room <= 0:
+                return Decision(0.0, "latency_target")
+        return Decision(min(room, gap), "next arrival expected soon")
