@@ -27,7 +27,9 @@ PARTS = [
     ("runtime hand-off (executor, threads)", r"concurrent[/\\]futures|threading\.py|service[/\\]runtime\.py"),
     ("servicers", r"service[/\\]servicers"),
     ("grpc aio", r"grpc[/\\]"),
-    ("asyncio event loop", r"asyncio[/\\]"),
+    # grpc.aio's compiled (Cython) callbacks run inside asyncio's Handle._run: py-spy sees no
+    # Python frame below it, so receiving, parsing, sending and the loop itself land here
+    ("gRPC aio + asyncio (compiled callbacks, the loop)", r"asyncio[/\\]|selectors\.py"),
     ("generation engine", r"service[/\\]generation"),
 ]
 _COMPILED = [(name, re.compile(pattern)) for name, pattern in PARTS]
