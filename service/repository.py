@@ -92,16 +92,18 @@ def _parse_map(text: str) -> dict[str, float]:
     return out
 
 
-def _positive_float(params: dict[str, str], key: str, scale: float = 1.0) -> float | None:
+def _positive(params: dict[str, str], key: str, kind: type[int] | type[float]) -> int | float | None:
+    """A parameter that must be a positive int or float, or None when it is not set."""
     if not params.get(key):
         return None
     try:
-        value = float(params[key])
+        value = kind(params[key])
     except ValueError:
-        raise ModelLoadError(f"parameter {key} must be a number, not {params[key][:32]!r}") from None
+        noun = "an integer" if kind is int else "a number"
+        raise ModelLoadError(f"parameter {key} must be {noun}, not {params[key][:32]!r}") from None
     if not value > 0:
-        raise ModelLoadError(f"parameter {key} must be above 0")
-    return value * scale
+        raise ModelLoadError(f"parameter {key} must be at least 1" if kind is int else f"parameter {key} must be above 0")
+    return value
 
 
 @dataclass(frozen=True)
@@ -115,23 +117,11 @@ class RuntimeOptions:
 
 def runtime_options(config: mc.ModelConfig) -> RuntimeOptions:
     params = {k: v.string_value for k, v in config.parameters.items()}
-
-    def int_param(key: str) -> int | None:
-        if not params.get(key):
-            return None
-        try:
-            value = int(params[key])
-        except ValueError:
-            raise ModelLoadError(f"parameter {key} must be an integer, not {params[key][:32]!r}") from None
-        if value < 1:
-            raise ModelLoadError(f"parameter {key} must be at least 1")
-        return value
-
     return RuntimeOptions(
         instances=sum(g.count or 1 for g in config.instance_group) or 1,
         # Triton's onnxruntime backend reads its thread settings from these parameters
-        intra_op_threads=int_param("intra_op_thread_count"),
-        inter_op_threads=int_param("inter_op_thread_count"),
+        intra_op_threads=_positive(params, "intra_op_thread_count", int),
+        inter_op_threads=_positive(params, "inter_op_thread_count", int),
     )
 
 
@@ -180,6 +170,7 @@ def build_spec(
 
     params = {k: v.string_value for k, v in config.parameters.items()}
     db = config.dynamic_batching
+    latency_ms = _positive(params, "tserve.latency_target_ms", float)
     batching_on = max_batch > 0 and (config.HasField("dynamic_batching") or not has_config_tensors)
     batching = BatchingPolicy(
         enabled=batching_on,
@@ -187,7 +178,7 @@ def build_spec(
         preferred_batch_sizes=tuple(sorted(db.preferred_batch_size)),
         max_queue_delay_s=db.max_queue_delay_microseconds / 1e6,
         max_queue_size=db.default_queue_policy.max_queue_size or default_max_queue_size,
-        latency_target_s=_positive_float(params, "tserve.latency_target_ms", 1e-3),
+        latency_target_s=latency_ms / 1e3 if latency_ms else None,
     )
     padding = PaddingRules(
         pad_values=_parse_map(params.get("tserve.pad_values", "")),

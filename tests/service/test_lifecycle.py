@@ -345,7 +345,11 @@ def test_model_config_sets_its_own_sessions(tmp_path):
     config = repo / "tuned" / "config.pbtxt"
     config.write_text(config.read_text().replace("instance_group [ { count: 1 kind: KIND_CPU } ]",
                                                  "instance_group [ { count: 2 kind: KIND_CPU } ]")
-                      + 'parameters { key: "intra_op_thread_count" value: { string_value: "1" } }\n')
+                      + 'parameters { key: "intra_op_thread_count" value: { string_value: "1" } }\n'
+                      + 'parameters { key: "tserve.latency_target_ms" value: { string_value: "20" } }\n')
+    copy_model(repo, "bytegpt_int8", "bad_target")
+    config = repo / "bad_target" / "config.pbtxt"
+    config.write_text(config.read_text() + 'parameters { key: "tserve.latency_target_ms" value: { string_value: "-5" } }\n')
     copy_model(repo, "bytegpt_int8", "bad_threads")
     config = repo / "bad_threads" / "config.pbtxt"
     config.write_text(config.read_text() + 'parameters { key: "intra_op_thread_count" value: { string_value: "two" } }\n')
@@ -355,3 +359,4 @@ def test_model_config_sets_its_own_sessions(tmp_path):
         index = {m.name: m for m in pb_grpc.GRPCInferenceServiceStub(ch).RepositoryIndex(pb.RepositoryIndexRequest()).models}
         assert index["tuned"].state == "READY"
         assert index["bad_threads"].state == "UNAVAILABLE" and "intra_op_thread_count" in index["bad_threads"].reason
+        assert index["bad_target"].state == "UNAVAILABLE" and "latency_target_ms must be above 0" in index["bad_target"].reason
