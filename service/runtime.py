@@ -112,6 +112,18 @@ class OrtRuntime:
         so no instance meets its first real request cold or unchecked."""
         return [session.run(outputs, feeds) for session in self.sessions]
 
+    def run_sync(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+        """Run on the calling thread (a generation engine's own), on the first instance; ORT
+        sessions take concurrent runs, so this needs no turn in the instance pool. Raises
+        InvalidInput or InternalError."""
+        try:
+            return self.sessions[0].run(outputs, feeds)
+        except Exception as e:
+            error = classify(e)
+            if isinstance(error, InternalError):
+                log.error("ONNX Runtime run failed", exc_info=e)
+            raise error from e
+
     async def run(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
         """Run on a free instance off the event loop. Raises InvalidInput or InternalError."""
         pool = self._pool()

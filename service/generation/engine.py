@@ -1,6 +1,9 @@
 """The generation engine: continuous (iteration-level) batching on a decoder-with-past graph.
 
-One engine per decoder model version. Each step is
+One engine per decoder model version, stepping in its own thread: ONNX Runtime runs there
+directly (it releases the GIL), with no hand-off to a worker and back per step, and the event
+loop is never blocked. The loop thread submits and cancels; after each step the engine posts
+the step's events and stats to the loop in one call. Each step is
 
     schedule  end sequences that were cancelled or passed their deadline; admit waiting
               requests while there is room; give joiners prompt chunks within the token budget
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -78,33 +82,44 @@ class GenerationEngine:
         self.limits = limits
         self.static = limits.scheduling == "static"
         self.on_step = on_step
-        self.waiting: deque[Sequence] = deque()
-        self.prefilling: list[Sequence] = []
+        self.waiting: deque[Sequence] = deque()  # shared with the loop thread: under _lock
+        self.prefilling: list[Sequence] = []  # the rest is the engine thread's own
         self.rows = KVRows(fill_holes=not self.static)
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._lock = threading.Lock()
+        self._wakeup = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._touched: dict[int, Sequence] = {}  # sequences with events this step (engine thread)
 
     # -- API for the data plane -------------------------------------------------------------
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name=f"generation:{self.name}")
+        """Start stepping (call on the event loop the readers run on)."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name=f"generation:{self.name}", daemon=True)
+        self._thread.start()
 
     async def close(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        if self._thread is not None:
+            self._stopping = True
+            self._wakeup.set()
+            await asyncio.to_thread(self._thread.join)
         now = time.monotonic()
         for seq in [*self.waiting, *self.prefilling, *self.rows.seqs]:
             seq.finish(FinishReason.CANCELLED, now)
+            self._deliver([(seq, seq.outbox)], None)
+            seq.outbox = []
         self.waiting.clear()
         self.prefilling.clear()
         self.rows.clear()
 
     def submit(self, seq: Sequence) -> None:
-        if len(self.waiting) >= self.limits.max_queue:
-            raise QueueFull(f"model {self.name!r} has {len(self.waiting)} generation requests queued "
-                            f"(max {self.limits.max_queue})")
-        self.waiting.append(seq)
+        with self._lock:
+            if len(self.waiting) >= self.limits.max_queue:
+                raise QueueFull(f"model {self.name!r} has {len(self.waiting)} generation requests queued "
+                                f"(max {self.limits.max_queue})")
+            self.waiting.append(seq)
         self._wakeup.set()
 
     def cancel(self, seq: Sequence) -> None:
@@ -121,18 +136,18 @@ class GenerationEngine:
     def idle(self) -> bool:
         return not (self.waiting or self.prefilling or len(self.rows))
 
-    # -- the loop ---------------------------------------------------------------------------
+    # -- the engine thread ---------------------------------------------------------------
 
-    async def _loop(self) -> None:
+    def _run(self) -> None:
         while True:
+            self._wakeup.clear()
+            if self._stopping:
+                return
             if self.idle:
-                self._wakeup.clear()
-                await self._wakeup.wait()
+                self._wakeup.wait()
                 continue
             try:
-                stats = await self.step()
-            except asyncio.CancelledError:
-                raise
+                stats = self.step()
             except Exception as e:  # a bug in the engine itself: end what runs, keep serving
                 log.exception("generation step failed for %s; ending its active sequences", self.name)
                 error, now, stats = InternalError(f"generation step failed: {type(e).__name__}"), time.monotonic(), StepStats()
@@ -140,14 +155,33 @@ class GenerationEngine:
                     self._end(seq, FinishReason.ERROR, now, stats, error=error)
                 self.prefilling.clear()
                 self._end_running(error, stats)
-                continue
-            if self.on_step is not None:
-                self.on_step(stats)
+            self._post(stats)
 
-    async def step(self) -> StepStats:
+    def _post(self, stats: StepStats) -> None:
+        """Hand the step's events and stats to the event loop in one call."""
+        batch = []
+        for seq in self._touched.values():
+            if seq.outbox:
+                batch.append((seq, seq.outbox))
+                seq.outbox = []
+        self._touched = {}
+        try:
+            self._loop.call_soon_threadsafe(self._deliver, batch, stats)
+        except RuntimeError:  # the loop has closed: nobody is reading any more
+            pass
+
+    def _deliver(self, batch: list[tuple[Sequence, list]], stats: StepStats | None) -> None:
+        """On the event loop's thread: events to their readers, stats to the observer."""
+        for seq, events in batch:
+            for event in events:
+                seq.events.put_nowait(event)
+        if stats is not None and self.on_step is not None:
+            self.on_step(stats)
+
+    def step(self) -> StepStats:
         stats = StepStats()
         plan = self._schedule(stats)
-        results = await self._execute(plan)
+        results = self._execute(plan)
         self._update(plan, results, stats)
         stats.active = self.active
         stats.queued = len(self.waiting)
@@ -158,10 +192,15 @@ class GenerationEngine:
 
     def _schedule(self, stats: StepStats) -> Plan:
         now = time.monotonic()
-        for queue in (self.waiting, self.prefilling):
-            for seq in [s for s in queue if s.expired(now)]:
-                queue.remove(seq)
-                self._expire(seq, now, stats)
+        with self._lock:
+            expired = [s for s in self.waiting if s.expired(now)]
+            for seq in expired:
+                self.waiting.remove(seq)
+        expired += [s for s in self.prefilling if s.expired(now)]
+        for seq in expired:
+            if seq in self.prefilling:
+                self.prefilling.remove(seq)
+            self._expire(seq, now, stats)
         for row, seq in enumerate(self.rows.seqs):
             if not seq.finished and seq.expired(now):
                 self._expire(seq, now, stats)
@@ -169,10 +208,11 @@ class GenerationEngine:
         if not self.static:
             self.rows.compact_if_sparse()
         if not (self.static and len(self.rows)):
-            while self.waiting and self.active < self.limits.max_sequences:
-                seq = self.waiting.popleft()
-                seq.admitted = now
-                self.prefilling.append(seq)
+            with self._lock:
+                while self.waiting and self.active < self.limits.max_sequences:
+                    seq = self.waiting.popleft()
+                    seq.admitted = now
+                    self.prefilling.append(seq)
         plan = Plan(decode=len(self.rows) > 0)
         budget = self.limits.token_budget - len(self.rows)
         for seq in self.prefilling:
@@ -185,7 +225,7 @@ class GenerationEngine:
 
     # -- execute ----------------------------------------------------------------------------
 
-    async def _execute(self, plan: Plan) -> Results:
+    def _execute(self, plan: Plan) -> Results:
         graph, results = self.graph, Results()
         for seq, n in plan.prefill:
             start = seq.prefilled
@@ -194,14 +234,14 @@ class GenerationEngine:
             positions = np.arange(start, start + n, dtype=np.int64)[None]
             past = seq.cache if seq.cache is not None else graph.empty_past(1)
             try:
-                results.prefill.append(await self.runtime.run(graph.feeds(ids, mask, positions, past), graph.outputs))
+                results.prefill.append(self.runtime.run_sync(graph.feeds(ids, mask, positions, past), graph.outputs))
             except TServeError as e:
                 results.prefill.append(e)
         if plan.decode:
             ids, mask, positions, past = self.rows.decode_inputs()
             results.decode_mask = mask
             try:
-                results.decode = await self.runtime.run(graph.feeds(ids, mask, positions, past), graph.outputs)
+                results.decode = self.runtime.run_sync(graph.feeds(ids, mask, positions, past), graph.outputs)
             except TServeError as e:
                 results.decode = e
         return results
@@ -242,10 +282,11 @@ class GenerationEngine:
         rows = self.rows
         rows.advance(out[1:], mask)
         logits = out[0][:, -1]
+        greedy = logits.argmax(-1)  # one call for every greedy row
         for row, seq in enumerate(rows.seqs):
             if seq.finished:
                 continue
-            token = sample(logits[row], seq.params, seq.rng)
+            token = int(greedy[row]) if seq.params.greedy else sample(logits[row], seq.params, seq.rng)
             rows.next_ids[row] = token
             if self._emit(seq, token, now, stats) and not self.static:
                 rows.make_hole(row)  # static batching keeps computing it, as static batching does
@@ -259,6 +300,7 @@ class GenerationEngine:
         else:
             stats.time_to_first_token_s.append(now - seq.arrived)
         stats.tokens += 1
+        self._touched[id(seq)] = seq
         reason = seq.append(token, now)
         if reason is not None:
             stats.finished.append(reason.value)
@@ -277,6 +319,7 @@ class GenerationEngine:
              error: TServeError | None = None) -> None:
         if seq.finish(reason, now, error=error):
             stats.finished.append(reason.value)
+        self._touched[id(seq)] = seq
 
     def _end_running(self, error: TServeError, stats: StepStats) -> None:
         now = time.monotonic()

@@ -55,7 +55,8 @@ class Sequence:
     eos_token_id: int | None = None
     max_context: int | None = None  # prompt + generated tokens the model can hold
     decoder: StreamDecoder | None = None  # text out; None: token ids only
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # read on the event loop
+    outbox: list[Event] = field(default_factory=list)  # written by the engine, moved to `events` per step
     generated: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0  # characters of `text` already streamed
@@ -108,7 +109,7 @@ class Sequence:
         # hold back text that could be the start of a stop sequence
         hold = max((len(s) - 1 for s in self.stop), default=0)
         safe = max(self.emitted, len(self.text) - hold)
-        self.events.put_nowait(Event(self.text[self.emitted : safe], [token]))
+        self.outbox.append(Event(self.text[self.emitted : safe], [token]))
         self.emitted = safe
         return None
 
@@ -119,7 +120,7 @@ class Sequence:
             return False
         self.finish_reason = reason
         self.cache = None
-        self.events.put_nowait(Event(
+        self.outbox.append(Event(
             text=self.text[self.emitted :],
             token_ids=[] if last_token is None else [last_token],
             finish_reason=reason,
