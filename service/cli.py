@@ -49,17 +49,31 @@ def generate(args: argparse.Namespace) -> int:
     sampling = gen.SamplingParameters(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if args.seed is not None:
         sampling.seed = args.seed
-    request = gen.GenerateRequest(model=args.model, text=args.prompt, sampling=sampling, stop=args.stop or [])
+    request = gen.GenerateRequest(model=args.model, sampling=sampling, stop=args.stop or [])
+    if args.token_ids is not None:
+        try:
+            request.token_ids.ids.extend(int(t) for t in args.token_ids.split(",") if t.strip())
+        except ValueError:
+            print(f"tserve generate: --token-ids takes integers separated by commas, not {args.token_ids!r}",
+                  file=sys.stderr)
+            return 2
+    elif args.prompt is not None:
+        request.text = args.prompt
+    else:
+        print("tserve generate: give a prompt, or --token-ids", file=sys.stderr)
+        return 2
     if args.max_new_tokens is not None:
         request.max_new_tokens = args.max_new_tokens
     with grpc.insecure_channel(args.url) as channel:
         stub = gen_grpc.TextGenerationStub(channel)
         try:
-            if not args.quiet:
+            if not args.quiet and args.token_ids is None:
                 sys.stdout.write(args.prompt)
             last = None
             for last in stub.GenerateStream(request, timeout=args.timeout):
-                sys.stdout.write(last.text)
+                # token-id prompts print the ids generated (the model may have no tokenizer)
+                out = last.text if args.token_ids is None else "".join(f"{t}," for t in last.token_ids)
+                sys.stdout.write(out)
                 sys.stdout.flush()
         except grpc.RpcError as e:
             print(f"\ntserve generate: {e.code().name}: {e.details()}", file=sys.stderr)
@@ -80,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     _add_settings_flags(s)
     s.set_defaults(func=serve)
     g = sub.add_parser("generate", help="stream a completion from a running server")
-    g.add_argument("prompt")
+    g.add_argument("prompt", nargs="?", help="the prompt as text")
+    g.add_argument("--token-ids", help="the prompt as token ids, e.g. 1,2,3 (for models without a tokenizer); "
+                   "prints the generated ids")
     g.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC address")
     g.add_argument("--model", default="bytegpt")
     g.add_argument("--max-new-tokens", type=int, default=None)

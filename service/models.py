@@ -167,6 +167,8 @@ class ModelManager:
                 check_golden(spec, runtime)
             warm_up(spec, runtime)
             mv.cost_seeds = time_batches(spec, runtime)
+            if spec.decoder is not None:
+                mv.generation = GenerationConfig.from_spec(spec)  # reads the tokenizer, if any
         except Exception:
             runtime.close()
             raise
@@ -218,7 +220,6 @@ class ModelManager:
             s = self.settings
             limits = EngineLimits(s.generation_max_sequences, s.generation_max_queue, s.generation_token_budget,
                                   s.generation_scheduling)
-            mv.generation = GenerationConfig.from_spec(mv.spec)
             mv.engine = GenerationEngine(mv.name, mv.runtime, mv.spec.decoder, limits, mv.observer.generation_step)
             mv.engine.start()
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from google.protobuf import text_format
 
+from service.conventions import encoder
 from service.conventions.decoder import INPUT_IDS, DecoderGraph
 from service.errors import ModelLoadError
 from service.generated import model_config_pb2 as mc
@@ -82,6 +83,55 @@ def read_manifest(version_dir: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"manifest.json is unreadable: {e}") from e
+
+
+@dataclass(frozen=True)
+class ExportMetadata:
+    """What a Hugging Face / Optimum export folder says beside its graph (config.json,
+    generation_config.json, tokenizer.json): used where config.pbtxt, the tserve.* parameters
+    and a tserve manifest say nothing."""
+
+    vocab_size: int | None = None
+    max_positions: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    tokenizer_file: Path | None = None
+
+
+def _ids(value) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,)
+    if isinstance(value, list):
+        return tuple(v for v in value if isinstance(v, int))
+    return ()
+
+
+def read_export_metadata(version_dir: Path) -> ExportMetadata:
+    def load(name: str) -> dict:
+        path = version_dir / name
+        if not path.is_file():
+            return {}
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ModelLoadError(f"{name} is unreadable: {e}") from e
+        return data if isinstance(data, dict) else {}
+
+    config, generation = load("config.json"), load("generation_config.json")
+    vocab = config.get("vocab_size")
+    positions = config.get("n_positions") or config.get("max_position_embeddings")
+    eos = _ids(generation.get("eos_token_id", config.get("eos_token_id")))
+    if isinstance(vocab, int) and any(not 0 <= e < vocab for e in eos):
+        log.warning("%s: eos_token_id %s lies outside the vocabulary [0, %d); ignored", version_dir, list(eos), vocab)
+        eos = tuple(e for e in eos if 0 <= e < vocab)
+    tokenizer = version_dir / "tokenizer.json"
+    return ExportMetadata(
+        vocab_size=vocab if isinstance(vocab, int) and vocab > 0 else None,
+        max_positions=positions if isinstance(positions, int) and positions > 0 else None,
+        eos_token_ids=eos,
+        pad_token_id=config["pad_token_id"] if isinstance(config.get("pad_token_id"), int) else None,
+        tokenizer_file=tokenizer if tokenizer.is_file() else None,
+    )
 
 
 def _parse_map(text: str) -> dict[str, float]:
@@ -180,6 +230,7 @@ def build_spec(
         max_queue_size=db.default_queue_policy.max_queue_size or default_max_queue_size,
         latency_target_s=latency_ms / 1e3 if latency_ms else None,
     )
+    export = read_export_metadata(entry.path)
     padding = PaddingRules(
         pad_values=_parse_map(params.get("tserve.pad_values", "")),
         unpad_outputs=tuple(s.strip() for s in params.get("tserve.unpad_outputs", "").split(",") if s.strip()),
@@ -187,8 +238,15 @@ def build_spec(
     for name in padding.pad_values:
         if name not in {t.name for t in inputs}:
             raise ModelLoadError(f"tserve.pad_values names {name!r}, which is not an input")
-    vocab = params.get("tserve.vocab_size") or (manifest or {}).get("tokenizer", {}).get("vocab_size")
-    max_len = params.get("tserve.max_sequence_length") or (manifest or {}).get("generation", {}).get("max_context")
+    if not padding.pad_values and not has_config_tensors:
+        # a BERT-style encoder with no config batches mixed lengths by itself
+        rules = encoder.padding_rules([t.name for t in inputs], [t.name for t in outputs], export.pad_token_id or 0)
+        if rules is not None:
+            padding = PaddingRules(*rules)
+    vocab = (params.get("tserve.vocab_size") or (manifest or {}).get("tokenizer", {}).get("vocab_size")
+             or export.vocab_size or _logits_width(decoder, outputs))
+    max_len = (params.get("tserve.max_sequence_length") or (manifest or {}).get("generation", {}).get("max_context")
+               or export.max_positions)
 
     return ModelSpec(
         name=entry.name,
@@ -205,7 +263,17 @@ def build_spec(
         max_sequence_length=int(max_len) if max_len else None,
         manifest=manifest,
         decoder=decoder,
+        eos_token_ids=export.eos_token_ids,
+        tokenizer_file=export.tokenizer_file,
     )
+
+
+def _logits_width(decoder, outputs: list[TensorSpec]) -> int | None:
+    """A decoder's vocabulary from its logits' last dimension, when the graph fixes it."""
+    if decoder is None:
+        return None
+    logits = next((t for t in outputs if t.name == "logits"), None)
+    return logits.dims[-1] if logits is not None and logits.dims and logits.dims[-1] > 0 else None
 
 
 def completed_config(spec: ModelSpec, config: mc.ModelConfig) -> mc.ModelConfig:

@@ -102,6 +102,8 @@ class ModelSpec:
     max_sequence_length: int | None = None
     manifest: dict[str, Any] | None = None
     decoder: DecoderGraph | None = None  # set when the graph follows the decoder-with-past convention
+    eos_token_ids: tuple[int, ...] = ()  # from an export's generation_config.json / config.json
+    tokenizer_file: Path | None = None  # an export's tokenizer.json
 
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)

@@ -65,6 +65,7 @@ class Results:
     prefill: list[list[np.ndarray] | TServeError] = field(default_factory=list)
     decode: list[np.ndarray] | TServeError | None = None
     decode_mask: np.ndarray | None = None
+    decode_failed: dict[int, TServeError] = field(default_factory=dict)  # row -> why, after a re-run apart
 
 
 class GenerationEngine:
@@ -243,8 +244,31 @@ class GenerationEngine:
             try:
                 results.decode = self.runtime.run_sync(graph.feeds(ids, mask, positions, past), graph.outputs)
             except TServeError as e:
-                results.decode = e
+                log.warning("batched decode failed for %s (%s); running its rows apart", self.name, e.message)
+                results.decode, results.decode_failed = self._decode_apart(ids, mask, positions, past, e)
         return results
+
+    def _decode_apart(self, ids, mask, positions, past, error: TServeError):
+        """Find the rows that made a batched decode fail: run each live row alone. Returns the
+        batch's outputs assembled from the rows that ran (zeros elsewhere) and the failures."""
+        graph, outs, failed = self.graph, [], {}
+        for row, seq in enumerate(self.rows.seqs):
+            if seq.finished:
+                outs.append(None)
+                continue
+            one = slice(row, row + 1)
+            try:
+                outs.append(self.runtime.run_sync(
+                    graph.feeds(ids[one], mask[one], positions[one], [p[one] for p in past]), graph.outputs))
+            except TServeError as e:
+                failed[row] = e
+                outs.append(None)
+        ran = next((o for o in outs if o is not None), None)
+        if ran is None:  # nothing ran alone either: every live row fails with the batch's error
+            return error, {row: failed.get(row, error) for row, seq in enumerate(self.rows.seqs) if not seq.finished}
+        merged = [np.concatenate([o[k] if o is not None else np.zeros_like(ran[k]) for o in outs])
+                  for k in range(len(ran))]
+        return merged, failed
 
     # -- update -----------------------------------------------------------------------------
 
@@ -252,11 +276,14 @@ class GenerationEngine:
         now = time.monotonic()
         if plan.decode:
             stats.decode_rows = len(self.rows)
+            for row, error in results.decode_failed.items():  # the culprits end alone, with why
+                self._end(self.rows.seqs[row], FinishReason.ERROR, now, stats, error=error)
             if isinstance(results.decode, TServeError):
-                log.error("batched decode failed for %s: %s", self.name, results.decode.message)
-                self._end_running(results.decode, stats)
+                self.rows.clear()
             else:
                 self._take_decode(results.decode, results.decode_mask, now, stats)
+                for row in results.decode_failed:
+                    self.rows.make_hole(row)
         for (seq, n), out in zip(plan.prefill, results.prefill):
             if isinstance(out, TServeError):
                 self.prefilling.remove(seq)

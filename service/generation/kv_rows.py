@@ -74,6 +74,7 @@ class KVRows:
 
     def make_hole(self, row: int) -> None:
         self.mask[row] = 0
+        self.next_ids[row] = 0  # a hole still computes: never with a token that made a run fail
 
     # -- joins and leaves -------------------------------------------------------------------
 

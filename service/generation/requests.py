@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from service.errors import InvalidInput, short
 from service.generation.sampling import SamplingParams
 from service.generation.sequence import Sequence
-from service.generation.tokenizer import ByteTokenizer, from_manifest
+from service.generation.tokenizer import Tokenizer, load_tokenizer
 from service.types import ModelSpec
 
 DEFAULT_CONTEXT = 1024  # when neither the config nor the manifest says
@@ -31,20 +31,29 @@ class GenerateInput:
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """How one decoder model generates: its tokenizer, end-of-sequence token and context."""
+    """How one decoder model generates: its tokenizer, end-of-sequence tokens and context.
 
-    tokenizer: ByteTokenizer | None
-    eos_token_id: int | None
+    Each comes from, in order: config.pbtxt's tserve.* parameters, a tserve manifest, the
+    export's own files (config.json, generation_config.json, tokenizer.json)."""
+
+    tokenizer: Tokenizer | None
+    eos_token_ids: frozenset[int]
     max_context: int
     vocab_size: int | None
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> GenerationConfig:
         generation = (spec.manifest or {}).get("generation") or {}
-        tokenizer = from_manifest(spec.tokenizer)
+        tokenizer = load_tokenizer(spec.tokenizer, spec.tokenizer_file)
+        if "eos_token_id" in generation:
+            eos = {generation["eos_token_id"]}
+        elif spec.eos_token_ids:
+            eos = set(spec.eos_token_ids)
+        else:
+            eos = {tokenizer.eos_token_id} if tokenizer is not None and tokenizer.eos_token_id is not None else set()
         return cls(
             tokenizer=tokenizer,
-            eos_token_id=generation.get("eos_token_id", tokenizer.eos_token_id if tokenizer else None),
+            eos_token_ids=frozenset(e for e in eos if e is not None),
             max_context=spec.max_sequence_length or generation.get("max_context") or DEFAULT_CONTEXT,
             vocab_size=spec.vocab_size,
         )
@@ -99,7 +108,7 @@ def to_sequence(config: GenerationConfig, req: GenerateInput, default_max_new_to
         max_new_tokens=max_new,
         stop=stops,
         deadline=deadline,
-        eos_token_id=config.eos_token_id,
+        eos_token_ids=config.eos_token_ids,
         max_context=context,
         decoder=config.tokenizer.decoder() if config.tokenizer else None,
     )

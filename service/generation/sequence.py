@@ -52,7 +52,7 @@ class Sequence:
     max_new_tokens: int
     stop: tuple[str, ...] = ()
     deadline: float | None = None  # time.monotonic()
-    eos_token_id: int | None = None
+    eos_token_ids: frozenset[int] = frozenset()
     max_context: int | None = None  # prompt + generated tokens the model can hold
     decoder: StreamDecoder | None = None  # text out; None: token ids only
     events: asyncio.Queue = field(default_factory=asyncio.Queue)  # read on the event loop
@@ -89,7 +89,7 @@ class Sequence:
         if first:
             self.first_token_at = now
         self.generated.append(token)
-        reason = FinishReason.EOS if self.eos_token_id is not None and token == self.eos_token_id else None
+        reason = FinishReason.EOS if token in self.eos_token_ids else None
         if self.decoder is not None:
             self.text += self.decoder.push(token)
         if reason is None and self.stop:

@@ -1,12 +1,12 @@
-"""Tokenizers the server can rebuild from a model's manifest, without the training code.
-
-Only the byte-level tokenizer exists today (tserve's own models); a model whose manifest
-names no tokenizer the server knows takes and returns token ids only.
+"""Tokenizers the server can load without the training code or `transformers`: tserve's own
+byte-level tokenizer (named by its manifest), and any `tokenizer.json` an export carries (read
+with the `tokenizers` library). A model with neither takes and returns token ids only.
 """
 
 from __future__ import annotations
 
 import codecs
+from pathlib import Path
 from typing import Protocol
 
 
@@ -42,7 +42,61 @@ class ByteStreamDecoder:
         return self._decoder.decode(b"", final=True)
 
 
-def from_manifest(entry: dict | None) -> ByteTokenizer | None:
-    if entry and entry.get("type") == "byte":
-        return ByteTokenizer(int(entry.get("vocab_size", 257)), entry.get("eos_token_id"))
+class HFTokenizer:
+    """A `tokenizer.json` (Hugging Face tokenizers' format), e.g. byte-level BPE."""
+
+    def __init__(self, path: Path) -> None:
+        from tokenizers import Tokenizer  # only models that carry a tokenizer.json need it
+
+        self._tokenizer = Tokenizer.from_file(str(path))
+        self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        self.eos_token_id = None
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def decoder(self) -> "HFStreamDecoder":
+        return HFStreamDecoder(self)
+
+
+class HFStreamDecoder:
+    """Text a token at a time from a tokenizer that only decodes sequences: decode the ids from
+    a prefix offset, and emit what lies beyond the prefix's own text once it no longer ends in
+    an incomplete character (U+FFFD), as text-generation-inference does. The text streamed
+    equals decoding all the ids at once."""
+
+    def __init__(self, tokenizer: HFTokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._prefix = 0  # ids before this are done
+        self._read = 0  # ids before this have been emitted as text
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        done = self._tokenizer.decode(self._ids[self._prefix : self._read])
+        text = self._tokenizer.decode(self._ids[self._prefix :])
+        if len(text) > len(done) and not text.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self._ids)
+            return text[len(done) :]
+        return ""
+
+    def flush(self) -> str:
+        done = self._tokenizer.decode(self._ids[self._prefix : self._read])
+        text = self._tokenizer.decode(self._ids[self._prefix :])
+        self._prefix = self._read = len(self._ids)
+        return text[len(done) :]
+
+
+Tokenizer = ByteTokenizer | HFTokenizer
+
+
+def load_tokenizer(manifest_entry: dict | None, tokenizer_file: Path | None) -> Tokenizer | None:
+    """The manifest's tokenizer first, else the export's tokenizer.json, else none."""
+    if manifest_entry and manifest_entry.get("type") == "byte":
+        return ByteTokenizer(int(manifest_entry.get("vocab_size", 257)), manifest_entry.get("eos_token_id"))
+    if tokenizer_file is not None:
+        return HFTokenizer(tokenizer_file)
     return None

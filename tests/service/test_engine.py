@@ -9,7 +9,7 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry
 
-from service.errors import DeadlineExceeded
+from service.errors import DeadlineExceeded, InvalidInput
 from service.generation.engine import EngineLimits, GenerationEngine
 from service.generation.sampling import SamplingParams
 from service.generation.sequence import FinishReason, Sequence
@@ -146,7 +146,7 @@ def test_a_failing_prompt_ends_only_its_own_sequence(bytegpt, alone):
 def test_eos_and_stop_end_a_sequence(bytegpt, alone):
     reference = alone[5]  # " = sel..." after "return self._data[key]"
     k = next(i for i in range(1, len(reference)) if reference[i] not in reference[:i])
-    eos = greedy(PROMPTS[5], 12, eos_token_id=reference[k])
+    eos = greedy(PROMPTS[5], 12, eos_token_ids=frozenset({reference[k]}))
     events = run(bytegpt, [eos], EngineLimits())[0]
     assert events[-1].finish_reason == FinishReason.EOS and tokens(events) == reference[: k + 1]
 
@@ -156,3 +156,43 @@ def test_eos_and_stop_end_a_sequence(bytegpt, alone):
     events = run(bytegpt, [stopped], EngineLimits())[0]
     assert events[-1].finish_reason == FinishReason.STOP
     assert "".join(e.text for e in events) == text[: text.index(stop)]
+
+
+class PoisonedRuntime:
+    """The real bytegpt runtime, except that any run whose input_ids hold `poison` fails as ONNX
+    Runtime would fail on a bad input: a fault to find inside a batched decode."""
+
+    def __init__(self, runtime, poison: int) -> None:
+        self.runtime, self.poison = runtime, poison
+
+    def run_sync(self, feeds, outputs):
+        if (feeds["input_ids"] == self.poison).any():
+            raise InvalidInput(f"token {self.poison} is poisoned")
+        return self.runtime.run_sync(feeds, outputs)
+
+
+def test_a_failing_decode_row_is_found_and_ends_alone(bytegpt, alone):
+    """The batched decode fails; the engine re-runs the rows apart, ends only the culprit with
+    the error, and every other sequence goes on with exactly its tokens alone."""
+    culprit, k, poison = next(
+        (i, k, t) for i, ref in enumerate(alone) for k, t in enumerate(ref[:-1]) if k >= 1 and t not in ref[:k]
+        and all(t not in other_prompt for other_prompt in PROMPTS)
+        and all(t not in other for j, other in enumerate(alone) if j != i))
+    runtime = PoisonedRuntime(bytegpt.runtime, poison)
+
+    async def main():
+        engine = GenerationEngine(bytegpt.name, runtime, bytegpt.spec.decoder, EngineLimits(max_sequences=8))
+        engine.start()
+        try:
+            seqs = [greedy(p, n) for p, n in zip(PROMPTS, LENGTHS)]
+            for seq in seqs:
+                engine.submit(seq)
+            return await asyncio.gather(*(drain(s) for s in seqs))
+        finally:
+            await engine.close()
+
+    results = LOOP.run_until_complete(main())
+    failed = results[culprit][-1]
+    assert failed.finish_reason == FinishReason.ERROR and "poisoned" in failed.error.message
+    assert tokens(results[culprit]) == alone[culprit][: k + 1]  # it got every token up to the poisoned one
+    assert [tokens(r) for i, r in enumerate(results) if i != culprit] == [a for i, a in enumerate(alone) if i != culprit]
