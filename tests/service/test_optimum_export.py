@@ -73,17 +73,39 @@ def bert(tmp_path_factory) -> tuple[object, Path]:
 
 
 @pytest.fixture(scope="module")
-def reference(export):
-    from transformers import AutoTokenizer, GPT2LMHeadModel
+def llama(export, tmp_path_factory) -> tuple[Path, Path]:
+    """A Llama-style decoder (rotary positions, grouped-query attention) with the same tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    source, _ = export
-    return GPT2LMHeadModel.from_pretrained(source).eval(), AutoTokenizer.from_pretrained(source)
+    root = tmp_path_factory.mktemp("llama")
+    tokenizer = AutoTokenizer.from_pretrained(export[0])
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=POSITIONS,
+                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).eval().save_pretrained(root / "source")
+    tokenizer.save_pretrained(root / "source")
+    return root / "source", optimum_export(root / "source", "text-generation-with-past", root / "onnx")
 
 
 @pytest.fixture(scope="module")
-def server(export, bert, tmp_path_factory):
+def references(export, llama) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return {name: (AutoModelForCausalLM.from_pretrained(source).eval(), AutoTokenizer.from_pretrained(source))
+            for name, source in (("gpt2", export[0]), ("llama", llama[0]))}
+
+
+@pytest.fixture(scope="module")
+def reference(references):
+    return references["gpt2"]
+
+
+@pytest.fixture(scope="module")
+def server(export, llama, bert, tmp_path_factory):
     repo = tmp_path_factory.mktemp("optimum_repo")
     shutil.copytree(export[1], repo / "gpt2" / "1")  # the folders as Optimum wrote them, nothing added
+    shutil.copytree(llama[1], repo / "llama" / "1")
     shutil.copytree(bert[1], repo / "bert" / "1")
     with ServerProcess(repo) as s:
         yield s
@@ -104,8 +126,8 @@ def expected(reference, prompt: str, n: int) -> list[int]:
     return out[0, ids.shape[1]:].tolist()
 
 
-def generate(prompt: str | list[int], n: int) -> gen.GenerateRequest:
-    req = gen.GenerateRequest(model="gpt2", max_new_tokens=n)
+def generate(prompt: str | list[int], n: int, model: str = "gpt2") -> gen.GenerateRequest:
+    req = gen.GenerateRequest(model=model, max_new_tokens=n)
     if isinstance(prompt, str):
         req.text = prompt
     else:
@@ -113,16 +135,21 @@ def generate(prompt: str | list[int], n: int) -> gen.GenerateRequest:
     return req
 
 
-def test_greedy_generation_equals_transformers_alone_and_in_a_busy_batch(stub, reference):
+@pytest.mark.parametrize("model", ["gpt2", "llama"])
+def test_greedy_generation_equals_transformers_alone_and_in_a_busy_batch(stub, references, model):
+    reference = references[model]
     _, tokenizer = reference
     want = [expected(reference, p, 24) for p in PROMPTS]
-    alone = [stub.Generate(generate(p, 24), timeout=60) for p in PROMPTS]
-    assert [list(r.token_ids) for r in alone] == want
-    assert [r.text for r in alone] == [tokenizer.decode(ids, skip_special_tokens=True) for ids in want]
+    alone = [stub.Generate(generate(p, 24, model), timeout=60) for p in PROMPTS]
     with ThreadPoolExecutor(16) as pool:  # four copies of each, all at once
-        together = list(pool.map(lambda p: stub.Generate(generate(p, 24), timeout=60), PROMPTS * 4))
-    assert [list(r.token_ids) for r in together] == want * 4
-    streamed = list(stub.GenerateStream(generate(PROMPTS[0], 24), timeout=60))
+        together = list(pool.map(lambda p: stub.Generate(generate(p, 24, model), timeout=60), PROMPTS * 4))
+    matched_alone = sum(list(r.token_ids) == w for r, w in zip(alone, want))
+    matched_batch = sum(list(r.token_ids) == w for r, w in zip(together, want * 4))
+    print(f"{model}: greedy ids equal transformers' generate: {matched_alone}/{len(want)} alone, "
+          f"{matched_batch}/{len(together)} in a busy batch")
+    assert matched_alone == len(want) and matched_batch == len(together)
+    assert [r.text for r in alone] == [tokenizer.decode(ids, skip_special_tokens=True) for ids in want]
+    streamed = list(stub.GenerateStream(generate(PROMPTS[0], 24, model), timeout=60))
     assert "".join(m.text for m in streamed) == alone[0].text
 
 
