@@ -40,6 +40,12 @@ class Unavailable(TServeError):
     reason = "unavailable"
 
 
+class Unauthenticated(TServeError):
+    """No credentials, or ones the server does not accept."""
+
+    reason = "unauthenticated"
+
+
 class DeadlineExceeded(TServeError):
     reason = "deadline_exceeded"
 

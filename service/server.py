@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import CollectorRegistry
 
+from service.auth import TokenAuth
 from service.dataplane import DataPlane
 from service.generated import generation_pb2 as gen_pb
 from service.generated import generation_pb2_grpc as gen_grpc
@@ -26,6 +27,7 @@ from service.generated import grpc_service_pb2 as pb
 from service.generated import grpc_service_pb2_grpc as pb_grpc
 from service.metrics import Metrics, serve_metrics
 from service.models import ModelManager
+from service.servicers.auth import AuthInterceptor
 from service.servicers.generation import GenerationServicer
 from service.servicers.inference import InferenceServicer
 from service.settings import Settings
@@ -61,7 +63,10 @@ class TServe:
 
     def _build_server(self) -> grpc.aio.Server:
         limit = self.settings.max_message_bytes
+        auth = TokenAuth.from_settings(self.settings)
+        interceptors = [AuthInterceptor(auth, self.settings.auth_open_health)] if auth else []
         server = grpc.aio.server(
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -78,6 +83,14 @@ class TServe:
                  GENERATION_SERVICE, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, server, pool=POOL)
         return server
+
+    def _tls_credentials(self) -> grpc.ServerCredentials | None:
+        s = self.settings
+        if s.tls_cert_file is None:
+            return None
+        ca = s.tls_client_ca_file.read_bytes() if s.tls_client_ca_file else None
+        return grpc.ssl_server_credentials([(s.tls_key_file.read_bytes(), s.tls_cert_file.read_bytes())],
+                                           root_certificates=ca, require_client_auth=ca is not None)
 
     async def refresh_health(self) -> None:
         ready = self.dataplane.ready()
@@ -99,14 +112,19 @@ class TServe:
         started = time.perf_counter()
         self._metrics_server, self.metrics_port = serve_metrics(self.registry, self.settings.host, self.settings.metrics_port)
         self.server = self._build_server()
-        self.grpc_port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.grpc_port}")
+        address = f"{self.settings.host}:{self.settings.grpc_port}"
+        credentials = self._tls_credentials()
+        self.grpc_port = (self.server.add_secure_port(address, credentials) if credentials
+                          else self.server.add_insecure_port(address))
         if not self.grpc_port:
             raise OSError(f"could not bind gRPC to {self.settings.host}:{self.settings.grpc_port}")
         await self.server.start()
         await self.refresh_health()  # NOT_SERVING while loading
         if self.settings.port_file:
             self.settings.port_file.write_text(json.dumps({"grpc": self.grpc_port, "metrics": self.metrics_port}))
-        log.info("listening: gRPC %s:%d, metrics %s:%d", self.settings.host, self.grpc_port, self.settings.host, self.metrics_port)
+        log.info("listening: gRPC %s:%d (%s), metrics %s:%d", self.settings.host, self.grpc_port,
+                 "mutual TLS" if self.settings.tls_client_ca_file else "TLS" if credentials else "plaintext",
+                 self.settings.host, self.metrics_port)
         await self.manager.load_all()
         self.dataplane.loading_done = True
         self.manager.on_change.append(self._model_changed)

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 
@@ -73,6 +73,23 @@ class Settings(BaseSettings):
     generation_default_max_new_tokens: int = Field(
         default=64, ge=1, description="max_new_tokens when a request leaves it out (capped by the context left)."
     )
+    tls_cert_file: Path | None = Field(
+        default=None, description="Server certificate (PEM): serve gRPC over TLS. Needs tls_key_file."
+    )
+    tls_key_file: Path | None = Field(default=None, description="The server certificate's private key (PEM).")
+    tls_client_ca_file: Path | None = Field(
+        default=None,
+        description="CA certificates (PEM): mutual TLS, refusing clients without a certificate this CA signed.",
+    )
+    auth_tokens_file: Path | None = Field(
+        default=None, description="Bearer tokens, one per line: calls without one get UNAUTHENTICATED."
+    )
+    auth_token: SecretStr | None = Field(
+        default=None, description="A bearer token (e.g. from TSERVE_AUTH_TOKEN), beside auth_tokens_file's."
+    )
+    auth_open_health: bool = Field(
+        default=True, description="Health and reflection answer without a token (for probes)."
+    )
     port_file: Path | None = Field(
         default=None, description="Write the bound ports here as JSON once listening (for port 0)."
     )
@@ -85,6 +102,18 @@ class Settings(BaseSettings):
         if not v.is_dir():
             raise ValueError(f"model_repository {str(v)!r} is not a directory")
         return v
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> "Settings":
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_tokens_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name} {str(path)!r} is not a file")
+        return self
 
     @property
     def session_threads(self) -> int:

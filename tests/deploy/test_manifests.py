@@ -66,6 +66,23 @@ def test_gpu_overlay_renders_to_a_valid_deployment(tmp_path):
     validate(out)
 
 
+def test_secure_overlay_mounts_the_secrets_and_probes_over_tls(tmp_path):
+    overlay = yaml.safe_load((K8S / "overlays" / "secure" / "kustomization.yaml").read_text())
+    patch = jsonpatch.JsonPatch(yaml.safe_load((K8S / "overlays" / "secure" / overlay["patches"][0]["path"]).read_text()))
+    rendered = patch.apply(copy.deepcopy(deployment()))
+    spec = rendered["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["TSERVE_TLS_CERT_FILE"]["value"].startswith("/etc/tserve/tls/")
+    assert env["TSERVE_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "tserve-auth"
+    assert {"name": "tls", "secret": {"secretName": "tserve-tls", "defaultMode": 0o440}} in spec["volumes"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["exec"]["command"] == ["python3", "-m", "service.healthcheck"]
+    out = tmp_path / "secure-deployment.yaml"
+    out.write_text(yaml.safe_dump(rendered))
+    validate(out)
+
+
 def test_deployment_is_restricted_and_drains_within_its_grace():
     spec = deployment()["spec"]["template"]["spec"]
     pod = spec["securityContext"]

@@ -20,11 +20,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 class ServerProcess:
     def __init__(self, repository: Path, *args: str, env: dict[str, str] | None = None,
-                 cores: set[int] | None = None) -> None:
+                 cores: set[int] | None = None, tls_ca: Path | None = None, tls_client=None,
+                 wait_token: str | None = None) -> None:
         self.repository = repository
         self.args = list(args)
         self.env = {**os.environ, **(env or {})}
         self.cores = cores  # pin the server to these CPU cores (benchmarks)
+        self.tls_ca, self.tls_client = tls_ca, tls_client  # a TLS server: trust this CA (and show this client pair)
+        self.wait_token = wait_token  # a server whose health needs a bearer token
         self.proc: subprocess.Popen | None = None
         self.grpc_port = 0
         self.metrics_port = 0
@@ -61,8 +64,17 @@ class ServerProcess:
         return self
 
     def health(self, service: str = "") -> int:
-        with grpc.insecure_channel(self.address) as ch:
-            return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+        with self.channel() as ch:
+            metadata = [("authorization", f"Bearer {self.wait_token}")] if self.wait_token else None
+            return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=5,
+                                                        metadata=metadata).status
+
+    def channel(self) -> grpc.Channel:
+        if self.tls_ca is None:
+            return grpc.insecure_channel(self.address)
+        pair = self.tls_client
+        return grpc.secure_channel(self.address, grpc.ssl_channel_credentials(
+            self.tls_ca.read_bytes(), pair.key.read_bytes() if pair else None, pair.cert.read_bytes() if pair else None))
 
     def wait_health(self, status: int, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
