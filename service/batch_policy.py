@@ -30,6 +30,7 @@ class CostModel:
     def __init__(self, decay: float = 0.98) -> None:
         self.decay = decay
         self._w = self._x = self._y = self._xx = self._xy = 0.0
+        self._line = (0.0, 0.0)  # (fixed, per_token) from the last fit that had a spread of sizes
 
     def observe(self, tokens: float, seconds: float) -> None:
         d = self.decay
@@ -38,27 +39,24 @@ class CostModel:
         self._y = d * self._y + seconds
         self._xx = d * self._xx + tokens * tokens
         self._xy = d * self._xy + tokens * seconds
+        variance = self._w * self._xx - self._x * self._x
+        # a long run of one batch size leaves no spread to fit a slope from (the variance decays
+        # into rounding noise): keep the last line that had one
+        if variance > 1e-6 * self._w * self._xx:
+            per_token = max(0.0, (self._w * self._xy - self._x * self._y) / variance)
+            self._line = (max(0.0, (self._y - per_token * self._x) / self._w), per_token)
+            self.known = True
 
-    @property
-    def known(self) -> bool:
-        return self._w > 0 and self._variance > 0
-
-    @property
-    def _variance(self) -> float:
-        return self._w * self._xx - self._x * self._x
+    known = False  # True once two sizes have been seen
 
     @property
     def per_token_s(self) -> float:
-        if not self.known:
-            return 0.0
-        return max(0.0, (self._w * self._xy - self._x * self._y) / self._variance)
+        return self._line[1]
 
     @property
     def fixed_s(self) -> float:
         """The part of a run's cost that does not grow with its size (0 until two sizes were seen)."""
-        if not self.known:
-            return 0.0
-        return max(0.0, (self._y - self.per_token_s * self._x) / self._w)
+        return self._line[0]
 
     def estimate(self, tokens: float) -> float:
         return self.fixed_s + self.per_token_s * tokens

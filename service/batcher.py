@@ -158,6 +158,8 @@ class DynamicBatcher:
             try:
                 await asyncio.wait_for(self._wakeup.wait(), timeout=decision.wait_s)
             except TimeoutError:
+                if key not in self._groups:  # everyone in it went away meanwhile
+                    continue
                 break  # the request it waited for did not come: run what is there
         return self._take(key)
 

@@ -39,6 +39,7 @@ class _Outcome:
 
     def __init__(self) -> None:
         self.reason: str | None = "internal"  # None: success
+        self.answered = False  # the last message has been handed to the front end
         self.queue_s = 0.0
         self.compute_s = 0.0
 
@@ -86,7 +87,8 @@ class DataPlane:
             outcome.reason = e.reason
             raise
         except (asyncio.CancelledError, GeneratorExit):  # the caller went away: counted, then let through
-            outcome.reason = "cancelled"
+            if not outcome.answered:  # not after its last message was handed over
+                outcome.reason = "cancelled"
             raise
         except Exception as e:
             log.exception("unexpected error in a %s request for %s", api, mv.name)
@@ -135,6 +137,7 @@ class DataPlane:
                     if last.finish_reason is not None:
                         outcome.reason = "cancelled" if last.finish_reason == FinishReason.CANCELLED else None
                         outcome.queue_s = last.queue_s
+                        outcome.answered = True
                     yield chunk
                     if last.finish_reason is not None:
                         return

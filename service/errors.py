@@ -34,6 +34,12 @@ class QueueFull(TServeError):
     reason = "resource_exhausted"
 
 
+class OutOfMemory(TServeError):
+    """A run could not allocate what it needed: the request is too big for this server now."""
+
+    reason = "resource_exhausted"
+
+
 class Unavailable(TServeError):
     """Draining, or the model is not ready."""
 

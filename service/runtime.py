@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
-from service.errors import InternalError, InvalidInput, ModelLoadError, TServeError
+from service.errors import InternalError, InvalidInput, ModelLoadError, OutOfMemory, TServeError
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 # ORT's verdicts on the feeds themselves (shape, type, values a kernel refuses)
 _INPUT_ERRORS = (ort_state.InvalidArgument, ort_state.InvalidGraph)
+_OOM_SIGNS = ("Failed to allocate memory", "bad_alloc", "out of memory", "CUDA_ERROR_OUT_OF_MEMORY")
 
 
 def classify(error: Exception) -> TServeError:
@@ -37,6 +38,9 @@ def classify(error: Exception) -> TServeError:
         return error
     if isinstance(error, _INPUT_ERRORS):
         return InvalidInput(f"ONNX Runtime rejected the input: {str(error)[:300]}")
+    if isinstance(error, MemoryError) or any(s in str(error) for s in _OOM_SIGNS):
+        return OutOfMemory(f"the run could not allocate the memory it needs; send smaller requests "
+                           f"({str(error)[-160:]})")
     return InternalError(f"inference failed: {type(error).__name__}: {str(error)[:200]}")
 
 

@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(
         default=64 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent (RESOURCE_EXHAUSTED beyond)."
     )
+    max_concurrent_rpcs: int = Field(
+        default=0, ge=0,
+        description="RPCs the server handles at once; beyond, gRPC answers RESOURCE_EXHAUSTED at once instead of "
+        "queueing in its intake (0: no bound).",
+    )
     drain_grace_seconds: float = Field(
         default=20.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
     )

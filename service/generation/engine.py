@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.conventions.decoder import DecoderGraph
-from service.errors import DeadlineExceeded, InternalError, QueueFull, TServeError
+from service.errors import DeadlineExceeded, InternalError, QueueFull, TServeError, Unavailable
 from service.generation.kv_rows import KVRows
 from service.generation.sampling import sample
 from service.generation.sequence import FinishReason, Sequence
@@ -106,14 +106,17 @@ class GenerationEngine:
             self._stopping = True
             self._wakeup.set()
             await asyncio.to_thread(self._thread.join)
-        now = time.monotonic()
+        now, stats = time.monotonic(), StepStats()
+        error = Unavailable(f"model {self.name!r} was unloaded before the sequence finished; retry")
         for seq in [*self.waiting, *self.prefilling, *self.rows.seqs]:
-            seq.finish(FinishReason.CANCELLED, now)
+            if seq.finish(FinishReason.ERROR, now, error=error):
+                stats.finished.append(FinishReason.ERROR.value)
             self._deliver([(seq, seq.outbox)], None)
             seq.outbox = []
         self.waiting.clear()
         self.prefilling.clear()
         self.rows.clear()
+        self._deliver([], stats)  # the gauges go to zero
 
     def submit(self, seq: Sequence) -> None:
         with self._lock:
@@ -215,7 +218,7 @@ class GenerationEngine:
                     seq.admitted = now
                     self.prefilling.append(seq)
         plan = Plan(decode=len(self.rows) > 0)
-        budget = self.limits.token_budget - len(self.rows)
+        budget = self.limits.token_budget - self.rows.live  # holes cost compute, not budget
         for seq in self.prefilling:
             if budget <= 0:
                 break
@@ -283,7 +286,8 @@ class GenerationEngine:
             else:
                 self._take_decode(results.decode, results.decode_mask, now, stats)
                 for row in results.decode_failed:
-                    self.rows.make_hole(row)
+                    if row < len(self.rows):  # static batching may have cleared the rows
+                        self.rows.make_hole(row)
         for (seq, n), out in zip(plan.prefill, results.prefill):
             if isinstance(out, TServeError):
                 self.prefilling.remove(seq)
@@ -294,13 +298,12 @@ class GenerationEngine:
             stats.prefill_tokens += n
             if seq.prefilled < len(seq.prompt):
                 continue
+            if not seq.finished:
+                token = sample(out[0][0, -1], seq.params, seq.rng)
+                if not self._emit(seq, token, now, stats):
+                    self.rows.join(seq, seq.cache, token)
+            # only now: until it is in the rows or finished, a failure handler must find it here
             self.prefilling.remove(seq)
-            if seq.finished:  # ended while its last chunk ran (model unloaded)
-                continue
-            token = sample(out[0][0, -1], seq.params, seq.rng)
-            cache = seq.cache
-            if not self._emit(seq, token, now, stats):
-                self.rows.join(seq, cache, token)
             seq.cache = None
         if not self.static:
             self.rows.compact_if_sparse()

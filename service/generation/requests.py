@@ -46,7 +46,8 @@ class GenerationConfig:
         generation = (spec.manifest or {}).get("generation") or {}
         tokenizer = load_tokenizer(spec.tokenizer, spec.tokenizer_file)
         if "eos_token_id" in generation:
-            eos = {generation["eos_token_id"]}
+            value = generation["eos_token_id"]
+            eos = set(value) if isinstance(value, list) else {value}
         elif spec.eos_token_ids:
             eos = set(spec.eos_token_ids)
         else:
@@ -110,5 +111,5 @@ def to_sequence(config: GenerationConfig, req: GenerateInput, default_max_new_to
         deadline=deadline,
         eos_token_ids=config.eos_token_ids,
         max_context=context,
-        decoder=config.tokenizer.decoder() if config.tokenizer else None,
+        decoder=config.tokenizer.decoder(prompt) if config.tokenizer else None,
     )

@@ -25,7 +25,7 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def decoder(self) -> "ByteStreamDecoder":
+    def decoder(self, prompt: list[int] = ()) -> "ByteStreamDecoder":
         return ByteStreamDecoder()
 
 
@@ -53,13 +53,14 @@ class HFTokenizer:
         self.eos_token_id = None
 
     def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=False).ids
+        # with the tokenizer's own post-processing (a Llama tokenizer's <s>), as transformers does
+        return self._tokenizer.encode(text, add_special_tokens=True).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)
 
-    def decoder(self) -> "HFStreamDecoder":
-        return HFStreamDecoder(self)
+    def decoder(self, prompt: list[int] = ()) -> "HFStreamDecoder":
+        return HFStreamDecoder(self, prompt)
 
 
 class HFStreamDecoder:
@@ -68,11 +69,13 @@ class HFStreamDecoder:
     an incomplete character (U+FFFD), as text-generation-inference does. The text streamed
     equals decoding all the ids at once."""
 
-    def __init__(self, tokenizer: HFTokenizer) -> None:
+    CONTEXT = 5  # prompt ids decoded with the first tokens, so e.g. a SentencePiece word keeps its space
+
+    def __init__(self, tokenizer: HFTokenizer, prompt: list[int] = ()) -> None:
         self._tokenizer = tokenizer
-        self._ids: list[int] = []
+        self._ids: list[int] = list(prompt[-self.CONTEXT:])
         self._prefix = 0  # ids before this are done
-        self._read = 0  # ids before this have been emitted as text
+        self._read = len(self._ids)  # ids before this have been emitted as text
 
     def push(self, token_id: int) -> str:
         self._ids.append(token_id)

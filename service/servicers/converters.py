@@ -28,7 +28,27 @@ CONTENTS_FIELD = {
 }
 
 
+# Triton features tserve does not implement: refused with a message, never silently ignored
+UNSUPPORTED_PARAMETERS = {
+    "shared_memory_region": "shared memory", "shared_memory_byte_size": "shared memory",
+    "shared_memory_offset": "shared memory", "classification": "classification outputs",
+    "sequence_id": "stateful sequences", "sequence_start": "stateful sequences", "sequence_end": "stateful sequences",
+}
+
+
+def _refuse_unsupported(parameters, where: str) -> None:
+    for key in parameters:
+        if key in UNSUPPORTED_PARAMETERS:
+            raise InvalidInput(f"parameter {key!r} on {where}: tserve does not support "
+                               f"{UNSUPPORTED_PARAMETERS[key]}; send the data in the request itself")
+
+
 def infer_request_from_proto(req: pb.ModelInferRequest) -> InferRequest:
+    _refuse_unsupported(req.parameters, "the request")
+    for t in req.inputs:
+        _refuse_unsupported(t.parameters, f"input {short(t.name)}")
+    for o in req.outputs:
+        _refuse_unsupported(o.parameters, f"output {short(o.name)}")
     raw = req.raw_input_contents
     if raw and len(raw) != len(req.inputs):
         raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {len(req.inputs)} inputs")

@@ -61,3 +61,15 @@ def test_waiting_is_bounded_by_the_queue_delay_the_target_and_a_full_batch():
     # a 3 ms latency target: 4 rows x 32 tokens run in about 2 ms + 1.3 ms, so no time is left to wait
     tight = policy(gap=0.0005, fixed=0.002, target=0.003)
     assert tight.decide(10.0, 3, 32, 16, now=10.0).reason == "latency_target"
+
+
+def test_a_long_run_of_one_batch_size_keeps_the_last_fitted_line():
+    """Thousands of equal-size batches leave no spread to fit from; the line must not collapse
+    to 'all fixed' or 'unknown'."""
+    costs = CostModel()
+    costs.observe(16, 0.002 + 1e-5 * 16)
+    costs.observe(512, 0.002 + 1e-5 * 512)
+    for _ in range(5000):
+        costs.observe(112, 0.002 + 1e-5 * 112)
+    assert costs.known and costs.fixed_s == pytest.approx(0.002, rel=0.05)
+    assert costs.per_token_s == pytest.approx(1e-5, rel=0.05)

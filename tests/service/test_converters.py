@@ -89,3 +89,15 @@ def test_stream_chunks_and_the_final_response():
     whole = converters.generate_response_to_proto("m", "r", events)
     assert whole.text == "abc" and list(whole.token_ids) == [97, 98, 99] and whole.usage.prompt_tokens == 2
     assert whole.timings.time_to_first_token_seconds == 0.5
+
+
+@pytest.mark.parametrize("where", ["request", "input", "output"])
+def test_unsupported_triton_parameters_are_refused_not_ignored(where):
+    req = pb.ModelInferRequest(model_name="m")
+    t = req.inputs.add(name="t", datatype="INT64", shape=[1])
+    req.raw_input_contents.append(np.ones(1, np.int64).tobytes())
+    o = req.outputs.add(name="logits")
+    target = {"request": req, "input": t, "output": o}[where]
+    target.parameters["shared_memory_region"].string_param = "region0"
+    with pytest.raises(InvalidInput, match="shared_memory_region.*does not support shared memory"):
+        converters.infer_request_from_proto(req)

@@ -196,3 +196,33 @@ def test_a_failing_decode_row_is_found_and_ends_alone(bytegpt, alone):
     assert failed.finish_reason == FinishReason.ERROR and "poisoned" in failed.error.message
     assert tokens(results[culprit]) == alone[culprit][: k + 1]  # it got every token up to the poisoned one
     assert [tokens(r) for i, r in enumerate(results) if i != culprit] == [a for i, a in enumerate(alone) if i != culprit]
+
+
+def test_a_step_that_fails_while_joining_leaves_no_sequence_unanswered(bytegpt):
+    """An unexpected failure in the middle of the update (here the cache merge of the second
+    joiner) must end every sequence the step held, never leave one waiting for ever."""
+
+    async def main():
+        engine = GenerationEngine(bytegpt.name, bytegpt.runtime, bytegpt.spec.decoder, EngineLimits(max_sequences=8))
+        join, calls = engine.rows.join, []
+
+        def failing_join(seq, cache, token):
+            calls.append(seq)
+            if len(calls) == 2:
+                raise MemoryError("simulated: the merged cache does not fit")
+            return join(seq, cache, token)
+
+        engine.rows.join = failing_join
+        engine.start()
+        try:
+            seqs = [greedy(p, 30) for p in PROMPTS[:3]]
+            for seq in seqs:
+                engine.submit(seq)
+            return await asyncio.wait_for(asyncio.gather(*(drain(s) for s in seqs)), timeout=30)
+        finally:
+            await engine.close()
+
+    results = LOOP.run_until_complete(main())
+    ends = [r[-1] for r in results]
+    assert all(e.finish_reason is not None for e in ends)  # every one answered
+    assert any(e.finish_reason == FinishReason.ERROR and "generation step failed" in e.error.message for e in ends)

@@ -267,6 +267,30 @@ def test_queue_bound_answers_resource_exhausted_at_once(tmp_path):
         assert 'tserve_queue_depth{model="small_queue",version="1"} 0.0' in metrics
 
 
+def test_concurrent_rpc_bound_refuses_at_the_door(tmp_path):
+    """Beyond max_concurrent_rpcs, gRPC refuses at once with RESOURCE_EXHAUSTED; every RPC it
+    took gets its own full answer."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    copy_model(repo, "bytegpt")
+    big = np.random.default_rng(2).integers(0, 256, (32, 256))
+    with ServerProcess(repo, "--max-concurrent-rpcs", "2") as server, channel(server.address) as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        futures = [stub.ModelInfer.future(infer_request(big), timeout=120) for _ in range(24)]
+        codes = outcome_codes(futures)
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 1 and codes.count(grpc.StatusCode.OK) >= 2
+        assert all(f.result().outputs[0].shape == [32, 256, 257] for f, c in zip(futures, codes) if c == grpc.StatusCode.OK)
+        deadline = time.monotonic() + 10  # normal service once the burst has drained
+        while True:
+            try:
+                assert stub.ModelInfer(infer_request(np.ones((1, 2))), timeout=30).outputs[0].shape == [1, 2, 257]
+                break
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
+                time.sleep(0.05)
+
+
 def test_expired_requests_are_dropped_before_compute(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
