@@ -159,6 +159,7 @@ class GenerationEngine:
                     self._end(seq, FinishReason.ERROR, now, stats, error=error)
                 self.prefilling.clear()
                 self._end_running(error, stats)
+            self._gauges(stats)
             self._post(stats)
 
     def _post(self, stats: StepStats) -> None:
@@ -187,10 +188,12 @@ class GenerationEngine:
         plan = self._schedule(stats)
         results = self._execute(plan)
         self._update(plan, results, stats)
+        return stats
+
+    def _gauges(self, stats: StepStats) -> None:
         stats.active = self.active
         stats.queued = len(self.waiting)
         stats.kv_cache_bytes = self.rows.nbytes + sum(p.nbytes for s in self.prefilling for p in (s.cache or []))
-        return stats
 
     # -- schedule ---------------------------------------------------------------------------
 
