@@ -55,7 +55,7 @@ class GenerationConfig:
         return cls(
             tokenizer=tokenizer,
             eos_token_ids=frozenset(e for e in eos if e is not None),
-            max_context=spec.max_sequence_length or generation.get("max_context") or DEFAULT_CONTEXT,
+            max_context=spec.max_sequence_length or DEFAULT_CONTEXT,  # the repository folds in the manifest's
             vocab_size=spec.vocab_size,
         )
 
@@ -110,6 +110,5 @@ def to_sequence(config: GenerationConfig, req: GenerateInput, default_max_new_to
         stop=stops,
         deadline=deadline,
         eos_token_ids=config.eos_token_ids,
-        max_context=context,
         decoder=config.tokenizer.decoder(prompt) if config.tokenizer else None,
     )

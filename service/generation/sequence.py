@@ -2,7 +2,8 @@
 
 Everything that is per sequence and not per batch lives here: detokenizing a token at a time,
 holding back text that could be the start of a stop sequence, the finish rules (eos, stop,
-max_new_tokens, the model's context) and the events streamed to the caller.
+max_new_tokens, which requests.py keeps within the model's context) and the events streamed
+to the caller.
 """
 
 from __future__ import annotations
@@ -53,7 +54,6 @@ class Sequence:
     stop: tuple[str, ...] = ()
     deadline: float | None = None  # time.monotonic()
     eos_token_ids: frozenset[int] = frozenset()
-    max_context: int | None = None  # prompt + generated tokens the model can hold
     decoder: StreamDecoder | None = None  # text out; None: token ids only
     events: asyncio.Queue = field(default_factory=asyncio.Queue)  # read on the event loop
     outbox: list[Event] = field(default_factory=list)  # written by the engine, moved to `events` per step
@@ -98,8 +98,7 @@ class Sequence:
                 if at != -1:
                     self.text, reason = self.text[:at], FinishReason.STOP
                     break
-        if reason is None and (len(self.generated) >= self.max_new_tokens
-                               or (self.max_context and len(self.prompt) + len(self.generated) >= self.max_context)):
+        if reason is None and len(self.generated) >= self.max_new_tokens:  # within the context: checked on entry
             reason = FinishReason.LENGTH
         if reason is not None:
             if self.decoder is not None and reason != FinishReason.STOP:

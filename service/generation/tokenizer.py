@@ -49,8 +49,7 @@ class HFTokenizer:
         from tokenizers import Tokenizer  # only models that carry a tokenizer.json need it
 
         self._tokenizer = Tokenizer.from_file(str(path))
-        self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
-        self.eos_token_id = None
+        self.eos_token_id = None  # an export's end-of-sequence ids come from its generation config
 
     def encode(self, text: str) -> list[int]:
         # with the tokenizer's own post-processing (a Llama tokenizer's <s>), as transformers does
