@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 SYSTEM  := $(VENV)/.system-tools
 REPO    ?= model_repository
 
-.PHONY: install install-serve check-serve-install serve test container-test train export protos check-protos bench-serve bench-generation cluster-up cluster-down clean
+.PHONY: install install-serve check-serve-install serve test container-test train export protos check-protos bench-serve bench-options bench-generation cluster-up cluster-down clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -63,6 +63,9 @@ check-protos: $(STAMP)
 
 bench-serve: $(STAMP)
 	$(PYTHON) -m bench.serve_bench
+
+bench-options: $(STAMP)
+	$(PYTHON) -m bench.server_options
 
 bench-generation: $(STAMP)
 	$(PYTHON) -m bench.generation_bench
