@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 SYSTEM  := $(VENV)/.system-tools
 REPO    ?= model_repository
 
-.PHONY: install install-serve check-serve-install serve test container-test train export protos check-protos bench-serve bench-options bench-generation cluster-up cluster-down clean
+.PHONY: install install-serve check-serve-install serve test chaos container-test train export protos check-protos bench-serve bench-options bench-generation cluster-up cluster-down clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -44,6 +44,10 @@ check-serve-install:
 test: $(STAMP) $(SYSTEM)
 	$(PYTHON) -m service.generated.build --check
 	$(PYTHON) -m pytest -q
+
+# The long reliability suite (the short one runs in make test): about 15 minutes.
+chaos: $(STAMP)
+	$(PYTHON) -m tests.chaos
 
 # Builds the image with podman on a debootstrapped Debian base and runs it (a few minutes).
 container-test: $(STAMP)

@@ -1,6 +1,6 @@
 """The data plane: the one road every request takes, whichever API and protocol it came by.
 
-    admit      refuse new work while draining (UNAVAILABLE); find the model version
+    admit      refuse new work once the drain's intake window is over (UNAVAILABLE); find the model
     count      in-flight gauge per model and API, held until the last answer is sent
     run        inference: validate -> the model's dynamic batcher
                generation: check the request -> the model's generation engine -> events
@@ -48,7 +48,8 @@ class DataPlane:
     def __init__(self, manager: ModelManager, settings: Settings) -> None:
         self.manager = manager
         self.settings = settings
-        self.draining = False
+        self.draining = False  # SIGTERM came: not ready
+        self.refusing = False  # the drain's intake window is over: new requests get UNAVAILABLE
         self.loading_done = False
         self._inflight = 0
 
@@ -69,7 +70,7 @@ class DataPlane:
         return self.manager.get(name, version, ready=False).ready and not self.draining
 
     def admit(self) -> None:
-        if self.draining:
+        if self.refusing:
             raise Unavailable("the server is shutting down; retry on another replica")
 
     # -- the two request kinds --------------------------------------------------------------
@@ -163,7 +164,8 @@ class DataPlane:
         return self.manager.index()
 
     async def load(self, name: str) -> None:
-        self.admit()
+        if self.draining:
+            raise Unavailable("the server is shutting down; it loads no models")
         await self.manager.load(name)
 
     async def unload(self, name: str) -> None:

@@ -1,8 +1,9 @@
 """Assemble and run tserve: gRPC (inference, health, reflection) and the metrics endpoint.
 
 Lifecycle: listen with health NOT_SERVING -> load and warm up every model -> SERVING ->
-on SIGTERM/SIGINT: NOT_SERVING, new requests UNAVAILABLE, in-flight requests get up to
-drain_grace_seconds, then stop and exit 0.
+on SIGTERM/SIGINT: NOT_SERVING at once; requests arriving within drain_intake_seconds (sent
+before the signal, waiting on the wire or in gRPC's intake) are still taken, later ones get
+UNAVAILABLE; everything taken gets up to drain_grace_seconds; then the listener closes, exit 0.
 """
 
 from __future__ import annotations
@@ -142,12 +143,18 @@ class TServe:
 
     async def drain(self) -> None:
         """NOT_SERVING, refuse new work, let in-flight requests finish within the grace."""
-        grace = self.settings.drain_grace_seconds
+        grace, intake = self.settings.drain_grace_seconds, min(self.settings.drain_intake_seconds,
+                                                               self.settings.drain_grace_seconds)
         log.info("draining: %d requests in flight (both APIs), grace %.1fs", self.dataplane.inflight, grace)
-        self.dataplane.draining = True
+        started = time.monotonic()
+        self.dataplane.draining = True  # readiness off ...
         self.metrics.server_ready.set(0)
         await self.health.enter_graceful_shutdown()
-        deadline = time.monotonic() + grace
+        # ... but what was sent before the signal and is still in gRPC's intake gets served
+        if intake > 0:
+            await asyncio.sleep(max(0.0, started + intake - time.monotonic()))
+        self.dataplane.refusing = True
+        deadline = started + grace
         while self.dataplane.inflight and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         if self.server:

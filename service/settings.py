@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     drain_grace_seconds: float = Field(
         default=20.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
     )
+    drain_intake_seconds: float = Field(
+        default=1.0, ge=0,
+        description="On SIGTERM, requests that reach the server within this window are still served (health is "
+        "NOT_SERVING at once): they were sent before the signal and waited on the wire or in gRPC's intake. "
+        "Later ones get UNAVAILABLE. Counted within drain_grace_seconds.",
+    )
     strict_readiness: bool = Field(
         default=False, description="Server ready only when every model is ready (else: when loading finished)."
     )

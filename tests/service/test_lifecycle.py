@@ -181,7 +181,8 @@ def test_sigterm_lets_generation_streams_finish(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
     copy_model(repo, "bytegpt")
-    server = ServerProcess(repo, "--drain-grace-seconds", "60", "--generation-max-sequences", "1").start()
+    server = ServerProcess(repo, "--drain-grace-seconds", "60", "--drain-intake-seconds", "0",
+                           "--generation-max-sequences", "1").start()
     n, new_tokens = 4, 200
     request = gen.GenerateRequest(model="bytegpt", text="def f(x):", max_new_tokens=new_tokens)
     with channel(server.address) as ch:
