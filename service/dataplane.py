@@ -6,7 +6,7 @@
                generation: check the request -> the model's generation engine -> events
     record     one outcome per request (success, or the failure's reason) and its duration
 
-Front ends (the gRPC servicers today) convert wire messages to the domain objects here and
+Front ends (gRPC servicers, the KServe v2 HTTP routes, the OpenAI routes) convert wire messages to the domain objects here and
 back; nothing here knows protobuf or grpc. The server's drain waits on `inflight`, so it
 covers both APIs by construction.
 """
@@ -31,7 +31,8 @@ from service.validation import prepare
 
 log = logging.getLogger(__name__)
 
-INFER, GENERATE = "infer", "generate"
+INFER, GENERATE = "infer", "generate"  # the request kinds (the `api` label)
+GRPC, HTTP, OPENAI = "grpc", "http", "openai"  # the front ends (the `protocol` label)
 
 
 class _Outcome:
@@ -76,12 +77,12 @@ class DataPlane:
     # -- the two request kinds --------------------------------------------------------------
 
     @contextmanager
-    def _request(self, mv: ModelVersion, api: str, rid: str) -> Iterator[_Outcome]:
+    def _request(self, mv: ModelVersion, api: str, protocol: str, rid: str) -> Iterator[_Outcome]:
         """In-flight count and outcome record around one request of either API."""
         request_id.set(rid[:64])
         observer, outcome, started = mv.observer, _Outcome(), time.perf_counter()
         self._inflight += 1
-        observer.inflight(api, 1)
+        observer.inflight(api, protocol, 1)
         try:
             yield outcome
         except TServeError as e:
@@ -96,23 +97,24 @@ class DataPlane:
             raise InternalError(f"unexpected error: {type(e).__name__}") from e
         finally:
             self._inflight -= 1
-            observer.inflight(api, -1)
+            observer.inflight(api, protocol, -1)
             duration = time.perf_counter() - started
-            observer.request_done(api, outcome.reason is None, outcome.reason or "", duration,
+            observer.request_done(api, protocol, outcome.reason is None, outcome.reason or "", duration,
                                   outcome.queue_s, outcome.compute_s)
             log.debug("%s %s/%d answered in %.2f ms (%s; queue %.2f ms, compute %.2f ms)", api, mv.name, mv.version,
                       duration * 1e3, outcome.reason or "success", outcome.queue_s * 1e3, outcome.compute_s * 1e3)
 
-    async def infer(self, request: InferRequest, deadline: float | None = None) -> InferResponse:
+    async def infer(self, request: InferRequest, deadline: float | None = None, protocol: str = GRPC) -> InferResponse:
         self.admit()
         mv = self.manager.get(request.model_name, request.model_version)
-        with self._request(mv, INFER, request.id) as outcome:
+        with self._request(mv, INFER, protocol, request.id) as outcome:
             prepared = prepare(mv.spec, request)
             outputs, timing = await mv.batcher.submit(prepared, deadline)
             outcome.reason, outcome.queue_s, outcome.compute_s = None, timing.queue_s, timing.compute_s
             return InferResponse(mv.name, str(mv.version), request.id, outputs)
 
-    async def generate(self, request: GenerateInput, deadline: float | None = None) -> AsyncIterator[list[Event]]:
+    async def generate(self, request: GenerateInput, deadline: float | None = None,
+                       protocol: str = GRPC) -> AsyncIterator[list[Event]]:
         """The sequence's events in chunks: everything produced since the last chunk. A reader
         keeping up gets one token per chunk; one that falls behind (or a server under load)
         gets fewer, larger chunks instead of a growing backlog. A failure of the sequence's own
@@ -124,7 +126,7 @@ class DataPlane:
                 f"model {request.model!r} is not a decoder with a KV cache (decoder-with-past inputs and present "
                 "outputs); it cannot generate"
             )
-        with self._request(mv, GENERATE, request.request_id) as outcome:
+        with self._request(mv, GENERATE, protocol, request.request_id) as outcome:
             seq = to_sequence(mv.generation, request, self.settings.generation_default_max_new_tokens, deadline)
             mv.engine.submit(seq)
             try:
@@ -149,6 +151,14 @@ class DataPlane:
 
     def model(self, name: str, version: str = "", ready: bool = False) -> ModelVersion:
         return self.manager.get(name, version, ready=ready)
+
+    def generators(self) -> list[ModelVersion]:
+        """The latest ready version of each model that generates."""
+        latest: dict[str, ModelVersion] = {}
+        for mv in self.manager.all():
+            if mv.ready and mv.engine is not None and mv.version >= getattr(latest.get(mv.name), "version", -1):
+                latest[mv.name] = mv
+        return [latest[name] for name in sorted(latest)]
 
     def ready_versions(self, name: str) -> list[int]:
         return sorted(v for v, mv in self.manager.versions(name).items() if mv.ready)

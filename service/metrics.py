@@ -3,7 +3,8 @@
 
 Names follow Prometheus conventions: base units (seconds, bytes), `_total` on counters
 (prometheus-client appends it), histograms for durations and sizes. Request series carry an
-`api` label (infer, generate): both APIs are counted by the data plane in the same place.
+`api` label (infer, generate) and a `protocol` label (grpc, http, openai): every front end's
+requests are counted by the data plane in the same place.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 RATIO_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 MODEL = ("model", "version")
 API = "api"  # infer, generate
+PROTOCOL = "protocol"  # grpc, http (KServe v2), openai
 
 
 class Metrics:
@@ -27,11 +29,11 @@ class Metrics:
         self.registry = registry
         self.requests = Counter(
             "tserve_requests", "Requests by API and outcome; reason is the status for failures.",
-            [*MODEL, API, "outcome", "reason"], registry=registry,
+            [*MODEL, API, PROTOCOL, "outcome", "reason"], registry=registry,
         )
         self.request_duration = Histogram(
             "tserve_request_duration_seconds", "Time from a request's arrival to its answer (a stream's last message).",
-            [*MODEL, API], buckets=LATENCY_BUCKETS, registry=registry,
+            [*MODEL, API, PROTOCOL], buckets=LATENCY_BUCKETS, registry=registry,
         )
         self.queue_duration = Histogram(
             "tserve_queue_duration_seconds", "Time a request waited in the batcher's queue.",
@@ -59,7 +61,7 @@ class Metrics:
         )
         self.inflight = Gauge(
             "tserve_inflight_requests", "Requests received and not yet answered (streams until their last message).",
-            [*MODEL, API], registry=registry
+            [*MODEL, API, PROTOCOL], registry=registry
         )
         self.model_load_duration = Gauge(
             "tserve_model_load_duration_seconds", "Time the last load of a model version took (with warm-up).",
@@ -169,10 +171,10 @@ class ModelObserver:
             self._padding.observe(run.padding_efficiency)
 
     # data plane: every request of either API
-    def inflight(self, api: str, delta: int) -> None:
-        self._series(self.metrics.inflight, api).inc(delta)
+    def inflight(self, api: str, protocol: str, delta: int) -> None:
+        self._series(self.metrics.inflight, api, protocol).inc(delta)
 
-    def request_done(self, api: str, ok: bool, reason: str, duration_s: float,
+    def request_done(self, api: str, protocol: str, ok: bool, reason: str, duration_s: float,
                      queue_s: float = 0.0, compute_s: float = 0.0) -> None:
         m = self.metrics
         if api == "infer":  # Triton's ModelStatistics count inference requests
@@ -182,8 +184,8 @@ class ModelObserver:
                 s.queue.add(queue_s)
                 s.compute_infer.add(compute_s)
                 self._queue_duration.observe(queue_s)
-        self._series(m.requests, api, "success" if ok else "failure", "none" if ok else reason).inc()
-        self._series(m.request_duration, api).observe(duration_s)
+        self._series(m.requests, api, protocol, "success" if ok else "failure", "none" if ok else reason).inc()
+        self._series(m.request_duration, api, protocol).observe(duration_s)
 
     # generation engine
     def generation_step(self, step: StepStats) -> None:

@@ -19,6 +19,7 @@ from google.protobuf import text_format
 from service.conventions import encoder
 from service.conventions.decoder import INPUT_IDS, DecoderGraph
 from service.errors import ModelLoadError
+from service.generation.chat import ChatTemplate, load_chat_template
 from service.generated import model_config_pb2 as mc
 from service.types import DATATYPE_OF_ORT, BatchingPolicy, ModelSpec, PaddingRules, TensorSpec
 
@@ -96,6 +97,7 @@ class ExportMetadata:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     tokenizer_file: Path | None = None
+    chat_template: ChatTemplate | None = None
 
 
 def _ids(value) -> tuple[int, ...]:
@@ -131,6 +133,7 @@ def read_export_metadata(version_dir: Path) -> ExportMetadata:
         eos_token_ids=eos,
         pad_token_id=config["pad_token_id"] if isinstance(config.get("pad_token_id"), int) else None,
         tokenizer_file=tokenizer if tokenizer.is_file() else None,
+        chat_template=load_chat_template(version_dir),
     )
 
 
@@ -265,6 +268,7 @@ def build_spec(
         decoder=decoder,
         eos_token_ids=export.eos_token_ids,
         tokenizer_file=export.tokenizer_file,
+        chat_template=export.chat_template,
     )
 
 

@@ -1,4 +1,5 @@
-"""Assemble and run tserve: gRPC (inference, health, reflection) and the metrics endpoint.
+"""Assemble and run tserve: gRPC (inference, generation, health, reflection), HTTP (KServe v2,
+OpenAI) in the same event loop, and the metrics endpoint.
 
 Lifecycle: listen with health NOT_SERVING -> load and warm up every model -> SERVING ->
 on SIGTERM/SIGINT: NOT_SERVING at once; requests arriving within drain_intake_seconds (sent
@@ -26,6 +27,7 @@ from service.generated import generation_pb2_grpc as gen_grpc
 from service.generated import POOL
 from service.generated import grpc_service_pb2 as pb
 from service.generated import grpc_service_pb2_grpc as pb_grpc
+from service.http.server import HttpServer
 from service.metrics import Metrics, serve_metrics
 from service.models import ModelManager
 from service.servicers.auth import AuthInterceptor
@@ -57,14 +59,17 @@ class TServe:
         self.dataplane = DataPlane(self.manager, settings)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
+        self.http: HttpServer | None = None
         self.grpc_port = 0
+        self.http_port = 0
         self.metrics_port = 0
         self._metrics_server = None
         self._stopping = asyncio.Event()
+        self.auth = TokenAuth.from_settings(settings)
 
     def _build_server(self) -> grpc.aio.Server:
         limit = self.settings.max_message_bytes
-        auth = TokenAuth.from_settings(self.settings)
+        auth = self.auth
         interceptors = [AuthInterceptor(auth, self.settings.auth_open_health)] if auth else []
         server = grpc.aio.server(
             interceptors=interceptors,
@@ -121,10 +126,15 @@ class TServe:
         if not self.grpc_port:
             raise OSError(f"could not bind gRPC to {self.settings.host}:{self.settings.grpc_port}")
         await self.server.start()
+        if self.settings.http:
+            self.http = HttpServer(self.dataplane, self.settings, self.auth)
+            self.http_port = await self.http.start()
         await self.refresh_health()  # NOT_SERVING while loading
         if self.settings.port_file:
-            self.settings.port_file.write_text(json.dumps({"grpc": self.grpc_port, "metrics": self.metrics_port}))
-        log.info("listening: gRPC %s:%d (%s), metrics %s:%d", self.settings.host, self.grpc_port,
+            self.settings.port_file.write_text(json.dumps({"grpc": self.grpc_port, "http": self.http_port,
+                                                           "metrics": self.metrics_port}))
+        log.info("listening: gRPC %s:%d, HTTP %s (%s), metrics %s:%d", self.settings.host, self.grpc_port,
+                 f"{self.settings.host}:{self.http_port}" if self.http else "off",
                  "mutual TLS" if self.settings.tls_client_ca_file else "TLS" if credentials else "plaintext",
                  self.settings.host, self.metrics_port)
         await self.manager.load_all()
@@ -157,6 +167,8 @@ class TServe:
         deadline = started + grace
         while self.dataplane.inflight and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
+        if self.http:
+            await self.http.stop(deadline - time.monotonic())
         if self.server:
             await self.server.stop(max(0.0, deadline - time.monotonic()))
         await self.manager.close()

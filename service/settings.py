@@ -26,8 +26,13 @@ class Settings(BaseSettings):
 
     settings_file: Path | None = Field(default=None, description="Optional TOML file with any of these settings.")
     model_repository: Path = Field(default=Path("model_repository"), description="Triton-layout model repository.")
-    host: str = Field(default="127.0.0.1", description="Address the gRPC and metrics servers bind to.")
+    host: str = Field(default="127.0.0.1", description="Address the gRPC, HTTP and metrics servers bind to.")
     grpc_port: int = Field(default=8001, ge=0, le=65535, description="gRPC port (0: pick a free one).")
+    http_port: int = Field(
+        default=8000, ge=0, le=65535,
+        description="HTTP port: KServe v2 (/v2/...) and the OpenAI-compatible API (/v1/...) (0: pick a free one).",
+    )
+    http: bool = Field(default=True, description="Serve HTTP beside gRPC (--no-http: gRPC only).")
     metrics_port: int = Field(default=8002, ge=0, le=65535, description="Prometheus /metrics port (0: pick a free one).")
     execution_provider: Literal["cpu", "cuda"] = Field(default="cpu", description="ONNX Runtime execution provider.")
     provider_fallback: Literal["cpu", "fail"] = Field(

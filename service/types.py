@@ -104,6 +104,7 @@ class ModelSpec:
     decoder: DecoderGraph | None = None  # set when the graph follows the decoder-with-past convention
     eos_token_ids: tuple[int, ...] = ()  # from an export's generation_config.json / config.json
     tokenizer_file: Path | None = None  # an export's tokenizer.json
+    chat_template: Any = None  # service.generation.chat.ChatTemplate, from the export's tokenizer config
 
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)

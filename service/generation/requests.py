@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from service.errors import InvalidInput, short
+from service.generation.chat import ChatTemplate
 from service.generation.sampling import SamplingParams
 from service.generation.sequence import Sequence
 from service.generation.tokenizer import Tokenizer, load_tokenizer
@@ -27,6 +28,7 @@ class GenerateInput:
     stop: list[str]
     request_id: str
     model_version: str = ""
+    add_special_tokens: bool = True  # False when the text is a rendered chat template, which has them
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class GenerationConfig:
     eos_token_ids: frozenset[int]
     max_context: int
     vocab_size: int | None
+    chat_template: ChatTemplate | None = None
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> GenerationConfig:
@@ -57,6 +60,7 @@ class GenerationConfig:
             eos_token_ids=frozenset(e for e in eos if e is not None),
             max_context=spec.max_sequence_length or DEFAULT_CONTEXT,  # the repository folds in the manifest's
             vocab_size=spec.vocab_size,
+            chat_template=spec.chat_template,
         )
 
 
@@ -66,7 +70,7 @@ def to_sequence(config: GenerationConfig, req: GenerateInput, default_max_new_to
     if req.text is not None:
         if config.tokenizer is None:
             raise InvalidInput(f"model {req.model!r} has no tokenizer the server can load: send token_ids")
-        prompt = config.tokenizer.encode(req.text)
+        prompt = config.tokenizer.encode(req.text, req.add_special_tokens)
     else:
         prompt = list(req.token_ids or [])
     if not prompt:

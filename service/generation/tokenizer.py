@@ -22,8 +22,8 @@ class ByteTokenizer:
         self.vocab_size = vocab_size
         self.eos_token_id = eos_token_id
 
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(text.encode("utf-8"))  # no special tokens to add
 
     def decoder(self, prompt: list[int] = ()) -> "ByteStreamDecoder":
         return ByteStreamDecoder()
@@ -51,9 +51,10 @@ class HFTokenizer:
         self._tokenizer = Tokenizer.from_file(str(path))
         self.eos_token_id = None  # an export's end-of-sequence ids come from its generation config
 
-    def encode(self, text: str) -> list[int]:
-        # with the tokenizer's own post-processing (a Llama tokenizer's <s>), as transformers does
-        return self._tokenizer.encode(text, add_special_tokens=True).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        # with the tokenizer's own post-processing (a Llama tokenizer's <s>), as transformers does,
+        # unless the text already carries them (a rendered chat template)
+        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)

@@ -19,6 +19,7 @@ from service.generation.sequence import Event, FinishReason
 from service.models import ModelVersion
 from service.stats import Duration
 from service.types import DATATYPE_OF_NUMPY, DATATYPES, InferRequest, InferResponse
+from service.wire import array_from_bytes, check_tensor_header, refuse_unsupported
 
 # typed `contents` field per datatype (FP16 and BF16 travel as raw bytes only, as in Triton)
 CONTENTS_FIELD = {
@@ -28,27 +29,12 @@ CONTENTS_FIELD = {
 }
 
 
-# Triton features tserve does not implement: refused with a message, never silently ignored
-UNSUPPORTED_PARAMETERS = {
-    "shared_memory_region": "shared memory", "shared_memory_byte_size": "shared memory",
-    "shared_memory_offset": "shared memory", "classification": "classification outputs",
-    "sequence_id": "stateful sequences", "sequence_start": "stateful sequences", "sequence_end": "stateful sequences",
-}
-
-
-def _refuse_unsupported(parameters, where: str) -> None:
-    for key in parameters:
-        if key in UNSUPPORTED_PARAMETERS:
-            raise InvalidInput(f"parameter {key!r} on {where}: tserve does not support "
-                               f"{UNSUPPORTED_PARAMETERS[key]}; send the data in the request itself")
-
-
 def infer_request_from_proto(req: pb.ModelInferRequest) -> InferRequest:
-    _refuse_unsupported(req.parameters, "the request")
+    refuse_unsupported(req.parameters, "the request")
     for t in req.inputs:
-        _refuse_unsupported(t.parameters, f"input {short(t.name)}")
+        refuse_unsupported(t.parameters, f"input {short(t.name)}")
     for o in req.outputs:
-        _refuse_unsupported(o.parameters, f"output {short(o.name)}")
+        refuse_unsupported(o.parameters, f"output {short(o.name)}")
     raw = req.raw_input_contents
     if raw and len(raw) != len(req.inputs):
         raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {len(req.inputs)} inputs")
@@ -57,35 +43,22 @@ def infer_request_from_proto(req: pb.ModelInferRequest) -> InferRequest:
         name = t.name
         if name in inputs:
             raise InvalidInput(f"input {short(name)} appears twice")
-        if t.datatype not in DATATYPES:
-            raise InvalidInput(f"input {short(name)} has unsupported datatype {short(t.datatype, 16)}; "
-                               f"use one of {sorted(DATATYPES)}")
         shape = list(t.shape)
-        if any(d < 0 for d in shape):
-            raise InvalidInput(f"input {short(name)} has a negative dimension in shape {shape[:8]}")
-        dtype = DATATYPES[t.datatype].newbyteorder("<")
-        count = math.prod(shape)
         if raw:
             if t.HasField("contents"):
                 raise InvalidInput(f"input {short(name)} has both raw_input_contents and contents")
-            need = count * dtype.itemsize
-            if len(raw[i]) != need:
-                raise InvalidInput(
-                    f"input {short(name)}: raw_input_contents holds {len(raw[i])} bytes; "
-                    f"shape {shape[:8]} of {t.datatype} needs {need}"
-                )
-            array = np.frombuffer(raw[i], dtype=dtype).reshape(shape)
-        else:
-            field = CONTENTS_FIELD.get(t.datatype)
-            if field is None:
-                raise InvalidInput(f"input {short(name)}: datatype {t.datatype} must be sent in raw_input_contents")
-            values = getattr(t.contents, field)
-            if len(values) != count:
-                raise InvalidInput(
-                    f"input {short(name)}: contents.{field} holds {len(values)} values; shape {shape[:8]} needs {count}"
-                )
-            array = np.array(values, dtype=dtype).reshape(shape)
-        inputs[name] = array.astype(DATATYPES[t.datatype], copy=False)
+            inputs[name] = array_from_bytes(name, t.datatype, shape, raw[i], "raw_input_contents")
+            continue
+        dtype = check_tensor_header(name, t.datatype, shape)
+        field = CONTENTS_FIELD.get(t.datatype)
+        if field is None:
+            raise InvalidInput(f"input {short(name)}: datatype {t.datatype} must be sent in raw_input_contents")
+        values, count = getattr(t.contents, field), math.prod(shape)
+        if len(values) != count:
+            raise InvalidInput(
+                f"input {short(name)}: contents.{field} holds {len(values)} values; shape {shape[:8]} needs {count}"
+            )
+        inputs[name] = np.array(values, dtype=dtype).reshape(shape).astype(DATATYPES[t.datatype], copy=False)
     return InferRequest(
         model_name=req.model_name,
         model_version=req.model_version,

@@ -30,6 +30,7 @@ class ServerProcess:
         self.wait_token = wait_token  # a server whose health needs a bearer token
         self.proc: subprocess.Popen | None = None
         self.grpc_port = 0
+        self.http_port = 0
         self.metrics_port = 0
         self._dir = tempfile.TemporaryDirectory()
         self.log_path = Path(self._dir.name) / "server.log"
@@ -39,13 +40,21 @@ class ServerProcess:
         return f"127.0.0.1:{self.grpc_port}"
 
     @property
+    def http_address(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def start(self, wait_serving: bool = True, timeout: float = 60.0) -> "ServerProcess":
         port_file = Path(self._dir.name) / "ports.json"
         cmd = [sys.executable, "-m", "service", "serve", "--model-repository", str(self.repository),
-               "--grpc-port", "0", "--metrics-port", "0", "--port-file", str(port_file), *self.args]
+               "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0", "--port-file", str(port_file), *self.args]
         self._log = open(self.log_path, "w")
         pin = (lambda: os.sched_setaffinity(0, self.cores)) if self.cores else None
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
@@ -58,7 +67,7 @@ class ServerProcess:
                 raise TimeoutError(f"tserve did not listen within {timeout}s:\n{self.log()}")
             time.sleep(0.02)
         ports = json.loads(port_file.read_text())
-        self.grpc_port, self.metrics_port = ports["grpc"], ports["metrics"]
+        self.grpc_port, self.http_port, self.metrics_port = ports["grpc"], ports["http"], ports["metrics"]
         if wait_serving:
             self.wait_health(health_pb2.HealthCheckResponse.SERVING, deadline - time.monotonic())
         return self

@@ -42,7 +42,7 @@ def dataplane():
 
 
 def value(dp, name: str, **labels) -> float:
-    return dp.registry.get_sample_value(name, {"model": "bytegpt", "version": "1", **labels}) or 0.0
+    return dp.registry.get_sample_value(name, {"model": "bytegpt", "version": "1", "protocol": "grpc", **labels}) or 0.0
 
 
 def generate_input(n: int = 20, **kw) -> GenerateInput:
@@ -59,8 +59,9 @@ def test_a_generation_stream_is_in_flight_until_its_last_message_and_survives_dr
             first = await anext(stream)
             assert first[-1].finish_reason is None
             assert dp.inflight == 1 and value(dp, "tserve_inflight_requests", api="generate") == 1
-            dp.draining = True  # what SIGTERM does
+            dp.draining = True  # what SIGTERM does; then, after the intake window:
             assert not dp.ready()
+            dp.refusing = True
             with pytest.raises(Unavailable):
                 await anext(dp.generate(generate_input()))
             with pytest.raises(Unavailable):

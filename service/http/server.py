@@ -1,0 +1,62 @@
+"""uvicorn in the gRPC server's event loop: one process, one loop, one data plane. tserve owns
+the signals and the drain (service/server.py), so uvicorn's own signal handling is off."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+
+import uvicorn
+
+from service.auth import TokenAuth
+from service.dataplane import DataPlane
+from service.http.app import build_app
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):  # SIGTERM starts tserve's drain, not uvicorn's exit
+        yield
+
+
+class HttpServer:
+    def __init__(self, dp: DataPlane, settings: Settings, auth: TokenAuth | None) -> None:
+        s = settings
+        tls = {}
+        if s.tls_cert_file is not None:
+            tls = {"ssl_certfile": str(s.tls_cert_file), "ssl_keyfile": str(s.tls_key_file)}
+            if s.tls_client_ca_file is not None:
+                tls.update(ssl_ca_certs=str(s.tls_client_ca_file), ssl_cert_reqs=ssl.CERT_REQUIRED)
+        config = uvicorn.Config(
+            build_app(dp, auth, s.auth_open_health), host=s.host, port=s.http_port, http="httptools",
+            lifespan="off", log_config=None, access_log=False, server_header=False,
+            limit_concurrency=s.max_concurrent_rpcs or None, h11_max_incomplete_event_size=s.max_message_bytes,
+            **tls,
+        )
+        self.server = _Server(config)
+        self.port = 0
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> int:
+        self._task = asyncio.create_task(self.server.serve(), name="http")
+        while not self.server.started:
+            if self._task.done():
+                error = self._task.exception()
+                raise OSError(f"could not serve HTTP on port {self.server.config.port}: {error!r}")
+            await asyncio.sleep(0.01)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self.port
+
+    async def stop(self, grace: float) -> None:
+        """Close the listener and idle connections; wait up to `grace` for open ones."""
+        if self._task is None:
+            return
+        self.server.config.timeout_graceful_shutdown = max(0.1, grace)
+        self.server.should_exit = True
+        with contextlib.suppress(Exception):
+            await self._task

@@ -1,0 +1,294 @@
+"""HTTP through a real server: KServe v2 with tritonclient.http and raw requests (JSON and
+binary tensors), the OpenAI API with the real `openai` client (sync and streaming) and raw
+server-sent events, and the same errors, metrics, auth and cancellation as over gRPC."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import openai
+import pytest
+import tritonclient.grpc as tcg
+import tritonclient.http as tch
+from tritonclient.utils import InferenceServerException
+
+from service.generated import generation_pb2 as gen
+from service.generated import generation_pb2_grpc as gen_grpc
+from tests.conftest import DEFAULT_REPOSITORY
+from tests.service.server_process import ServerProcess
+
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def http_server(repository, tmp_path_factory):
+    """The service repository plus bytegpt again as `bytegpt_chat`, with a chat template."""
+    repo = tmp_path_factory.mktemp("http_repo")
+    for entry in repository.iterdir():
+        (repo / entry.name).symlink_to(entry)
+    shutil.copytree(DEFAULT_REPOSITORY / "bytegpt", repo / "bytegpt_chat")
+    config = repo / "bytegpt_chat" / "config.pbtxt"
+    config.write_text(config.read_text().replace('name: "bytegpt"', 'name: "bytegpt_chat"', 1))
+    (repo / "bytegpt_chat" / "1" / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
+    with ServerProcess(repo, "--max-message-bytes", str(1 << 20), "--generation-max-sequences", "4") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def triton(http_server):
+    c = tch.InferenceServerClient(http_server.http_address)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def oai(http_server):
+    return openai.OpenAI(base_url=http_server.http_url + "/v1", api_key="none", max_retries=0)
+
+
+def request(server, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+    conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
+    conn.request(method, path, body=body, headers=headers or {})
+    res = conn.getresponse()
+    data = res.read()
+    conn.close()
+    return res.status, dict(res.getheaders()), data
+
+
+def infer_input(name: str, array: np.ndarray, binary: bool = True) -> tch.InferInput:
+    x = tch.InferInput(name, list(array.shape), "INT64")
+    x.set_data_from_numpy(array, binary_data=binary)
+    return x
+
+
+# -- KServe v2 -------------------------------------------------------------------------------
+
+def test_health_metadata_config_and_repository_with_tritonclient_http(triton):
+    assert triton.is_server_live() and triton.is_server_ready() and triton.is_model_ready("bytegpt")
+    assert not triton.is_model_ready("nope")
+    meta = triton.get_server_metadata()
+    assert meta["name"] == "tserve" and "model_repository" in meta["extensions"]
+    m = triton.get_model_metadata("bytegpt")
+    assert m["versions"] == ["1"] and {"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]} in m["inputs"]
+    config = triton.get_model_config("bytegpt")
+    assert config["max_batch_size"] == 32 and config["dynamic_batching"]["max_queue_delay_microseconds"] >= 0
+    index = {(e["name"], e.get("version")): e["state"] for e in triton.get_model_repository_index()}
+    assert index[("bytegpt", "1")] == "READY"
+
+
+def test_infer_with_binary_and_json_tensors_equals_grpc(http_server, triton):
+    ids = np.random.default_rng(0).integers(0, 256, (2, 11)).astype(np.int64)
+    g = tcg.InferenceServerClient(http_server.address)
+    want = g.infer("bytegpt", [_grpc_input(ids)], outputs=[tcg.InferRequestedOutput("logits")]).as_numpy("logits")
+    g.close()
+    for binary_in in (True, False):
+        for binary_out in (True, False):
+            res = triton.infer("bytegpt", [infer_input("input_ids", ids, binary_in)],
+                               outputs=[tch.InferRequestedOutput("logits", binary_data=binary_out)], request_id="r1")
+            got = res.as_numpy("logits")
+            assert got.shape == (2, 11, 257) and res.get_response()["id"] == "r1"
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _grpc_input(ids: np.ndarray) -> tcg.InferInput:
+    x = tcg.InferInput("input_ids", list(ids.shape), "INT64")
+    x.set_data_from_numpy(ids)
+    return x
+
+
+def test_raw_json_infer_and_statistics(http_server, triton):
+    body = json.dumps({"id": "j1", "inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 3],
+                                               "data": [[1, 2, 3]]}],
+                       "outputs": [{"name": "logits"}]}).encode()
+    status, headers, data = request(http_server, "POST", "/v2/models/bytegpt/versions/1/infer", body)
+    doc = json.loads(data)
+    assert status == 200 and headers["content-type"] == "application/json"
+    assert doc["id"] == "j1" and doc["outputs"][0]["shape"] == [1, 3, 257] and len(doc["outputs"][0]["data"]) == 771
+    stats = triton.get_inference_statistics("bytegpt")["model_stats"][0]
+    assert stats["inference_stats"]["success"]["count"] >= 1 and isinstance(stats["inference_count"], int)
+
+
+@pytest.mark.parametrize("body, status, words", [
+    (b"{not json", 400, ["not valid JSON"]),
+    (json.dumps({"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 3], "data": [1, 2]}]}), 400,
+     ["input_ids", "2 values", "needs 3"]),
+    (json.dumps({"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 2], "data": [1, 999]}]}), 400,
+     ["input_ids", "999", "vocabulary"]),
+    (json.dumps({"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 2], "data": [1, 2.5]}]}), 400,
+     ["integers"]),
+    (json.dumps({"inputs": [{"name": "input_ids", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}), 400,
+     ["BYTES"]),
+    (json.dumps({"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 2], "data": [1, 2],
+                             "parameters": {"shared_memory_region": "r"}}]}), 400, ["shared_memory_region"]),
+    (json.dumps({"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 2],
+                             "parameters": {"binary_data_size": 16}}]}), 400, ["binary_data_size"]),
+])
+def test_bad_infer_bodies_get_400_naming_the_problem(http_server, body, status, words):
+    code, _, data = request(http_server, "POST", "/v2/models/bytegpt/infer", body if isinstance(body, bytes)
+                            else body.encode())
+    message = json.loads(data)["error"]
+    assert code == status and all(w in message for w in words), message
+
+
+def test_the_same_message_over_http_as_over_grpc(http_server, triton):
+    ids = np.array([[1, 300]], np.int64)
+    with pytest.raises(InferenceServerException) as over_http:
+        triton.infer("bytegpt", [infer_input("input_ids", ids)])
+    g = tcg.InferenceServerClient(http_server.address)
+    with pytest.raises(InferenceServerException) as over_grpc:
+        g.infer("bytegpt", [_grpc_input(ids)])
+    g.close()
+    assert over_http.value.message() == over_grpc.value.message() and "300" in over_http.value.message()
+    status, _, data = request(http_server, "GET", "/v2/models/nope")
+    assert status == 404 and "nope" in json.loads(data)["error"]
+
+
+def test_binary_header_length_mismatch_is_refused(http_server):
+    ids = np.ones((1, 2), np.int64)
+    header = json.dumps({"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 2],
+                                     "parameters": {"binary_data_size": 16}}]}).encode()
+    status, _, data = request(http_server, "POST", "/v2/models/bytegpt/infer", header + ids.tobytes() + b"xx",
+                              {"Inference-Header-Content-Length": str(len(header))})
+    assert status == 400 and "2 bytes of binary data no input claims" in json.loads(data)["error"]
+
+
+# -- OpenAI ----------------------------------------------------------------------------------
+
+def test_openai_models_and_completion(oai):
+    assert {"bytegpt", "bytegpt_chat"} <= {m.id for m in oai.models.list().data}
+    res = oai.completions.create(model="bytegpt", prompt="def f(x):", max_tokens=12, temperature=0)
+    assert res.object == "text_completion" and res.choices[0].finish_reason == "length"
+    assert res.usage.prompt_tokens == 9 and res.usage.completion_tokens == 12 and res.usage.total_tokens == 21
+    again = oai.completions.create(model="bytegpt", prompt="def f(x):", max_tokens=12, temperature=0)
+    assert again.choices[0].text == res.choices[0].text  # greedy is deterministic
+
+
+def test_openai_completion_equals_grpc_generation(http_server, oai):
+    res = oai.completions.create(model="bytegpt", prompt=[100, 101, 102], max_tokens=10, temperature=0.7, seed=3)
+    with grpc.insecure_channel(http_server.address) as ch:
+        g = gen_grpc.TextGenerationStub(ch).Generate(gen.GenerateRequest(
+            model="bytegpt", token_ids=gen.TokenIds(ids=[100, 101, 102]), max_new_tokens=10,
+            sampling=gen.SamplingParameters(temperature=0.7, seed=3)), timeout=30)
+    assert res.choices[0].text == g.text
+
+
+def test_openai_streaming_matches_the_whole_answer(oai):
+    whole = oai.completions.create(model="bytegpt", prompt="import os\n", max_tokens=24, temperature=0)
+    chunks = list(oai.completions.create(model="bytegpt", prompt="import os\n", max_tokens=24, temperature=0,
+                                         stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == 24
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+
+def test_openai_chat_uses_the_model_chat_template(oai):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    res = oai.chat.completions.create(model="bytegpt_chat", messages=messages, max_tokens=6, temperature=0)
+    rendered = "<system>be brief\n<user>hi\n<assistant>"
+    assert res.usage.prompt_tokens == len(rendered.encode()) and res.choices[0].message.role == "assistant"
+    plain = oai.completions.create(model="bytegpt", prompt=rendered, max_tokens=6, temperature=0)
+    assert res.choices[0].message.content == plain.choices[0].text
+    stream = list(oai.chat.completions.create(model="bytegpt_chat", messages=messages, max_tokens=6, temperature=0,
+                                              stream=True))
+    assert stream[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == res.choices[0].message.content
+
+
+def test_openai_errors_have_openai_shape_and_status(http_server, oai):
+    with pytest.raises(openai.NotFoundError) as nf:
+        oai.completions.create(model="nope", prompt="x", max_tokens=2)
+    assert "nope" in nf.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as chat:
+        oai.chat.completions.create(model="bytegpt", messages=[{"role": "user", "content": "hi"}])
+    assert "chat template" in chat.value.body["message"] and "/v1/completions" in chat.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as n:
+        oai.completions.create(model="bytegpt", prompt="x", n=2)
+    assert "n must be 1" in n.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as temp:
+        oai.completions.create(model="bytegpt", prompt="x", temperature=-1)
+    assert "temperature" in temp.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as long_prompt:
+        oai.completions.create(model="bytegpt", prompt="x" * 300, max_tokens=2)
+    assert "context" in long_prompt.value.body["message"]
+    status, _, data = request(http_server, "POST", "/v1/completions", b'{"model": "bytegpt", "prompt": "x", '
+                              b'"logprobs": 3}')
+    assert status == 400 and json.loads(data)["error"]["type"] == "invalid_request_error"
+
+
+def test_server_sent_events_framing(http_server):
+    body = json.dumps({"model": "bytegpt", "prompt": "def", "max_tokens": 5, "stream": True}).encode()
+    status, headers, data = request(http_server, "POST", "/v1/completions", body)
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    events = data.decode().split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    docs = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert all(e.startswith("data: ") for e in events[:-1]) and docs[-1]["usage"]["completion_tokens"] == 5
+
+
+def _metric(server, name: str, **labels) -> float:
+    text = urllib.request.urlopen(server.metrics_url).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.split()[-1])
+    return total
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(http_server):
+    before = _metric(http_server, "tserve_requests_total", api="generate", protocol="openai", reason="cancelled")
+    conn = http.client.HTTPConnection("127.0.0.1", http_server.http_port, timeout=30)
+    conn.request("POST", "/v1/completions", body=json.dumps({"model": "bytegpt", "prompt": "def", "max_tokens": 200,
+                                                             "stream": True}).encode())
+    res = conn.getresponse()
+    assert res.status == 200 and res.readline().startswith(b"data: ")
+    conn.sock.close()  # gone mid-stream
+    conn.close()
+    deadline = time.monotonic() + 10
+    while _metric(http_server, "tserve_inflight_requests", api="generate", protocol="openai") > 0:
+        assert time.monotonic() < deadline, "the stream was never cancelled"
+        time.sleep(0.02)
+    assert _metric(http_server, "tserve_requests_total", api="generate", protocol="openai",
+                   reason="cancelled") == before + 1
+    assert _metric(http_server, "tserve_generation_active_sequences", model="bytegpt") == 0
+
+
+def test_metrics_are_labelled_by_protocol(http_server, triton):
+    triton.infer("bytegpt", [infer_input("input_ids", np.ones((1, 2), np.int64))])
+    assert _metric(http_server, "tserve_requests_total", api="infer", protocol="http", outcome="success") >= 1
+
+
+def test_http_needs_the_bearer_token_when_auth_is_on(tmp_path):
+    token = "h" * 40
+    with ServerProcess(DEFAULT_REPOSITORY, env={"TSERVE_AUTH_TOKEN": token}) as server:
+        assert request(server, "GET", "/v2/health/ready")[0] == 200  # probes stay open
+        for path, method in [("/v2/models/bytegpt", "GET"), ("/v1/models", "GET"), ("/v2/repository/index", "POST")]:
+            for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": token}):
+                status, h, data = request(server, method, path, b"{}" if method == "POST" else None, headers)
+                assert status == 401 and h["www-authenticate"] == "Bearer", (path, headers, data)
+        c = openai.OpenAI(base_url=server.http_url + "/v1", api_key=token, max_retries=0)
+        assert c.completions.create(model="bytegpt", prompt="x", max_tokens=2).usage.completion_tokens == 2
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=server.http_url + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_sigterm_lets_an_http_stream_finish_and_refuses_new_ones(tmp_path):
+    server = ServerProcess(DEFAULT_REPOSITORY, "--drain-intake-seconds", "0").start()
+    conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=60)
+    conn.request("POST", "/v1/completions", body=json.dumps({"model": "bytegpt", "prompt": "def", "max_tokens": 150,
+                                                             "stream": True, "temperature": 0}).encode())
+    res = conn.getresponse()
+    assert res.readline().startswith(b"data: ")
+    server.proc.send_signal(15)
+    server.wait_health(2)  # NOT_SERVING: the drain has begun
+    status, _, data = request(server, "POST", "/v1/completions", b'{"model": "bytegpt", "prompt": "x"}')
+    assert status == 503 and "shutting down" in json.loads(data)["error"]["message"]
+    rest = res.read().decode()
+    assert rest.rstrip().endswith("data: [DONE]") and '"completion_tokens":150' in rest
+    assert server.proc.wait(30) == 0
