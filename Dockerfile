@@ -29,11 +29,12 @@ ENV PATH=/opt/tserve/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     TSERVE_MODEL_REPOSITORY=/models \
     TSERVE_HOST=0.0.0.0 \
+    TSERVE_HTTP_PORT=8000 \
     TSERVE_GRPC_PORT=8001 \
     TSERVE_METRICS_PORT=8002 \
     TSERVE_LOG_FORMAT=json
 USER 10001
-EXPOSE 8001 8002
+EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 CMD ["python3", "-m", "service.healthcheck"]
 # SIGTERM drains: NOT_SERVING, new requests refused, in-flight ones finish within TSERVE_DRAIN_GRACE_SECONDS
 STOPSIGNAL SIGTERM

@@ -102,14 +102,15 @@ def server_stats(server: ServerProcess, model: str) -> tuple[int, int]:
 
 
 def measure(server: ServerProcess, pa: list[str], data: Path, model: str, concurrency: int, requests: int,
-            cores: set[int] | None) -> dict:
+            cores: set[int] | None, protocol: str = "grpc") -> dict:
     """One perf_analyzer point: windows of a fixed request count (not of time), and a stability
     bound wide enough that three windows always do: a busy machine slows a point, never fails it.
     (perf_analyzer's --request-count was not used: its throughput came out rounded to whole
     seconds of run time, e.g. 199.8 and 393.0 infer/s where windows measured 251 and 456.)"""
     before = server_stats(server, model)
     with tempfile.NamedTemporaryFile(suffix=".csv") as report:
-        cmd = [*pa, "-m", model, "-i", "grpc", "-u", server.address, "--input-data", str(data),
+        url = server.address if protocol == "grpc" else server.http_address
+        cmd = [*pa, "-m", model, "-i", protocol, "-u", url, "--input-data", str(data),
                "--concurrency-range", str(concurrency), "--measurement-mode", "count_windows",
                "--measurement-request-count", str(max(requests, 4 * concurrency)), "--stability-percentage", "999",
                "--max-trials", "3", "-f", report.name]

@@ -35,7 +35,11 @@ def serve(args: argparse.Namespace) -> int:
         print(f"tserve: invalid settings:\n{e}", file=sys.stderr)
         return 2
     configure(settings.log_level, settings.log_format)
-    asyncio.run(TServe(settings).run())
+    try:
+        asyncio.run(TServe(settings).run())
+    except OSError as e:  # a port taken, a certificate unreadable: say which and stop
+        print(f"tserve: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

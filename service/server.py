@@ -161,7 +161,7 @@ class TServe:
         self.metrics.server_ready.set(0)
         await self.health.enter_graceful_shutdown()
         # ... but what was sent before the signal and is still in gRPC's intake gets served
-        if intake > 0:
+        if intake > 0 and self.dataplane.loading_done:  # nothing was taken before start-up finished
             await asyncio.sleep(max(0.0, started + intake - time.monotonic()))
         self.dataplane.refusing = True
         deadline = started + grace

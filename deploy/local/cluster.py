@@ -112,7 +112,7 @@ def up(replicas: int, port: int, prometheus_port: int, repository: Path, scrape_
         port_file = STATE_DIR / f"replica{i}.ports.json"
         port_file.unlink(missing_ok=True)
         spawn([sys.executable, "-m", "service", "serve", "--model-repository", str(repository), "--grpc-port", "0",
-               "--metrics-port", "0", "--port-file", str(port_file)], f"replica{i}.log")
+               "--http-port", "0", "--metrics-port", "0", "--port-file", str(port_file)], f"replica{i}.log")
         deadline = time.monotonic() + 60
         while not (port_file.exists() and port_file.read_text()):
             if time.monotonic() > deadline:

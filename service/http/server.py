@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 
 import uvicorn
@@ -43,13 +44,18 @@ class HttpServer:
         self._task: asyncio.Task | None = None
 
     async def start(self) -> int:
-        self._task = asyncio.create_task(self.server.serve(), name="http")
+        # bound here, not by uvicorn, whose bind failure is a sys.exit inside the loop
+        config = self.server.config
+        try:
+            sock = socket.create_server((config.host, config.port), backlog=config.backlog)
+        except OSError as e:
+            raise OSError(f"could not bind HTTP to {config.host}:{config.port}: {e.strerror}") from e
+        self.port = sock.getsockname()[1]
+        self._task = asyncio.create_task(self.server.serve(sockets=[sock]), name="http")
         while not self.server.started:
             if self._task.done():
-                error = self._task.exception()
-                raise OSError(f"could not serve HTTP on port {self.server.config.port}: {error!r}")
+                raise OSError(f"HTTP server on port {self.port} stopped at start: {self._task.exception()!r}")
             await asyncio.sleep(0.01)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
         return self.port
 
     async def stop(self, grace: float) -> None:

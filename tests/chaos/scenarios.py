@@ -461,16 +461,16 @@ def soak(seconds: float, clients: int = 8) -> dict:
 
 def auth(calls: int = 200) -> dict:
     """With a bearer token required: calls without it, with a wrong one or a malformed header,
-    to every API, all refused with UNAUTHENTICATED; with it, served."""
+    to every API over gRPC and HTTP, all refused (UNAUTHENTICATED, 401); with it, served."""
+    import http.client
+
     token = "chaos-" + "k" * 32
-    bad_headers = [None, [("authorization", "Bearer wrong")], [("authorization", token)],
-                   [("authorization", "Bearer " + token[:-1])], [("authorization", "Basic " + token)],
-                   [("authorization", "Bearer")]]
+    bad = [None, "Bearer wrong", token, "Bearer " + token[:-1], "Basic " + token, "Bearer"]
     refused = other = 0
     with ServerProcess(_repository(), "--log-level", "warning", "--no-auth-open-health",
                        env={"TSERVE_AUTH_TOKEN": token}, wait_token=token) as server, channel(server.address) as ch:
         stub, gstub = pb_grpc.GRPCInferenceServiceStub(ch), gen_grpc.TextGenerationStub(ch)
-        calls_by_kind = [
+        grpc_calls = [
             lambda md: stub.ModelInfer(infer_request(np.ones((1, 4), np.int64)), timeout=10, metadata=md),
             lambda md: stub.ServerLive(pb.ServerLiveRequest(), timeout=10, metadata=md),
             lambda md: stub.ModelMetadata(pb.ModelMetadataRequest(name="bytegpt"), timeout=10, metadata=md),
@@ -479,18 +479,29 @@ def auth(calls: int = 200) -> dict:
             lambda md: list(gstub.GenerateStream(gen.GenerateRequest(model="bytegpt", text="x", max_new_tokens=2),
                                                  timeout=10, metadata=md)),
         ]
+        http_calls = [("GET", "/v2/health/ready", None), ("GET", "/v2/models/bytegpt", None),
+                      ("POST", "/v2/models/bytegpt/infer", b'{"inputs": [{"name": "input_ids", "datatype": "INT64", '
+                                                           b'"shape": [1, 1], "data": [1]}]}'),
+                      ("POST", "/v2/repository/models/bytegpt/unload", b"{}"), ("GET", "/v1/models", None),
+                      ("POST", "/v1/completions", b'{"model": "bytegpt", "prompt": "x", "max_tokens": 2}')]
         for i in range(calls):
+            header = bad[i % len(bad)]
             try:
-                calls_by_kind[i % len(calls_by_kind)](bad_headers[i % len(bad_headers)])
+                grpc_calls[i % len(grpc_calls)]([("authorization", header)] if header else None)
                 other += 1
             except grpc.RpcError as e:
-                if e.code() == grpc.StatusCode.UNAUTHENTICATED:
-                    refused += 1
-                else:
-                    other += 1
+                refused += e.code() == grpc.StatusCode.UNAUTHENTICATED
+                other += e.code() != grpc.StatusCode.UNAUTHENTICATED
+            method, path, body = http_calls[i % len(http_calls)]
+            conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=10)
+            conn.request(method, path, body=body, headers={"Authorization": header} if header else {})
+            status = conn.getresponse().status
+            conn.close()
+            refused += status == 401
+            other += status != 401
         good = stub.ModelInfer(infer_request(np.ones((1, 4), np.int64)), timeout=10,
                                metadata=[("authorization", f"Bearer {token}")])
-    return {"unauthenticated_calls": calls, "refused_unauthenticated": refused, "answered_otherwise": other,
+    return {"unauthenticated_calls": 2 * calls, "refused_unauthenticated": refused, "answered_otherwise": other,
             "with_token_served": good.outputs[0].name == "logits"}
 
 

@@ -6,12 +6,14 @@ debootstrap and imported into podman, and passed to the Dockerfile as BASE_IMAGE
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import tarfile
 import tempfile
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -66,11 +68,11 @@ def image(podman) -> str:
 
 
 def test_image_serves_checks_health_and_drains_on_sigterm(podman, image):
-    grpc_port, metrics_port = free_port(), free_port()
+    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
     name = f"tserve-test-{os.getpid()}"
     # ports through the environment, so the image's HEALTHCHECK probes the same one
     run([*podman, "run", "-d", "--network=host", "--name", name, "-e", f"TSERVE_GRPC_PORT={grpc_port}",
-         "-e", f"TSERVE_METRICS_PORT={metrics_port}", "-e", "TSERVE_HOST=127.0.0.1", image])
+         "-e", f"TSERVE_HTTP_PORT={http_port}", "-e", f"TSERVE_METRICS_PORT={metrics_port}", "-e", "TSERVE_HOST=127.0.0.1", image])
     try:
         client = tc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
         deadline = time.monotonic() + 60
@@ -89,6 +91,9 @@ def test_image_serves_checks_health_and_drains_on_sigterm(podman, image):
         x.set_data_from_numpy(ids)
         assert client.infer("bytegpt", [x]).as_numpy("logits").shape == (1, 6, 257)
         client.close()
+        body = json.dumps({"model": "bytegpt", "prompt": "def", "max_tokens": 3}).encode()
+        answer = urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/completions", body))
+        assert json.loads(answer.read())["usage"]["completion_tokens"] == 3  # HTTP and the OpenAI API
         user = run([*podman, "exec", name, "id", "-u"]).stdout.strip()
         assert user == "10001"
         run([*podman, "kill", "--signal", "TERM", name])

@@ -102,7 +102,7 @@ def test_dockerfile_lints_clean_and_keeps_its_promises():
     res = subprocess.run([str(BIN / "hadolint"), str(ROOT / "Dockerfile")], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
     text = (ROOT / "Dockerfile").read_text()
-    assert "ARG BASE_IMAGE=" in text and "EXPOSE 8001 8002" in text and "USER 10001" in text
+    assert "ARG BASE_IMAGE=" in text and "EXPOSE 8000 8001 8002" in text and "USER 10001" in text
     assert 'HEALTHCHECK' in text and "service.healthcheck" in text and "torch" not in text.split("FROM")[-1]
 
 

@@ -332,6 +332,15 @@ def test_wrong_settings_fail_at_startup_naming_the_setting(tmp_path):
     assert res.returncode == 2 and "log_format" in res.stderr
 
 
+def test_a_taken_port_stops_start_up_naming_it():
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        res = run_cli("--http-port", str(port), "--grpc-port", "0", "--metrics-port", "0")
+    assert res.returncode == 1 and f"could not bind HTTP to 127.0.0.1:{port}" in res.stderr
+
+
 def test_settings_file_and_environment_are_applied(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()

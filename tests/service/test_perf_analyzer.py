@@ -28,12 +28,15 @@ def successes(server) -> int:
 REQUESTS = 200
 
 
-def test_perf_analyzer_measures_the_shipped_model(server, perf_analyzer_cmd, tmp_path):
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_perf_analyzer_measures_the_shipped_model(server, perf_analyzer_cmd, tmp_path, protocol):
     """A fixed request count, not time windows: the run never depends on the machine being
-    quiet enough for a stable measurement."""
+    quiet enough for a stable measurement. Over HTTP it reads the model config and statistics
+    as JSON and sends binary tensors."""
     data = perf_analyzer.token_input_file(tmp_path / "input.json", 16)
     before = successes(server)
-    res = subprocess.run([*perf_analyzer_cmd, "-m", "bytegpt", "-i", "grpc", "-u", server.address, "--input-data",
+    url = server.address if protocol == "grpc" else server.http_address
+    res = subprocess.run([*perf_analyzer_cmd, "-m", "bytegpt", "-i", protocol, "-u", url, "--input-data",
                           str(data), "--concurrency-range", "2", "--request-count", str(REQUESTS)],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
