@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 SYSTEM  := $(VENV)/.system-tools
 REPO    ?= model_repository
 
-.PHONY: install install-serve check-serve-install serve test chaos container-test train export protos check-protos bench-serve bench-options bench-generation cluster-up cluster-down clean
+.PHONY: install install-serve check-serve-install serve test chaos container-test train export protos check-protos bench-serve bench-options bench-http bench-generation cluster-up cluster-down clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -70,6 +70,9 @@ bench-serve: $(STAMP)
 
 bench-options: $(STAMP)
 	$(PYTHON) -m bench.server_options
+
+bench-http: $(STAMP)
+	$(PYTHON) -m bench.http_bench
 
 bench-generation: $(STAMP)
 	$(PYTHON) -m bench.generation_bench
