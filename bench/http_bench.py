@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def main() -> None:
     args = p.parse_args()
     pa = perf_analyzer.ensure()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    data = perf_analyzer.token_input_file(RESULTS / "http_input.json", 32)
+    data = perf_analyzer.token_input_file(Path(tempfile.mkdtemp()) / "input.json", 32)
     os.sched_setaffinity(0, {CLIENT_CORE})
     rounds = []
     with ServerProcess(DEFAULT_REPOSITORY, cores={SERVER_CORE}) as on, \
