@@ -88,15 +88,20 @@ class MultiHeadAttention(nn.Module):
         if past is not None:
             k = torch.cat((past[0], k), dim=2)  # (B, nh, S, hd), S = past_len + T
             v = torch.cat((past[1], v), dim=2)
+        return self.attend(q, k, v, mask), (k, v)
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Scaled dot-product attention over heads, then concat and the output projection.
+        q: (B, nh, T, hd); k, v: (B, nh, S, hd); mask: (B, 1, T, S) bool -> (B, T, C)."""
+        B, _, T, _ = q.shape
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, nh, T, S)
         # A finite minimum instead of -inf: a row with every key masked (a left-padding
         # query) then softmaxes to a uniform row instead of NaN, and its output is ignored.
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         weights = self.dropout(F.softmax(scores, dim=-1))
         y = weights @ v  # (B, nh, T, hd)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # concat heads: (B, T, C)
-        return self.out_proj(y), (k, v)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)  # concat heads: (B, T, C)
+        return self.out_proj(y)
 
 
 class FeedForward(nn.Module):
