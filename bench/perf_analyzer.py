@@ -69,12 +69,13 @@ def token_input_file(path: Path, length: int, samples: int = 16, vocab: int = 25
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="127.0.0.1:8001")
+    p.add_argument("--protocol", choices=["grpc", "http"], default="grpc", help="http: KServe v2 REST, e.g. on :8000")
     p.add_argument("--model", default="bytegpt")
     p.add_argument("--length", type=int, default=32, help="tokens per request")
     p.add_argument("extra", nargs="*", help="more perf_analyzer flags, after --")
     args = p.parse_args()
     data = token_input_file(TOOLS / f"input_{args.length}.json", args.length)
-    cmd = [*ensure(), "-m", args.model, "-i", "grpc", "-u", args.url, "--input-data", str(data), *args.extra]
+    cmd = [*ensure(), "-m", args.model, "-i", args.protocol, "-u", args.url, "--input-data", str(data), *args.extra]
     print(" ".join(cmd[3:]), flush=True)
     sys.exit(subprocess.call(cmd))
 
