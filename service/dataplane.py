@@ -107,6 +107,9 @@ class DataPlane:
     async def infer(self, request: InferRequest, deadline: float | None = None, protocol: str = GRPC) -> InferResponse:
         self.admit()
         mv = self.manager.get(request.model_name, request.model_version)
+        if mv.batcher is None:
+            raise FailedPrecondition(f"model {request.model_name!r} is an encoder-decoder: it generates (the "
+                                     "generation API, /v1/completions) and takes no ModelInfer")
         with self._request(mv, INFER, protocol, request.id) as outcome:
             prepared = prepare(mv.spec, request)
             outputs, timing = await mv.batcher.submit(prepared, deadline)

@@ -19,7 +19,9 @@ import numpy as np
 from service.batcher import DynamicBatcher
 from service.errors import ModelLoadError, ModelNotFound, Unavailable
 from service.generated import model_config_pb2 as mc
+from service.conventions.seq2seq import DECODER, DECODER_WITH_PAST, ENCODER, is_seq2seq
 from service.generation.engine import EngineLimits, GenerationEngine
+from service.generation.seq2seq_engine import Seq2SeqEngine
 from service.generation.requests import GenerationConfig
 from service.metrics import Metrics, ModelObserver
 from service.repository import (
@@ -30,6 +32,7 @@ from service.repository import (
     read_manifest,
     runtime_options,
     select_versions,
+    seq2seq_spec,
 )
 from service.runtime import OrtRuntime, choose_providers
 from service.settings import Settings
@@ -54,6 +57,8 @@ class ModelVersion:
     # decoders (the decoder-with-past convention) also generate:
     engine: GenerationEngine | None = None
     generation: GenerationConfig | None = None
+    # encoder-decoders: the decoder graphs beside `runtime` (the encoder)
+    decoder_runtimes: tuple[OrtRuntime, ...] = ()
 
     @property
     def ready(self) -> bool:
@@ -108,6 +113,20 @@ def warm_up(spec: ModelSpec, runtime: OrtRuntime) -> None:
     runtime.run_each(warm_up_feeds(spec), [t.name for t in spec.outputs])
 
 
+def warm_up_seq2seq(spec: ModelSpec, encoder: OrtRuntime, decoder: OrtRuntime, with_past: OrtRuntime) -> None:
+    """One source through all three graphs, on every instance: the graphs load, agree on their
+    shapes, and no first request pays for allocation."""
+    g = spec.seq2seq
+    ids, mask = np.zeros((1, 2), np.int64), np.ones((1, 2), np.int64)
+    start = np.full((1, 1), spec.decoder_start_token_id, np.int64)
+    for hidden in encoder.run_each({"input_ids": ids, "attention_mask": mask}, ["last_hidden_state"]):
+        for out in decoder.run_each({"input_ids": start, "encoder_hidden_states": hidden[0],
+                                     "encoder_attention_mask": mask}, ["logits", *g.self_names, *g.cross_names]):
+            n = 2 * g.n_layer
+            with_past.run_each(g.with_past_feeds(start, mask, np.ones((1, 2), np.int64), out[1:1 + n], out[1 + n:]),
+                               ["logits", *g.self_names])
+
+
 COST_LENGTH = 16  # tokens per row in the timed runs that seed the batch policy's cost line
 
 
@@ -142,9 +161,41 @@ class ModelManager:
     async def load_all(self) -> None:
         await asyncio.gather(*(self.load(name) for name in model_names(self.repo)))
 
+    def _runtime(self, path: Path, providers: list[str], entry) -> OrtRuntime:
+        opts = runtime_options(entry.config)  # the model's own config first, then the server's settings
+        return OrtRuntime(
+            path,
+            providers,
+            instances=self.settings.instance_count or opts.instances,
+            intra_op_threads=opts.intra_op_threads or self.settings.session_threads,
+            inter_op_threads=opts.inter_op_threads or self.settings.inter_op_threads,
+            spin=self.settings.ort_spinning,
+        )
+
+    def _load_seq2seq_sync(self, mv: ModelVersion, entry, providers: list[str]) -> None:
+        """An encoder-decoder export folder (Optimum's seq2seq layout): three graphs, generation only."""
+        manifest = read_manifest(entry.path)
+        for f in (ENCODER, DECODER, DECODER_WITH_PAST):
+            want = ((manifest or {}).get("files", {}).get(f) or {}).get("sha256")
+            if want and want != _sha256(entry.path / f):
+                raise ModelLoadError(f"{f} does not match the sha256 in manifest.json")
+        runtimes = [self._runtime(entry.path / f, providers, entry) for f in (ENCODER, DECODER, DECODER_WITH_PAST)]
+        try:
+            mv.spec = seq2seq_spec(entry, runtimes[1].graph_outputs, runtimes[2].graph_inputs, manifest)
+            warm_up_seq2seq(mv.spec, *runtimes)
+            mv.generation = GenerationConfig.from_spec(mv.spec)
+        except Exception:
+            for r in runtimes:
+                r.close()
+            raise
+        mv.runtime, mv.decoder_runtimes = runtimes[0], tuple(runtimes[1:])
+        mv.config = completed_config(mv.spec, entry.config)
+
     def _load_version_sync(self, mv: ModelVersion, entry) -> None:
         spec = None
         providers = choose_providers(self.settings.execution_provider, self.settings.provider_fallback)
+        if is_seq2seq(entry.path):
+            return self._load_seq2seq_sync(mv, entry, providers)
         model_file = entry.path / (entry.config.default_model_filename or "model.onnx")
         manifest = read_manifest(entry.path)
         if manifest and model_file.exists():
@@ -213,13 +264,21 @@ class ModelManager:
                 await self._changed(mv)
 
     def _start_schedulers(self, mv: ModelVersion) -> None:
-        """The batcher for inference; for decoders, the generation engine too."""
+        """The batcher for inference; for decoders, the generation engine too; encoder-decoders
+        generate only."""
+        s = self.settings
+        limits = EngineLimits(s.generation_max_sequences, s.generation_max_queue, s.generation_token_budget,
+                              s.generation_scheduling)
+        if mv.spec.seq2seq is not None:
+            spec = mv.spec
+            mv.engine = Seq2SeqEngine(mv.name, mv.runtime, *mv.decoder_runtimes, spec.seq2seq,
+                                      spec.decoder_start_token_id, spec.padding.pad_values.get("input_ids", 0),
+                                      limits, mv.observer.generation_step)
+            mv.engine.start()
+            return
         mv.batcher = DynamicBatcher(mv.spec, mv.runtime, mv.observer, mv.cost_seeds)
         mv.batcher.start()
         if mv.spec.decoder is not None:
-            s = self.settings
-            limits = EngineLimits(s.generation_max_sequences, s.generation_max_queue, s.generation_token_budget,
-                                  s.generation_scheduling)
             mv.engine = GenerationEngine(mv.name, mv.runtime, mv.spec.decoder, limits, mv.observer.generation_step)
             mv.engine.start()
 
@@ -244,8 +303,9 @@ class ModelManager:
                 await mv.engine.close()
             if mv.batcher:
                 await mv.batcher.close()
-            if mv.runtime:
-                await asyncio.to_thread(mv.runtime.close)
+            for runtime in (mv.runtime, *mv.decoder_runtimes):
+                if runtime:
+                    await asyncio.to_thread(runtime.close)
             await self._changed(mv)
 
     async def close(self) -> None:

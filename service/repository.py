@@ -18,10 +18,11 @@ from google.protobuf import text_format
 
 from service.conventions import encoder
 from service.conventions.decoder import INPUT_IDS, DecoderGraph
+from service.conventions.seq2seq import ENCODER, Seq2SeqGraphs
 from service.errors import ModelLoadError
 from service.generation.chat import ChatTemplate, load_chat_template
 from service.generated import model_config_pb2 as mc
-from service.types import DATATYPE_OF_ORT, BatchingPolicy, ModelSpec, PaddingRules, TensorSpec
+from service.types import DATATYPE_OF_ORT, DATATYPES, BatchingPolicy, ModelSpec, PaddingRules, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,8 @@ class ExportMetadata:
     pad_token_id: int | None = None
     tokenizer_file: Path | None = None
     chat_template: ChatTemplate | None = None
+    decoder_start_token_id: int | None = None  # encoder-decoders
+    max_length: int | None = None  # generation_config.json's max_length
 
 
 def _ids(value) -> tuple[int, ...]:
@@ -134,6 +137,9 @@ def read_export_metadata(version_dir: Path) -> ExportMetadata:
         pad_token_id=config["pad_token_id"] if isinstance(config.get("pad_token_id"), int) else None,
         tokenizer_file=tokenizer if tokenizer.is_file() else None,
         chat_template=load_chat_template(version_dir),
+        decoder_start_token_id=next((v for v in (generation.get("decoder_start_token_id"),
+                                                 config.get("decoder_start_token_id")) if isinstance(v, int)), None),
+        max_length=generation.get("max_length") if isinstance(generation.get("max_length"), int) else None,
     )
 
 
@@ -296,3 +302,45 @@ def completed_config(spec: ModelSpec, config: mc.ModelConfig) -> mc.ModelConfig:
     if spec.batching.enabled and not out.HasField("dynamic_batching"):
         out.dynamic_batching.SetInParent()
     return out
+
+
+def seq2seq_spec(entry: VersionEntry, decoder_outputs: list, with_past_inputs: list, manifest: dict | None) -> ModelSpec:
+    """The spec of an encoder-decoder export folder (three graphs, Optimum's seq2seq layout):
+    token ids in, generation only. Vocabulary, special tokens and lengths come from the
+    export's config.json / generation_config.json, then its logits' width."""
+    export = read_export_metadata(entry.path)
+    logits = next((a for a in decoder_outputs if a.name == "logits"), None)
+    if logits is None or logits.type not in DATATYPE_OF_ORT:
+        raise ModelLoadError("decoder_model.onnx has no logits output of a type tserve serves")
+    try:
+        graphs = Seq2SeqGraphs.from_outputs([a.name for a in decoder_outputs], [a.name for a in with_past_inputs],
+                                            DATATYPES[DATATYPE_OF_ORT[logits.type]])
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from e
+    width = logits.shape[-1] if isinstance(logits.shape[-1], int) else None
+    vocab = export.vocab_size or width
+    pad = export.pad_token_id if export.pad_token_id is not None else 0
+    start = export.decoder_start_token_id if export.decoder_start_token_id is not None else pad
+    max_source = export.max_positions or 512
+    max_new = (export.max_length - 1) if export.max_length and export.max_length > 1 else max_source
+    return ModelSpec(
+        name=entry.name,
+        version=entry.version,
+        platform="onnxruntime_onnx",
+        model_path=entry.path / ENCODER,
+        inputs=(TensorSpec("input_ids", "INT64", (-1,)), TensorSpec("attention_mask", "INT64", (-1,), True)),
+        outputs=(TensorSpec("logits", DATATYPE_OF_ORT[logits.type], (-1, vocab or -1)),),
+        max_batch_size=0,
+        batching=BatchingPolicy(enabled=False, max_batch_size=0),
+        padding=PaddingRules(pad_values={"input_ids": pad}),
+        vocab_size=vocab,
+        token_inputs=("input_ids",),
+        max_sequence_length=max_source,
+        manifest=manifest,
+        eos_token_ids=export.eos_token_ids,
+        tokenizer_file=export.tokenizer_file,
+        chat_template=export.chat_template,
+        seq2seq=graphs,
+        decoder_start_token_id=start,
+        max_new_tokens=max_new,
+    )

@@ -105,6 +105,9 @@ class ModelSpec:
     eos_token_ids: tuple[int, ...] = ()  # from an export's generation_config.json / config.json
     tokenizer_file: Path | None = None  # an export's tokenizer.json
     chat_template: Any = None  # service.generation.chat.ChatTemplate, from the export's tokenizer config
+    seq2seq: Any = None  # service.conventions.seq2seq.Seq2SeqGraphs: an encoder-decoder export folder
+    decoder_start_token_id: int | None = None  # encoder-decoders: the first target token
+    max_new_tokens: int | None = None  # encoder-decoders: the longest target (generation_config max_length - 1)
 
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)

@@ -43,6 +43,7 @@ class GenerationConfig:
     max_context: int
     vocab_size: int | None
     chat_template: ChatTemplate | None = None
+    seq2seq_max_new: int | None = None  # encoder-decoders: max_context bounds the source, this the output
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> GenerationConfig:
@@ -61,6 +62,7 @@ class GenerationConfig:
             max_context=spec.max_sequence_length or DEFAULT_CONTEXT,  # the repository folds in the manifest's
             vocab_size=spec.vocab_size,
             chat_template=spec.chat_template,
+            seq2seq_max_new=spec.max_new_tokens if spec.seq2seq is not None else None,
         )
 
 
@@ -81,14 +83,22 @@ def to_sequence(config: GenerationConfig, req: GenerateInput, default_max_new_to
         if bad is not None:
             raise InvalidInput(f"prompt token id {bad} is outside model {req.model!r}'s vocabulary [0, {vocab})")
     context = config.max_context
-    if len(prompt) >= context:
+    if config.seq2seq_max_new is not None:  # an encoder-decoder: the prompt is its source
+        if len(prompt) > context:
+            raise InvalidInput(f"the source is {len(prompt)} tokens; model {req.model!r} reads at most {context}")
+        room = config.seq2seq_max_new
+    elif len(prompt) >= context:
         raise InvalidInput(f"the prompt is {len(prompt)} tokens; model {req.model!r}'s context is {context}, "
                            "which leaves no room to generate")
-    room = context - len(prompt)
+    else:
+        room = context - len(prompt)
     if req.max_new_tokens is not None:
         if req.max_new_tokens < 1:
             raise InvalidInput("max_new_tokens must be at least 1")
         if req.max_new_tokens > room:
+            if config.seq2seq_max_new is not None:
+                raise InvalidInput(f"max_new_tokens {req.max_new_tokens} exceeds model {req.model!r}'s longest "
+                                   f"output, {room} tokens")
             raise InvalidInput(f"max_new_tokens {req.max_new_tokens} exceeds the {room} tokens the context "
                                f"({context}) leaves after a {len(prompt)}-token prompt")
         max_new = req.max_new_tokens
@@ -114,5 +124,6 @@ def to_sequence(config: GenerationConfig, req: GenerateInput, default_max_new_to
         stop=stops,
         deadline=deadline,
         eos_token_ids=config.eos_token_ids,
-        decoder=config.tokenizer.decoder(prompt) if config.tokenizer else None,
+        # a continuation's text follows its prompt's; an encoder-decoder's output starts afresh
+        decoder=config.tokenizer.decoder(prompt if config.seq2seq_max_new is None else []) if config.tokenizer else None,
     )

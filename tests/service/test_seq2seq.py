@@ -1,0 +1,116 @@
+"""The encoder-decoder end to end: a tiny model exported in Optimum's seq2seq layout (greedy
+parity with PyTorch checked by the export), served with continuous batching. Every answer,
+alone or sharing decode runs with sources and outputs of other lengths, must equal the graphs'
+own greedy decoding of that source alone; the Optimum-shaped variant (no decoder attention
+mask) must give the same through its group-by-length road."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as tc
+from tritonclient.utils import InferenceServerException
+
+from export.seq2seq import export_entry, onnx_greedy
+from model.seq2seq import Seq2Seq, Seq2SeqConfig
+from service.generated import generation_pb2 as gen
+from service.generated import generation_pb2_grpc as gen_grpc
+from tests.service.server_process import ServerProcess
+
+CFG = Seq2SeqConfig(d_model=32, d_ff=64, n_encoder_layers=2, n_decoder_layers=2, n_head=2, max_source=64,
+                    max_target=14, dropout=0.0)
+SOURCES = [b"def _(x):\n    return x + 1", b"def _(self):\n  pass", b"x", b"def _(a, b):\n    return a * b\n" * 2,
+           b"class A:\n  def _(self): return self.items.pop()", b"def _(path):\n    return open(path).read()"]
+NEW = CFG.max_target - 2
+
+
+@pytest.fixture(scope="module")
+def seq2seq_repository(tmp_path_factory) -> Path:
+    """A random model whose weights are wide enough that its outputs depend on the source."""
+    torch.manual_seed(0)
+    model = Seq2Seq(CFG)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.4)
+    tmp = tmp_path_factory.mktemp("s2s")
+    ckpt = tmp / "model.pt"
+    torch.save({"config": CFG.to_dict(), "model": model.state_dict(),
+                "metrics": {"samples": [{"source": s.decode()} for s in SOURCES]}}, ckpt)
+    repo = tmp / "repo"
+    export_entry(ckpt, repo, "namegen")
+    export_entry(ckpt, repo, "namegen_optimum", decoder_attention_mask=False)
+    return repo
+
+
+def references(repo: Path, name: str) -> list[list[int]]:
+    return [onnx_greedy(repo / name / "1", [s], NEW)[0] for s in SOURCES]
+
+
+def test_references_depend_on_the_source_and_batching_does_not_change_them(seq2seq_repository):
+    alone = references(seq2seq_repository, "namegen")
+    assert len({tuple(r) for r in alone}) >= 3, alone  # a model whose answers differ by source
+    assert onnx_greedy(seq2seq_repository / "namegen" / "1", SOURCES, NEW) == alone  # right-padded batch
+    assert references(seq2seq_repository, "namegen_optimum") == alone
+
+
+@pytest.fixture(scope="module")
+def s2s_server(seq2seq_repository):
+    with ServerProcess(seq2seq_repository, "--generation-max-sequences", "4") as s:
+        yield s
+
+
+@pytest.mark.parametrize("model", ["namegen", "namegen_optimum"])
+def test_continuous_batching_gives_every_request_its_own_greedy_answer(seq2seq_repository, s2s_server, model):
+    want = references(seq2seq_repository, model)
+    rng = np.random.default_rng(0)
+    # sources of every length, outputs of several lengths: rows join and leave the running batch
+    jobs = [(int(i), int(n)) for i, n in zip(rng.integers(0, len(SOURCES), 36), rng.integers(1, NEW + 1, 36))]
+    with grpc.insecure_channel(s2s_server.address) as ch:
+        stub = gen_grpc.TextGenerationStub(ch)
+
+        def run(job):
+            i, n = job
+            return list(stub.Generate(gen.GenerateRequest(model=model, token_ids=gen.TokenIds(ids=list(SOURCES[i])),
+                                                          max_new_tokens=n), timeout=60).token_ids)
+
+        with ThreadPoolExecutor(8) as ex:
+            got = list(ex.map(run, jobs))
+    for (i, n), tokens in zip(jobs, got):
+        assert tokens == want[i][:n], (SOURCES[i], n)
+
+
+def test_text_through_the_openai_api(s2s_server, seq2seq_repository):
+    want = references(seq2seq_repository, "namegen")[0]
+    body = json.dumps({"model": "namegen", "prompt": SOURCES[0].decode(), "max_tokens": NEW, "temperature": 0}).encode()
+    doc = json.loads(urllib.request.urlopen(urllib.request.Request(s2s_server.http_url + "/v1/completions", body)).read())
+    assert doc["usage"]["prompt_tokens"] == len(SOURCES[0])  # the byte tokenizer: one token a byte
+    assert doc["choices"][0]["text"] == bytes(t for t in want if t < 256).decode("utf-8", "replace")
+    assert doc["choices"][0]["finish_reason"] == ("length" if len(want) == NEW else "stop")
+
+
+def test_bad_requests_name_the_limit_and_model_infer_is_refused(s2s_server):
+    with grpc.insecure_channel(s2s_server.address) as ch:
+        stub = gen_grpc.TextGenerationStub(ch)
+        with pytest.raises(grpc.RpcError) as long_source:
+            stub.Generate(gen.GenerateRequest(model="namegen", text="x" * 65), timeout=30)
+        assert long_source.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "reads at most 64" in long_source.value.details()
+        with pytest.raises(grpc.RpcError) as long_output:
+            stub.Generate(gen.GenerateRequest(model="namegen", text="x", max_new_tokens=CFG.max_target), timeout=30)
+        assert "longest output" in long_output.value.details()
+    client = tc.InferenceServerClient(s2s_server.address)
+    x = tc.InferInput("input_ids", [1, 2], "INT64")
+    x.set_data_from_numpy(np.ones((1, 2), np.int64))
+    with pytest.raises(InferenceServerException) as infer:
+        client.infer("namegen", [x])
+    assert "encoder-decoder" in infer.value.message() and "StatusCode.FAILED_PRECONDITION" in infer.value.status()
+    assert client.is_model_ready("namegen")
+    client.close()
