@@ -224,7 +224,9 @@ def export_entry(checkpoint: Path, repository: Path, name: str = "namegen", samp
         "generation": {"eos_token_id": EOS_ID, "decoder_start_token_id": BOS_ID, "max_target": cfg.max_target},
         "model": cfg.to_dict(), "metrics": {k: v for k, v in ckpt["metrics"].items() if k != "samples"},
         "parity": {"greedy_equal": True, "examples": len(examples)},
-        "golden": [{"source": s.decode("utf-8", "replace"), "greedy": g} for s, g in zip(examples, got)],
+        # the server re-runs these at load: greedy tokens, without end-of-sequence
+        "golden": [{"source_ids": list(s), "max_new_tokens": cfg.max_target - 2, "greedy": g}
+                   for s, g in zip(examples, got)],
         "files": {f.name: {"sha256": sha256(f)} for f in sorted(version.glob("*.onnx"))},
     }
     (version / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -113,18 +113,36 @@ def warm_up(spec: ModelSpec, runtime: OrtRuntime) -> None:
     runtime.run_each(warm_up_feeds(spec), [t.name for t in spec.outputs])
 
 
-def warm_up_seq2seq(spec: ModelSpec, encoder: OrtRuntime, decoder: OrtRuntime, with_past: OrtRuntime) -> None:
-    """One source through all three graphs, on every instance: the graphs load, agree on their
-    shapes, and no first request pays for allocation."""
-    g = spec.seq2seq
-    ids, mask = np.zeros((1, 2), np.int64), np.ones((1, 2), np.int64)
-    start = np.full((1, 1), spec.decoder_start_token_id, np.int64)
-    for hidden in encoder.run_each({"input_ids": ids, "attention_mask": mask}, ["last_hidden_state"]):
-        for out in decoder.run_each({"input_ids": start, "encoder_hidden_states": hidden[0],
-                                     "encoder_attention_mask": mask}, ["logits", *g.self_names, *g.cross_names]):
-            n = 2 * g.n_layer
-            with_past.run_each(g.with_past_feeds(start, mask, np.ones((1, 2), np.int64), out[1:1 + n], out[1 + n:]),
-                               ["logits", *g.self_names])
+def seq2seq_greedy(spec: ModelSpec, encoder: OrtRuntime, decoder: OrtRuntime, with_past: OrtRuntime,
+                   source: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy tokens for one source through the three graphs (without the end-of-sequence
+    token): the warm-up, and the check against the manifest's golden answers."""
+    g, n = spec.seq2seq, 2 * spec.seq2seq.n_layer
+    ids = np.array([source], np.int64)
+    mask = np.ones_like(ids)
+    hidden = encoder.run_sync({"input_ids": ids, "attention_mask": mask}, ["last_hidden_state"])[0]
+    out = decoder.run_sync({"input_ids": np.full((1, 1), spec.decoder_start_token_id, np.int64),
+                            "encoder_hidden_states": hidden, "encoder_attention_mask": mask},
+                           ["logits", *g.self_names, *g.cross_names])
+    self_kv, cross_kv, tokens = out[1:1 + n], out[1 + n:], []
+    for step in range(max_new_tokens):
+        token = int(out[0][0, -1].argmax())
+        if token in spec.eos_token_ids:
+            break
+        tokens.append(token)
+        out = with_past.run_sync(g.with_past_feeds(np.array([[token]], np.int64), mask,
+                                                   np.ones((1, step + 2), np.int64), self_kv, cross_kv),
+                                 ["logits", *g.self_names])
+        self_kv = out[1:]
+    return tokens
+
+
+def check_seq2seq_golden(spec: ModelSpec, *runtimes: OrtRuntime) -> None:
+    for i, golden in enumerate((spec.manifest or {}).get("golden", [])):
+        got = seq2seq_greedy(spec, *runtimes, golden["source_ids"], golden["max_new_tokens"])
+        if got != golden["greedy"]:
+            raise ModelLoadError(f"golden sample {i}: greedy tokens {got[:8]}... differ from the manifest's "
+                                 f"{golden['greedy'][:8]}...")
 
 
 COST_LENGTH = 16  # tokens per row in the timed runs that seed the batch policy's cost line
@@ -182,7 +200,9 @@ class ModelManager:
         runtimes = [self._runtime(entry.path / f, providers, entry) for f in (ENCODER, DECODER, DECODER_WITH_PAST)]
         try:
             mv.spec = seq2seq_spec(entry, runtimes[1].graph_outputs, runtimes[2].graph_inputs, manifest)
-            warm_up_seq2seq(mv.spec, *runtimes)
+            seq2seq_greedy(mv.spec, *runtimes, [0, 0], 2)  # warm-up: every graph once
+            if self.settings.verify_golden:
+                check_seq2seq_golden(mv.spec, *runtimes)
             mv.generation = GenerationConfig.from_spec(mv.spec)
         except Exception:
             for r in runtimes:

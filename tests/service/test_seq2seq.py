@@ -7,6 +7,7 @@ mask) must give the same through its group-by-length road."""
 from __future__ import annotations
 
 import json
+import shutil
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -114,3 +115,17 @@ def test_bad_requests_name_the_limit_and_model_infer_is_refused(s2s_server):
     assert "encoder-decoder" in infer.value.message() and "StatusCode.FAILED_PRECONDITION" in infer.value.status()
     assert client.is_model_ready("namegen")
     client.close()
+
+
+def test_a_wrong_golden_answer_keeps_the_model_from_serving(seq2seq_repository, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(seq2seq_repository / "namegen", repo / "namegen")
+    manifest_path = repo / "namegen" / "1" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["golden"][0]["greedy"] = [7] * len(manifest["golden"][0]["greedy"]) + [7]
+    manifest_path.write_text(json.dumps(manifest))
+    with ServerProcess(repo) as server:
+        client = tc.InferenceServerClient(server.address)
+        [entry] = client.get_model_repository_index().models
+        client.close()
+    assert entry.state == "UNAVAILABLE" and "golden sample 0" in entry.reason
