@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 SYSTEM  := $(VENV)/.system-tools
 REPO    ?= model_repository
 
-.PHONY: install install-serve check-serve-install serve test chaos container-test train export protos check-protos bench-serve bench-options bench-http bench-generation cluster-up cluster-down clean
+.PHONY: install install-serve check-serve-install serve test chaos container-test train export protos check-protos bench-serve bench-options bench-http bench-generation bench-seq2seq train-seq2seq export-seq2seq cluster-up cluster-down clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -56,6 +56,13 @@ container-test: $(STAMP)
 train: $(STAMP)
 	$(PYTHON) -m model.train --out runs/default
 
+# The encoder-decoder (model/seq2seq.py) on the function-naming task: 40 minutes here, resumable
+train-seq2seq: $(STAMP)
+	$(PYTHON) -m model.train_seq2seq --out runs/naming
+
+export-seq2seq: $(STAMP)
+	$(PYTHON) -m export.seq2seq --checkpoint runs/naming/checkpoint.pt --repository $(REPO)
+
 export: $(STAMP)
 	$(PYTHON) -m export --checkpoint runs/default/checkpoint.pt --repository $(REPO)
 
@@ -73,6 +80,9 @@ bench-options: $(STAMP)
 
 bench-http: $(STAMP)
 	$(PYTHON) -m bench.http_bench
+
+bench-seq2seq: $(STAMP)
+	$(PYTHON) -m bench.seq2seq_bench
 
 bench-generation: $(STAMP)
 	$(PYTHON) -m bench.generation_bench

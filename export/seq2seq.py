@@ -151,12 +151,11 @@ def export_seq2seq(model: Seq2Seq, folder: Path, decoder_attention_mask: bool = 
     return [folder / n for n in (ENCODER, DECODER, DECODER_WITH_PAST)]
 
 
-def onnx_greedy(folder: Path, sources: list[bytes], max_new_tokens: int) -> list[list[int]]:
+def onnx_greedy(folder: Path, sources: list[bytes], max_new_tokens: int,
+                sessions: tuple[ort.InferenceSession, ...] | None = None) -> list[list[int]]:
     """Greedy decoding through the three graphs, a right-padded batch at once: the reference the
     server's engine is compared with, and itself compared with PyTorch."""
-    opts = ort.SessionOptions()
-    enc, dec, dwp = (ort.InferenceSession(str(folder / n), opts, providers=["CPUExecutionProvider"])
-                     for n in (ENCODER, DECODER, DECODER_WITH_PAST))
+    enc, dec, dwp = sessions or load_sessions(folder)
     width = max(len(s) for s in sources)
     ids = np.full((len(sources), width), PAD_ID, np.int64)
     mask = np.zeros((len(sources), width), np.int64)
@@ -186,6 +185,11 @@ def onnx_greedy(folder: Path, sources: list[bytes], max_new_tokens: int) -> list
         for n, v in zip([o.name for o in dwp.get_outputs()][1:], outs[1:]):
             cache[n.replace("present", "past_key_values")] = v
     return result
+
+
+def load_sessions(folder: Path) -> tuple[ort.InferenceSession, ...]:
+    return tuple(ort.InferenceSession(str(folder / n), providers=["CPUExecutionProvider"])
+                 for n in (ENCODER, DECODER, DECODER_WITH_PAST))
 
 
 def export_entry(checkpoint: Path, repository: Path, name: str = "namegen", samples: int = 8,

@@ -1,0 +1,105 @@
+"""Encoder-decoder generation: what continuous batching gives, and what the engine costs.
+
+    python -m bench.seq2seq_bench [--model namegen] [--rounds 3]
+
+On the shipped encoder-decoder (`namegen`, held-out functions as sources, greedy, each stops at
+its end-of-sequence token, so output lengths are mixed by nature), three same-run ratios with
+their spread over rounds:
+  - 16 streams ÷ 1 stream, aggregate tokens/s through gRPC;
+  - continuous ÷ static batching on 64 requests of mixed source and output lengths, 16 slots;
+  - the served engine ÷ a raw ONNX Runtime greedy loop over the same three graphs at the same
+    batch (1 and 16): the loop encodes the batch once, runs the first decoder pass, then one
+    decoder_with_past run per token until every row has ended.
+Figures go to bench/results/seq2seq.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.generation_bench import run_streams
+from bench.serve_bench import fmt, summary
+from export.seq2seq import load_sessions, onnx_greedy
+from model.naming import load_examples
+from service.generated import generation_pb2 as gen
+from tests.conftest import DEFAULT_REPOSITORY
+from tests.service.server_process import ServerProcess
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def requests(model: str, sources: list[bytes], max_new: int) -> list[gen.GenerateRequest]:
+    return [gen.GenerateRequest(model=model, token_ids=gen.TokenIds(ids=list(s)), max_new_tokens=max_new)
+            for s in sources]
+
+
+def raw_loop(folder: Path, sources: list[bytes], max_new: int) -> float:
+    """tokens/s of onnx_greedy over the batch (tokens = what the rows produced before ending),
+    the sessions made and warmed before the clock starts."""
+    sessions = load_sessions(folder)
+    onnx_greedy(folder, sources[:1], 2, sessions)
+    t0 = time.perf_counter()
+    out = onnx_greedy(folder, sources, max_new, sessions)
+    return sum(len(o) + (len(o) < max_new) for o in out) / (time.perf_counter() - t0)  # + the EOS each emitted
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="namegen")
+    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args()
+    folder = args.repository / args.model / "1"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    max_source, max_new = manifest["model"]["max_source"], manifest["model"]["max_target"] - 1
+    _, held_out = load_examples()
+    sources = [e.source.encode()[:max_source] for e in held_out]
+    rng = np.random.default_rng(0)
+    rounds = []
+    for r in range(args.rounds):
+        pick = [sources[i] for i in rng.permutation(len(sources))[:64]]
+        point = {}
+        with ServerProcess(args.repository, "--generation-max-sequences", "16") as server:
+            run_streams(server.address, requests(args.model, pick[:2], 4))  # warm
+            point["streams_1"] = run_streams(server.address, requests(args.model, pick[:1], max_new))
+            point["streams_16"] = run_streams(server.address, requests(args.model, pick[:16], max_new))
+            point["continuous"] = run_streams(server.address, requests(args.model, pick, max_new))
+        with ServerProcess(args.repository, "--generation-max-sequences", "16", "--generation-scheduling",
+                           "static") as server:
+            run_streams(server.address, requests(args.model, pick[:2], 4))
+            point["static"] = run_streams(server.address, requests(args.model, pick, max_new))
+        point["raw_loop_1"] = raw_loop(folder, pick[:1], max_new)
+        point["raw_loop_16"] = raw_loop(folder, pick[:16], max_new)
+        rounds.append(point)
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v['tokens_per_s'] if isinstance(v, dict) else v:.0f} tokens/s"
+                                             for k, v in point.items()), flush=True)
+
+    def tps(point: dict, key: str) -> float:
+        v = point[key]
+        return v["tokens_per_s"] if isinstance(v, dict) else v
+
+    def ratio(a: str, b: str) -> dict:
+        return summary([tps(p, a) / tps(p, b) for p in rounds])
+
+    figures = {"streams16_vs_1": ratio("streams_16", "streams_1"),
+               "continuous_vs_static": ratio("continuous", "static"),
+               "served_vs_raw_loop_batch1": ratio("streams_1", "raw_loop_1"),
+               "served_vs_raw_loop_batch16": ratio("streams_16", "raw_loop_16")}
+    print(f"\n{args.model}, greedy on held-out functions, {args.rounds} rounds:")
+    print(f"  16 streams ÷ 1 stream, tokens/s:                 {fmt(figures['streams16_vs_1'])}")
+    print(f"  continuous ÷ static, 64 mixed requests, 16 slots: {fmt(figures['continuous_vs_static'])}")
+    print(f"  served (gRPC) ÷ raw ORT greedy loop, batch 1:     {fmt(figures['served_vs_raw_loop_batch1'])}")
+    print(f"  served (gRPC) ÷ raw ORT greedy loop, batch 16:    {fmt(figures['served_vs_raw_loop_batch16'])}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / "seq2seq.json"
+    out.write_text(json.dumps({"rounds": rounds, "figures": figures}, indent=2) + "\n")
+    print(f"written: {out.relative_to(RESULTS.parents[1])}")
+
+
+if __name__ == "__main__":
+    main()
