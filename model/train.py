@@ -149,23 +149,26 @@ def train(tc: TrainConfig, mc: GPTConfig, resume: bool = False) -> dict:
     return metrics
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, GPTConfig, bool]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for cfg in (TrainConfig(), GPTConfig()):
-        for name, value in asdict(cfg).items():
+def parse_config_flags(doc: str, configs: tuple, argv: list[str] | None) -> tuple:
+    """A flag per field of each config dataclass (--max-steps for max_steps), plus --resume;
+    returns the configs filled from the flags, then resume."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for cfg in configs:
+        for name, value in asdict(cfg()).items():
             flag = "--" + name.replace("_", "-")
             if name == "data":
-                p.add_argument(flag, nargs="*", default=[], help="text files or folders (default: the stdlib)")
-            elif name == "max_corpus_bytes":
+                p.add_argument(flag, nargs="*", default=[], help="files or folders (default: the stdlib)")
+            elif value is None:
                 p.add_argument(flag, type=int, default=None)
             else:
                 p.add_argument(flag, type=type(value), default=value)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     ns = vars(p.parse_args(argv))
-    resume = ns.pop("resume")
-    tc = TrainConfig(**{k: ns[k] for k in asdict(TrainConfig())})
-    mc = GPTConfig(**{k: ns[k] for k in asdict(GPTConfig())})
-    return tc, mc, resume
+    return (*(cfg(**{k: ns[k] for k in asdict(cfg())}) for cfg in configs), ns["resume"])
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, GPTConfig, bool]:
+    return parse_config_flags(__doc__, (TrainConfig, GPTConfig), argv)
 
 
 def main(argv: list[str] | None = None) -> None:

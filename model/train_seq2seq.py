@@ -9,7 +9,6 @@ against the baselines of model/naming.py, and both go in the checkpoint's metric
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from tqdm import tqdm
 
 from model.naming import Example, baselines, load_examples, score
 from model.seq2seq import BOS_ID, EOS_ID, PAD_ID, Seq2Seq, Seq2SeqConfig
-from model.train import lr_at
+from model.train import lr_at, parse_config_flags
 
 
 @dataclass
@@ -163,19 +162,7 @@ def train(tc: TrainConfig, mc: Seq2SeqConfig, resume: bool = False) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Seq2SeqConfig, bool]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for cfg in (TrainConfig(), Seq2SeqConfig()):
-        for name, value in asdict(cfg).items():
-            flag = "--" + name.replace("_", "-")
-            if name == "data":
-                p.add_argument(flag, nargs="*", default=[], help="Python files or folders (default: the stdlib)")
-            else:
-                p.add_argument(flag, type=type(value), default=value)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    ns = vars(p.parse_args(argv))
-    resume = ns.pop("resume")
-    return (TrainConfig(**{k: ns[k] for k in asdict(TrainConfig())}),
-            Seq2SeqConfig(**{k: ns[k] for k in asdict(Seq2SeqConfig())}), resume)
+    return parse_config_flags(__doc__, (TrainConfig, Seq2SeqConfig), argv)
 
 
 def main(argv: list[str] | None = None) -> None:

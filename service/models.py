@@ -222,15 +222,7 @@ class ModelManager:
             want = manifest.get("files", {}).get(model_file.name, {}).get("sha256")
             if want and want != _sha256(model_file):
                 raise ModelLoadError(f"{model_file.name} does not match the sha256 in manifest.json")
-        opts = runtime_options(entry.config)  # the model's own config first, then the server's settings
-        runtime = OrtRuntime(
-            model_file,
-            providers,
-            instances=self.settings.instance_count or opts.instances,
-            intra_op_threads=opts.intra_op_threads or self.settings.session_threads,
-            inter_op_threads=opts.inter_op_threads or self.settings.inter_op_threads,
-            spin=self.settings.ort_spinning,
-        )
+        runtime = self._runtime(model_file, providers, entry)
         try:
             spec = build_spec(entry, runtime.graph_inputs, runtime.graph_outputs, manifest,
                               self.settings.default_max_queue_size)
