@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from contextlib import contextmanager
 from typing import Iterator
 
-from service.errors import FailedPrecondition, InternalError, TServeError, Unavailable
+from service.errors import FailedPrecondition, InternalError, InvalidInput, TServeError, Unavailable
 from service.generation.requests import GenerateInput, to_sequence
 from service.generation.sequence import Event, FinishReason
 from service.logs import request_id
@@ -108,13 +108,27 @@ class DataPlane:
         self.admit()
         mv = self.manager.get(request.model_name, request.model_version)
         if mv.batcher is None:
-            raise FailedPrecondition(f"model {request.model_name!r} is an encoder-decoder: it generates (the "
-                                     "generation API, /v1/completions) and takes no ModelInfer")
+            return await self._infer_graph(mv, request, protocol)
         with self._request(mv, INFER, protocol, request.id) as outcome:
             prepared = prepare(mv.spec, request)
             outputs, timing = await mv.batcher.submit(prepared, deadline)
             outcome.reason, outcome.queue_s, outcome.compute_s = None, timing.queue_s, timing.compute_s
             return InferResponse(mv.name, str(mv.version), request.id, outputs)
+
+    async def _infer_graph(self, mv: ModelVersion, request: InferRequest, protocol: str) -> InferResponse:
+        """ModelInfer on one graph of an encoder-decoder, run as sent (no batching): for clients
+        that drive the decoding loop themselves. ONNX Runtime checks the tensors."""
+        with self._request(mv, INFER, protocol, request.id) as outcome:
+            runtime = mv.graph_for(set(request.inputs))
+            available = [a.name for a in runtime.graph_outputs]
+            names = list(request.requested_outputs) or available
+            unknown = [n for n in names if n not in available]
+            if unknown:
+                raise InvalidInput(f"output {unknown[0]!r} is not an output of this graph (it has {available[:6]}...)")
+            started = time.perf_counter()
+            outputs = await runtime.run(request.inputs, names)
+            outcome.reason, outcome.compute_s = None, time.perf_counter() - started
+            return InferResponse(mv.name, str(mv.version), request.id, dict(zip(names, outputs)))
 
     async def generate(self, request: GenerateInput, deadline: float | None = None,
                        protocol: str = GRPC) -> AsyncIterator[list[Event]]:

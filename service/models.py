@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from service.batcher import DynamicBatcher
-from service.errors import ModelLoadError, ModelNotFound, Unavailable
+from service.errors import InvalidInput, ModelLoadError, ModelNotFound, Unavailable
 from service.generated import model_config_pb2 as mc
 from service.conventions.seq2seq import DECODER, DECODER_WITH_PAST, ENCODER, is_seq2seq
 from service.generation.engine import EngineLimits, GenerationEngine
@@ -63,6 +63,18 @@ class ModelVersion:
     @property
     def ready(self) -> bool:
         return self.state == ModelState.READY
+
+    def graph_for(self, inputs: set[str]) -> OrtRuntime:
+        """An encoder-decoder's graph whose inputs are exactly these (ModelInfer drives the
+        three graphs one by one, for clients that run the decoding loop themselves)."""
+        graphs = (self.runtime, *self.decoder_runtimes)
+        for runtime in graphs:
+            if {a.name for a in runtime.graph_inputs} == inputs:
+                return runtime
+        listed = "; ".join(f"{f}: {sorted(a.name for a in r.graph_inputs)[:4]}..."
+                           for f, r in zip((ENCODER, DECODER, DECODER_WITH_PAST), graphs))
+        raise InvalidInput(f"model {self.name!r} is an encoder-decoder: a ModelInfer's inputs must be exactly "
+                           f"those of one of its graphs ({listed})")
 
 
 def _sha256(path: Path) -> str:

@@ -111,10 +111,34 @@ def test_bad_requests_name_the_limit_and_model_infer_is_refused(s2s_server):
     x = tc.InferInput("input_ids", [1, 2], "INT64")
     x.set_data_from_numpy(np.ones((1, 2), np.int64))
     with pytest.raises(InferenceServerException) as infer:
-        client.infer("namegen", [x])
-    assert "encoder-decoder" in infer.value.message() and "StatusCode.FAILED_PRECONDITION" in infer.value.status()
+        client.infer("namegen", [x])  # no graph takes input_ids alone
+    assert "encoder-decoder" in infer.value.message() and "StatusCode.INVALID_ARGUMENT" in infer.value.status()
     assert client.is_model_ready("namegen")
     client.close()
+
+
+def infer_input(name: str, array: np.ndarray) -> tc.InferInput:
+    x = tc.InferInput(name, list(array.shape), "FP32" if array.dtype == np.float32 else "INT64")
+    x.set_data_from_numpy(array)
+    return x
+
+
+def test_model_infer_drives_each_graph_for_a_client_that_loops_itself(s2s_server, seq2seq_repository):
+    """The encoder, then the first decoder pass, by ModelInfer: its first greedy token is the
+    reference's."""
+    want = references(seq2seq_repository, "namegen")[0]
+    ids = np.array([list(SOURCES[0])], np.int64)
+    mask = np.ones_like(ids)
+    client = tc.InferenceServerClient(s2s_server.address)
+    hidden = client.infer("namegen", [infer_input("input_ids", ids), infer_input("attention_mask", mask)]
+                          ).as_numpy("last_hidden_state")
+    assert hidden.shape == (1, ids.shape[1], CFG.d_model)
+    start = np.full((1, 1), 257, np.int64)  # BOS, the decoder start token
+    first = client.infer("namegen", [infer_input("input_ids", start), infer_input("encoder_hidden_states", hidden),
+                                     infer_input("encoder_attention_mask", mask)],
+                         outputs=[tc.InferRequestedOutput("logits")]).as_numpy("logits")
+    client.close()
+    assert int(first[0, -1].argmax()) == want[0]
 
 
 def test_a_wrong_golden_answer_keeps_the_model_from_serving(seq2seq_repository, tmp_path):
