@@ -242,8 +242,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", type=Path, default=Path("runs/naming/checkpoint.pt"))
     p.add_argument("--repository", type=Path, default=Path("model_repository"))
     p.add_argument("--name", default="namegen")
+    p.add_argument("--checkpoint-copy", type=Path, default=Path("model/checkpoints/namegen.pt"),
+                   help="where to keep the weights-only checkpoint the parity tests compare against")
     args = p.parse_args(argv)
     print(f"wrote {export_entry(args.checkpoint, args.repository, args.name)}")
+    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    slim = {k: ckpt[k] for k in ("config", "model", "step", "train_config")}
+    slim["metrics"] = {k: v for k, v in ckpt["metrics"].items() if k != "samples"}
+    args.checkpoint_copy.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(slim, args.checkpoint_copy)  # no optimizer state
+    metrics = ckpt["metrics"]
+    print(f"held-out ({metrics['held_out_examples']} functions): exact match {metrics['held_out']['exact_match']:.1%}, "
+          f"sub-token F1 {metrics['held_out']['subtoken_f1']:.3f}")
+    for name, b in metrics["baselines"].items():
+        print(f"  baseline {name}: exact match {b['exact_match']:.1%}, sub-token F1 {b['subtoken_f1']:.3f}")
 
 
 if __name__ == "__main__":

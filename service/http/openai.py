@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from service.dataplane import OPENAI, DataPlane
-from service.errors import FailedPrecondition, InvalidInput, TServeError
+from service.errors import FailedPrecondition, InvalidInput, TServeError, short
 from service.generation.requests import GenerateInput
 from service.generation.sequence import Event, FinishReason
 from service.http.errors import handled, openai_body, status_of
@@ -31,6 +31,13 @@ from service.http.kserve import deadline_of
 
 openai = handled(openai_body)
 FINISH = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", FinishReason.EOS: "stop"}
+# OpenAI parameters tserve does not implement, with the values that ask for nothing (accepted)
+UNSUPPORTED: dict[str, tuple] = {
+    "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""),
+    "best_of": (None, 1), "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []),
+    "tool_choice": (None, "none"), "response_format": (None, {"type": "text"}),
+    "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+}
 
 
 class _Sampling(BaseModel):
@@ -51,11 +58,9 @@ class _Sampling(BaseModel):
     def refuse_unsupported(self) -> None:
         if self.n != 1:
             raise InvalidInput("n must be 1: tserve returns one choice per request")
-        unsupported = {"logprobs", "top_logprobs", "echo", "suffix", "best_of", "logit_bias", "tools", "functions",
-                       "response_format", "presence_penalty", "frequency_penalty"}
         for key, value in (self.model_extra or {}).items():
-            if key in unsupported and value not in (None, False, 0, 1, {}, []):
-                raise InvalidInput(f"parameter {key!r} is not supported by tserve")
+            if key in UNSUPPORTED and value not in UNSUPPORTED[key]:
+                raise InvalidInput(f"parameter {key!r} is not supported by tserve (got {short(value)})")
 
     def generate_input(self, request_id: str, text: str | None, token_ids: list[int] | None,
                        max_tokens: int | None, add_special_tokens: bool = True) -> GenerateInput:
