@@ -115,14 +115,14 @@ def export_seq2seq(model: Seq2Seq, folder: Path, decoder_attention_mask: bool = 
     doc = f"encoder-decoder Transformer, {cfg.n_encoder_layers}+{cfg.n_decoder_layers} layers, d_model {C}"
     common = {"dynamo": True, "opset_version": ONNX_OPSET, "optimize": True, "verbose": False}
 
-    program = torch.onnx.export(_Encoder(model), (ids, mask), dynamic_shapes={"input_ids": {0: batch, 1: src},
+    program = torch.onnx.export(_Encoder(model).eval(), (ids, mask), dynamic_shapes={"input_ids": {0: batch, 1: src},
                                 "attention_mask": {0: batch, 1: src}}, input_names=["input_ids", "attention_mask"],
                                 output_names=["last_hidden_state"], **common)
     _save(program, folder / ENCODER, doc + ": encoder")
 
     hidden = torch.randn(B, S, C)
     program = torch.onnx.export(
-        _Decoder(model), (torch.randint(0, 256, (B, T)), hidden, mask),
+        _Decoder(model).eval(), (torch.randint(0, 256, (B, T)), hidden, mask),
         dynamic_shapes={"input_ids": {0: batch, 1: tgt}, "encoder_hidden_states": {0: batch, 1: src},
                         "encoder_attention_mask": {0: batch, 1: src}},
         input_names=["input_ids", "encoder_hidden_states", "encoder_attention_mask"],
@@ -145,7 +145,7 @@ def export_seq2seq(model: Seq2Seq, folder: Path, decoder_attention_mask: bool = 
         shapes = {"input_ids": {0: batch, 1: tgt}, "encoder_attention_mask": {0: batch, 1: src},
                   "past_key_values": past_shapes}
         names = ["input_ids", "encoder_attention_mask", *past_names]
-    program = torch.onnx.export(module, args, dynamic_shapes=shapes, input_names=names,
+    program = torch.onnx.export(module.eval(), args, dynamic_shapes=shapes, input_names=names,
                                 output_names=["logits", *_kv_names("present", L, ("decoder",))], **common)
     _save(program, folder / DECODER_WITH_PAST, doc + ": decoder with past")
     return [folder / n for n in (ENCODER, DECODER, DECODER_WITH_PAST)]
