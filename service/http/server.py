@@ -36,7 +36,7 @@ class HttpServer:
         config = uvicorn.Config(
             build_app(dp, auth, s.auth_open_health), host=s.host, port=s.http_port, http="httptools",
             lifespan="off", log_config=None, access_log=False, server_header=False,
-            limit_concurrency=s.max_concurrent_rpcs or None, h11_max_incomplete_event_size=s.max_message_bytes,
+            limit_concurrency=s.max_concurrent_rpcs or None,
             **tls,
         )
         self.server = _Server(config)

@@ -443,7 +443,6 @@ def _peak_load(stub, gstub) -> None:
 def soak(seconds: float, clients: int = 8) -> dict:
     """Mixed inference and generation from 8 callers for a while, after a peak-load warm-up,
     RSS sampled every 0.5 s: growth over the second half."""
-    rng = np.random.default_rng(8)
     with ServerProcess(_repository(), "--log-level", "warning") as server, channel(server.address) as ch:
         stub, gstub = pb_grpc.GRPCInferenceServiceStub(ch), gen_grpc.TextGenerationStub(ch)
         _peak_load(stub, gstub)
@@ -479,7 +478,6 @@ def soak(seconds: float, clients: int = 8) -> dict:
             time.sleep(0.5)
         for t in threads:
             t.join(60)
-        del rng
     half = samples[len(samples) // 2:]
     return {"seconds": seconds, "requests": requests, "failed": failures, "rss_mib_start": round(samples[0] / 1024, 1),
             "rss_mib_mid": round(half[0] / 1024, 1), "rss_mib_end": round(samples[-1] / 1024, 1),
