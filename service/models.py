@@ -19,7 +19,7 @@ import numpy as np
 from service.batcher import DynamicBatcher
 from service.errors import InvalidInput, ModelLoadError, ModelNotFound, Unavailable
 from service.generated import model_config_pb2 as mc
-from service.conventions.seq2seq import DECODER, DECODER_WITH_PAST, ENCODER, is_seq2seq
+from service.conventions.seq2seq import ENCODER, MergedBranch, decoder_files, is_seq2seq
 from service.generation.engine import EngineLimits, GenerationEngine
 from service.generation.seq2seq_engine import Seq2SeqEngine
 from service.generation.requests import GenerationConfig
@@ -57,8 +57,11 @@ class ModelVersion:
     # decoders (the decoder-with-past convention) also generate:
     engine: GenerationEngine | None = None
     generation: GenerationConfig | None = None
-    # encoder-decoders: the decoder graphs beside `runtime` (the encoder)
+    # encoder-decoders: the decoder graphs beside `runtime` (the encoder), their files, and the
+    # two decoders the engine drives (the merged graph's two branches when it is the only one)
     decoder_runtimes: tuple[OrtRuntime, ...] = ()
+    graph_files: tuple[str, ...] = ()
+    seq2seq_decoders: tuple = ()
 
     @property
     def ready(self) -> bool:
@@ -72,7 +75,7 @@ class ModelVersion:
             if {a.name for a in runtime.graph_inputs} == inputs:
                 return runtime
         listed = "; ".join(f"{f}: {sorted(a.name for a in r.graph_inputs)[:4]}..."
-                           for f, r in zip((ENCODER, DECODER, DECODER_WITH_PAST), graphs))
+                           for f, r in zip(self.graph_files, graphs))
         raise InvalidInput(f"model {self.name!r} is an encoder-decoder: a ModelInfer's inputs must be exactly "
                            f"those of one of its graphs ({listed})")
 
@@ -203,24 +206,35 @@ class ModelManager:
         )
 
     def _load_seq2seq_sync(self, mv: ModelVersion, entry, providers: list[str]) -> None:
-        """An encoder-decoder export folder (Optimum's seq2seq layout): three graphs, generation only."""
+        """An encoder-decoder export folder (Optimum's seq2seq layout): the encoder and two
+        decoders, or the encoder and the merged decoder; generation only."""
         manifest = read_manifest(entry.path)
-        for f in (ENCODER, DECODER, DECODER_WITH_PAST):
+        files = (ENCODER, *decoder_files(entry.path))
+        for f in files:
             want = ((manifest or {}).get("files", {}).get(f) or {}).get("sha256")
             if want and want != _sha256(entry.path / f):
                 raise ModelLoadError(f"{f} does not match the sha256 in manifest.json")
-        runtimes = [self._runtime(entry.path / f, providers, entry) for f in (ENCODER, DECODER, DECODER_WITH_PAST)]
+        runtimes = [self._runtime(entry.path / f, providers, entry) for f in files]
         try:
-            mv.spec = seq2seq_spec(entry, runtimes[1].graph_outputs, runtimes[2].graph_inputs, manifest)
-            seq2seq_greedy(mv.spec, *runtimes, [0, 0], 2)  # warm-up: every graph once
+            if len(runtimes) == 2:
+                decoders = (MergedBranch(runtimes[1], use_cache=False), MergedBranch(runtimes[1], use_cache=True))
+            else:
+                decoders = (runtimes[1], runtimes[2])
+            mv.spec = seq2seq_spec(entry, decoders[0].graph_outputs, decoders[1].graph_inputs, manifest)
+            seq2seq_greedy(mv.spec, runtimes[0], *decoders, [0, 0], 2)  # warm-up: every graph once
             if self.settings.verify_golden:
-                check_seq2seq_golden(mv.spec, *runtimes)
+                check_seq2seq_golden(mv.spec, runtimes[0], *decoders)
             mv.generation = GenerationConfig.from_spec(mv.spec)
+        except ValueError as e:
+            for r in runtimes:
+                r.close()
+            raise ModelLoadError(str(e)) from e
         except Exception:
             for r in runtimes:
                 r.close()
             raise
-        mv.runtime, mv.decoder_runtimes = runtimes[0], tuple(runtimes[1:])
+        mv.runtime, mv.decoder_runtimes, mv.seq2seq_decoders = runtimes[0], tuple(runtimes[1:]), decoders
+        mv.graph_files = files
         mv.config = completed_config(mv.spec, entry.config)
 
     def _load_version_sync(self, mv: ModelVersion, entry) -> None:
@@ -295,7 +309,7 @@ class ModelManager:
                               s.generation_scheduling)
         if mv.spec.seq2seq is not None:
             spec = mv.spec
-            mv.engine = Seq2SeqEngine(mv.name, mv.runtime, *mv.decoder_runtimes, spec.seq2seq,
+            mv.engine = Seq2SeqEngine(mv.name, mv.runtime, *mv.seq2seq_decoders, spec.seq2seq,
                                       spec.decoder_start_token_id, spec.padding.pad_values.get("input_ids", 0),
                                       limits, mv.observer.generation_step)
             mv.engine.start()

@@ -7,6 +7,15 @@ three graphs in one version folder, and what the server needs to know of them.
     decoder_with_past_model.onnx  input_ids, encoder_attention_mask, past_key_values.{i}.decoder|encoder.key|value
                                   [, decoder_attention_mask] -> logits, present.{i}.decoder.key|value
 
+Or, instead of the two decoders, Optimum's merged one (what it writes by default beside them,
+and what many published exports ship alone):
+
+    decoder_model_merged.onnx     both decoders behind an If on `use_cache_branch` [1] bool; every
+                                  input of both is required, the unused branch's ignored
+
+The server prefers the two plain graphs when a folder has them, and otherwise drives the merged
+graph as two `MergedBranch` views, filling the inputs the other branch owns with empty tensors.
+
 A decoder_with_past graph that takes `decoder_attention_mask` (tserve's own export does) lets
 sequences of different target lengths share one decode run; without it, only sequences of the
 same target length can. This module imports nothing from the service.
@@ -21,11 +30,71 @@ from pathlib import Path
 import numpy as np
 
 ENCODER, DECODER, DECODER_WITH_PAST = "encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx"
+MERGED = "decoder_model_merged.onnx"
+USE_CACHE = "use_cache_branch"
 _PRESENT = re.compile(r"present\.(\d+)\.(decoder|encoder)\.(key|value)$")
 
 
+def decoder_files(version_dir: Path) -> tuple[str, ...] | None:
+    """The decoder graphs this folder is served with: the two plain ones, else the merged one;
+    None when it is not an encoder-decoder export."""
+    if not (version_dir / ENCODER).is_file():
+        return None
+    if all((version_dir / f).is_file() for f in (DECODER, DECODER_WITH_PAST)):
+        return DECODER, DECODER_WITH_PAST
+    if (version_dir / MERGED).is_file():
+        return (MERGED,)
+    return None
+
+
 def is_seq2seq(version_dir: Path) -> bool:
-    return all((version_dir / f).is_file() for f in (ENCODER, DECODER, DECODER_WITH_PAST))
+    return decoder_files(version_dir) is not None
+
+
+class MergedBranch:
+    """One branch of decoder_model_merged.onnx, seen as the plain graph it replaces: the same
+    inputs and outputs, and a run that adds `use_cache_branch` and empty tensors for the inputs
+    only the other branch reads. Wraps anything with graph_inputs/graph_outputs/run_sync/run
+    (the server's OrtRuntime); closing is left to the owner of the runtime."""
+
+    def __init__(self, runtime, use_cache: bool) -> None:
+        self.runtime = runtime
+        self.use_cache = use_cache
+        inputs = {a.name: a for a in runtime.graph_inputs}
+        if USE_CACHE not in inputs:
+            raise ValueError(f"{MERGED} has no {USE_CACHE} input")
+        # the first decoder reads the encoder's output and no cache; the other, the cache only
+        own = (lambda n: not n.startswith("past_key_values.")) if not use_cache else (lambda n: n != "encoder_hidden_states")
+        self._filled = [(name, _dtype(a.type), a.shape) for name, a in inputs.items() if name != USE_CACHE and not own(name)]
+        self.graph_inputs = [a for name, a in inputs.items() if name != USE_CACHE and own(name)]
+        self.graph_outputs = [a for a in runtime.graph_outputs
+                              if not (use_cache and ".encoder." in a.name)]  # the cache branch repeats no cross presents
+        self._flag = np.array([use_cache], dtype=bool)
+
+    def feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch = len(feeds["input_ids"])
+        full = dict(feeds)
+        full[USE_CACHE] = self._flag
+        for name, dtype, shape in self._filled:
+            # batch first, an empty sequence axis, the graph's own sizes elsewhere (1 if symbolic)
+            dims = [batch] + [d if isinstance(d, int) else 1 for d in shape[1:]]
+            dims[2 if len(dims) == 4 else 1] = 0
+            full[name] = np.zeros(dims, dtype)
+        return full
+
+    def run_sync(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+        return self.runtime.run_sync(self.feeds(feeds), outputs)
+
+    async def run(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+        return await self.runtime.run(self.feeds(feeds), outputs)
+
+    def run_each(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[list[np.ndarray]]:
+        return self.runtime.run_each(self.feeds(feeds), outputs)
+
+
+def _dtype(ort_type: str) -> np.dtype:
+    return {"tensor(float16)": np.dtype(np.float16), "tensor(double)": np.dtype(np.float64)}.get(
+        ort_type, np.dtype(np.float32))
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 into the repository as Optimum wrote them: served with continuous batching and compared with
 transformers' own greedy generate. BART (learned positions, no decoder attention mask in its
 decoder_with_past graph) and T5 (relative position buckets), built from configs after a fixed
-seed, no Hub."""
+seed, no Hub. Each is served twice: as Optimum writes the folder (the two plain decoders are
+used), and with only decoder_model_merged.onnx beside the encoder (the If graph's branches)."""
 
 from __future__ import annotations
 
@@ -58,6 +59,11 @@ def server(models, tmp_path_factory):
     repo = tmp_path_factory.mktemp("optimum_seq2seq_repo")
     for name, (_, folder) in models.items():
         shutil.copytree(folder, repo / name / "1")  # nothing added: no config.pbtxt, no manifest
+        merged = repo / f"{name}_merged" / "1"
+        shutil.copytree(folder, merged)
+        (merged / "decoder_model.onnx").unlink()
+        (merged / "decoder_with_past_model.onnx").unlink()
+        assert (merged / "decoder_model_merged.onnx").is_file()
     with ServerProcess(repo, "--generation-max-sequences", "4") as s:
         yield s
 
@@ -70,9 +76,9 @@ def transformers_greedy(model, source: list[int], n: int) -> list[int]:
     return out[0, 1:].tolist()  # without the decoder start token
 
 
-@pytest.mark.parametrize("name", ["bart", "t5"])
+@pytest.mark.parametrize("name", ["bart", "t5", "bart_merged", "t5_merged"])
 def test_greedy_generation_equals_transformers_alone_and_batched(models, server, name):
-    model = models[name][0]
+    model = models[name.removesuffix("_merged")][0]
     rng = np.random.default_rng(1)
     sources = [rng.integers(3, VOCAB, int(n)).tolist() for n in (3, 9, 17, 30, 5, 12)]
     jobs = [(i, int(n)) for i, n in zip(rng.integers(0, len(sources), 24), rng.integers(2, 16, 24))]
