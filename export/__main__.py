@@ -22,9 +22,9 @@ from export.onnx_export import ONNX_OPSET, export_onnx
 from export.optimize import fusion_report, quantize_int8, speed_ratios
 from export.repository import decoder_config_pbtxt, golden_record, write_entry
 from export.verify import cpu_session, decoder_feeds, empty_past, verify
-from model import tokenizer
-from model.data import load_corpus
-from model.evaluate import bits_per_byte, sliding_nll
+from model.data import eval_span, load_documents
+from model.evaluate import bits_per_byte, scored, sliding_nll
+from model.tokenizer import Tokenizer, from_checkpoint
 from model.transformer import GPT, load_checkpoint
 
 SAMPLE_PROMPTS = ["def fibonacci(n):", "import os\n", "class Stack:"]
@@ -40,11 +40,11 @@ def onnx_logits_fn(session: ort.InferenceSession, model: GPT):
     return fn
 
 
-def onnx_bpb(session: ort.InferenceSession, model: GPT, tokens: np.ndarray) -> float:
-    return round(bits_per_byte(sliding_nll(onnx_logits_fn(session, model), tokens, model.cfg.block_size), len(tokens) - 1), 4)
+def onnx_bpb(session: ort.InferenceSession, model: GPT, tokens: np.ndarray, n_bytes: int) -> float:
+    return round(bits_per_byte(sliding_nll(onnx_logits_fn(session, model), tokens, model.cfg.block_size), n_bytes), 4)
 
 
-def golden_feeds(model: GPT) -> dict[str, np.ndarray]:
+def golden_feeds(model: GPT, tokenizer: Tokenizer) -> dict[str, np.ndarray]:
     ids = np.array([tokenizer.encode(SAMPLE_PROMPTS[0])], np.int64)
     T = ids.shape[1]
     return decoder_feeds(
@@ -57,18 +57,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", type=Path, default=Path("runs/default/checkpoint.pt"))
     p.add_argument("--repository", type=Path, default=Path("model_repository"))
     p.add_argument("--name", default="bytegpt")
-    p.add_argument("--eval-tokens", type=int, default=65_536, help="validation tokens scored in ONNX Runtime")
+    p.add_argument("--eval-bytes", type=int, default=65_536, help="validation bytes scored in ONNX Runtime")
     p.add_argument("--skip-int8", action="store_true")
     p.add_argument("--checkpoint-copy", type=Path, default=Path("model/checkpoints/bytegpt.pt"),
                    help="where to keep the weights-only checkpoint the parity tests compare against")
     args = p.parse_args(argv)
 
     model, ckpt = load_checkpoint(str(args.checkpoint))
+    tokenizer = from_checkpoint(ckpt)
     prompts = [tokenizer.encode(s) for s in SAMPLE_PROMPTS]
     tc = ckpt.get("train_config", {})
-    corpus = load_corpus([Path(d) for d in tc.get("data", [])] or None, seed=tc.get("seed", 0),
-                         max_bytes=tc.get("max_corpus_bytes"))
-    val = corpus.val[: args.eval_tokens]
+    docs = load_documents([Path(d) for d in tc.get("data", [])] or None, seed=tc.get("seed", 0),
+                          max_bytes=tc.get("max_corpus_bytes"))
+    val, val_bytes = scored(eval_span(docs.val, args.eval_bytes), tokenizer)
+    shipped = {} if tokenizer.to_str() is None else {"tokenizer.json": tokenizer.to_str()}
 
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = export_onnx(model, Path(tmp) / "fp32.onnx")
@@ -83,13 +85,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"speed: {speed}")
 
         fp32_session = cpu_session(fp32)
-        fp32_bpb = onnx_bpb(fp32_session, model, val)
+        fp32_bpb = onnx_bpb(fp32_session, model, val, val_bytes)
         samples = {s: tokenizer.decode(model.generate(ids, 96, temperature=0.7, top_k=40, seed=0))
                    for s, ids in zip(SAMPLE_PROMPTS, prompts)}
         common = {
             "architecture": "decoder-with-past",
             "tokenizer": tokenizer.manifest_entry(),
-            "generation": {"max_context": model.cfg.block_size, "eos_token_id": tokenizer.EOT_ID},
+            "generation": {"max_context": model.cfg.block_size, "eos_token_id": tokenizer.eot_id},
             "model_config": model.cfg.to_dict(),
             "parameters": model.num_parameters(),
             "training": {"config": tc, "metrics": ckpt.get("metrics", {})},
@@ -97,27 +99,31 @@ def main(argv: list[str] | None = None) -> None:
                        "parity": parity, "fusions": fusions, "speed": speed},
             "samples": {"temperature": 0.7, "top_k": 40, "seed": 0, "completions": samples},
         }
-        feeds = golden_feeds(model)
+        feeds = golden_feeds(model, tokenizer)
+        scope = {"tokens": len(val), "bytes": val_bytes}
         entry = write_entry(
-            args.repository, args.name, fp32, decoder_config_pbtxt(args.name, model.cfg, tokenizer.EOT_ID),
-            {**common, "validation": {"onnx_bits_per_byte": fp32_bpb, "tokens": len(val)},
+            args.repository, args.name, fp32, decoder_config_pbtxt(args.name, model.cfg, tokenizer.eot_id),
+            {**common, "validation": {"onnx_bits_per_byte": fp32_bpb, **scope},
              "golden": [golden_record(fp32_session, feeds, atol=1e-3)]},
+            extra_files=shipped,
         )
-        print(f"wrote {entry}: ONNX validation {fp32_bpb} bits/byte on {len(val)} tokens")
+        print(f"wrote {entry}: ONNX validation {fp32_bpb} bits/byte on {val_bytes:,} bytes")
         if int8 is not None:
             int8_session = cpu_session(int8)
-            int8_bpb = onnx_bpb(int8_session, model, val)
+            int8_bpb = onnx_bpb(int8_session, model, val, val_bytes)
             name = f"{args.name}_int8"
             entry = write_entry(
-                args.repository, name, int8, decoder_config_pbtxt(name, model.cfg, tokenizer.EOT_ID),
+                args.repository, name, int8, decoder_config_pbtxt(name, model.cfg, tokenizer.eot_id),
                 {**common, "quantization": {"method": "dynamic", "weight_type": "int8",
                                             "bytes": int8.stat().st_size, "fp32_bytes": fp32.stat().st_size},
-                 "validation": {"onnx_bits_per_byte": int8_bpb, "fp32_onnx_bits_per_byte": fp32_bpb, "tokens": len(val)},
+                 "validation": {"onnx_bits_per_byte": int8_bpb, "fp32_onnx_bits_per_byte": fp32_bpb,
+                                "int8_over_fp32": round(int8_bpb / fp32_bpb, 4), **scope},
                  "golden": [golden_record(int8_session, feeds, atol=5e-2)]},
+                extra_files=shipped,
             )
             print(f"wrote {entry}: int8 {int8.stat().st_size / 1e6:.2f} MB, validation {int8_bpb} bits/byte "
-                  f"(fp32 {fp32_bpb}) on {len(val)} tokens")
-    slim = {k: ckpt[k] for k in ("config", "model", "step", "train_config", "metrics") if k in ckpt}
+                  f"(fp32 {fp32_bpb}, ratio {int8_bpb / fp32_bpb:.4f}) on {val_bytes:,} bytes")
+    slim = {k: ckpt[k] for k in ("config", "tokenizer", "model", "step", "train_config", "metrics") if k in ckpt}
     args.checkpoint_copy.parent.mkdir(parents=True, exist_ok=True)
     torch.save(slim, args.checkpoint_copy)  # no optimizer state: a third of the size
     for s, text in samples.items():

@@ -95,8 +95,10 @@ def golden_record(session: ort.InferenceSession, feeds: dict[str, np.ndarray], a
 
 
 def write_entry(
-    repo: Path, name: str, onnx_file: Path, config_pbtxt: str, manifest: dict, version: int = 1
+    repo: Path, name: str, onnx_file: Path, config_pbtxt: str, manifest: dict, version: int = 1,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
+    """extra_files: name -> text written beside model.onnx (tokenizer.json)."""
     entry = repo / name
     version_dir = entry / str(version)
     version_dir.mkdir(parents=True, exist_ok=True)
@@ -104,12 +106,19 @@ def write_entry(
     if onnx_file.resolve() != target.resolve():
         shutil.copyfile(onnx_file, target)
     (entry / "config.pbtxt").write_text(config_pbtxt)
+    for old in version_dir.iterdir():  # a file an earlier export wrote and this one does not
+        if old.name not in {"model.onnx", "manifest.json", *(extra_files or {})}:
+            old.unlink()
+    written = [target]
+    for file_name, text in (extra_files or {}).items():
+        (version_dir / file_name).write_text(text)
+        written.append(version_dir / file_name)
     manifest = {
         "format": MANIFEST_FORMAT,
         "name": name,
         "version": version,
         **manifest,
-        "files": {"model.onnx": {"sha256": sha256(target), "bytes": target.stat().st_size}},
+        "files": {f.name: {"sha256": sha256(f), "bytes": f.stat().st_size} for f in written},
     }
     (version_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return entry

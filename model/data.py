@@ -1,4 +1,4 @@
-"""The training corpus: text files concatenated into one byte stream, split by file.
+"""The training corpus: text files split by file into train and validation, and tokenized.
 
 By default, the Python standard library's own source (every machine that trains has it).
 Each file is assigned to train or validation by a seeded hash of its relative path, so the
@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import sysconfig
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from model.tokenizer import EOT_ID
+from model.tokenizer import Tokenizer
 
 
 @dataclass
-class Corpus:
-    train: np.ndarray  # uint16 token ids, documents separated by EOT_ID
-    val: np.ndarray
-    n_train_files: int
-    n_val_files: int
+class Documents:
+    train: list[str]
+    val: list[str]
 
 
 def default_sources() -> list[Path]:
@@ -48,33 +47,49 @@ def _is_val(rel: str, seed: int, val_fraction: float) -> bool:
     return int.from_bytes(h[:8], "little") / 2**64 < val_fraction
 
 
-def load_corpus(
+def load_documents(
     sources: list[Path] | None = None,
     seed: int = 0,
     val_fraction: float = 0.05,
     suffixes: tuple[str, ...] = (".py",),
     max_bytes: int | None = None,
-) -> Corpus:
-    parts: dict[bool, list[bytes]] = {False: [], True: []}
-    counts = {False: 0, True: 0}
+) -> Documents:
+    """Each file's text (bytes that are not UTF-8 become U+FFFD), in train or validation."""
+    docs = Documents([], [])
     total = 0
     for rel, path in _files(sources or default_sources(), suffixes):
         data = path.read_bytes()
-        is_val = _is_val(rel, seed, val_fraction)
-        parts[is_val].append(data)
-        counts[is_val] += 1
+        (docs.val if _is_val(rel, seed, val_fraction) else docs.train).append(data.decode("utf-8", errors="replace"))
         total += len(data)
         if max_bytes is not None and total >= max_bytes:
             break
-    if not parts[True]:  # tiny corpora: keep at least one file for validation
-        parts[True].append(parts[False].pop())
-        counts[True], counts[False] = 1, counts[False] - 1
+    if not docs.val:  # tiny corpora: keep at least one file for validation
+        docs.val.append(docs.train.pop())
+    return docs
 
-    def join(docs: list[bytes]) -> np.ndarray:
-        out = []
-        for d in docs:
-            out.append(np.frombuffer(d, dtype=np.uint8).astype(np.uint16))
-            out.append(np.array([EOT_ID], dtype=np.uint16))
-        return np.concatenate(out) if out else np.zeros(0, dtype=np.uint16)
 
-    return Corpus(join(parts[False]), join(parts[True]), counts[False], counts[True])
+def tokenize(docs: Sequence[str], tokenizer: Tokenizer) -> np.ndarray:
+    """One stream of uint16 ids, each document followed by <|endoftext|>."""
+    out = []
+    for ids in tokenizer.encode_batch(docs):
+        out.append(np.asarray(ids, dtype=np.uint16))
+        out.append(np.array([tokenizer.eot_id], dtype=np.uint16))
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.uint16)
+
+
+def eval_span(docs: Sequence[str], max_bytes: int) -> list[str]:
+    """The first `max_bytes` of the validation text (separators count one byte), the last
+    document cut at a line end: the same text for every tokenizer and the n-gram."""
+    span, total = [], 0
+    for doc in docs:
+        size = len(doc.encode()) + 1
+        if total + size <= max_bytes:
+            span.append(doc)
+            total += size
+            continue
+        head = doc.encode()[: max_bytes - total]
+        cut = head.rfind(b"\n") + 1
+        if cut:
+            span.append(head[:cut].decode("utf-8", errors="ignore"))
+        break
+    return span

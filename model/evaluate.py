@@ -1,24 +1,33 @@
-"""Bits per byte on the validation split, one scoring rule for the Transformer and the n-gram.
+"""Bits per byte on the validation split, one scoring rule for every tokenizer and the n-gram.
 
-Both score exactly the same targets: tokens[1:] of the first `max_tokens` validation tokens.
-The Transformer sees each target with up to block_size tokens of context (sliding windows
-with a stride of half the context); the n-gram sees its own order's worth.
+All score the same text (`data.eval_span`): the total negative log-likelihood of its tokens
+after the first, divided by the bytes those tokens spell. The Transformer sees each target
+with up to block_size tokens of context (sliding windows with a stride of half the context);
+the n-gram sees its own order's worth of bytes.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
+from model.data import eval_span, tokenize
 from model.ngram import NGramModel
+from model.tokenizer import ByteTokenizer, Tokenizer
 from model.transformer import GPT
 
 
-def bits_per_byte(nll_nats: np.ndarray | float, n_targets: int) -> float:
-    return float(np.sum(nll_nats)) / n_targets / math.log(2)
+def bits_per_byte(nll_nats: np.ndarray | float, n_bytes: int) -> float:
+    return float(np.sum(nll_nats)) / n_bytes / math.log(2)
+
+
+def scored(docs: Sequence[str], tokenizer: Tokenizer) -> tuple[np.ndarray, int]:
+    """The span's tokens, and the bytes spelt by all but the first (the scored ones)."""
+    tokens = tokenize(docs, tokenizer)
+    return tokens, int(tokenizer.token_bytes()[tokens[1:]].sum())
 
 
 LogitsFn = Callable[[np.ndarray], np.ndarray]  # (B, T) int64 ids -> (B, T, vocab) logits
@@ -27,7 +36,7 @@ LogitsFn = Callable[[np.ndarray], np.ndarray]  # (B, T) int64 ids -> (B, T, voca
 def torch_logits_fn(model: GPT) -> LogitsFn:
     @torch.no_grad()
     def fn(x: np.ndarray) -> np.ndarray:
-        return model(torch.from_numpy(x))[0].numpy()
+        return model(torch.from_numpy(x))[0].float().numpy()
 
     return fn
 
@@ -61,17 +70,23 @@ def sliding_nll(logits_fn: LogitsFn, tokens: np.ndarray, block_size: int, batch_
     return out
 
 
-def model_bpb(model: GPT, val: np.ndarray, max_tokens: int) -> float:
+def logits_fn_bpb(logits_fn: LogitsFn, block_size: int, tokenizer: Tokenizer, docs: Sequence[str]) -> float:
+    tokens, n_bytes = scored(docs, tokenizer)
+    return bits_per_byte(sliding_nll(logits_fn, tokens, block_size), n_bytes)
+
+
+def model_bpb(model: GPT, tokenizer: Tokenizer, val_docs: Sequence[str], max_bytes: int) -> float:
     was_training = model.training
     model.eval()
-    tokens = val[:max_tokens]
     try:
-        return bits_per_byte(sliding_nll(torch_logits_fn(model), tokens, model.cfg.block_size), len(tokens) - 1)
+        return logits_fn_bpb(torch_logits_fn(model), model.cfg.block_size, tokenizer, eval_span(val_docs, max_bytes))
     finally:
         model.train(was_training)
 
 
-def ngram_bpb(train: np.ndarray, val: np.ndarray, max_tokens: int, order: int, vocab_size: int) -> float:
-    tokens = val[:max_tokens]
-    ngram = NGramModel(order, vocab_size).fit(train)
-    return bits_per_byte(ngram.nll(tokens), len(tokens) - 1)
+def ngram_bpb(train_docs: Sequence[str], val_docs: Sequence[str], max_bytes: int, order: int) -> float:
+    """A smoothed byte n-gram fitted on the training files, on the same span."""
+    byte_tok = ByteTokenizer()
+    tokens, n_bytes = scored(eval_span(val_docs, max_bytes), byte_tok)
+    ngram = NGramModel(order, byte_tok.vocab_size).fit(tokenize(train_docs, byte_tok))
+    return bits_per_byte(ngram.nll(tokens), n_bytes)

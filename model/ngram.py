@@ -65,3 +65,22 @@ class NGramModel:
             mixed = np.maximum(count - self.discount, 0) / safe + self.discount * n_types / safe * lower
             prob[has_ctx] = np.where(seen, mixed, lower)
         return -np.log(prob)
+
+    def next_probs(self, context: np.ndarray) -> np.ndarray:
+        """(vocab,) probability of each next token after `context` (for greedy decoding)."""
+        context = np.asarray(context, dtype=np.int64)
+        candidates = np.arange(self.vocab_size, dtype=np.int64)
+        prob = np.full(self.vocab_size, 1.0 / self.vocab_size)
+        for k, (joint, joint_counts, ctx_keys, totals, types) in enumerate(self._tables):
+            if len(context) < k:
+                break
+            ctx = np.zeros(1, dtype=np.int64)
+            for j in range(k, 0, -1):
+                ctx = ctx * self.vocab_size + context[-j]
+            total = float(self._lookup(ctx_keys, totals, ctx)[0])
+            if total == 0:
+                continue
+            n_types = float(self._lookup(ctx_keys, types, ctx)[0])
+            count = self._lookup(joint, joint_counts, ctx * self.vocab_size + candidates)
+            prob = np.maximum(count - self.discount, 0) / total + self.discount * n_types / total * prob
+        return prob

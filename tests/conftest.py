@@ -13,7 +13,8 @@ DEFAULT_CHECKPOINT = ROOT / "model" / "checkpoints" / "bytegpt.pt"
 TINY_TRAIN_ARGS = [
     "--block-size", "96", "--d-model", "32", "--d-ff", "64", "--n-layer", "2", "--n-head", "2",
     "--batch-size", "8", "--max-steps", "12", "--warmup-steps", "2", "--lr", "3e-3", "--eval-interval", "12",
-    "--eval-tokens", "2048", "--final-eval-tokens", "4096", "--max-corpus-bytes", "300000", "--ngram-order", "2",
+    "--eval-bytes", "4096", "--final-eval-bytes", "8192", "--max-corpus-bytes", "300000", "--ngram-order", "2",
+    "--bpe-vocab", "512",
 ]
 
 
@@ -33,6 +34,6 @@ def tiny_repository(tiny_checkpoint, tmp_path_factory) -> Path:
     from export.__main__ import main as export_main
 
     repo = tmp_path_factory.mktemp("repo")
-    export_main(["--checkpoint", str(tiny_checkpoint), "--repository", str(repo), "--eval-tokens", "2048",
+    export_main(["--checkpoint", str(tiny_checkpoint), "--repository", str(repo), "--eval-bytes", "4096",
                  "--checkpoint-copy", str(repo.parent / "tiny.pt")])
     return repo

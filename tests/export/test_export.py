@@ -3,20 +3,28 @@ import json
 import numpy as np
 import onnx
 import pytest
+import torch
 
 from export.optimize import op_counts
 from export.repository import sha256
 from export.verify import cpu_session, logits_max_abs_diff, parity_cases, verify
-from model import tokenizer
+from model.tokenizer import from_checkpoint
+from service.generation.tokenizer import HFTokenizer
 from model.transformer import load_checkpoint
 from tests.conftest import DEFAULT_CHECKPOINT, DEFAULT_REPOSITORY
 
-PROMPTS = [tokenizer.encode(s) for s in ["def fibonacci(n):", "import os\n", "class Stack:"]]
+TEXTS = ["def fibonacci(n):", "import os\n", "class Stack:"]
+
+
+def prompts(ckpt: dict) -> list[list[int]]:
+    tokenizer = from_checkpoint(ckpt)
+    return [tokenizer.encode(s) for s in TEXTS]
 
 
 def golden_reproduces(entry_version_dir) -> None:
     manifest = json.loads((entry_version_dir / "manifest.json").read_text())
-    assert manifest["files"]["model.onnx"]["sha256"] == sha256(entry_version_dir / "model.onnx")
+    for name, record in manifest["files"].items():
+        assert record["sha256"] == sha256(entry_version_dir / name)
     session = cpu_session(entry_version_dir / "model.onnx")
     for golden in manifest["golden"]:
         feeds = {k: np.array(v["data"], {"INT64": np.int64, "FP32": np.float32}[v["datatype"]]).reshape(v["shape"])
@@ -28,17 +36,17 @@ def golden_reproduces(entry_version_dir) -> None:
 
 
 def test_tiny_export_matches_pytorch(tiny_repository):
-    model, _ = load_checkpoint(str(tiny_repository.parent / "tiny.pt"))
-    report = verify(model, tiny_repository / "bytegpt" / "1" / "model.onnx", PROMPTS)
+    model, ckpt = load_checkpoint(str(tiny_repository.parent / "tiny.pt"))
+    report = verify(model, tiny_repository / "bytegpt" / "1" / "model.onnx", prompts(ckpt))
     assert report["max_abs_logits_diff"] <= 1e-4
     assert report["greedy_equal_alone"] and report["greedy_equal_batched"]
     assert {"batch1_seq1_empty_past", "batch1_long", "batch2_seq1_past17", "real_prompts_left_padded"} <= set(report["cases"])
 
 
 def test_left_padded_rows_stay_finite(tiny_repository):
-    model, _ = load_checkpoint(str(tiny_repository.parent / "tiny.pt"))
+    model, ckpt = load_checkpoint(str(tiny_repository.parent / "tiny.pt"))
     session = cpu_session(tiny_repository / "bytegpt" / "1" / "model.onnx")
-    case = next(c for c in parity_cases(model, PROMPTS) if c.name == "real_prompts_left_padded")
+    case = next(c for c in parity_cases(model, prompts(ckpt)) if c.name == "real_prompts_left_padded")
     assert case.attention_mask.min() == 0, "the case must contain padding"
     assert logits_max_abs_diff(model, session, case) <= 1e-4  # inf when any logit is NaN
 
@@ -49,7 +57,13 @@ def test_repository_entries_are_complete(tiny_repository):
         assert (tiny_repository / name / "config.pbtxt").read_text().startswith(f'name: "{name}"')
         golden_reproduces(version)
         manifest = json.loads((version / "manifest.json").read_text())
-        assert manifest["tokenizer"]["type"] == "byte" and manifest["architecture"] == "decoder-with-past"
+        assert manifest["architecture"] == "decoder-with-past"
+        # the BPE ships as tokenizer.json, read by the server as any Hugging Face export's is
+        assert manifest["tokenizer"]["type"] == "tokenizer.json" and "tokenizer.json" in manifest["files"]
+        tokenizer = from_checkpoint(torch.load(tiny_repository.parent / "tiny.pt", weights_only=False))
+        served = HFTokenizer(version / "tokenizer.json")
+        assert served.encode(TEXTS[0]) == tokenizer.encode(TEXTS[0])
+        assert manifest["generation"]["eos_token_id"] == tokenizer.eot_id
     fp32 = tiny_repository / "bytegpt" / "1" / "model.onnx"
     int8 = tiny_repository / "bytegpt_int8" / "1" / "model.onnx"
     assert int8.stat().st_size < fp32.stat().st_size
@@ -64,7 +78,7 @@ def test_repository_entries_are_complete(tiny_repository):
 def test_committed_default_matches_pytorch():
     assert DEFAULT_CHECKPOINT.exists() and (DEFAULT_REPOSITORY / "bytegpt" / "1" / "model.onnx").exists()
     model, ckpt = load_checkpoint(str(DEFAULT_CHECKPOINT))
-    report = verify(model, DEFAULT_REPOSITORY / "bytegpt" / "1" / "model.onnx", PROMPTS)
+    report = verify(model, DEFAULT_REPOSITORY / "bytegpt" / "1" / "model.onnx", prompts(ckpt))
     assert report["max_abs_logits_diff"] <= 1e-4
     assert report["greedy_equal_alone"] and report["greedy_equal_batched"]
     for name in ("bytegpt", "bytegpt_int8"):
