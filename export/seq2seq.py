@@ -34,6 +34,7 @@ from torch import nn
 from export.onnx_export import ONNX_IR_VERSION, ONNX_OPSET
 from export.repository import sha256
 from model.seq2seq import BOS_ID, EOS_ID, PAD_ID, Seq2Seq, load_seq2seq
+from model.train_seq2seq import NamingTokenizer
 
 ENCODER, DECODER, DECODER_WITH_PAST = "encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx"
 
@@ -156,14 +157,15 @@ def onnx_greedy(folder: Path, sources: list[bytes], max_new_tokens: int,
     """Greedy decoding through the three graphs, a right-padded batch at once: the reference the
     server's engine is compared with, and itself compared with PyTorch."""
     enc, dec, dwp = sessions or load_sessions(folder)
+    pad_id, bos_id, eos_id = special_ids(folder)
     width = max(len(s) for s in sources)
-    ids = np.full((len(sources), width), PAD_ID, np.int64)
+    ids = np.full((len(sources), width), pad_id, np.int64)
     mask = np.zeros((len(sources), width), np.int64)
     for i, s in enumerate(sources):
         ids[i, :len(s)], mask[i, :len(s)] = list(s), 1
     hidden = enc.run(None, {"input_ids": ids, "attention_mask": mask})[0]
     B = len(sources)
-    outs = dec.run(None, {"input_ids": np.full((B, 1), BOS_ID, np.int64), "encoder_hidden_states": hidden,
+    outs = dec.run(None, {"input_ids": np.full((B, 1), bos_id, np.int64), "encoder_hidden_states": hidden,
                           "encoder_attention_mask": mask})
     names = [o.name for o in dec.get_outputs()]
     cache = {n.replace("present", "past_key_values"): v for n, v in zip(names[1:], outs[1:])}
@@ -172,7 +174,7 @@ def onnx_greedy(folder: Path, sources: list[bytes], max_new_tokens: int,
         nxt = logits[:, -1].argmax(-1)
         for b in range(B):
             if not done[b]:
-                done[b] = int(nxt[b]) == EOS_ID
+                done[b] = int(nxt[b]) == eos_id
                 if not done[b]:
                     result[b].append(int(nxt[b]))
         if all(done):
@@ -187,6 +189,15 @@ def onnx_greedy(folder: Path, sources: list[bytes], max_new_tokens: int,
     return result
 
 
+def special_ids(folder: Path) -> tuple[int, int, int]:
+    """(pad, decoder start, end) from the folder's config.json; the byte model's without one."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return PAD_ID, BOS_ID, EOS_ID
+    config = json.loads(path.read_text())
+    return config["pad_token_id"], config["decoder_start_token_id"], config["eos_token_id"]
+
+
 def load_sessions(folder: Path) -> tuple[ort.InferenceSession, ...]:
     return tuple(ort.InferenceSession(str(folder / n), providers=["CPUExecutionProvider"])
                  for n in (ENCODER, DECODER, DECODER_WITH_PAST))
@@ -198,11 +209,25 @@ def export_entry(checkpoint: Path, repository: Path, name: str = "namegen", samp
     config.json, generation_config.json and a manifest (tokenizer, metrics, parity, sha256)."""
     model, ckpt = load_seq2seq(str(checkpoint))
     cfg = model.cfg
+    tok = NamingTokenizer.from_checkpoint(ckpt)
     version = repository / name / "1"
     with tempfile.TemporaryDirectory() as tmp:
         files = export_seq2seq(model, Path(tmp), decoder_attention_mask)
-        examples = [s["source"].encode()[:cfg.max_source] for s in ckpt["metrics"].get("samples", [])][:samples] \
-            or [b"def _(self):\n    return self._items.pop()"]
+        (Path(tmp) / "config.json").write_text(json.dumps({
+            "model_type": "tserve-seq2seq", "is_encoder_decoder": True, "architectures": ["Seq2Seq"],
+            "vocab_size": cfg.vocab_size, "d_model": cfg.d_model, "encoder_layers": cfg.n_encoder_layers,
+            "decoder_layers": cfg.n_decoder_layers, "num_attention_heads": cfg.n_head,
+            "max_position_embeddings": cfg.max_source, "pad_token_id": cfg.pad_id, "bos_token_id": cfg.bos_id,
+            "eos_token_id": cfg.eos_id, "decoder_start_token_id": cfg.bos_id}, indent=2) + "\n")
+        (Path(tmp) / "generation_config.json").write_text(json.dumps({
+            "decoder_start_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id, "pad_token_id": cfg.pad_id,
+            "max_length": cfg.max_target}, indent=2) + "\n")
+        files += [Path(tmp) / "config.json", Path(tmp) / "generation_config.json"]
+        if tok.to_str() is not None:  # a BPE: the server reads it as any export's tokenizer.json
+            (Path(tmp) / "tokenizer.json").write_text(tok.to_str())
+            files.append(Path(tmp) / "tokenizer.json")
+        examples = [tok.encode(s["source"])[:cfg.max_source] for s in ckpt["metrics"].get("samples", [])][:samples] \
+            or [tok.encode("def _(self):\n    return self._items.pop()")]
         got = onnx_greedy(Path(tmp), examples, cfg.max_target - 2)
         want = [model.generate(torch.tensor([list(s)]), torch.ones(1, len(s), dtype=torch.int64),
                                cfg.max_target - 2)[0] for s in examples]
@@ -213,25 +238,18 @@ def export_entry(checkpoint: Path, repository: Path, name: str = "namegen", samp
         version.mkdir(parents=True)
         for f in files:
             shutil.copy(f, version / f.name)
-    (version / "config.json").write_text(json.dumps({
-        "model_type": "tserve-seq2seq", "is_encoder_decoder": True, "architectures": ["Seq2Seq"],
-        "vocab_size": cfg.vocab_size, "d_model": cfg.d_model, "encoder_layers": cfg.n_encoder_layers,
-        "decoder_layers": cfg.n_decoder_layers, "num_attention_heads": cfg.n_head,
-        "max_position_embeddings": cfg.max_source, "pad_token_id": PAD_ID, "bos_token_id": BOS_ID,
-        "eos_token_id": EOS_ID, "decoder_start_token_id": BOS_ID}, indent=2) + "\n")
-    (version / "generation_config.json").write_text(json.dumps({
-        "decoder_start_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID,
-        "max_length": cfg.max_target}, indent=2) + "\n")
+    tokenizer = ({"type": "byte", "vocab_size": cfg.vocab_size, "eos_token_id": cfg.eos_id} if tok.bpe is None else
+                 {"type": "tokenizer.json", "vocab_size": cfg.vocab_size, "eos_token_id": cfg.eos_id})
     manifest = {
         "format": "tserve.manifest/v1", "kind": "seq2seq",
-        "tokenizer": {"type": "byte", "vocab_size": cfg.vocab_size, "eos_token_id": EOS_ID},
-        "generation": {"eos_token_id": EOS_ID, "decoder_start_token_id": BOS_ID, "max_target": cfg.max_target},
+        "tokenizer": tokenizer,
+        "generation": {"eos_token_id": cfg.eos_id, "decoder_start_token_id": cfg.bos_id, "max_target": cfg.max_target},
         "model": cfg.to_dict(), "metrics": {k: v for k, v in ckpt["metrics"].items() if k != "samples"},
         "parity": {"greedy_equal": True, "examples": len(examples)},
         # the server re-runs these at load: greedy tokens, without end-of-sequence
         "golden": [{"source_ids": list(s), "max_new_tokens": cfg.max_target - 2, "greedy": g}
                    for s, g in zip(examples, got)],
-        "files": {f.name: {"sha256": sha256(f)} for f in sorted(version.glob("*.onnx"))},
+        "files": {f.name: {"sha256": sha256(f)} for f in sorted(version.iterdir())},
     }
     (version / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return version
@@ -247,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     print(f"wrote {export_entry(args.checkpoint, args.repository, args.name)}")
     ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    slim = {k: ckpt[k] for k in ("config", "model", "step", "train_config")}
+    slim = {k: ckpt[k] for k in ("config", "tokenizer", "model", "step", "train_config") if k in ckpt}
     slim["metrics"] = {k: v for k, v in ckpt["metrics"].items() if k != "samples"}
     args.checkpoint_copy.parent.mkdir(parents=True, exist_ok=True)
     torch.save(slim, args.checkpoint_copy)  # no optimizer state

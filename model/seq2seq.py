@@ -27,7 +27,8 @@ from torch.nn import functional as F
 
 from model.transformer import FeedForward, GPTConfig, MultiHeadAttention, causal_padding_mask, sinusoidal_encoding
 
-# Byte-level vocabulary: 0-255 are bytes, then the special tokens.
+# The byte-level vocabulary: 0-255 are bytes, then the special tokens (a BPE puts its own
+# special tokens first; the config carries whichever ids the model was trained with).
 PAD_ID, BOS_ID, EOS_ID = 256, 257, 258
 VOCAB_SIZE = 259
 
@@ -37,8 +38,11 @@ KV = tuple[torch.Tensor, torch.Tensor]
 @dataclass
 class Seq2SeqConfig:
     vocab_size: int = VOCAB_SIZE
-    max_source: int = 192  # longest source the model reads (bytes; longer ones are cut)
+    max_source: int = 192  # longest source the model reads (tokens; longer ones are cut)
     max_target: int = 40  # longest target it writes, BOS and EOS included
+    pad_id: int = PAD_ID
+    bos_id: int = BOS_ID  # the decoder's start token
+    eos_id: int = EOS_ID
     n_encoder_layers: int = 3
     n_decoder_layers: int = 2
     n_head: int = 4
@@ -185,7 +189,8 @@ class Seq2Seq(nn.Module):
         """Teacher forcing: target_ids (B, T) = BOS, y1..yn, EOS, PAD...; predict each next one."""
         memory = self.encode(input_ids, attention_mask)
         logits, _, _ = self.decode(target_ids[:, :-1], attention_mask, memory)
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids[:, 1:].reshape(-1), ignore_index=PAD_ID)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids[:, 1:].reshape(-1),
+                               ignore_index=self.cfg.pad_id)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> list[list[int]]:
@@ -193,7 +198,7 @@ class Seq2Seq(nn.Module):
         and the server are checked against). Each row stops at EOS."""
         memory = self.encode(input_ids, attention_mask)
         B = input_ids.shape[0]
-        tokens = torch.full((B, 1), BOS_ID, dtype=torch.int64)
+        tokens = torch.full((B, 1), self.cfg.bos_id, dtype=torch.int64)
         logits, past, cross = self.decode(tokens, attention_mask, memory)
         out: list[list[int]] = [[] for _ in range(B)]
         done = [False] * B
@@ -202,7 +207,7 @@ class Seq2Seq(nn.Module):
             for b in range(B):
                 if not done[b]:
                     token = int(nxt[b])
-                    if token == EOS_ID:
+                    if token == self.cfg.eos_id:
                         done[b] = True
                     else:
                         out[b].append(token)

@@ -77,14 +77,15 @@ class BPETokenizer:
         self.eot_id = tokenizer.token_to_id(EOT_TOKEN)
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
+    def train(cls, texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str] = (EOT_TOKEN,)) -> BPETokenizer:
+        """Special tokens take the first ids, in order."""
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=[EOT_TOKEN], show_progress=False,
+            vocab_size=vocab_size, special_tokens=list(special_tokens), show_progress=False,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte, seen or not
         )
         tok.train_from_iterator(texts, trainer)
@@ -98,6 +99,9 @@ class BPETokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids
+
+    def token_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts))]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,24 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REPOSITORY = ROOT / "model_repository"
 DEFAULT_CHECKPOINT = ROOT / "model" / "checkpoints" / "bytegpt.pt"
+# the shipped decoder's vocabulary: the width of its logits, one past its largest token id
+BYTEGPT_VOCAB = json.loads((DEFAULT_REPOSITORY / "bytegpt" / "1" / "manifest.json").read_text())["model_config"]["vocab_size"]
+
+
+def bytegpt_tokenizer():
+    """The shipped bytegpt's tokenizer, loaded as the server loads it."""
+    from service.generation.tokenizer import load_tokenizer
+
+    version = DEFAULT_REPOSITORY / "bytegpt" / "1"
+    file = version / "tokenizer.json"
+    manifest = json.loads((version / "manifest.json").read_text())
+    return load_tokenizer(manifest.get("tokenizer"), file if file.is_file() else None)
+
+
+def bytegpt_text(ids) -> str:
+    """What the server's stream decoder makes of these generated ids."""
+    decoder = bytegpt_tokenizer().decoder()
+    return "".join(decoder.push(int(t)) for t in ids) + decoder.flush()
 
 TINY_TRAIN_ARGS = [
     "--block-size", "96", "--d-model", "32", "--d-ff", "64", "--n-layer", "2", "--n-head", "2",

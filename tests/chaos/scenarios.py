@@ -27,9 +27,10 @@ from service.generated import generation_pb2 as gen
 from service.generated import generation_pb2_grpc as gen_grpc
 from service.generated import grpc_service_pb2 as pb
 from service.generated import grpc_service_pb2_grpc as pb_grpc
+from tests.conftest import BYTEGPT_VOCAB
 from tests.service.server_process import ServerProcess, channel
 
-VOCAB = 257  # bytegpt: 256 bytes and end-of-text
+VOCAB = BYTEGPT_VOCAB  # token ids 0..VOCAB-1 are valid for the shipped bytegpt
 # answers a decodable request may get; INTERNAL, UNKNOWN and UNAVAILABLE never
 EXPECTED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
             grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED,

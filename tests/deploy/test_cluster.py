@@ -12,7 +12,7 @@ import pytest
 import tritonclient.grpc as tc
 
 from deploy.local import cluster
-from tests.conftest import DEFAULT_REPOSITORY
+from tests.conftest import BYTEGPT_VOCAB, DEFAULT_REPOSITORY
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def test_load_through_nginx_reaches_every_replica_and_prometheus(running_cluster
     x = tc.InferInput("input_ids", list(ids.shape), "INT64")
     x.set_data_from_numpy(ids)
     for _ in range(40):
-        assert client.infer("bytegpt", [x]).as_numpy("logits").shape == (1, 8, 257)
+        assert client.infer("bytegpt", [x]).as_numpy("logits").shape == (1, 8, BYTEGPT_VOCAB)
     client.close()
 
     for replica in state["replicas"]:  # each replica, asked directly, served some of them

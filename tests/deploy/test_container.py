@@ -20,7 +20,7 @@ import pytest
 import tritonclient.grpc as tc
 
 from deploy.local.cluster import free_port
-from tests.conftest import ROOT
+from tests.conftest import BYTEGPT_VOCAB, ROOT
 
 pytestmark = pytest.mark.container
 
@@ -89,7 +89,7 @@ def test_image_serves_checks_health_and_drains_on_sigterm(podman, image):
         ids = np.arange(6, dtype=np.int64)[None]
         x = tc.InferInput("input_ids", list(ids.shape), "INT64")
         x.set_data_from_numpy(ids)
-        assert client.infer("bytegpt", [x]).as_numpy("logits").shape == (1, 6, 257)
+        assert client.infer("bytegpt", [x]).as_numpy("logits").shape == (1, 6, BYTEGPT_VOCAB)
         client.close()
         body = json.dumps({"model": "bytegpt", "prompt": "def", "max_tokens": 3}).encode()
         answer = urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/completions", body))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from model.naming import _examples_in, subtoken_f1
@@ -71,3 +73,26 @@ def test_subtoken_f1():
     assert subtoken_f1("get_item", "get_item") == 1.0
     assert subtoken_f1("get_value", "get_item") == 0.5
     assert subtoken_f1("run", "get_item") == 0.0
+
+
+def test_train_seq2seq_on_a_bpe_checkpoints_and_resumes(tmp_path):
+    import sysconfig
+
+    from model.train_seq2seq import NamingTokenizer, parse_args, train
+
+    email = str(Path(sysconfig.get_paths()["stdlib"]) / "email")  # 29 files, 2 of them held out
+    tc, mc, _ = parse_args(["--out", str(tmp_path), "--data", email, "--bpe-vocab", "300", "--batch-size", "8",
+                            "--max-steps", "12", "--warmup-steps", "2", "--eval-interval", "6", "--eval-examples", "8",
+                            "--d-model", "32", "--d-ff", "64", "--n-encoder-layers", "1", "--n-decoder-layers", "1",
+                            "--n-head", "2", "--max-source", "48", "--max-target", "12"])
+    tc.max_steps = 6
+    train(tc, mc)
+    first = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    tok = NamingTokenizer.from_checkpoint(first)
+    assert first["config"]["vocab_size"] == 300 and (first["config"]["pad_id"], first["config"]["eos_id"]) == (0, 2)
+    assert tok.decode(tok.encode("def _(self):\n    return self._x")) == "def _(self):\n    return self._x"
+    tc.max_steps = 12
+    metrics = train(tc, mc, resume=True)
+    after = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert after["step"] == 12 and after["tokenizer"] == first["tokenizer"] and metrics["examples_seen"] == 12 * 8
+    assert set(metrics["held_out"]) == {"exact_match", "subtoken_f1"} and len(metrics["baselines"]) == 2

@@ -10,6 +10,7 @@ import pytest
 
 from service.generated import grpc_service_pb2 as pb
 from service.generated import grpc_service_pb2_grpc as pb_grpc
+from tests.conftest import BYTEGPT_VOCAB
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -62,8 +63,8 @@ CASES = {
     "wrong rank": (lambda: request(inputs={"input_ids": np.ones((4,), np.int64)}), INVALID, ["input_ids", "rank"]),
     "byte length": (lambda: with_raw(request(), 0, b"\x00" * 12), INVALID, ["input_ids", "12 bytes", "needs 32"]),
     "zero-size dim": (lambda: request(inputs={"input_ids": np.ones((1, 0), np.int64)}), INVALID, ["input_ids", "zero-size"]),
-    "token id above vocab": (lambda: request(inputs={"input_ids": np.array([[1, 257]], np.int64)}), INVALID,
-                             ["input_ids", "257", "vocabulary"]),
+    "token id above vocab": (lambda: request(inputs={"input_ids": np.array([[1, BYTEGPT_VOCAB]], np.int64)}), INVALID,
+                             ["input_ids", str(BYTEGPT_VOCAB), "vocabulary"]),
     "negative token id": (lambda: request(inputs={"input_ids": np.array([[-3, 1]], np.int64)}), INVALID, ["-3"]),
     "batch above max": (lambda: request(inputs={"input_ids": np.ones((33, 2), np.int64)}), INVALID,
                         ["input_ids", "33", "max_batch_size"]),
@@ -110,7 +111,7 @@ def test_message_over_the_size_limit(stub):
 def test_bad_requests_never_harm_requests_batched_with_them(server, stub):
     """Good and bad requests sent together: every good one gets its correct result."""
     rng = np.random.default_rng(7)
-    good = [rng.integers(0, 257, (1, int(rng.integers(2, 20))), dtype=np.int64) for _ in range(24)]
+    good = [rng.integers(0, BYTEGPT_VOCAB, (1, int(rng.integers(2, 20))), dtype=np.int64) for _ in range(24)]
     reference = [np.frombuffer(stub.ModelInfer(request(inputs={"input_ids": g}), timeout=30).raw_output_contents[0],
                                np.float32) for g in good]
     bad = [np.array([[5, 900]], np.int64), np.ones((1, 300), np.int64), np.ones((1, 0), np.int64)]

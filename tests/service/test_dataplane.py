@@ -19,7 +19,7 @@ from service.metrics import Metrics
 from service.models import ModelManager
 from service.settings import Settings
 from service.types import InferRequest
-from tests.conftest import DEFAULT_REPOSITORY
+from tests.conftest import BYTEGPT_VOCAB, DEFAULT_REPOSITORY
 
 LOOP = asyncio.new_event_loop()
 
@@ -101,7 +101,7 @@ def test_both_request_kinds_are_counted_in_one_place(dataplane):
     async def body():
         response = await dp.infer(InferRequest("bytegpt", "", "i1", {"input_ids": ids}, ("logits",)))
         with pytest.raises(InvalidInput):
-            await dp.infer(InferRequest("bytegpt", "", "i2", {"input_ids": ids + 1000}, ()))
+            await dp.infer(InferRequest("bytegpt", "", "i2", {"input_ids": ids + BYTEGPT_VOCAB}, ()))
         with pytest.raises(InvalidInput):
             await anext(dp.generate(generate_input(token_ids=[1, 99999], text=None)))
         with pytest.raises(ModelNotFound):
@@ -109,7 +109,7 @@ def test_both_request_kinds_are_counted_in_one_place(dataplane):
         return response
 
     response = LOOP.run_until_complete(body())
-    assert response.outputs["logits"].shape == (1, 9, 257)
+    assert response.outputs["logits"].shape == (1, 9, BYTEGPT_VOCAB)
     assert value(dp, "tserve_requests_total", api="infer", outcome="success", reason="none") == 1
     assert value(dp, "tserve_requests_total", api="infer", outcome="failure", reason="invalid_argument") == 1
     assert value(dp, "tserve_requests_total", api="generate", outcome="failure", reason="invalid_argument") == 1

@@ -13,11 +13,10 @@ from service.errors import DeadlineExceeded, InvalidInput
 from service.generation.engine import EngineLimits, GenerationEngine
 from service.generation.sampling import SamplingParams
 from service.generation.sequence import FinishReason, Sequence
-from service.generation.tokenizer import ByteTokenizer
 from service.metrics import Metrics
 from service.models import ModelManager
 from service.settings import Settings
-from tests.conftest import DEFAULT_REPOSITORY
+from tests.conftest import DEFAULT_REPOSITORY, bytegpt_text, bytegpt_tokenizer
 
 PROMPTS = [list(b"def fibonacci(n):"), list(b"import os\n"), list(b"class Stack:\n    def push(self, x):"),
            list(b"for i in range(10):"), list(b"x"), list(b"return self._data[key]")]
@@ -150,9 +149,9 @@ def test_eos_and_stop_end_a_sequence(bytegpt, alone):
     events = run(bytegpt, [eos], EngineLimits())[0]
     assert events[-1].finish_reason == FinishReason.EOS and tokens(events) == reference[: k + 1]
 
-    text = bytes(reference).decode()
+    text = bytegpt_text(reference)
     stop = text[3:6]
-    stopped = greedy(PROMPTS[5], 12, stop=(stop,), decoder=ByteTokenizer(257, 256).decoder())
+    stopped = greedy(PROMPTS[5], 12, stop=(stop,), decoder=bytegpt_tokenizer().decoder())
     events = run(bytegpt, [stopped], EngineLimits())[0]
     assert events[-1].finish_reason == FinishReason.STOP
     assert "".join(e.text for e in events) == text[: text.index(stop)]

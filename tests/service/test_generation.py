@@ -15,7 +15,7 @@ import pytest
 from model.transformer import load_checkpoint
 from service.generated import generation_pb2 as gen
 from service.generated import generation_pb2_grpc as gen_grpc
-from tests.conftest import DEFAULT_CHECKPOINT, ROOT, DEFAULT_REPOSITORY
+from tests.conftest import DEFAULT_CHECKPOINT, DEFAULT_REPOSITORY, ROOT, bytegpt_text, bytegpt_tokenizer
 from tests.service.server_process import ServerProcess, outcome_codes
 
 PROMPT = "def fibonacci(n):"
@@ -52,18 +52,18 @@ def test_stream_is_ordered_and_complete(stub):
     assert [m.finish_reason for m in messages[:-1]] == [gen.FINISH_REASON_UNSPECIFIED] * (len(messages) - 1)
     last = messages[-1]
     assert last.finish_reason == gen.FINISH_REASON_LENGTH
-    assert last.usage.prompt_tokens == len(PROMPT) and last.usage.generated_tokens == 40 == sum(len(m.token_ids) for m in messages)
+    assert last.usage.prompt_tokens == len(bytegpt_tokenizer().encode(PROMPT)) and last.usage.generated_tokens == 40 == sum(len(m.token_ids) for m in messages)
     assert last.timings.time_to_first_token_seconds > 0 and last.timings.total_seconds >= last.timings.time_to_first_token_seconds
     unary = stub.Generate(make(max_new_tokens=40, temperature=0.8, seed=3), timeout=60)
     assert [t for m in messages for t in m.token_ids] == list(unary.token_ids)
     assert "".join(m.text for m in messages) == unary.text
-    assert unary.text == bytes(t for t in unary.token_ids if t < 256).decode("utf-8", errors="replace")
+    assert unary.text == bytegpt_text(unary.token_ids)
 
 
 def test_greedy_equals_the_pytorch_reference(stub):
     model, _ = load_checkpoint(str(DEFAULT_CHECKPOINT))
     for prompt in (PROMPT, "import os\n", "class Stack:"):
-        ids = list(prompt.encode())
+        ids = bytegpt_tokenizer().encode(prompt)
         reference = model.generate(ids, 48)
         served = stub.Generate(make(prompt, max_new_tokens=48), timeout=60)
         assert list(served.token_ids) == reference, prompt
@@ -155,8 +155,9 @@ def test_stop_sequences_end_the_text_before_them(stub):
 
 
 def test_token_id_prompts_and_the_int8_model(stub):
-    res = stub.Generate(make(list(PROMPT.encode()), model="bytegpt_int8", max_new_tokens=10), timeout=60)
-    assert len(res.token_ids) == 10 and res.usage.prompt_tokens == len(PROMPT)
+    ids = bytegpt_tokenizer().encode(PROMPT)
+    res = stub.Generate(make(ids, model="bytegpt_int8", max_new_tokens=10), timeout=60)
+    assert len(res.token_ids) == 10 and res.usage.prompt_tokens == len(ids)
 
 
 BAD = {

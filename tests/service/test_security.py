@@ -12,7 +12,7 @@ from tritonclient.utils import InferenceServerException
 
 from service.generated import generation_pb2 as gen
 from service.generated import generation_pb2_grpc as gen_grpc
-from tests.conftest import DEFAULT_REPOSITORY
+from tests.conftest import BYTEGPT_VOCAB, DEFAULT_REPOSITORY
 from tests.service.certs import make_certificates
 from tests.service.server_process import ServerProcess
 
@@ -66,7 +66,7 @@ def test_tls_with_a_bearer_token_serves_tritonclient_and_generation(tls_server, 
     headers = {"authorization": f"Bearer {TOKEN}"}
     assert client.is_server_ready(headers=headers)
     logits = client.infer("bytegpt", [ids_input()], headers=headers).as_numpy("logits")
-    assert logits.shape == (1, 4, 257)
+    assert logits.shape == (1, 4, BYTEGPT_VOCAB)
     with secure_channel(tls_server.address, certs, token=TOKEN) as channel:
         stream = list(gen_grpc.TextGenerationStub(channel).GenerateStream(
             gen.GenerateRequest(model="bytegpt", text="def f(", max_new_tokens=8), timeout=30))
@@ -108,7 +108,7 @@ def test_mutual_tls_refuses_clients_without_a_trusted_certificate(repository, ce
         trusted = tc.InferenceServerClient(server.address, ssl=True, root_certificates=str(certs["ca"].cert),
                                            private_key=str(certs["client"].key),
                                            certificate_chain=str(certs["client"].cert))
-        assert trusted.infer("bytegpt", [ids_input()]).as_numpy("logits").shape == (1, 4, 257)
+        assert trusted.infer("bytegpt", [ids_input()]).as_numpy("logits").shape == (1, 4, BYTEGPT_VOCAB)
         for client in (None, "rogue_client"):
             with secure_channel(server.address, certs, client=client) as channel:
                 with pytest.raises(grpc.RpcError) as info:

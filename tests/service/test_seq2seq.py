@@ -20,7 +20,9 @@ import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
 from export.seq2seq import export_entry, onnx_greedy
+from model.naming import Example
 from model.seq2seq import Seq2Seq, Seq2SeqConfig
+from model.train_seq2seq import NamingTokenizer
 from service.generated import generation_pb2 as gen
 from service.generated import generation_pb2_grpc as gen_grpc
 from tests.service.server_process import ServerProcess
@@ -48,6 +50,18 @@ def seq2seq_repository(tmp_path_factory) -> Path:
     repo = tmp / "repo"
     export_entry(ckpt, repo, "namegen")
     export_entry(ckpt, repo, "namegen_optimum", decoder_attention_mask=False)
+
+    # the same shape on a byte-level BPE (its special tokens first), shipped as tokenizer.json
+    tok = NamingTokenizer.train([Example(s.decode(), "name", "") for s in SOURCES], 300)
+    torch.manual_seed(0)
+    model = Seq2Seq(tok.config(CFG))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.4)
+    torch.save({"config": model.cfg.to_dict(), "tokenizer": tok.to_str(), "model": model.state_dict(),
+                "metrics": {"samples": [{"source": s.decode()} for s in SOURCES]}}, tmp / "bpe.pt")
+    export_entry(tmp / "bpe.pt", repo, "namegen_bpe")
     return repo
 
 
@@ -95,6 +109,22 @@ def test_text_through_the_openai_api(s2s_server, seq2seq_repository):
     assert doc["usage"]["prompt_tokens"] == len(SOURCES[0])  # the byte tokenizer: one token a byte
     assert doc["choices"][0]["text"] == bytes(t for t in want if t < 256).decode("utf-8", "replace")
     assert doc["choices"][0]["finish_reason"] == ("length" if len(want) == NEW else "stop")
+
+
+def test_a_bpe_model_reads_and_writes_text_with_its_tokenizer_json(s2s_server, seq2seq_repository):
+    tok = NamingTokenizer.from_checkpoint(torch.load(seq2seq_repository.parent / "bpe.pt", weights_only=False))
+    assert (seq2seq_repository / "namegen_bpe" / "1" / "tokenizer.json").is_file() and tok.pad_id == 0
+    answers = set()
+    with grpc.insecure_channel(s2s_server.address) as ch:
+        stub = gen_grpc.TextGenerationStub(ch)
+        for source in SOURCES:
+            ids = tok.encode(source.decode())
+            want = onnx_greedy(seq2seq_repository / "namegen_bpe" / "1", [ids], NEW)[0]
+            got = stub.Generate(gen.GenerateRequest(model="namegen_bpe", text=source.decode(), max_new_tokens=NEW),
+                                timeout=60)
+            assert list(got.token_ids) == want and got.text == tok.decode(want)
+            answers.add(got.text)
+    assert len(answers) >= 3  # the answers depend on the source
 
 
 def test_bad_requests_name_the_limit_and_model_infer_is_refused(s2s_server):
