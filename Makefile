@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 SYSTEM  := $(VENV)/.system-tools
 REPO    ?= model_repository
 
-.PHONY: install install-serve check-serve-install serve test chaos container-test train export protos check-protos bench-serve bench-options bench-http bench-generation bench-seq2seq train-seq2seq export-seq2seq cluster-up cluster-down clean
+.PHONY: install install-serve check-serve-install serve test chaos container-test train parse-rate export protos check-protos bench-serve bench-options bench-http bench-generation bench-seq2seq train-seq2seq export-seq2seq cluster-up cluster-down clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -53,8 +53,14 @@ chaos: $(STAMP)
 container-test: $(STAMP)
 	$(PYTHON) -m pytest -q -s -m container tests/deploy/test_container.py
 
+# 40 minutes here, resumable (--resume); the training table is in model/README.md
 train: $(STAMP)
 	$(PYTHON) -m model.train --out runs/default
+
+# How often greedy completions of held-out def lines parse: the shipped bytegpt against the
+# byte 4-gram (add more checkpoints after it to compare them too)
+parse-rate: $(STAMP)
+	$(PYTHON) -m model.parse_rate model/checkpoints/bytegpt.pt --out model/results/parse_rate.json
 
 # The encoder-decoder (model/seq2seq.py) on the function-naming task: 40 minutes here, resumable
 train-seq2seq: $(STAMP)

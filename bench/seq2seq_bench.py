@@ -27,18 +27,19 @@ from bench.serve_bench import fmt, summary
 from export.seq2seq import load_sessions, onnx_greedy
 from model.naming import load_examples
 from service.generated import generation_pb2 as gen
+from service.generation.tokenizer import load_tokenizer
 from tests.conftest import DEFAULT_REPOSITORY
 from tests.service.server_process import ServerProcess
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def requests(model: str, sources: list[bytes], max_new: int) -> list[gen.GenerateRequest]:
+def requests(model: str, sources: list[list[int]], max_new: int) -> list[gen.GenerateRequest]:
     return [gen.GenerateRequest(model=model, token_ids=gen.TokenIds(ids=list(s)), max_new_tokens=max_new)
             for s in sources]
 
 
-def raw_loop(folder: Path, sources: list[bytes], max_new: int) -> float:
+def raw_loop(folder: Path, sources: list[list[int]], max_new: int) -> float:
     """tokens/s of onnx_greedy over the batch (tokens = what the rows produced before ending),
     the sessions made and warmed before the clock starts."""
     sessions = load_sessions(folder)
@@ -58,7 +59,9 @@ def main() -> None:
     manifest = json.loads((folder / "manifest.json").read_text())
     max_source, max_new = manifest["model"]["max_source"], manifest["model"]["max_target"] - 1
     _, held_out = load_examples()
-    sources = [e.source.encode()[:max_source] for e in held_out]
+    tokenizer_file = folder / "tokenizer.json"
+    tokenizer = load_tokenizer(manifest.get("tokenizer"), tokenizer_file if tokenizer_file.is_file() else None)
+    sources = [tokenizer.encode(e.source)[:max_source] for e in held_out]
     rng = np.random.default_rng(0)
     rounds = []
     for r in range(args.rounds):

@@ -5,10 +5,12 @@ how often does greedy decoding write a body that parses?
 
 Functions come from the validation files (the split bits per byte is measured on): every
 `def` whose header fits on one line, dedented, sampled with a fixed seed. The prompt is that
-line and a newline; the completion is greedy, at most --max-bytes bytes for every model
-(and never past a model's context), and is cut at the function's end: the first non-blank
-line back at column 0, or, when the budget runs out first, the last complete line. It counts
-when header + cut body parses with `ast` and the body holds a statement. The smoothed byte
+line, as a user types it (no newline: a BPE's tokens join a newline with the indentation after
+it, so a prompt ending in a bare newline would ask for a column-0 line); the completion is
+greedy, at most --max-bytes bytes for every model (and never past a model's context), and is
+cut at the function's end: the first non-blank line indented less than the body's first, or,
+when the budget runs out first, the last complete line. It counts when header + body parses
+with `ast` and the body holds a statement. The smoothed byte
 n-gram, fitted on the training files, decodes greedily under the same rules.
 """
 
@@ -50,30 +52,34 @@ def function_headers(docs: list[str], n: int, seed: int = 0) -> list[str]:
     return random.Random(seed).sample(sorted(headers), min(n, len(headers)))
 
 
-def cut_at_function_end(completion: str, finished: bool) -> str:
-    """The body: lines up to the first non-blank one at column 0; unfinished, the last line
-    (perhaps cut mid-way by the budget) is dropped."""
-    lines = completion.split("\n")
-    body = []
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
+def function_body(completion: str) -> tuple[list[str], bool]:
+    """The body the completion writes after the header's line: its lines up to the first
+    non-blank one indented less than the body's first (the function has ended), and whether
+    that end was reached. Lines after the last newline may be cut mid-way and are left out."""
+    lines = completion.split("\n")[1:]  # the completion begins on the header's own line
+    body, level = [], None
     for i, line in enumerate(lines):
-        if line.strip() and not line[0].isspace():
-            return "\n".join(body)
-        if i == len(lines) - 1 and not finished:
-            break
-        body.append(line)
-    return "\n".join(body)
+        if line.strip():
+            if level is None:
+                level = _indent(line)
+                if level == 0:
+                    return [], True  # back at column 0 at once: no body
+            elif _indent(line) < level:
+                return body, True
+        if i < len(lines) - 1:
+            body.append(line)
+    return body, False
 
 
-def ends_function(completion: str) -> bool:
-    """Whether a line of the completion has come back to column 0."""
-    return any(line.strip() and not line[0].isspace() for line in completion.split("\n"))
-
-
-def parses(header: str, body: str) -> bool:
-    if not any(line.strip() and not line.strip().startswith("#") for line in body.split("\n")):
+def parses(header: str, body: list[str]) -> bool:
+    if not any(line.strip() and not line.strip().startswith("#") for line in body):
         return False
     try:
-        ast.parse(header + "\n" + body + "\n")
+        ast.parse(header + "\n" + "\n".join(body) + "\n")
     except (SyntaxError, ValueError):
         return False
     return True
@@ -94,7 +100,7 @@ def torch_greedy(path: str) -> tuple[str, Greedy]:
         while len(ids) + len(out) < model.cfg.block_size:
             out.append(int(logits[0, -1].argmax()))
             text = tokenizer.decode(out)
-            if len(text.encode()) >= max_bytes or out[-1] == tokenizer.eot_id or ends_function(text):
+            if len(text.encode()) >= max_bytes or out[-1] == tokenizer.eot_id or function_body(text)[1]:
                 break
             logits, past = model(torch.tensor([[out[-1]]]), past_key_values=past)
         return tokenizer.decode(out)
@@ -112,7 +118,7 @@ def ngram_greedy(train_docs: list[str], order: int) -> tuple[str, Greedy]:
         out: list[int] = []
         while len(out) < max_bytes:
             out.append(int(np.argmax(ngram.next_probs(np.array(ids + out)[-(order - 1):]))))
-            if out[-1] == tok.eot_id or ends_function(tok.decode(out)):
+            if out[-1] == tok.eot_id or function_body(tok.decode(out))[1]:
                 break
         return tok.decode(out)
 
@@ -123,10 +129,10 @@ def parse_rate(complete: Greedy, headers: list[str], max_bytes: int) -> dict:
     ok = ended = 0
     examples = {}
     for header in headers:
-        text = complete(header + "\n", max_bytes)
-        finished = ends_function(text)
+        text = complete(header, max_bytes)
+        body, finished = function_body(text)
         ended += finished
-        good = parses(header, cut_at_function_end(text, finished))
+        good = parses(header + text.split("\n")[0], body)
         ok += good
         if len(examples) < 3:
             examples[header] = {"completion": text, "parses": good}

@@ -114,7 +114,7 @@ def test_bad_requests_never_harm_requests_batched_with_them(server, stub):
     good = [rng.integers(0, BYTEGPT_VOCAB, (1, int(rng.integers(2, 20))), dtype=np.int64) for _ in range(24)]
     reference = [np.frombuffer(stub.ModelInfer(request(inputs={"input_ids": g}), timeout=30).raw_output_contents[0],
                                np.float32) for g in good]
-    bad = [np.array([[5, 900]], np.int64), np.ones((1, 300), np.int64), np.ones((1, 0), np.int64)]
+    bad = [np.array([[5, BYTEGPT_VOCAB + 1]], np.int64), np.ones((1, 300), np.int64), np.ones((1, 0), np.int64)]
     results: dict[int, np.ndarray] = {}
     codes: list[grpc.StatusCode] = []
     barrier = threading.Barrier(len(good) + len(bad))

@@ -3,6 +3,7 @@ cancellation, concurrency, bounds and every bad input."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -15,7 +16,9 @@ import pytest
 from model.transformer import load_checkpoint
 from service.generated import generation_pb2 as gen
 from service.generated import generation_pb2_grpc as gen_grpc
-from tests.conftest import DEFAULT_CHECKPOINT, DEFAULT_REPOSITORY, ROOT, bytegpt_text, bytegpt_tokenizer
+from tests.conftest import BYTEGPT_VOCAB, DEFAULT_CHECKPOINT, DEFAULT_REPOSITORY, ROOT, bytegpt_text, bytegpt_tokenizer
+
+EOS = json.loads((DEFAULT_REPOSITORY / "bytegpt" / "1" / "manifest.json").read_text())["generation"]["eos_token_id"]
 from tests.service.server_process import ServerProcess, outcome_codes
 
 PROMPT = "def fibonacci(n):"
@@ -94,15 +97,20 @@ def test_seeded_request_is_identical_alone_and_in_a_busy_batch(server, stub):
 
 def test_32_concurrent_streams_finish_with_the_right_lengths(server, stub):
     lengths = {i: 8 + (i * 7) % 50 for i in range(32)}
-    got: dict[int, tuple[int, int]] = {}
+    eos_ended: list[int] = []
     errors: list[Exception] = []
 
     def call(i):
         try:
             msgs = list(stub.GenerateStream(make(f"# {i}\n", max_new_tokens=lengths[i], temperature=0.7, top_k=40, seed=i),
                                             timeout=120))
-            assert msgs[-1].finish_reason == gen.FINISH_REASON_LENGTH, f"stream {i} ended early"
-            got[i] = (sum(len(m.token_ids) for m in msgs), msgs[-1].usage.generated_tokens)
+            tokens = [t for m in msgs for t in m.token_ids]
+            assert msgs[-1].usage.generated_tokens == len(tokens)
+            if msgs[-1].finish_reason == gen.FINISH_REASON_EOS:  # sampled <|endoftext|>: shorter, ends on it
+                assert len(tokens) <= lengths[i] and tokens[-1] == EOS and EOS not in tokens[:-1], f"stream {i}"
+                eos_ended.append(i)
+            else:
+                assert msgs[-1].finish_reason == gen.FINISH_REASON_LENGTH and len(tokens) == lengths[i], f"stream {i}"
         except Exception as e:
             errors.append(e)
 
@@ -112,7 +120,7 @@ def test_32_concurrent_streams_finish_with_the_right_lengths(server, stub):
     for t in threads:
         t.join(180)
     assert not errors
-    assert got == {i: (n, n) for i, n in lengths.items()}
+    assert len(eos_ended) <= 8  # most run to their own length (seeded: the same every run)
     assert metric(server, "tserve_generation_active_sequences") == 0
 
 
@@ -163,14 +171,15 @@ def test_token_id_prompts_and_the_int8_model(stub):
 BAD = {
     "empty prompt": (make(""), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
     "empty token ids": (make([]), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
-    "prompt longer than the context": (make("x" * 300), grpc.StatusCode.INVALID_ARGUMENT, "context"),
+    "prompt longer than the context": (make([1] * 300), grpc.StatusCode.INVALID_ARGUMENT, "context"),
     "max_new_tokens beyond the context": (make(max_new_tokens=250), grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
     "max_new_tokens zero": (make(max_new_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
     "negative temperature": (make(temperature=-0.5), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
     "top_p zero": (make(top_p=0.0), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
     "top_p above one": (make(top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
     "negative top_k": (make(top_k=-1), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
-    "token id outside the vocabulary": (make([1, 2, 400]), grpc.StatusCode.INVALID_ARGUMENT, "400"),
+    "token id outside the vocabulary": (make([1, 2, BYTEGPT_VOCAB + 7]), grpc.StatusCode.INVALID_ARGUMENT,
+                                        str(BYTEGPT_VOCAB + 7)),
     "unknown model": (make(model="nope"), grpc.StatusCode.NOT_FOUND, "nope"),
     "not a decoder": (make(model="encoder"), grpc.StatusCode.FAILED_PRECONDITION, "decoder"),
 }
@@ -200,7 +209,7 @@ def test_cli_streams_a_completion(server):
                           "--max-new-tokens", "12", "--seed", "0"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith(PROMPT) and len(res.stdout.encode()) > len(PROMPT)
-    assert "length: 17 prompt + 12 generated tokens" in res.stderr
+    assert f"length: {len(bytegpt_tokenizer().encode(PROMPT))} prompt + 12 generated tokens" in res.stderr
     res = subprocess.run([sys.executable, "-m", "service", "generate", "", "--url", server.address],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 1 and "INVALID_ARGUMENT" in res.stderr

@@ -20,7 +20,7 @@ from tritonclient.utils import InferenceServerException
 
 from service.generated import generation_pb2 as gen
 from service.generated import generation_pb2_grpc as gen_grpc
-from tests.conftest import DEFAULT_REPOSITORY, bytegpt_tokenizer
+from tests.conftest import BYTEGPT_VOCAB, DEFAULT_REPOSITORY, bytegpt_tokenizer
 from tests.service.server_process import ServerProcess
 
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
@@ -93,7 +93,7 @@ def test_infer_with_binary_and_json_tensors_equals_grpc(http_server, triton):
             res = triton.infer("bytegpt", [infer_input("input_ids", ids, binary_in)],
                                outputs=[tch.InferRequestedOutput("logits", binary_data=binary_out)], request_id="r1")
             got = res.as_numpy("logits")
-            assert got.shape == (2, 11, 257) and res.get_response()["id"] == "r1"
+            assert got.shape == (2, 11, BYTEGPT_VOCAB) and res.get_response()["id"] == "r1"
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -110,7 +110,7 @@ def test_raw_json_infer_and_statistics(http_server, triton):
     status, headers, data = request(http_server, "POST", "/v2/models/bytegpt/versions/1/infer", body)
     doc = json.loads(data)
     assert status == 200 and headers["content-type"] == "application/json"
-    assert doc["id"] == "j1" and doc["outputs"][0]["shape"] == [1, 3, 257] and len(doc["outputs"][0]["data"]) == 771
+    assert doc["id"] == "j1" and doc["outputs"][0]["shape"] == [1, 3, BYTEGPT_VOCAB] and len(doc["outputs"][0]["data"]) == 3 * BYTEGPT_VOCAB
     stats = triton.get_inference_statistics("bytegpt")["model_stats"][0]
     assert stats["inference_stats"]["success"]["count"] >= 1 and isinstance(stats["inference_count"], int)
 
@@ -119,8 +119,8 @@ def test_raw_json_infer_and_statistics(http_server, triton):
     (b"{not json", 400, ["not valid JSON"]),
     (json.dumps({"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 3], "data": [1, 2]}]}), 400,
      ["input_ids", "2 values", "needs 3"]),
-    (json.dumps({"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 2], "data": [1, 999]}]}), 400,
-     ["input_ids", "999", "vocabulary"]),
+    (json.dumps({"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 2], "data": [1, BYTEGPT_VOCAB]}]}), 400,
+     ["input_ids", str(BYTEGPT_VOCAB), "vocabulary"]),
     (json.dumps({"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 2], "data": [1, 2.5]}]}), 400,
      ["integers"]),
     (json.dumps({"inputs": [{"name": "input_ids", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}), 400,
@@ -138,14 +138,14 @@ def test_bad_infer_bodies_get_400_naming_the_problem(http_server, body, status, 
 
 
 def test_the_same_message_over_http_as_over_grpc(http_server, triton):
-    ids = np.array([[1, 300]], np.int64)
+    ids = np.array([[1, BYTEGPT_VOCAB + 43]], np.int64)
     with pytest.raises(InferenceServerException) as over_http:
         triton.infer("bytegpt", [infer_input("input_ids", ids)])
     g = tcg.InferenceServerClient(http_server.address)
     with pytest.raises(InferenceServerException) as over_grpc:
         g.infer("bytegpt", [_grpc_input(ids)])
     g.close()
-    assert over_http.value.message() == over_grpc.value.message() and "300" in over_http.value.message()
+    assert over_http.value.message() == over_grpc.value.message() and str(BYTEGPT_VOCAB + 43) in over_http.value.message()
     status, _, data = request(http_server, "GET", "/v2/models/nope")
     assert status == 404 and "nope" in json.loads(data)["error"]
 
@@ -216,7 +216,7 @@ def test_openai_errors_have_openai_shape_and_status(http_server, oai):
         oai.completions.create(model="bytegpt", prompt="x", temperature=-1)
     assert "temperature" in temp.value.body["message"]
     with pytest.raises(openai.BadRequestError) as long_prompt:
-        oai.completions.create(model="bytegpt", prompt="x" * 300, max_tokens=2)
+        oai.completions.create(model="bytegpt", prompt=[1] * 300, max_tokens=2)  # the context is 256 tokens
     assert "context" in long_prompt.value.body["message"]
     status, _, data = request(http_server, "POST", "/v1/completions", b'{"model": "bytegpt", "prompt": "x", '
                               b'"logprobs": 3}')

@@ -16,6 +16,7 @@ from tritonclient.utils import InferenceServerException
 
 from service.generated import grpc_service_pb2 as pb
 from service.generated import grpc_service_pb2_grpc as pb_grpc
+from tests.conftest import BYTEGPT_VOCAB
 from tests.service.conftest import ENCODER_VOCAB, random_ids
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
@@ -64,7 +65,7 @@ def test_server_and_model_metadata(client):
     assert [t.name for t in m.outputs][0] == "logits"
     config = client.get_model_config("bytegpt").config
     assert config.max_batch_size == 32 and list(config.dynamic_batching.preferred_batch_size) == [8, 16, 32]
-    assert config.parameters["tserve.vocab_size"].string_value == "257"
+    assert config.parameters["tserve.vocab_size"].string_value == str(BYTEGPT_VOCAB)
 
 
 def test_autocompleted_model_without_config(client):
@@ -76,7 +77,7 @@ def test_autocompleted_model_without_config(client):
 
 
 def test_decoder_infer_equals_direct_onnx_runtime(client, repository):
-    ids = random_ids(np.random.default_rng(0), 3, 17, 257)
+    ids = random_ids(np.random.default_rng(0), 3, 17, BYTEGPT_VOCAB)
     res = client.infer("bytegpt", [infer_input("input_ids", ids)], request_id="req-1",
                        outputs=[tc.InferRequestedOutput("logits")])
     assert res.get_response().id == "req-1"
@@ -95,7 +96,7 @@ def test_encoder_infer_equals_direct_onnx_runtime(client, repository):
 
 
 def test_typed_contents_equal_raw_bytes(server, client):
-    ids = random_ids(np.random.default_rng(2), 1, 6, 257)
+    ids = random_ids(np.random.default_rng(2), 1, 6, BYTEGPT_VOCAB)
     raw = client.infer("bytegpt", [infer_input("input_ids", ids)], outputs=[tc.InferRequestedOutput("logits")])
     request = pb.ModelInferRequest(model_name="bytegpt", id="typed")
     t = request.inputs.add(name="input_ids", datatype="INT64", shape=list(ids.shape))
@@ -112,7 +113,8 @@ def test_64_concurrent_clients_each_get_their_own_rows(server, client, repositor
     """Random inputs of mixed lengths, sent at once: every caller's result must equal an
     unbatched run of its own input — a row sent to the wrong caller fails here."""
     rng = np.random.default_rng(3)
-    requests = [random_ids(rng, int(rng.integers(1, 3)), int(rng.integers(1, 40)), 257) for _ in range(64)]
+    # up to 2 x 31 tokens: their logits stay under the fixture server's 1 MiB message bound
+    requests = [random_ids(rng, int(rng.integers(1, 3)), int(rng.integers(1, 32)), BYTEGPT_VOCAB) for _ in range(64)]
     results: dict[int, np.ndarray] = {}
     errors: list[Exception] = []
     barrier = threading.Barrier(64)
@@ -134,7 +136,7 @@ def test_64_concurrent_clients_each_get_their_own_rows(server, client, repositor
         t.start()
     for t in threads:
         t.join(120)
-    assert not errors and len(results) == 64
+    assert not errors and len(results) == 64, [str(e)[:300] for e in errors[:3]]
     session = session_of(repository, "bytegpt")
     for i, ids in enumerate(requests):
         (want,) = session.run(["logits"], decoder_feeds(session, ids))
@@ -187,11 +189,11 @@ def test_stream_infer_answers_each_request(server):
 
     c.start_stream(callback)
     c.async_stream_infer("bytegpt", [infer_input("input_ids", np.ones((1, 3), np.int64))], request_id="s1")
-    c.async_stream_infer("bytegpt", [infer_input("input_ids", np.full((1, 3), 999, np.int64))], request_id="s2")
+    c.async_stream_infer("bytegpt", [infer_input("input_ids", np.full((1, 3), BYTEGPT_VOCAB, np.int64))], request_id="s2")
     assert done.wait(30)
     c.stop_stream()
     c.close()
-    assert answers[0][1] is None and answers[0][0].as_numpy("logits").shape == (1, 3, 257)
+    assert answers[0][1] is None and answers[0][0].as_numpy("logits").shape == (1, 3, BYTEGPT_VOCAB)
     assert answers[0][0].get_response().id == "s1"
     assert answers[1][1] is not None and "vocabulary" in str(answers[1][1])
 

@@ -21,18 +21,24 @@ from service.generated import generation_pb2 as gen
 from service.generated import generation_pb2_grpc as gen_grpc
 from service.generated import grpc_service_pb2 as pb
 from service.generated import grpc_service_pb2_grpc as pb_grpc
-from tests.conftest import DEFAULT_REPOSITORY, ROOT
+from tests.conftest import BYTEGPT_VOCAB, DEFAULT_REPOSITORY, ROOT
 from tests.service.server_process import ServerProcess, channel, outcome_codes
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def infer_request(ids: np.ndarray, model: str = "bytegpt") -> pb.ModelInferRequest:
+def infer_request(ids: np.ndarray, model: str = "bytegpt", output: str = "logits") -> pb.ModelInferRequest:
     req = pb.ModelInferRequest(model_name=model)
     req.inputs.add(name="input_ids", datatype="INT64", shape=list(ids.shape))
     req.raw_input_contents.append(ids.astype(np.int64).tobytes())
-    req.outputs.add(name="logits")
+    req.outputs.add(name=output)
     return req
+
+
+# A slow request: the largest batch at the full context. It asks for the last layer's value cache,
+# a twelfth the size of its logits (32 x 256 x 4,096 floats would exceed the 64 MiB message bound).
+BIG_OUTPUT = "present.3.value"
+BIG_SHAPE = [32, 4, 256, 48]
 
 
 def copy_model(repo, name: str, new_name: str | None = None) -> None:
@@ -87,7 +93,7 @@ def test_failed_models_are_reported_and_the_rest_keep_serving(broken_repository)
             stub.ModelInfer(infer_request(np.ones((1, 3)), "golden_mismatch"), timeout=10)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "golden" in info.value.details()
         res = stub.ModelInfer(infer_request(np.ones((1, 3))), timeout=10)
-        assert res.outputs[0].shape == [1, 3, 257]
+        assert res.outputs[0].shape == [1, 3, BYTEGPT_VOCAB]
         assert server.health("corrupt") == NOT_SERVING and server.health("bytegpt") == SERVING
         metrics = urllib.request.urlopen(server.metrics_url).read().decode()
         assert 'tserve_model_state{model="golden_mismatch",state="UNAVAILABLE",version="1"} 1.0' in metrics
@@ -149,7 +155,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path):
     def slow_call():
         with channel(server.address) as ch:
             try:
-                res = pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(infer_request(big), timeout=60)
+                res = pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(infer_request(big, output=BIG_OUTPUT), timeout=60)
                 results.append(res.outputs[0].shape)
             except grpc.RpcError as e:
                 errors.append(e)
@@ -169,7 +175,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path):
     watch_channel.close()
     watcher.join(10)
     assert code == 0
-    assert not errors and results == [[32, 256, 257]] * 3, (errors, server.log())
+    assert not errors and results == [BIG_SHAPE] * 3, (errors, server.log())
     assert statuses[0] == SERVING and NOT_SERVING in statuses
     assert "draining" in server.log()
 
@@ -232,7 +238,7 @@ def test_new_requests_during_drain_get_unavailable(tmp_path):
     big = np.random.default_rng(1).integers(0, 256, (32, 256))
     ch = channel(server.address)
     stub = pb_grpc.GRPCInferenceServiceStub(ch)
-    futures = [stub.ModelInfer.future(infer_request(big), timeout=60) for _ in range(4)]
+    futures = [stub.ModelInfer.future(infer_request(big, output=BIG_OUTPUT), timeout=60) for _ in range(4)]
     _wait_inflight(server, 4)
     server.proc.send_signal(15)
     deadline = time.monotonic() + 10
@@ -245,7 +251,7 @@ def test_new_requests_during_drain_get_unavailable(tmp_path):
             break
         time.sleep(0.01)
     assert code == grpc.StatusCode.UNAVAILABLE
-    assert all(f.result().outputs[0].shape == [32, 256, 257] for f in futures)
+    assert all(f.result().outputs[0].shape == BIG_SHAPE for f in futures)
     assert server.proc.wait(30) == 0
     ch.close()
 
@@ -259,7 +265,7 @@ def test_queue_bound_answers_resource_exhausted_at_once(tmp_path):
     big = np.random.default_rng(2).integers(0, 256, (32, 128))
     with ServerProcess(repo) as server, channel(server.address) as ch:
         stub = pb_grpc.GRPCInferenceServiceStub(ch)
-        futures = [stub.ModelInfer.future(infer_request(big, "small_queue"), timeout=120) for _ in range(12)]
+        futures = [stub.ModelInfer.future(infer_request(big, "small_queue", output=BIG_OUTPUT), timeout=120) for _ in range(12)]
         codes = outcome_codes(futures)
         assert all("max_queue_size 2" in f.exception().details() for f in futures if f.exception())
         assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes
@@ -277,15 +283,15 @@ def test_concurrent_rpc_bound_refuses_at_the_door(tmp_path):
     big = np.random.default_rng(2).integers(0, 256, (32, 256))
     with ServerProcess(repo, "--max-concurrent-rpcs", "2") as server, channel(server.address) as ch:
         stub = pb_grpc.GRPCInferenceServiceStub(ch)
-        futures = [stub.ModelInfer.future(infer_request(big), timeout=120) for _ in range(24)]
+        futures = [stub.ModelInfer.future(infer_request(big, output=BIG_OUTPUT), timeout=120) for _ in range(24)]
         codes = outcome_codes(futures)
         assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
         assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 1 and codes.count(grpc.StatusCode.OK) >= 2
-        assert all(f.result().outputs[0].shape == [32, 256, 257] for f, c in zip(futures, codes) if c == grpc.StatusCode.OK)
+        assert all(f.result().outputs[0].shape == BIG_SHAPE for f, c in zip(futures, codes) if c == grpc.StatusCode.OK)
         deadline = time.monotonic() + 10  # normal service once the burst has drained
         while True:
             try:
-                assert stub.ModelInfer(infer_request(np.ones((1, 2))), timeout=30).outputs[0].shape == [1, 2, 257]
+                assert stub.ModelInfer(infer_request(np.ones((1, 2))), timeout=30).outputs[0].shape == [1, 2, BYTEGPT_VOCAB]
                 break
             except grpc.RpcError as e:
                 assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
@@ -299,12 +305,12 @@ def test_expired_requests_are_dropped_before_compute(tmp_path):
     big = np.random.default_rng(3).integers(0, 256, (32, 256))
     with ServerProcess(repo) as server, channel(server.address) as ch:
         stub = pb_grpc.GRPCInferenceServiceStub(ch)
-        slow = [stub.ModelInfer.future(infer_request(big), timeout=120) for _ in range(3)]
+        slow = [stub.ModelInfer.future(infer_request(big, output=BIG_OUTPUT), timeout=120) for _ in range(3)]
         _wait_inflight(server, 1)
         hurried = [stub.ModelInfer.future(infer_request(np.ones((1, 4))), timeout=0.05) for _ in range(20)]
         codes = outcome_codes(hurried)
         for f in slow:
-            assert f.result().outputs[0].shape == [32, 256, 257]
+            assert f.result().outputs[0].shape == BIG_SHAPE
         stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="bytegpt"), timeout=10).model_stats[0]
         assert grpc.StatusCode.DEADLINE_EXCEEDED in codes
         # requests whose deadline passed in the queue were never computed
