@@ -152,7 +152,7 @@ def export_seq2seq(model: Seq2Seq, folder: Path, decoder_attention_mask: bool = 
     return [folder / n for n in (ENCODER, DECODER, DECODER_WITH_PAST)]
 
 
-def onnx_greedy(folder: Path, sources: list[bytes], max_new_tokens: int,
+def onnx_greedy(folder: Path, sources: list[list[int]], max_new_tokens: int,
                 sessions: tuple[ort.InferenceSession, ...] | None = None) -> list[list[int]]:
     """Greedy decoding through the three graphs, a right-padded batch at once: the reference the
     server's engine is compared with, and itself compared with PyTorch."""

@@ -2,7 +2,8 @@
 
 A byte-level BPE is trained on the training split first (`--bpe-vocab 0`: plain bytes), then
 random windows of the tokenized training stream, AdamW with warm-up and cosine decay (over
-steps or minutes, whichever runs out first), bf16 autocast where the CPU has it, periodic
+steps or minutes, whichever runs out first), bf16 autocast (on by default: 1.9x here, on a CPU
+with AVX512-BF16; `--no-bf16` where the CPU lacks it), periodic
 validation in bits per byte, and a checkpoint (config, tokenizer, weights, optimizer state,
 metrics) after every validation, so a run can be resumed with --resume. At the end the same
 validation text is scored by a smoothed byte n-gram baseline and both figures are stored in

@@ -88,6 +88,18 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def check_manifest_files(version_dir: Path, manifest: dict | None) -> None:
+    """Every file a manifest lists (graphs, tokenizer.json, configs) is there, with its sha256:
+    a model never serves with a tokenizer or config other than the one it shipped with."""
+    for name, record in ((manifest or {}).get("files") or {}).items():
+        path = version_dir / name
+        if not path.is_file():
+            raise ModelLoadError(f"{name} is missing (manifest.json lists it)")
+        want = record.get("sha256") if isinstance(record, dict) else None
+        if want and want != _sha256(path):
+            raise ModelLoadError(f"{name} does not match the sha256 in manifest.json")
+
+
 def _tensor(record: dict) -> np.ndarray:
     return np.array(record["data"], dtype=DATATYPES[record["datatype"]]).reshape(record["shape"])
 
@@ -210,10 +222,7 @@ class ModelManager:
         decoders, or the encoder and the merged decoder; generation only."""
         manifest = read_manifest(entry.path)
         files = (ENCODER, *decoder_files(entry.path))
-        for f in files:
-            want = ((manifest or {}).get("files", {}).get(f) or {}).get("sha256")
-            if want and want != _sha256(entry.path / f):
-                raise ModelLoadError(f"{f} does not match the sha256 in manifest.json")
+        check_manifest_files(entry.path, manifest)
         runtimes = [self._runtime(entry.path / f, providers, entry) for f in files]
         try:
             if len(runtimes) == 2:
@@ -244,10 +253,8 @@ class ModelManager:
             return self._load_seq2seq_sync(mv, entry, providers)
         model_file = entry.path / (entry.config.default_model_filename or "model.onnx")
         manifest = read_manifest(entry.path)
-        if manifest and model_file.exists():
-            want = manifest.get("files", {}).get(model_file.name, {}).get("sha256")
-            if want and want != _sha256(model_file):
-                raise ModelLoadError(f"{model_file.name} does not match the sha256 in manifest.json")
+        if model_file.exists():  # a missing graph is reported as such by the runtime
+            check_manifest_files(entry.path, manifest)
         runtime = self._runtime(model_file, providers, entry)
         try:
             spec = build_spec(entry, runtime.graph_inputs, runtime.graph_outputs, manifest,

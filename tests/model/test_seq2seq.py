@@ -91,7 +91,7 @@ def test_train_seq2seq_on_a_bpe_checkpoints_and_resumes(tmp_path):
     tok = NamingTokenizer.from_checkpoint(first)
     assert first["config"]["vocab_size"] == 300 and (first["config"]["pad_id"], first["config"]["eos_id"]) == (0, 2)
     assert tok.decode(tok.encode("def _(self):\n    return self._x")) == "def _(self):\n    return self._x"
-    tc.max_steps = 12
+    tc.max_steps, tc.bpe_vocab = 12, 280  # a resume keeps the checkpoint's tokenizer, whatever the flag
     metrics = train(tc, mc, resume=True)
     after = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert after["step"] == 12 and after["tokenizer"] == first["tokenizer"] and metrics["examples_seen"] == 12 * 8

@@ -27,6 +27,7 @@ def test_train_checkpoint_and_resume(tmp_path, bpe_vocab):
     assert first["val_history"][-1]["val_bpb"] < first["val_history"][0]["val_bpb"] + 1e-9
 
     tc.max_steps = 40
+    tc.bpe_vocab = 300 if bpe_vocab else 0  # a resume keeps the checkpoint's tokenizer, whatever the flag
     resumed = train(tc, mc, resume=True)
     after = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert after["tokenizer"] == ckpt["tokenizer"]  # resuming keeps the tokenizer it was trained with

@@ -18,8 +18,8 @@ from service.models import ModelManager
 from service.settings import Settings
 from tests.conftest import DEFAULT_REPOSITORY, bytegpt_text, bytegpt_tokenizer
 
-PROMPTS = [list(b"def fibonacci(n):"), list(b"import os\n"), list(b"class Stack:\n    def push(self, x):"),
-           list(b"for i in range(10):"), list(b"x"), list(b"return self._data[key]")]
+PROMPTS = [bytegpt_tokenizer().encode(text) for text in ("def fibonacci(n):", "import os\n",
+           "class Stack:\n    def push(self, x):", "for i in range(10):", "x", "return self._data[key]")]
 LENGTHS = [40, 7, 25, 3, 33, 12]
 
 
@@ -143,7 +143,7 @@ def test_a_failing_prompt_ends_only_its_own_sequence(bytegpt, alone):
 
 
 def test_eos_and_stop_end_a_sequence(bytegpt, alone):
-    reference = alone[5]  # " = sel..." after "return self._data[key]"
+    reference = alone[5]  # the greedy continuation of "return self._data[key]"
     k = next(i for i in range(1, len(reference)) if reference[i] not in reference[:i])
     eos = greedy(PROMPTS[5], 12, eos_token_ids=frozenset({reference[k]}))
     events = run(bytegpt, [eos], EngineLimits())[0]

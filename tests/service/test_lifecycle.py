@@ -36,7 +36,7 @@ def infer_request(ids: np.ndarray, model: str = "bytegpt", output: str = "logits
 
 
 # A slow request: the largest batch at the full context. It asks for the last layer's value cache,
-# a twelfth the size of its logits (32 x 256 x 4,096 floats would exceed the 64 MiB message bound).
+# about a twentieth the size of its logits (32 x 256 x 4,096 floats would exceed the 64 MiB message bound).
 BIG_OUTPUT = "present.3.value"
 BIG_SHAPE = [32, 4, 256, 48]
 
@@ -69,6 +69,11 @@ def broken_repository(tmp_path_factory):
     manifest = json.loads(manifest_path.read_text())
     manifest["files"]["model.onnx"]["sha256"] = "0" * 64
     manifest_path.write_text(json.dumps(manifest))
+    copy_model(repo, "bytegpt_int8", "other_tokenizer")  # the graph intact, its tokenizer.json not
+    tokenizer = repo / "other_tokenizer" / "1" / "tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text().replace('"<|endoftext|>"', '"<|end|>"'))
+    copy_model(repo, "bytegpt_int8", "missing_tokenizer")
+    (repo / "missing_tokenizer" / "1" / "tokenizer.json").unlink()
     return repo
 
 
@@ -83,6 +88,8 @@ def test_failed_models_are_reported_and_the_rest_keep_serving(broken_repository)
             "missing_file": "missing",
             "golden_mismatch": "golden",
             "checksum_mismatch": "sha256",
+            "other_tokenizer": "tokenizer.json does not match the sha256",
+            "missing_tokenizer": "tokenizer.json is missing",
         }
         for name, words in reasons.items():
             assert index[name].state == "UNAVAILABLE", name
