@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from model.naming import Example, baselines, load_examples, score
 from model.seq2seq import BOS_ID, EOS_ID, PAD_ID, Seq2Seq, Seq2SeqConfig
-from model.tokenizer import BPETokenizer
+from model.tokenizer import BPETokenizer, ByteTokenizer
 from model.train import lr_at, parse_config_flags
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # a BPE's ids 0, 1, 2: pad, decoder start, end
@@ -71,12 +71,10 @@ class NamingTokenizer:
         return None if self.bpe is None else self.bpe.to_str()
 
     def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8")) if self.bpe is None else self.bpe.encode(text)
+        return (self.bpe or ByteTokenizer()).encode(text)
 
     def decode(self, ids: list[int]) -> str:
-        if self.bpe is None:
-            return bytes(t for t in ids if t < 256).decode("utf-8", "replace")
-        return self.bpe.decode(ids)
+        return (self.bpe or ByteTokenizer()).decode(ids)  # special ids produce no text either way
 
     def config(self, mc: Seq2SeqConfig) -> Seq2SeqConfig:
         """The model config with this tokenizer's vocabulary and special ids."""
