@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 SYSTEM  := $(VENV)/.system-tools
 REPO    ?= model_repository
 
-.PHONY: install install-serve check-serve-install serve test chaos container-test train parse-rate export protos check-protos bench-serve bench-options bench-http bench-generation bench-seq2seq train-seq2seq export-seq2seq cluster-up cluster-down clean
+.PHONY: install install-serve check-serve-install serve test chaos container-test train parse-rate export protos check-protos bench-serve bench-options bench-http bench-generation bench-genai bench-seq2seq train-seq2seq export-seq2seq cluster-up cluster-down clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -92,6 +92,19 @@ bench-seq2seq: $(STAMP)
 
 bench-generation: $(STAMP)
 	$(PYTHON) -m bench.generation_bench
+
+# The peer's own environment: onnxruntime-genai's model builder needs transformers 5.x and
+# onnx_ir, and optimum-onnx (in .venv) pins transformers < 4.58. The same onnxruntime as .venv.
+GENAI_VENV := .venv-genai
+$(GENAI_VENV)/.installed: pyproject.toml
+	python3 -m venv $(GENAI_VENV)
+	$(GENAI_VENV)/bin/pip install -q torch==2.13.0
+	$(GENAI_VENV)/bin/pip install -q "transformers==5.17.*" onnxruntime-genai==0.18.0 onnx_ir onnx tokenizers \
+		"onnxruntime==$$($(PYTHON) -c 'import onnxruntime; print(onnxruntime.__version__)')"
+	touch $@
+
+bench-genai: $(STAMP) $(GENAI_VENV)/.installed
+	$(PYTHON) -m bench.genai_bench
 
 cluster-up: $(STAMP) $(SYSTEM)
 	$(PYTHON) -m deploy.local.cluster up

@@ -29,6 +29,7 @@ class GenerateInput:
     request_id: str
     model_version: str = ""
     add_special_tokens: bool = True  # False when the text is a rendered chat template, which has them
+    ignore_eos: bool = False  # generate max_new_tokens whatever comes (benchmarks)
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ def to_sequence(config: GenerationConfig, req: GenerateInput, default_max_new_to
         max_new_tokens=max_new,
         stop=stops,
         deadline=deadline,
-        eos_token_ids=config.eos_token_ids,
+        eos_token_ids=frozenset() if req.ignore_eos else config.eos_token_ids,
         # a continuation's text follows its prompt's; an encoder-decoder's output starts afresh
         decoder=config.tokenizer.decoder(prompt if config.seq2seq_max_new is None else []) if config.tokenizer else None,
     )

@@ -48,6 +48,7 @@ class _Sampling(BaseModel):
     temperature: float = Field(default=1.0, ge=0, le=2)  # OpenAI's default: sampling, not greedy
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)  # beyond OpenAI, as vLLM accepts it
+    ignore_eos: bool = False  # beyond OpenAI, as vLLM accepts it
     seed: int | None = Field(default=None, ge=0, lt=1 << 64)
     stop: str | list[str] | None = None
     stream: bool = False
@@ -67,7 +68,8 @@ class _Sampling(BaseModel):
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return GenerateInput(model=self.model, text=text, token_ids=token_ids, max_new_tokens=max_tokens,
                              temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed,
-                             stop=stop, request_id=request_id, add_special_tokens=add_special_tokens)
+                             stop=stop, request_id=request_id, add_special_tokens=add_special_tokens,
+                             ignore_eos=self.ignore_eos)
 
 
 class CompletionRequest(_Sampling):

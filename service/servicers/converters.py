@@ -140,6 +140,7 @@ def generate_input_from_proto(req: gen.GenerateRequest) -> GenerateInput:
         seed=s.seed if s.HasField("seed") else None,
         stop=list(req.stop),
         request_id=req.request_id,
+        ignore_eos=req.ignore_eos,
     )
 
 

@@ -9,6 +9,7 @@ import pytest
 from service.errors import InvalidInput
 from service.generated import generation_pb2 as gen
 from service.generated import grpc_service_pb2 as pb
+from service.generation.requests import GenerationConfig, to_sequence
 from service.generation.sequence import Event, FinishReason
 from service.servicers import converters
 from service.types import DATATYPES, InferResponse
@@ -77,6 +78,18 @@ def test_generate_request_round_trip():
     req = gen.GenerateRequest(model="m", token_ids=gen.TokenIds(ids=[1, 2]))
     got = converters.generate_input_from_proto(req)
     assert got.text is None and got.token_ids == [1, 2] and got.max_new_tokens is None and got.temperature is None
+    assert not got.ignore_eos
+
+
+def test_ignore_eos_reaches_the_sequence():
+    """`ignore_eos` (vLLM's name): the sequence gets no end-of-sequence ids, so it runs to its
+    max_new_tokens (the engine test shows an eos id ending a sequence)."""
+    config = GenerationConfig(tokenizer=None, eos_token_ids=frozenset({0}), max_context=64, vocab_size=10)
+    for flag, eos in ((False, {0}), (True, set())):
+        req = converters.generate_input_from_proto(
+            gen.GenerateRequest(model="m", token_ids=gen.TokenIds(ids=[1, 2]), max_new_tokens=5, ignore_eos=flag))
+        seq = to_sequence(config, req, default_max_new_tokens=8, deadline=None)
+        assert req.ignore_eos == flag and seq.eos_token_ids == eos and seq.max_new_tokens == 5
 
 
 def test_stream_chunks_and_the_final_response():

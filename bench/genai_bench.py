@@ -1,0 +1,170 @@
+"""tserve against onnxruntime-genai, ONNX Runtime's own generation library, on the same model.
+
+    make bench-genai        (creates .venv-genai, builds the models, runs this)
+
+The model is bench/llama_models.py's tiny Llama (hidden 256, 4 layers, 4 heads, vocabulary
+512, random weights after seed 0), exported by Optimum for tserve and by genai's model builder
+for genai. Sixteen 32-token prompts cut from this repository's source, greedy, 128 new tokens
+each (end-of-sequence ignored on every path, so each makes exactly 128), 2 intra-op threads
+everywhere, everything on the machine's cores at once as a user's quick run would be. Each
+round measures, in this order:
+
+    genai       one stream at a time over the 16 prompts; the 16 as one static batch
+    raw loop    a plain greedy loop in raw ONNX Runtime over the Optimum graph, batch 1 and 16
+    engine      tserve's GenerationEngine in-process over the Optimum graph (no gRPC), 1 and 16
+    tserve      a real server, gRPC streams: one at a time over the 16 prompts; 16 at once
+
+and prints tokens/s, time to first token and the ratios to genai (median and range over the
+rounds), and whether every path's greedy tokens equal transformers' own `generate`.
+Writes bench/results/genai.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.generation_bench import engine_alone, raw_loop, run_streams
+from bench.llama_models import GENAI_PYTHON, ROOT, build
+from service.generated import generation_pb2 as gen
+from tests.service.server_process import ServerProcess
+
+RESULTS = ROOT / "bench" / "results"
+THREADS = 2
+
+
+def cut_prompts(source: Path, n: int, length: int) -> list[list[int]]:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(source / "tokenizer.json"))
+    text = "".join(p.read_text() for p in sorted((ROOT / "service").rglob("*.py")))
+    ids = tokenizer.encode(text).ids
+    step = len(ids) // n
+    return [ids[i * step : i * step + length] for i in range(n)]
+
+
+def transformers_greedy(source: Path, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(source).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor(prompts), attention_mask=torch.ones(len(prompts), len(prompts[0]), dtype=torch.long),
+                             do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+    return out[:, len(prompts[0]):].tolist()
+
+
+def run_genai(model: Path, prompts: list[list[int]], new_tokens: int) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        json.dump(prompts, f)
+        f.flush()
+        res = subprocess.run([str(GENAI_PYTHON), str(ROOT / "bench" / "genai_peer.py"), str(model), f.name,
+                              str(new_tokens), str(THREADS)], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"onnxruntime-genai failed: {res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def requests(prompts: list[list[int]], new_tokens: int) -> list[gen.GenerateRequest]:
+    return [gen.GenerateRequest(model="llama", token_ids=gen.TokenIds(ids=p), max_new_tokens=new_tokens,
+                                ignore_eos=True, sampling=gen.SamplingParameters(temperature=0.0)) for p in prompts]
+
+
+def one_at_a_time(address: str, reqs: list[gen.GenerateRequest]) -> dict:
+    """Streams one after another: aggregate tokens/s, the median TTFT, every stream's tokens."""
+    runs = [run_streams(address, [r]) for r in reqs]
+    return {"tokens_per_s": sum(r["tokens"] for r in runs) / sum(r["wall_s"] for r in runs),
+            "ttft_ms": statistics.median(r["ttft_p50_ms"] for r in runs),
+            "token_ids": [r["token_ids"][0] for r in runs]}
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, default=ROOT / "runs" / "llama", help="where the models are built (once)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--new-tokens", type=int, default=128)
+    args = p.parse_args()
+    source, optimum, genai = build(args.work)
+    prompts = cut_prompts(source, 16, 32)
+    new = args.new_tokens
+    reference = transformers_greedy(source, prompts, new)
+    repo = Path(tempfile.mkdtemp())
+    shutil.copytree(optimum, repo / "llama" / "1")
+    rounds, agree = [], {}
+    with ServerProcess(repo, "--generation-max-sequences", "16") as server:
+        run_streams(server.address, requests(prompts[:2], 8))  # warm
+        for k in range(args.rounds):
+            r: dict = {}
+            peer = run_genai(genai, prompts, new)
+            r["genai_1"], r["genai_16"] = peer["one_stream_tokens_per_s"], peer["batch_tokens_per_s"]
+            r["genai_ttft_1_ms"], r["genai_ttft_16_ms"] = peer["one_stream_ttft_ms"], peer["batch_ttft_ms"]
+            loop_1, loop_16, seconds = [], [], 0.0
+            for q in prompts:  # one stream at a time, as genai's one-stream figure
+                t: list = []
+                seconds += new / raw_loop(optimum / "model.onnx", [q], new, THREADS, rounds=1, tokens=t)
+                loop_1 += t
+            r["raw_loop_1"] = len(prompts) * new / seconds
+            r["raw_loop_16"] = raw_loop(optimum / "model.onnx", prompts, new, THREADS, rounds=1, tokens=loop_16)
+            alone = engine_alone(repo, {"1": ("continuous", 1, [(q, new) for q in prompts[:4]]),  # one at a time
+                                        "16": ("continuous", 16, [(q, new) for q in prompts])}, model="llama")
+            r["engine_1"], r["engine_16"] = alone["1"], alone["16"]
+            single = one_at_a_time(server.address, requests(prompts, new))
+            together = run_streams(server.address, requests(prompts, new))
+            r["tserve_1"], r["tserve_ttft_1_ms"] = single["tokens_per_s"], single["ttft_ms"]
+            r["tserve_16"], r["tserve_ttft_16_ms"] = together["tokens_per_s"], together["ttft_p50_ms"]
+            print(f"round {k + 1}: " + ", ".join(f"{name} {value:.1f}" for name, value in r.items()), flush=True)
+            rounds.append(r)
+            agree = {"genai one stream": peer["tokens_one_stream"] == reference,
+                     "genai batch 16": peer["tokens_batch"] == reference,
+                     "raw loop batch 1": loop_1 == reference, "raw loop batch 16": loop_16 == reference,
+                     "tserve one stream": single["token_ids"] == reference,
+                     "tserve 16 streams": together["token_ids"] == reference}
+    shutil.rmtree(repo)
+
+    def ratios(a: str, b: str) -> list[float]:
+        return [r[a] / r[b] for r in rounds]
+
+    med = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+    figures = {
+        "tserve / genai, 1 stream": ratios("tserve_1", "genai_1"),
+        "tserve / genai, 16 streams (genai: static batch 16)": ratios("tserve_16", "genai_16"),
+        "raw loop / genai, batch 1": ratios("raw_loop_1", "genai_1"),
+        "raw loop / genai, batch 16": ratios("raw_loop_16", "genai_16"),
+        "engine alone / raw loop, batch 1": ratios("engine_1", "raw_loop_1"),
+        "engine alone / raw loop, batch 16": ratios("engine_16", "raw_loop_16"),
+        "tserve / raw loop, 1 stream": ratios("tserve_1", "raw_loop_1"),
+        "tserve / raw loop, 16 streams": ratios("tserve_16", "raw_loop_16"),
+    }
+    print(f"\ntiny Llama, greedy, 16 prompts x 32 tokens, {new} new tokens, {THREADS} threads, {args.rounds} rounds "
+          f"(onnxruntime-genai {peer['onnxruntime_genai']}):")
+    print("\n| path | 1 stream, tokens/s | 16 streams, tokens/s | TTFT 1 stream ms | TTFT 16 streams ms |")
+    print("|---|---|---|---|---|")
+    print(f"| onnxruntime-genai (builder graph, static batch 16) | {med['genai_1']:.0f} | {med['genai_16']:.0f} | "
+          f"{med['genai_ttft_1_ms']:.1f} | {med['genai_ttft_16_ms']:.1f} |")
+    print(f"| raw ORT greedy loop (Optimum graph) | {med['raw_loop_1']:.0f} | {med['raw_loop_16']:.0f} | | |")
+    print(f"| tserve engine in-process (Optimum graph) | {med['engine_1']:.0f} | {med['engine_16']:.0f} | | |")
+    print(f"| tserve, gRPC streams (Optimum graph) | {med['tserve_1']:.0f} | {med['tserve_16']:.0f} | "
+          f"{med['tserve_ttft_1_ms']:.1f} | {med['tserve_ttft_16_ms']:.1f} |")
+    print("\n| figure | median (range over rounds) |\n|---|---|")
+    for name, values in figures.items():
+        print(f"| {name} | {spread(values)} |")
+    print("\ngreedy tokens equal transformers' generate: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in agree.items()))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "genai.json").write_text(json.dumps({"rounds": rounds, "median": med, "ratios": figures,
+                                                     "tokens_agree": agree, "new_tokens": new}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
