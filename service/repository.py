@@ -101,6 +101,9 @@ class ExportMetadata:
     chat_template: ChatTemplate | None = None
     decoder_start_token_id: int | None = None  # encoder-decoders
     max_length: int | None = None  # generation_config.json's max_length
+    # an onnxruntime-genai folder (genai_config.json) whose graph shares past and present
+    shared_kv: bool = False
+    head_size: int | None = None
 
 
 def _ids(value) -> tuple[int, ...]:
@@ -123,6 +126,13 @@ def read_export_metadata(version_dir: Path) -> ExportMetadata:
         return data if isinstance(data, dict) else {}
 
     config, generation = load("config.json"), load("generation_config.json")
+    genai = load("genai_config.json")  # onnxruntime-genai's model builder writes this instead
+    genai_model = genai.get("model") if isinstance(genai.get("model"), dict) else {}
+    genai_decoder = genai_model.get("decoder") if isinstance(genai_model.get("decoder"), dict) else {}
+    genai_search = genai.get("search") if isinstance(genai.get("search"), dict) else {}
+    if genai_model:
+        config = {"vocab_size": genai_model.get("vocab_size"), "max_position_embeddings": genai_model.get("context_length"),
+                  "eos_token_id": genai_model.get("eos_token_id"), "pad_token_id": genai_model.get("pad_token_id"), **config}
     vocab = config.get("vocab_size")
     positions = config.get("n_positions") or config.get("max_position_embeddings")
     eos = _ids(generation.get("eos_token_id", config.get("eos_token_id")))
@@ -140,6 +150,8 @@ def read_export_metadata(version_dir: Path) -> ExportMetadata:
         decoder_start_token_id=next((v for v in (generation.get("decoder_start_token_id"),
                                                  config.get("decoder_start_token_id")) if isinstance(v, int)), None),
         max_length=generation.get("max_length") if isinstance(generation.get("max_length"), int) else None,
+        shared_kv=genai_search.get("past_present_share_buffer") is True,
+        head_size=genai_decoder.get("head_size") if isinstance(genai_decoder.get("head_size"), int) else None,
     )
 
 
@@ -256,6 +268,8 @@ def build_spec(
              or export.vocab_size or _logits_width(decoder, outputs))
     max_len = (params.get("tserve.max_sequence_length") or (manifest or {}).get("generation", {}).get("max_context")
                or export.max_positions)
+    if decoder is not None and export.shared_kv:
+        decoder = shared_kv_decoder(decoder, export, int(max_len) if max_len else None)
 
     return ModelSpec(
         name=entry.name,
@@ -276,6 +290,18 @@ def build_spec(
         tokenizer_file=export.tokenizer_file,
         chat_template=export.chat_template,
     )
+
+
+def shared_kv_decoder(decoder: DecoderGraph, export: ExportMetadata, context: int | None) -> DecoderGraph:
+    """An onnxruntime-genai graph (GroupQueryAttention): generation keeps its cache in one
+    buffer per past input, `context` columns wide, shared with the present (KVSlots). Its
+    head size is dynamic in the graph and read from genai_config.json."""
+    if not context:
+        raise ModelLoadError("genai_config.json gives no model.context_length: the shared KV buffer needs one")
+    past = decoder.past
+    if export.head_size:
+        past = tuple(dataclasses.replace(p, head_dim=export.head_size) for p in past)
+    return dataclasses.replace(decoder, past=past, shared_kv=True, max_length=context)
 
 
 def _logits_width(decoder, outputs: list[TensorSpec]) -> int | None:

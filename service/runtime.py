@@ -123,10 +123,20 @@ class OrtRuntime:
         try:
             return self.sessions[0].run(outputs, feeds)
         except Exception as e:
-            error = classify(e)
-            if isinstance(error, InternalError):
-                log.error("ONNX Runtime run failed", exc_info=e)
-            raise error from e
+            raise _failure(e) from e
+
+    def io_binding(self) -> ort.IOBinding:
+        """A binding on the first instance, for run_binding (the engine's shared KV buffers)."""
+        return self.sessions[0].io_binding()
+
+    def run_binding(self, binding: ort.IOBinding) -> list[ort.OrtValue]:
+        """run_sync with inputs and outputs bound in place; returns the bound outputs, in
+        binding order. Raises InvalidInput or InternalError."""
+        try:
+            self.sessions[0].run_with_iobinding(binding)
+        except Exception as e:
+            raise _failure(e) from e
+        return binding.get_outputs()
 
     async def run(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
         """Run on a free instance off the event loop. Raises InvalidInput or InternalError."""
@@ -136,13 +146,18 @@ class OrtRuntime:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._executor, session.run, outputs, feeds)
         except Exception as e:
-            error = classify(e)
-            if isinstance(error, InternalError):
-                log.error("ONNX Runtime run failed", exc_info=e)
-            raise error from e
+            raise _failure(e) from e
         finally:
             pool.put_nowait(session)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
         self.sessions.clear()
+
+
+def _failure(e: Exception) -> TServeError:
+    """A run's exception as the error to answer with; an internal one is logged."""
+    error = classify(e)
+    if isinstance(error, InternalError):
+        log.error("ONNX Runtime run failed", exc_info=e)
+    return error

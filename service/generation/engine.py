@@ -34,6 +34,7 @@ import numpy as np
 from service.conventions.decoder import DecoderGraph
 from service.errors import DeadlineExceeded, InternalError, QueueFull, TServeError, Unavailable
 from service.generation.kv_rows import KVRows
+from service.generation.kv_slots import KVSlots
 from service.generation.sampling import sample
 from service.generation.sequence import FinishReason, Sequence
 from service.runtime import OrtRuntime
@@ -62,9 +63,8 @@ class Plan:
 
 @dataclass
 class Results:
-    prefill: list[list[np.ndarray] | TServeError] = field(default_factory=list)
-    decode: list[np.ndarray] | TServeError | None = None
-    decode_mask: np.ndarray | None = None
+    prefill: list[np.ndarray | TServeError] = field(default_factory=list)  # logits [1, n, vocab]
+    decode: np.ndarray | TServeError | None = None  # last logits [rows, vocab]
     decode_failed: dict[int, TServeError] = field(default_factory=dict)  # row -> why, after a re-run apart
 
 
@@ -85,7 +85,10 @@ class GenerationEngine:
         self.on_step = on_step
         self.waiting: deque[Sequence] = deque()  # shared with the loop thread: under _lock
         self.prefilling: list[Sequence] = []  # the rest is the engine thread's own
-        self.rows = KVRows(fill_holes=not self.static)
+        # the running batch's cache, and how a prompt chunk or a decode runs on it
+        self.rows: KVRows | KVSlots = (KVSlots(graph, runtime, limits.max_sequences, fill_holes=not self.static)
+                                       if graph is not None and graph.shared_kv
+                                       else KVRows(graph, runtime, fill_holes=not self.static))
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._stopping = False
@@ -207,6 +210,7 @@ class GenerationEngine:
         for seq in expired:
             if seq in self.prefilling:
                 self.prefilling.remove(seq)
+                self.rows.release(seq)
             self._expire(seq, now, stats)
         for row, seq in enumerate(self.rows.seqs):
             if not seq.finished and seq.expired(now):
@@ -233,48 +237,24 @@ class GenerationEngine:
     # -- execute ----------------------------------------------------------------------------
 
     def _execute(self, plan: Plan) -> Results:
-        graph, results = self.graph, Results()
+        results = Results()
         for seq, n in plan.prefill:
-            start = seq.prefilled
-            ids = np.array([seq.prompt[start : start + n]], np.int64)
-            mask = np.ones((1, start + n), np.int64)
-            positions = np.arange(start, start + n, dtype=np.int64)[None]
-            past = seq.cache if seq.cache is not None else graph.empty_past(1)
             try:
-                results.prefill.append(self.runtime.run_sync(graph.feeds(ids, mask, positions, past), graph.outputs))
+                results.prefill.append(self.rows.prefill(seq, n))
             except TServeError as e:
                 results.prefill.append(e)
         if plan.decode:
-            ids, mask, positions, past = self.rows.decode_inputs()
-            results.decode_mask = mask
             try:
-                results.decode = self.runtime.run_sync(graph.feeds(ids, mask, positions, past), graph.outputs)
+                results.decode = self.rows.decode()
             except TServeError as e:
+                # find the rows that made it fail: each live row runs alone
                 log.warning("batched decode failed for %s (%s); running its rows apart", self.name, e.message)
-                results.decode, results.decode_failed = self._decode_apart(ids, mask, positions, past, e)
+                results.decode, results.decode_failed = self.rows.decode_apart()
+                if results.decode is None:  # nothing ran alone either: every live row fails
+                    results.decode = e
+                    results.decode_failed = {row: results.decode_failed.get(row, e)
+                                             for row, seq in enumerate(self.rows.seqs) if not seq.finished}
         return results
-
-    def _decode_apart(self, ids, mask, positions, past, error: TServeError):
-        """Find the rows that made a batched decode fail: run each live row alone. Returns the
-        batch's outputs assembled from the rows that ran (zeros elsewhere) and the failures."""
-        graph, outs, failed = self.graph, [], {}
-        for row, seq in enumerate(self.rows.seqs):
-            if seq.finished:
-                outs.append(None)
-                continue
-            one = slice(row, row + 1)
-            try:
-                outs.append(self.runtime.run_sync(
-                    graph.feeds(ids[one], mask[one], positions[one], [p[one] for p in past]), graph.outputs))
-            except TServeError as e:
-                failed[row] = e
-                outs.append(None)
-        ran = next((o for o in outs if o is not None), None)
-        if ran is None:  # nothing ran alone either: every live row fails with the batch's error
-            return error, {row: failed.get(row, error) for row, seq in enumerate(self.rows.seqs) if not seq.finished}
-        merged = [np.concatenate([o[k] if o is not None else np.zeros_like(ran[k]) for o in outs])
-                  for k in range(len(ran))]
-        return merged, failed
 
     # -- update -----------------------------------------------------------------------------
 
@@ -287,34 +267,33 @@ class GenerationEngine:
             if isinstance(results.decode, TServeError):
                 self.rows.clear()
             else:
-                self._take_decode(results.decode, results.decode_mask, now, stats)
+                self._take_decode(results.decode, now, stats)
                 for row in results.decode_failed:
                     if row < len(self.rows):  # static batching may have cleared the rows
                         self.rows.make_hole(row)
         for (seq, n), out in zip(plan.prefill, results.prefill):
             if isinstance(out, TServeError):
                 self.prefilling.remove(seq)
+                self.rows.release(seq)
                 self._end(seq, FinishReason.ERROR, now, stats, error=out)
                 continue
-            seq.cache = out[1:]
             seq.prefilled += n
             stats.prefill_tokens += n
             if seq.prefilled < len(seq.prompt):
                 continue
             if not seq.finished:
-                token = sample(out[0][0, -1], seq.params, seq.rng)
+                token = sample(out[0, -1], seq.params, seq.rng)
                 if not self._emit(seq, token, now, stats):
-                    self.rows.join(seq, seq.cache, token)
+                    self.rows.join(seq, token)
             # only now: until it is in the rows or finished, a failure handler must find it here
             self.prefilling.remove(seq)
-            seq.cache = None
+            if seq.finished:
+                self.rows.release(seq)
         if not self.static:
             self.rows.compact_if_sparse()
 
-    def _take_decode(self, out: list[np.ndarray], mask: np.ndarray, now: float, stats: StepStats) -> None:
+    def _take_decode(self, logits: np.ndarray, now: float, stats: StepStats) -> None:
         rows = self.rows
-        rows.advance(out[1:], mask)
-        logits = out[0][:, -1]
         greedy = logits.argmax(-1)  # one call for every greedy row
         for row, seq in enumerate(rows.seqs):
             if seq.finished:

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from service.conventions.decoder import DecoderGraph
+from service.errors import TServeError
 from service.generation.sequence import Sequence
+from service.runtime import OrtRuntime
 
 
 def _left_pad(a: np.ndarray, n: int, axis: int) -> np.ndarray:
@@ -30,7 +33,8 @@ def _left_pad(a: np.ndarray, n: int, axis: int) -> np.ndarray:
 
 
 class KVRows:
-    def __init__(self, fill_holes: bool = True) -> None:
+    def __init__(self, graph: DecoderGraph, runtime: OrtRuntime, fill_holes: bool = True) -> None:
+        self.graph, self.runtime = graph, runtime
         # static batching (a benchmark baseline) never reuses a row mid-batch
         self.fill_holes = fill_holes
         self.clear()
@@ -57,15 +61,63 @@ class KVRows:
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.past)
 
-    # -- decode -----------------------------------------------------------------------------
+    # -- running the graph ------------------------------------------------------------------
 
-    def decode_inputs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
+    def prefill(self, seq: Sequence, n: int) -> np.ndarray:
+        """Run the next `n` prompt tokens of `seq` on its own cache (`seq.cache`, which this
+        extends); the logits [1, n, vocab]."""
+        graph, start = self.graph, seq.prefilled
+        ids = np.array([seq.prompt[start : start + n]], np.int64)
+        mask = np.ones((1, start + n), np.int64)
+        positions = np.arange(start, start + n, dtype=np.int64)[None]
+        past = seq.cache if seq.cache is not None else graph.empty_past(1)
+        out = self.runtime.run_sync(graph.feeds(ids, mask, positions, past), graph.outputs)
+        seq.cache = out[1:]
+        return out[0]
+
+    def release(self, seq: Sequence) -> None:
+        """A sequence that ends during its prefill drops its own cache."""
+        seq.cache = None
+
+    def _decode_inputs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
         """(input_ids [B, 1], attention_mask [B, columns + 1], position_ids [B, 1], past)."""
         B = len(self.seqs)
         mask = np.concatenate([self.mask, np.ones((B, 1), np.int64)], axis=1)
         return self.next_ids[:, None], mask, self.positions[:, None], self.past
 
-    def advance(self, present: list[np.ndarray], mask: np.ndarray) -> None:
+    def decode(self) -> np.ndarray:
+        """One token for every row (holes too); the last logits [rows, vocab]."""
+        ids, mask, positions, past = self._decode_inputs()
+        out = self.runtime.run_sync(self.graph.feeds(ids, mask, positions, past), self.graph.outputs)
+        self._advance(out[1:], mask)
+        return out[0][:, -1]
+
+    def decode_apart(self) -> tuple[np.ndarray | None, dict[int, TServeError]]:
+        """After a failed batched decode: each live row alone. Returns the logits of the rows
+        that ran (zeros elsewhere; None if none ran, and the cache is then unchanged) and why
+        each other row failed."""
+        graph, (ids, mask, positions, past) = self.graph, self._decode_inputs()
+        outs, failed = [], {}
+        for row, seq in enumerate(self.seqs):
+            if seq.finished:
+                outs.append(None)
+                continue
+            one = slice(row, row + 1)
+            try:
+                outs.append(self.runtime.run_sync(
+                    graph.feeds(ids[one], mask[one], positions[one], [p[one] for p in past]), graph.outputs))
+            except TServeError as e:
+                failed[row] = e
+                outs.append(None)
+        ran = next((o for o in outs if o is not None), None)
+        if ran is None:
+            return None, failed
+        merged = [np.concatenate([o[k] if o is not None else np.zeros_like(ran[k]) for o in outs])
+                  for k in range(len(ran))]
+        self._advance(merged[1:], mask)
+        return merged[0][:, -1], failed
+
+    def _advance(self, present: list[np.ndarray], mask: np.ndarray) -> None:
         """Take a decode run's presents as the cache (one column longer)."""
         # ONNX Runtime's outputs are fresh arrays the engine owns: joiners are written into them
         self.past = [p if p.flags.writeable else p.copy() for p in present]
@@ -78,9 +130,10 @@ class KVRows:
 
     # -- joins and leaves -------------------------------------------------------------------
 
-    def join(self, seq: Sequence, cache: list[np.ndarray], token: int) -> None:
-        """Add a prefilled sequence whose cache is `cache` ([1, heads, length, head_dim] each)
-        and whose next input is `token`."""
+    def join(self, seq: Sequence, token: int) -> None:
+        """Add a prefilled sequence (its cache `seq.cache`: [1, heads, length, head_dim] each)
+        whose next input is `token`."""
+        cache, seq.cache = seq.cache, None
         length = cache[0].shape[2]
         if not self.seqs:
             self.seqs = [seq]

@@ -61,7 +61,8 @@ class Sequence:
     text: str = ""
     emitted: int = 0  # characters of `text` already streamed
     prefilled: int = 0  # prompt tokens whose keys/values are cached
-    cache: list[np.ndarray] | None = None  # during prefill: this sequence's own past
+    cache: list[np.ndarray] | None = None  # during prefill: this sequence's own past (KVRows)
+    slot: int | None = None  # its slot in a shared KV buffer (KVSlots)
     arrived: float = field(default_factory=time.monotonic)
     admitted: float = 0.0
     first_token_at: float = 0.0

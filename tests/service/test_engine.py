@@ -205,11 +205,11 @@ def test_a_step_that_fails_while_joining_leaves_no_sequence_unanswered(bytegpt):
         engine = GenerationEngine(bytegpt.name, bytegpt.runtime, bytegpt.spec.decoder, EngineLimits(max_sequences=8))
         join, calls = engine.rows.join, []
 
-        def failing_join(seq, cache, token):
+        def failing_join(seq, token):
             calls.append(seq)
             if len(calls) == 2:
                 raise MemoryError("simulated: the merged cache does not fit")
-            return join(seq, cache, token)
+            return join(seq, token)
 
         engine.rows.join = failing_join
         engine.start()

@@ -1,0 +1,181 @@
+"""The running batch's KV cache for graphs that read each row's length from the attention mask
+(GroupQueryAttention, as onnxruntime-genai's model builder emits): one preallocated buffer per
+past input, bound with ONNX Runtime's IO binding as both that past and its present, so a step
+writes its new keys and values in place and nothing copies the cache per token.
+
+    buffer[i]  [slots, heads, max_length, head_dim]   slot s holds one sequence, from column 0
+    lengths    [slots]                                 tokens cached in each slot
+    mask       [rows, max(lengths) + 1]                1 over a row's cache and its new token
+
+The running rows are slots 0..rows-1, so a decode binds the buffers' leading rows as they are
+(a view, no copy). A sequence being prefilled owns a free slot above them and moves down when
+it joins; a row that finishes is filled by the last running row (one sequence's columns are
+copied, never the batch's). A step on a mixed batch gives each row exactly what a run alone
+would: a row's new token goes to its own column `length`, and it attends to its own columns.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from service.conventions.decoder import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, DecoderGraph
+from service.errors import TServeError
+from service.generation.sequence import Sequence
+from service.runtime import OrtRuntime
+
+
+class KVSlots:
+    def __init__(self, graph: DecoderGraph, runtime: OrtRuntime, slots: int, fill_holes: bool = True) -> None:
+        self.graph, self.runtime = graph, runtime
+        # static batching (a benchmark baseline) keeps finished rows computing until all end
+        self.fill_holes = fill_holes
+        # zeros: pages are only touched as columns fill, so the reservation costs little memory
+        self.buffers = [np.zeros((slots, t.heads, graph.max_length, t.head_dim), t.dtype) for t in graph.past]
+        self.lengths = np.zeros(slots, np.int64)
+        self.owner: list[Sequence | None] = [None] * slots
+        self.rows = 0
+        self.next_ids = np.zeros(slots, np.int64)
+        self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
+        self._values: list[ort.OrtValue] = []
+
+    def clear(self) -> None:
+        self.owner = [None] * len(self.owner)
+        self.lengths[:] = 0
+        self.rows = 0
+
+    def __len__(self) -> int:
+        return self.rows
+
+    @property
+    def seqs(self) -> list[Sequence]:
+        return self.owner[: self.rows]
+
+    @property
+    def live(self) -> int:
+        return sum(not s.finished for s in self.seqs)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers)
+
+    # -- running the graph ------------------------------------------------------------------
+
+    def _binding(self, start: int, stop: int) -> ort.IOBinding:
+        """The binding of slots [start, stop) as past and present, made once per range: the
+        buffers never move, so a step only rebinds its small inputs."""
+        binding = self._bindings.get((start, stop))
+        if binding is None:
+            binding = self.runtime.io_binding()
+            binding.bind_output(LOGITS)  # first: run_binding's outputs start with the logits
+            for name, present, buffer in zip(self.graph.past_names, self.graph.present_names, self.buffers):
+                value = ort.OrtValue.ortvalue_from_numpy(buffer[start:stop])
+                binding.bind_ortvalue_input(name, value)
+                binding.bind_ortvalue_output(present, value)
+                self._values.append(value)  # a bound view must outlive every run that uses it
+            self._bindings[start, stop] = binding
+        return binding
+
+    def _run(self, start: int, stop: int, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """One run over slots [start, stop), their cache written in place; returns the logits."""
+        binding = self._binding(start, stop)
+        binding.bind_output(LOGITS)  # unallocated again: the last run's logits had another shape
+        binding.bind_cpu_input(INPUT_IDS, ids)
+        binding.bind_cpu_input(ATTENTION_MASK, mask)
+        if self.graph.has_position_ids:
+            T = ids.shape[1]
+            binding.bind_cpu_input(POSITION_IDS, (mask.sum(1, keepdims=True) - T) + np.arange(T, dtype=np.int64))
+        return self.runtime.run_binding(binding)[0].numpy()
+
+    def prefill(self, seq: Sequence, n: int) -> np.ndarray:
+        """Run the next `n` prompt tokens of `seq` into its own slot; the logits [1, n, vocab]."""
+        if seq.slot is None:
+            seq.slot = next(s for s in range(self.rows, len(self.owner)) if self.owner[s] is None)
+            self.owner[seq.slot] = seq
+            self.lengths[seq.slot] = 0
+        start = seq.prefilled
+        ids = np.array([seq.prompt[start : start + n]], np.int64)
+        logits = self._run(seq.slot, seq.slot + 1, ids, np.ones((1, start + n), np.int64))
+        self.lengths[seq.slot] = start + n
+        return logits
+
+    def release(self, seq: Sequence) -> None:
+        """A sequence that ends during its prefill gives its slot back."""
+        slot = seq.slot
+        if slot is not None and slot >= self.rows and self.owner[slot] is seq:
+            self.owner[slot] = None
+        seq.slot = None
+
+    def _mask(self, rows: np.ndarray) -> np.ndarray:
+        lengths = self.lengths[rows] + 1
+        return (np.arange(lengths.max())[None] < lengths[:, None]).astype(np.int64)
+
+    def decode(self) -> np.ndarray:
+        """One token for every running row; the last logits [rows, vocab]."""
+        rows = np.arange(self.rows)
+        logits = self._run(0, self.rows, self.next_ids[: self.rows, None], self._mask(rows))
+        self.lengths[: self.rows] += 1
+        return logits[:, -1]
+
+    def decode_apart(self) -> tuple[np.ndarray | None, dict[int, TServeError]]:
+        """After a failed batched decode: each live row alone. Returns the logits of the rows
+        that ran (zeros elsewhere; None if none ran) and why each other row failed."""
+        logits, failed = None, {}
+        for row, seq in enumerate(self.seqs):
+            if seq.finished:
+                continue
+            try:
+                out = self._run(row, row + 1, self.next_ids[row : row + 1, None], self._mask(np.array([row])))
+            except TServeError as e:
+                failed[row] = e
+                continue
+            if logits is None:
+                logits = np.zeros((self.rows, out.shape[-1]), out.dtype)
+            logits[row] = out[0, -1]
+        ran = [r for r, s in enumerate(self.seqs) if not s.finished and r not in failed]
+        self.lengths[ran] += 1
+        return logits, failed
+
+    # -- joins and leaves -------------------------------------------------------------------
+
+    def _move(self, src: int, dst: int) -> None:
+        """Swap the contents of two slots (columns up to the longer of the two)."""
+        n = int(max(self.lengths[src], self.lengths[dst]))
+        for b in self.buffers:
+            b[[src, dst], :, :n] = b[[dst, src], :, :n]
+        self.lengths[[src, dst]] = self.lengths[[dst, src]]
+        self.next_ids[[src, dst]] = self.next_ids[[dst, src]]
+        self.owner[src], self.owner[dst] = self.owner[dst], self.owner[src]
+        for s in (src, dst):
+            if self.owner[s] is not None:
+                self.owner[s].slot = s
+
+    def join(self, seq: Sequence, token: int) -> None:
+        """Make a prefilled sequence the next running row, feeding `token` next."""
+        if seq.slot != self.rows:
+            self._move(seq.slot, self.rows)
+        self.next_ids[self.rows] = token
+        self.rows += 1
+
+    def make_hole(self, row: int) -> None:
+        """Nothing to do until compaction: a finished row's output is ignored."""
+
+    def compact_if_sparse(self) -> bool:
+        """Replace each finished row with the last running one. Returns whether any left."""
+        if not self.fill_holes:
+            return False
+        moved = False
+        row = 0
+        while row < self.rows:
+            if self.owner[row].finished:
+                last = self.rows - 1
+                if row != last:
+                    self._move(last, row)
+                self.owner[last].slot = None
+                self.owner[last] = None
+                self.lengths[last] = 0
+                self.rows -= 1
+                moved = True
+            else:
+                row += 1
+        return moved
