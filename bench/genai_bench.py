@@ -10,9 +10,12 @@ everywhere, everything on the machine's cores at once as a user's quick run woul
 round measures, in this order:
 
     genai       one stream at a time over the 16 prompts; the 16 as one static batch
-    raw loop    a plain greedy loop in raw ONNX Runtime over the Optimum graph, batch 1 and 16
-    engine      tserve's GenerationEngine in-process over the Optimum graph (no gRPC), 1 and 16
-    tserve      a real server, gRPC streams: one at a time over the 16 prompts; 16 at once
+    raw loops   plain greedy loops in raw ONNX Runtime, batch 1 and 16: over genai's graph with
+                a shared KV buffer (IO binding, as genai runs it), and over Optimum's graph
+                (numpy, present fed back as past)
+    engine      tserve's GenerationEngine in-process (no gRPC) over each graph, 1 and 16
+    tserve      a real server, gRPC streams, serving genai's folder as it is and Optimum's:
+                one at a time over the 16 prompts; 16 at once
 
 and prints tokens/s, time to first token and the ratios to genai (median and range over the
 rounds), and whether every path's greedy tokens equal transformers' own `generate`.
@@ -32,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.generation_bench import engine_alone, raw_loop, run_streams
+from bench.generation_bench import engine_alone, raw_loop, raw_loop_shared, run_streams
 from bench.llama_models import GENAI_PYTHON, ROOT, build
 from service.generated import generation_pb2 as gen
 from tests.service.server_process import ServerProcess
@@ -73,8 +76,8 @@ def run_genai(model: Path, prompts: list[list[int]], new_tokens: int) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def requests(prompts: list[list[int]], new_tokens: int) -> list[gen.GenerateRequest]:
-    return [gen.GenerateRequest(model="llama", token_ids=gen.TokenIds(ids=p), max_new_tokens=new_tokens,
+def requests(prompts: list[list[int]], new_tokens: int, model: str = "llama") -> list[gen.GenerateRequest]:
+    return [gen.GenerateRequest(model=model, token_ids=gen.TokenIds(ids=p), max_new_tokens=new_tokens,
                                 ignore_eos=True, sampling=gen.SamplingParameters(temperature=0.0)) for p in prompts]
 
 
@@ -102,9 +105,13 @@ def main() -> None:
     reference = transformers_greedy(source, prompts, new)
     repo = Path(tempfile.mkdtemp())
     shutil.copytree(optimum, repo / "llama" / "1")
+    shutil.copytree(genai, repo / "llama_genai" / "1")  # genai's own folder, served as it is
+    genai_config = json.loads((genai / "genai_config.json").read_text())["model"]
+    context, head_size = genai_config["context_length"], genai_config["decoder"]["head_size"]
     rounds, agree = [], {}
     with ServerProcess(repo, "--generation-max-sequences", "16") as server:
-        run_streams(server.address, requests(prompts[:2], 8))  # warm
+        for model in ("llama", "llama_genai"):
+            run_streams(server.address, requests(prompts[:2], 8, model))  # warm
         for k in range(args.rounds):
             r: dict = {}
             peer = run_genai(genai, prompts, new)
@@ -117,20 +124,40 @@ def main() -> None:
                 loop_1 += t
             r["raw_loop_1"] = len(prompts) * new / seconds
             r["raw_loop_16"] = raw_loop(optimum / "model.onnx", prompts, new, THREADS, rounds=1, tokens=loop_16)
+            shared_1, shared_16, seconds = [], [], 0.0
+            for q in prompts:
+                t = []
+                seconds += new / raw_loop_shared(genai / "model.onnx", [q], new, THREADS, context, head_size, rounds=1, tokens=t)
+                shared_1 += t
+            r["raw_shared_1"] = len(prompts) * new / seconds
+            r["raw_shared_16"] = raw_loop_shared(genai / "model.onnx", prompts, new, THREADS, context, head_size, rounds=1,
+                                                 tokens=shared_16)
             alone = engine_alone(repo, {"1": ("continuous", 1, [(q, new) for q in prompts[:4]]),  # one at a time
                                         "16": ("continuous", 16, [(q, new) for q in prompts])}, model="llama")
             r["engine_1"], r["engine_16"] = alone["1"], alone["16"]
+            alone = engine_alone(repo, {"1": ("continuous", 1, [(q, new) for q in prompts[:4]]),
+                                        "16": ("continuous", 16, [(q, new) for q in prompts])}, model="llama_genai")
+            r["engine_shared_1"], r["engine_shared_16"] = alone["1"], alone["16"]
             single = one_at_a_time(server.address, requests(prompts, new))
             together = run_streams(server.address, requests(prompts, new))
             r["tserve_1"], r["tserve_ttft_1_ms"] = single["tokens_per_s"], single["ttft_ms"]
             r["tserve_16"], r["tserve_ttft_16_ms"] = together["tokens_per_s"], together["ttft_p50_ms"]
+            single_shared = one_at_a_time(server.address, requests(prompts, new, "llama_genai"))
+            together_shared = run_streams(server.address, requests(prompts, new, "llama_genai"))
+            r["tserve_shared_1"], r["tserve_shared_ttft_1_ms"] = single_shared["tokens_per_s"], single_shared["ttft_ms"]
+            r["tserve_shared_16"] = together_shared["tokens_per_s"]
+            r["tserve_shared_ttft_16_ms"] = together_shared["ttft_p50_ms"]
             print(f"round {k + 1}: " + ", ".join(f"{name} {value:.1f}" for name, value in r.items()), flush=True)
             rounds.append(r)
             agree = {"genai one stream": peer["tokens_one_stream"] == reference,
                      "genai batch 16": peer["tokens_batch"] == reference,
                      "raw loop batch 1": loop_1 == reference, "raw loop batch 16": loop_16 == reference,
+                     "raw shared-buffer loop batch 1": shared_1 == reference,
+                     "raw shared-buffer loop batch 16": shared_16 == reference,
                      "tserve one stream": single["token_ids"] == reference,
-                     "tserve 16 streams": together["token_ids"] == reference}
+                     "tserve 16 streams": together["token_ids"] == reference,
+                     "tserve (genai's graph) one stream": single_shared["token_ids"] == reference,
+                     "tserve (genai's graph) 16 streams": together_shared["token_ids"] == reference}
     shutil.rmtree(repo)
 
     def ratios(a: str, b: str) -> list[float]:
@@ -138,14 +165,18 @@ def main() -> None:
 
     med = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
     figures = {
-        "tserve / genai, 1 stream": ratios("tserve_1", "genai_1"),
-        "tserve / genai, 16 streams (genai: static batch 16)": ratios("tserve_16", "genai_16"),
-        "raw loop / genai, batch 1": ratios("raw_loop_1", "genai_1"),
-        "raw loop / genai, batch 16": ratios("raw_loop_16", "genai_16"),
-        "engine alone / raw loop, batch 1": ratios("engine_1", "raw_loop_1"),
-        "engine alone / raw loop, batch 16": ratios("engine_16", "raw_loop_16"),
-        "tserve / raw loop, 1 stream": ratios("tserve_1", "raw_loop_1"),
-        "tserve / raw loop, 16 streams": ratios("tserve_16", "raw_loop_16"),
+        "tserve / genai, 1 stream, genai's graph": ratios("tserve_shared_1", "genai_1"),
+        "tserve / genai, 16 streams (genai: static batch 16), genai's graph": ratios("tserve_shared_16", "genai_16"),
+        "tserve / genai, 1 stream, Optimum's graph": ratios("tserve_1", "genai_1"),
+        "tserve / genai, 16 streams, Optimum's graph": ratios("tserve_16", "genai_16"),
+        "raw shared-buffer loop / genai, batch 1 (same graph)": ratios("raw_shared_1", "genai_1"),
+        "raw shared-buffer loop / genai, batch 16 (same graph)": ratios("raw_shared_16", "genai_16"),
+        "engine alone / raw loop, batch 1, genai's graph": ratios("engine_shared_1", "raw_shared_1"),
+        "engine alone / raw loop, batch 16, genai's graph": ratios("engine_shared_16", "raw_shared_16"),
+        "engine alone / raw loop, batch 1, Optimum's graph": ratios("engine_1", "raw_loop_1"),
+        "engine alone / raw loop, batch 16, Optimum's graph": ratios("engine_16", "raw_loop_16"),
+        "tserve / engine alone, 1 stream, genai's graph (the gRPC stream's cost)": ratios("tserve_shared_1", "engine_shared_1"),
+        "tserve / engine alone, 16 streams, genai's graph": ratios("tserve_shared_16", "engine_shared_16"),
     }
     print(f"\ntiny Llama, greedy, 16 prompts x 32 tokens, {new} new tokens, {THREADS} threads, {args.rounds} rounds "
           f"(onnxruntime-genai {peer['onnxruntime_genai']}):")
@@ -153,9 +184,14 @@ def main() -> None:
     print("|---|---|---|---|---|")
     print(f"| onnxruntime-genai (builder graph, static batch 16) | {med['genai_1']:.0f} | {med['genai_16']:.0f} | "
           f"{med['genai_ttft_1_ms']:.1f} | {med['genai_ttft_16_ms']:.1f} |")
-    print(f"| raw ORT greedy loop (Optimum graph) | {med['raw_loop_1']:.0f} | {med['raw_loop_16']:.0f} | | |")
-    print(f"| tserve engine in-process (Optimum graph) | {med['engine_1']:.0f} | {med['engine_16']:.0f} | | |")
-    print(f"| tserve, gRPC streams (Optimum graph) | {med['tserve_1']:.0f} | {med['tserve_16']:.0f} | "
+    print(f"| raw ORT loop, genai's graph, shared buffer (IO binding) | {med['raw_shared_1']:.0f} | "
+          f"{med['raw_shared_16']:.0f} | | |")
+    print(f"| tserve engine in-process, genai's graph | {med['engine_shared_1']:.0f} | {med['engine_shared_16']:.0f} | | |")
+    print(f"| **tserve, gRPC streams, genai's graph** | {med['tserve_shared_1']:.0f} | {med['tserve_shared_16']:.0f} | "
+          f"{med['tserve_shared_ttft_1_ms']:.1f} | {med['tserve_shared_ttft_16_ms']:.1f} |")
+    print(f"| raw ORT loop, Optimum's graph (numpy, present fed back) | {med['raw_loop_1']:.0f} | {med['raw_loop_16']:.0f} | | |")
+    print(f"| tserve engine in-process, Optimum's graph | {med['engine_1']:.0f} | {med['engine_16']:.0f} | | |")
+    print(f"| tserve, gRPC streams, Optimum's graph | {med['tserve_1']:.0f} | {med['tserve_16']:.0f} | "
           f"{med['tserve_ttft_1_ms']:.1f} | {med['tserve_ttft_16_ms']:.1f} |")
     print("\n| figure | median (range over rounds) |\n|---|---|")
     for name, values in figures.items():

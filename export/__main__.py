@@ -2,7 +2,8 @@
 
     python -m export --checkpoint runs/default/checkpoint.pt --repository model_repository
 
-Writes <name> (fp32) and <name>_int8 (dynamic int8), each with config.pbtxt, model.onnx and
+Writes <name> (fp32) and <name>_int8 (dynamic int8), each with config.pbtxt, model.onnx (the
+traced graph), model_gqa.onnx (the fused generation graph, export/gqa_graph.py), tokenizer.json and
 a manifest carrying the tokenizer, training metrics, parity and speed reports, sha256 and
 golden inputs/outputs the server checks itself against at load time.
 """
@@ -19,6 +20,7 @@ import onnxruntime as ort
 import torch
 
 from export.onnx_export import ONNX_OPSET, export_onnx
+from export.gqa_graph import GQA_FILE, export_gqa, verify_gqa
 from export.optimize import fusion_report, quantize_int8, speed_ratios
 from export.repository import decoder_config_pbtxt, golden_record, write_entry
 from export.verify import cpu_session, decoder_feeds, empty_past, verify
@@ -80,6 +82,10 @@ def main(argv: list[str] | None = None) -> None:
               f"greedy 64 tokens equal alone {parity['greedy_equal_alone']}, batched {parity['greedy_equal_batched']}")
         fusions = fusion_report(fp32)
         print(f"ONNX Runtime fusions: {fusions}")
+        gqa = export_gqa(model, Path(tmp) / "gqa.onnx")
+        gqa_parity = verify_gqa(model, gqa, prompts)
+        print(f"fused generation graph ({GQA_FILE}): max |logits diff| {gqa_parity['max_abs_logits_diff']:.2e}, "
+              f"greedy {gqa_parity['greedy_tokens']} tokens equal alone {gqa_parity['greedy_equal_alone']}")
         int8 = None if args.skip_int8 else quantize_int8(fp32, Path(tmp) / "int8.onnx")
         speed = speed_ratios(fp32, int8, model.cfg.vocab_size)
         print(f"speed: {speed}")
@@ -91,12 +97,15 @@ def main(argv: list[str] | None = None) -> None:
         common = {
             "architecture": "decoder-with-past",
             "tokenizer": tokenizer.manifest_entry(),
-            "generation": {"max_context": model.cfg.block_size, "eos_token_id": tokenizer.eot_id},
+            # the generation engine runs the fused graph (a shared KV buffer) where it matches
+            # model.onnx at load; ModelInfer runs model.onnx
+            "generation": {"max_context": model.cfg.block_size, "eos_token_id": tokenizer.eot_id,
+                           "graph": GQA_FILE},
             "model_config": model.cfg.to_dict(),
             "parameters": model.num_parameters(),
             "training": {"config": tc, "metrics": ckpt.get("metrics", {})},
             "export": {"opset": ONNX_OPSET, "torch": torch.__version__, "onnxruntime": ort.__version__,
-                       "parity": parity, "fusions": fusions, "speed": speed},
+                       "parity": parity, "fusions": fusions, "speed": speed, "fused_graph_parity": gqa_parity},
             "samples": {"temperature": 0.7, "top_k": 40, "seed": 0, "completions": samples},
         }
         feeds = golden_feeds(model, tokenizer)
@@ -105,12 +114,16 @@ def main(argv: list[str] | None = None) -> None:
             args.repository, args.name, fp32, decoder_config_pbtxt(args.name, model.cfg, tokenizer.eot_id),
             {**common, "validation": {"onnx_bits_per_byte": fp32_bpb, **scope},
              "golden": [golden_record(fp32_session, feeds, atol=1e-3)]},
-            extra_files=shipped,
+            extra_files={**shipped, GQA_FILE: gqa},
         )
         print(f"wrote {entry}: ONNX validation {fp32_bpb} bits/byte on {val_bytes:,} bytes")
         if int8 is not None:
             int8_session = cpu_session(int8)
             int8_bpb = onnx_bpb(int8_session, model, val, val_bytes)
+            gqa_int8 = quantize_int8(gqa, Path(tmp) / "gqa_int8.onnx")
+            gqa_int8_diff = float(np.abs(cpu_session(gqa_int8).run(["logits"], feeds)[0]
+                                         - int8_session.run(["logits"], feeds)[0]).max())
+            print(f"int8 fused generation graph: max |logits diff| from the int8 model.onnx {gqa_int8_diff:.2e}")
             name = f"{args.name}_int8"
             entry = write_entry(
                 args.repository, name, int8, decoder_config_pbtxt(name, model.cfg, tokenizer.eot_id),
@@ -118,8 +131,9 @@ def main(argv: list[str] | None = None) -> None:
                                             "bytes": int8.stat().st_size, "fp32_bytes": fp32.stat().st_size},
                  "validation": {"onnx_bits_per_byte": int8_bpb, "fp32_onnx_bits_per_byte": fp32_bpb,
                                 "int8_over_fp32": round(int8_bpb / fp32_bpb, 4), **scope},
+                 "fused_graph_int8": {"max_abs_logits_diff_from_model_onnx": gqa_int8_diff},
                  "golden": [golden_record(int8_session, feeds, atol=5e-2)]},
-                extra_files=shipped,
+                extra_files={**shipped, GQA_FILE: gqa_int8},
             )
             print(f"wrote {entry}: int8 {int8.stat().st_size / 1e6:.2f} MB, validation {int8_bpb} bits/byte "
                   f"(fp32 {fp32_bpb}, ratio {int8_bpb / fp32_bpb:.4f}) on {val_bytes:,} bytes")

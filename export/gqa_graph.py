@@ -14,7 +14,7 @@ its new keys and values in place and copies nothing (service/generation/kv_slots
 traced graph stays the model's graph for ModelInfer; this one is the generation engine's,
 shipped only after parity with the traced graph (verify_gqa) and checked again at load.
 
-Per block, as model/transformer.py: one packed QKV MatMul, GroupQueryAttention (causal, no
+Per block, as model/transformer.py: the Q, K and V projections, GroupQueryAttention (causal, no
 rotary: positions are the paper's sinusoids added at the input), the output projection,
 LayerNorm(x + attention), LayerNorm(x + FFN(x)) with the exact (erf) GELU.
 """
@@ -33,6 +33,7 @@ from export.onnx_export import ONNX_IR_VERSION, ONNX_OPSET, input_names, output_
 from model.transformer import GPT
 
 MS = "com.microsoft"
+GQA_FILE = "model_gqa.onnx"  # its name beside model.onnx in a repository entry
 
 
 def gqa_decoder(model: GPT) -> onnx.ModelProto:
@@ -80,12 +81,11 @@ def gqa_decoder(model: GPT) -> onnx.ModelProto:
 
     for i in range(cfg.n_layer):
         p = f"blocks.{i}"
-        qkv_w = np.concatenate([sd[f"{p}.attn.{n}_proj.weight"].T for n in "qkv"], axis=1)
-        qkv_b = np.concatenate([sd[f"{p}.attn.{n}_proj.bias"] for n in "qkv"])
-        qkv = node("Add", [node("MatMul", [x, const(f"{p}.qkv.weight_t", qkv_w)], f"{p}/qkv/matmul"),
-                           const(f"{p}.qkv.bias", qkv_b)], f"{p}/qkv")
+        # Q, K and V apart, as in the traced graph (not packed into one MatMul): the int8 variant
+        # then quantizes the same weight matrices the same way, and matches its traced graph
+        q, k, v = (linear(x, f"{p}.attn.{n}_proj", f"{p}/{n}") for n in "qkv")
         nodes.append(helper.make_node(
-            "GroupQueryAttention", [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total],
+            "GroupQueryAttention", [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total],
             [f"{p}/attention", f"present.{i}.key", f"present.{i}.value"], name=f"{p}/GroupQueryAttention", domain=MS,
             num_heads=H, kv_num_heads=H, scale=1.0 / math.sqrt(hd), do_rotary=0))
         a = linear(f"{p}/attention", f"{p}.attn.out_proj", f"{p}/attn_out")
@@ -114,3 +114,28 @@ def export_gqa(model: GPT, path: Path) -> Path:
     onnx.checker.check_model(proto)  # the standard parts; contrib ops are ONNX Runtime's to check
     onnx.save(proto, str(path))
     return path
+
+
+def verify_gqa(model: GPT, path: Path, real_prompts: list[list[int]], greedy_tokens: int = 64) -> dict:
+    """Parity of the fused graph with the model, one prompt at a time (the layout the engine
+    gives it: no padding before a row's tokens): prompt-pass logits and greedy tokens, the
+    cache fed back as past. Raises if it fails. (Rows of mixed lengths in one shared buffer are
+    the engine tests'.)"""
+    from export.verify import cpu_session, decoder_feeds, empty_past, onnx_greedy
+
+    session = cpu_session(path)
+    greedy_tokens = min(greedy_tokens, model.cfg.block_size - max(len(p) for p in real_prompts))
+    diff = 0.0
+    for p in real_prompts:
+        ids = np.array([p], np.int64)
+        with torch.no_grad():
+            want = model(torch.from_numpy(ids))[0].numpy()
+        got = session.run(["logits"], decoder_feeds(model.cfg.n_layer, ids, np.ones_like(ids),
+                                                     np.arange(len(p), dtype=np.int64)[None], empty_past(model, 1)))[0]
+        diff = max(diff, float(np.abs(got - want).max()))
+    reference = [model.generate(p, greedy_tokens) for p in real_prompts]
+    alone = [onnx_greedy(model, session, [p], greedy_tokens)[0] for p in real_prompts]
+    report = {"max_abs_logits_diff": diff, "greedy_tokens": greedy_tokens, "greedy_equal_alone": alone == reference}
+    if diff > 1e-4 or not report["greedy_equal_alone"]:
+        raise AssertionError(f"fused graph parity failed: {report}")
+    return report

@@ -96,9 +96,9 @@ def golden_record(session: ort.InferenceSession, feeds: dict[str, np.ndarray], a
 
 def write_entry(
     repo: Path, name: str, onnx_file: Path, config_pbtxt: str, manifest: dict, version: int = 1,
-    extra_files: dict[str, str] | None = None,
+    extra_files: dict[str, str | Path] | None = None,
 ) -> Path:
-    """extra_files: name -> text written beside model.onnx (tokenizer.json)."""
+    """extra_files: name -> text (tokenizer.json) or a file to copy (model_gqa.onnx), beside model.onnx."""
     entry = repo / name
     version_dir = entry / str(version)
     version_dir.mkdir(parents=True, exist_ok=True)
@@ -110,8 +110,11 @@ def write_entry(
         if old.name not in {"model.onnx", "manifest.json", *(extra_files or {})}:
             old.unlink()
     written = [target]
-    for file_name, text in (extra_files or {}).items():
-        (version_dir / file_name).write_text(text)
+    for file_name, content in (extra_files or {}).items():
+        if isinstance(content, Path):
+            shutil.copyfile(content, version_dir / file_name)
+        else:
+            (version_dir / file_name).write_text(content)
         written.append(version_dir / file_name)
     manifest = {
         "format": MANIFEST_FORMAT,

@@ -75,6 +75,10 @@ class Metrics:
             "tserve_execution_provider", "1 for the ONNX Runtime execution provider a model version runs on.",
             [*MODEL, "provider"], registry=registry,
         )
+        self.generation_graph = Gauge(
+            "tserve_generation_graph", "1 for the graph a decoder generates with: fused (its manifest's fused graph, "
+            "checked against model.onnx at load) or plain (model.onnx).", [*MODEL, "graph"], registry=registry,
+        )
         self.server_ready = Gauge("tserve_server_ready", "1 when the server reports SERVING.", registry=registry)
         # generation
         self.gen_ttft = Histogram(
@@ -210,6 +214,10 @@ class ModelObserver:
     def state(self, state: ModelState) -> None:
         for st in ModelState:
             self.metrics.model_state.labels(*self.labels, st.value).set(1 if st == state else 0)
+
+    def generation_graph(self, kind: str) -> None:
+        for k in ("fused", "plain"):
+            self.metrics.generation_graph.labels(*self.labels, k).set(1 if k == kind else 0)
 
     def loaded(self, seconds: float, provider: str) -> None:
         self.metrics.model_load_duration.labels(*self.labels).set(seconds)

@@ -8,6 +8,7 @@ Loading runs in a worker thread so health checks are answered meanwhile.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import time
@@ -19,6 +20,7 @@ import numpy as np
 from service.batcher import DynamicBatcher
 from service.errors import InvalidInput, ModelLoadError, ModelNotFound, Unavailable
 from service.generated import model_config_pb2 as mc
+from service.conventions.decoder import DecoderGraph
 from service.conventions.seq2seq import ENCODER, MergedBranch, decoder_files, is_seq2seq
 from service.generation.engine import EngineLimits, GenerationEngine
 from service.generation.seq2seq_engine import Seq2SeqEngine
@@ -62,6 +64,10 @@ class ModelVersion:
     decoder_runtimes: tuple[OrtRuntime, ...] = ()
     graph_files: tuple[str, ...] = ()
     seq2seq_decoders: tuple = ()
+    # a decoder whose manifest names a fused generation graph that matched model.onnx at load:
+    # the engine's runtime and graph (ModelInfer keeps `runtime`)
+    generation_runtime: OrtRuntime | None = None
+    generation_graph: DecoderGraph | None = None
 
     @property
     def ready(self) -> bool:
@@ -121,6 +127,28 @@ def _compare_golden(i: int, golden: dict, names: list[str], outputs: list[np.nda
         diff = float(np.abs(got - want).max()) if got.size else 0.0
         if not diff <= golden.get("atol", 1e-4):
             raise ModelLoadError(f"golden sample {i}: output {name!r} differs by {diff:.3g} (atol {golden.get('atol', 1e-4)})")
+
+
+def fused_mismatch(spec: ModelSpec, plain: OrtRuntime, fused: OrtRuntime) -> str | None:
+    """Why a fused generation graph may not stand in for the model's graph, or None: it must
+    take the same inputs and give the same logits (within the golden tolerance) on the golden
+    inputs, or on a fixed prompt where the manifest has none."""
+    if {a.name for a in fused.graph_inputs} != {a.name for a in plain.graph_inputs}:
+        return "takes other inputs than model.onnx"
+    if not spec.max_sequence_length:
+        return "needs the model's context length for its KV buffer, and none is known"
+    golden = (spec.manifest or {}).get("golden", [])
+    feeds = ({k: _tensor(rec) for k, rec in golden[0]["inputs"].items()} if golden
+             else spec.decoder.prompt_feeds(np.arange(1, 9, dtype=np.int64)[None] % (spec.vocab_size or 2)))
+    if feeds["input_ids"].shape[0] != 1:
+        return "cannot be checked: the golden inputs are not one unpadded prompt"
+    atol = golden[0].get("atol", 1e-3) if golden else 1e-3
+    try:
+        want, got = plain.run_sync(feeds, ["logits"])[0], fused.run_sync(feeds, ["logits"])[0]
+    except Exception as e:
+        return f"fails on the golden inputs ({str(e)[:200]})"
+    diff = float(np.abs(got - want).max()) if got.shape == want.shape else float("inf")
+    return None if diff <= atol else f"differs from model.onnx by {diff:.3g} on the golden inputs (atol {atol})"
 
 
 def warm_up_feeds(spec: ModelSpec, batch: int = 1, length: int = 1) -> dict[str, np.ndarray]:
@@ -265,10 +293,38 @@ class ModelManager:
             mv.cost_seeds = time_batches(spec, runtime)
             if spec.decoder is not None:
                 mv.generation = GenerationConfig.from_spec(spec)  # reads the tokenizer, if any
+                self._fused_generation(mv, entry, spec, runtime, providers)
         except Exception:
             runtime.close()
             raise
         mv.spec, mv.runtime, mv.config = spec, runtime, completed_config(spec, entry.config)
+
+    def _fused_generation(self, mv: ModelVersion, entry, spec: ModelSpec, runtime: OrtRuntime,
+                          providers: list[str]) -> None:
+        """A decoder's manifest may name a fused generation graph (generation.graph, written by
+        export/gqa_graph.py: GroupQueryAttention over a shared KV buffer). The engine runs it
+        only if it gives model.onnx's logits on the golden inputs; otherwise, or if it does not
+        load, the engine runs model.onnx and the log says why. A model never changes its outputs
+        for speed."""
+        name = (spec.manifest or {}).get("generation", {}).get("graph")
+        if not name:
+            return
+        kind = "plain"
+        try:
+            fused = self._runtime(entry.path / name, providers, entry)
+        except Exception as e:
+            log.warning("model %s version %d: the fused generation graph %s does not load (%s); generating with "
+                        "model.onnx", entry.name, entry.version, name, str(e)[:200])
+        else:
+            problem = fused_mismatch(spec, runtime, fused)
+            if problem is None:
+                graph = dataclasses.replace(spec.decoder, shared_kv=True, max_length=spec.max_sequence_length or 0)
+                mv.generation_runtime, mv.generation_graph, kind = fused, graph, "fused"
+                log.info("model %s version %d generates with %s (shared KV buffer)", entry.name, entry.version, name)
+            else:
+                fused.close()
+                log.warning("model %s version %d: %s %s; generating with model.onnx", entry.name, entry.version, name, problem)
+        mv.observer.generation_graph(kind)
 
     async def load(self, name: str) -> None:
         """(Re)load a model's versions. Raises ModelNotFound if the repository has no such model."""
@@ -324,7 +380,8 @@ class ModelManager:
         mv.batcher = DynamicBatcher(mv.spec, mv.runtime, mv.observer, mv.cost_seeds)
         mv.batcher.start()
         if mv.spec.decoder is not None:
-            mv.engine = GenerationEngine(mv.name, mv.runtime, mv.spec.decoder, limits, mv.observer.generation_step)
+            mv.engine = GenerationEngine(mv.name, mv.generation_runtime or mv.runtime, mv.generation_graph or mv.spec.decoder,
+                                         limits, mv.observer.generation_step)
             mv.engine.start()
 
     async def _changed(self, mv: ModelVersion) -> None:
@@ -348,7 +405,7 @@ class ModelManager:
                 await mv.engine.close()
             if mv.batcher:
                 await mv.batcher.close()
-            for runtime in (mv.runtime, *mv.decoder_runtimes):
+            for runtime in (mv.runtime, *mv.decoder_runtimes, mv.generation_runtime):
                 if runtime:
                     await asyncio.to_thread(runtime.close)
             await self._changed(mv)

@@ -57,7 +57,9 @@ class KVSlots:
 
     @property
     def nbytes(self) -> int:
-        return sum(b.nbytes for b in self.buffers)
+        """Bytes of cache in use (the buffers reserve `max_length` columns a slot)."""
+        column = sum(b.shape[1] * b.shape[3] * b.itemsize for b in self.buffers)
+        return int(self.lengths.sum()) * column
 
     # -- running the graph ------------------------------------------------------------------
 
@@ -104,6 +106,7 @@ class KVSlots:
         slot = seq.slot
         if slot is not None and slot >= self.rows and self.owner[slot] is seq:
             self.owner[slot] = None
+            self.lengths[slot] = 0
         seq.slot = None
 
     def _mask(self, rows: np.ndarray) -> np.ndarray:

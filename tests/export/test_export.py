@@ -5,6 +5,7 @@ import onnx
 import pytest
 import torch
 
+from export.gqa_graph import GQA_FILE, verify_gqa
 from export.optimize import op_counts
 from export.repository import sha256
 from export.verify import cpu_session, logits_max_abs_diff, parity_cases, verify
@@ -41,6 +42,20 @@ def test_tiny_export_matches_pytorch(tiny_repository):
     assert report["max_abs_logits_diff"] <= 1e-4
     assert report["greedy_equal_alone"] and report["greedy_equal_batched"]
     assert {"batch1_seq1_empty_past", "batch1_long", "batch2_seq1_past17", "real_prompts_left_padded"} <= set(report["cases"])
+
+
+def test_the_fused_generation_graph_matches_pytorch(tiny_repository):
+    """export/gqa_graph.py's graph (GroupQueryAttention), shipped beside model.onnx: the same
+    logits and greedy tokens; the int8 entry's fused graph gives its model.onnx's logits."""
+    model, ckpt = load_checkpoint(str(tiny_repository.parent / "tiny.pt"))
+    report = verify_gqa(model, tiny_repository / "bytegpt" / "1" / GQA_FILE, prompts(ckpt))
+    assert report["max_abs_logits_diff"] <= 1e-4 and report["greedy_equal_alone"]
+    assert op_counts(tiny_repository / "bytegpt" / "1" / GQA_FILE)["GroupQueryAttention"] == model.cfg.n_layer
+    for name in ("bytegpt", "bytegpt_int8"):
+        manifest = json.loads((tiny_repository / name / "1" / "manifest.json").read_text())
+        assert manifest["generation"]["graph"] == GQA_FILE and GQA_FILE in manifest["files"]
+    int8 = json.loads((tiny_repository / "bytegpt_int8" / "1" / "manifest.json").read_text())
+    assert int8["fused_graph_int8"]["max_abs_logits_diff_from_model_onnx"] <= 1e-4
 
 
 def test_left_padded_rows_stay_finite(tiny_repository):
@@ -81,6 +96,8 @@ def test_committed_default_matches_pytorch():
     report = verify(model, DEFAULT_REPOSITORY / "bytegpt" / "1" / "model.onnx", prompts(ckpt))
     assert report["max_abs_logits_diff"] <= 1e-4
     assert report["greedy_equal_alone"] and report["greedy_equal_batched"]
+    fused = verify_gqa(model, DEFAULT_REPOSITORY / "bytegpt" / "1" / GQA_FILE, prompts(ckpt))
+    assert fused["max_abs_logits_diff"] <= 1e-4 and fused["greedy_equal_alone"]
     for name in ("bytegpt", "bytegpt_int8"):
         golden_reproduces(DEFAULT_REPOSITORY / name / "1")
 

@@ -1,14 +1,17 @@
-"""The generation engine, in-process, on the shipped bytegpt graph (a real ONNX decoder):
-joins, holes, compaction, chunked prefill, cancel, deadlines and failure isolation."""
+"""The generation engine, in-process, on the shipped bytegpt's two graphs (real ONNX decoders:
+the traced one and the fused GroupQueryAttention one over a shared KV buffer): joins, holes,
+compaction, chunked prefill, cancel, deadlines and failure isolation."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from service.conventions.decoder import DecoderGraph
 from service.errors import DeadlineExceeded, InvalidInput
 from service.generation.engine import EngineLimits, GenerationEngine
 from service.generation.sampling import SamplingParams
@@ -26,8 +29,17 @@ LENGTHS = [40, 7, 25, 3, 33, 12]
 LOOP = asyncio.new_event_loop()  # one loop for the module: the loaded model's tasks live on it
 
 
+@dataclass(frozen=True)
+class Graph:
+    """What an engine runs on: the model's name, an ORT runtime and its decoder graph."""
+
+    name: str
+    runtime: object
+    decoder: DecoderGraph
+
+
 @pytest.fixture(scope="module")
-def bytegpt():
+def loaded():
     async def load():
         manager = ModelManager(Settings(model_repository=DEFAULT_REPOSITORY), Metrics(CollectorRegistry()))
         await manager.load("bytegpt")
@@ -36,6 +48,17 @@ def bytegpt():
     manager = LOOP.run_until_complete(load())
     yield manager.get("bytegpt")
     LOOP.run_until_complete(manager.close())
+
+
+@pytest.fixture(scope="module", params=["model.onnx", "model_gqa.onnx"])
+def bytegpt(request, loaded) -> Graph:
+    """Every test runs on both of the shipped model's graphs: the traced one (numpy caches,
+    left-padded rows) and the fused generation graph (a shared KV buffer, KVSlots), which the
+    server checked against the traced one at load."""
+    if request.param == "model.onnx":
+        return Graph(loaded.name, loaded.runtime, loaded.spec.decoder)
+    assert loaded.generation_graph is not None and loaded.generation_graph.shared_kv
+    return Graph(loaded.name, loaded.generation_runtime, loaded.generation_graph)
 
 
 async def drain(seq: Sequence) -> list:
@@ -49,7 +72,7 @@ def run(mv, jobs: list[Sequence], limits: EngineLimits, steps: list | None = Non
     """Submit every job at once; returns each job's events."""
 
     async def main():
-        engine = GenerationEngine(mv.name, mv.runtime, mv.spec.decoder, limits, on_step=steps.append if steps is not None else None)
+        engine = GenerationEngine(mv.name, mv.runtime, mv.decoder, limits, on_step=steps.append if steps is not None else None)
         engine.start()
         try:
             for seq in jobs:
@@ -165,9 +188,32 @@ class PoisonedRuntime:
         self.runtime, self.poison = runtime, poison
 
     def run_sync(self, feeds, outputs):
-        if (feeds["input_ids"] == self.poison).any():
-            raise InvalidInput(f"token {self.poison} is poisoned")
+        self._check(feeds["input_ids"])
         return self.runtime.run_sync(feeds, outputs)
+
+    def io_binding(self):  # the fused graph's road: remember the input_ids bound
+        return PoisonedBinding(self.runtime.io_binding())
+
+    def run_binding(self, binding):
+        self._check(binding.input_ids)
+        return self.runtime.run_binding(binding.binding)
+
+    def _check(self, input_ids) -> None:
+        if (input_ids == self.poison).any():
+            raise InvalidInput(f"token {self.poison} is poisoned")
+
+
+class PoisonedBinding:
+    def __init__(self, binding) -> None:
+        self.binding, self.input_ids = binding, None
+
+    def bind_cpu_input(self, name, value) -> None:
+        if name == "input_ids":
+            self.input_ids = value
+        self.binding.bind_cpu_input(name, value)
+
+    def __getattr__(self, name):
+        return getattr(self.binding, name)
 
 
 def test_a_failing_decode_row_is_found_and_ends_alone(bytegpt, alone):
@@ -180,7 +226,7 @@ def test_a_failing_decode_row_is_found_and_ends_alone(bytegpt, alone):
     runtime = PoisonedRuntime(bytegpt.runtime, poison)
 
     async def main():
-        engine = GenerationEngine(bytegpt.name, runtime, bytegpt.spec.decoder, EngineLimits(max_sequences=8))
+        engine = GenerationEngine(bytegpt.name, runtime, bytegpt.decoder, EngineLimits(max_sequences=8))
         engine.start()
         try:
             seqs = [greedy(p, n) for p, n in zip(PROMPTS, LENGTHS)]
@@ -202,7 +248,7 @@ def test_a_step_that_fails_while_joining_leaves_no_sequence_unanswered(bytegpt):
     joiner) must end every sequence the step held, never leave one waiting for ever."""
 
     async def main():
-        engine = GenerationEngine(bytegpt.name, bytegpt.runtime, bytegpt.spec.decoder, EngineLimits(max_sequences=8))
+        engine = GenerationEngine(bytegpt.name, bytegpt.runtime, bytegpt.decoder, EngineLimits(max_sequences=8))
         join, calls = engine.rows.join, []
 
         def failing_join(seq, token):
@@ -225,3 +271,12 @@ def test_a_step_that_fails_while_joining_leaves_no_sequence_unanswered(bytegpt):
     ends = [r[-1] for r in results]
     assert all(e.finish_reason is not None for e in ends)  # every one answered
     assert any(e.finish_reason == FinishReason.ERROR and "generation step failed" in e.error.message for e in ends)
+
+
+def test_the_fused_graph_generates_the_traced_graphs_tokens(loaded):
+    """The two graphs, each sequence alone: the same greedy tokens."""
+    graphs = [Graph(loaded.name, loaded.runtime, loaded.spec.decoder),
+              Graph(loaded.name, loaded.generation_runtime, loaded.generation_graph)]
+    plain, fused = ([tokens(run(g, [greedy(p, n)], EngineLimits(max_sequences=1))[0]) for p, n in zip(PROMPTS, LENGTHS)]
+                    for g in graphs)
+    assert fused == plain
