@@ -98,6 +98,7 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "llama", help="where the models are built (once)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--server-args", default="", help="extra tserve serve flags, e.g. '--no-ort-spinning'")
     args = p.parse_args()
     source, optimum, genai = build(args.work)
     prompts = cut_prompts(source, 16, 32)
@@ -109,7 +110,7 @@ def main() -> None:
     genai_config = json.loads((genai / "genai_config.json").read_text())["model"]
     context, head_size = genai_config["context_length"], genai_config["decoder"]["head_size"]
     rounds, agree = [], {}
-    with ServerProcess(repo, "--generation-max-sequences", "16") as server:
+    with ServerProcess(repo, "--generation-max-sequences", "16", *args.server_args.split()) as server:
         for model in ("llama", "llama_genai"):
             run_streams(server.address, requests(prompts[:2], 8, model))  # warm
         for k in range(args.rounds):

@@ -221,6 +221,7 @@ def raw_loop_shared(model: Path, prompts: list[list[int]], new_tokens: int, thre
 
     def binding(bound: list) -> ort.IOBinding:
         io = session.io_binding()
+        io.bind_output("logits")  # first, so that get_outputs()[0] is the logits
         for p, value in zip(pasts, bound):
             io.bind_ortvalue_input(p.name, value)
             io.bind_ortvalue_output(p.name.replace("past_key_values.", "present."), value)

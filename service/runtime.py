@@ -129,14 +129,13 @@ class OrtRuntime:
         """A binding on the first instance, for run_binding (the engine's shared KV buffers)."""
         return self.sessions[0].io_binding()
 
-    def run_binding(self, binding: ort.IOBinding) -> list[ort.OrtValue]:
-        """run_sync with inputs and outputs bound in place; returns the bound outputs, in
-        binding order. Raises InvalidInput or InternalError."""
+    def run_binding(self, binding: ort.IOBinding) -> None:
+        """run_sync with inputs and outputs bound in place (the binding holds the outputs).
+        Raises InvalidInput or InternalError."""
         try:
             self.sessions[0].run_with_iobinding(binding)
         except Exception as e:
             raise _failure(e) from e
-        return binding.get_outputs()
 
     async def run(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
         """Run on a free instance off the event loop. Raises InvalidInput or InternalError."""

@@ -95,6 +95,7 @@ class GenerationEngine:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._touched: dict[int, Sequence] = {}  # sequences with events this step (engine thread)
+        self._posted: list[tuple[list, StepStats]] = []  # steps not yet delivered to the loop (under _lock)
 
     # -- API for the data plane -------------------------------------------------------------
 
@@ -109,6 +110,7 @@ class GenerationEngine:
             self._stopping = True
             self._wakeup.set()
             await asyncio.to_thread(self._thread.join)
+        self._deliver_posted()  # the last steps' tokens first, in order
         now, stats = time.monotonic(), StepStats()
         error = Unavailable(f"model {self.name!r} was unloaded before the sequence finished; retry")
         for seq in [*self.waiting, *self.prefilling, *self.rows.seqs]:
@@ -166,17 +168,28 @@ class GenerationEngine:
             self._post(stats)
 
     def _post(self, stats: StepStats) -> None:
-        """Hand the step's events and stats to the event loop in one call."""
+        """Hand the step's events and stats to the event loop. One wake-up carries every step
+        posted since the loop last ran: a loop that falls behind the steps is woken less."""
         batch = []
         for seq in self._touched.values():
             if seq.outbox:
                 batch.append((seq, seq.outbox))
                 seq.outbox = []
         self._touched = {}
+        with self._lock:
+            self._posted.append((batch, stats))
+            if len(self._posted) > 1:  # a wake-up is on its way and will take this too
+                return
         try:
-            self._loop.call_soon_threadsafe(self._deliver, batch, stats)
+            self._loop.call_soon_threadsafe(self._deliver_posted)
         except RuntimeError:  # the loop has closed: nobody is reading any more
             pass
+
+    def _deliver_posted(self) -> None:
+        with self._lock:
+            posted, self._posted = self._posted, []
+        for batch, stats in posted:
+            self._deliver(batch, stats)
 
     def _deliver(self, batch: list[tuple[Sequence, list]], stats: StepStats | None) -> None:
         """On the event loop's thread: events to their readers, stats to the observer."""

@@ -38,6 +38,8 @@ class KVSlots:
         self.next_ids = np.zeros(slots, np.int64)
         self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
         self._values: list[ort.OrtValue] = []
+        self._logits: np.ndarray | None = None  # [slots, 1, vocab]: decode runs write here
+        self._logit_values: dict[tuple[int, int], ort.OrtValue] = {}
 
     def clear(self) -> None:
         self.owner = [None] * len(self.owner)
@@ -69,7 +71,7 @@ class KVSlots:
         binding = self._bindings.get((start, stop))
         if binding is None:
             binding = self.runtime.io_binding()
-            binding.bind_output(LOGITS)  # first: run_binding's outputs start with the logits
+            binding.bind_output(LOGITS)  # first: get_outputs()[0] is the logits
             for name, present, buffer in zip(self.graph.past_names, self.graph.present_names, self.buffers):
                 value = ort.OrtValue.ortvalue_from_numpy(buffer[start:stop])
                 binding.bind_ortvalue_input(name, value)
@@ -79,15 +81,29 @@ class KVSlots:
         return binding
 
     def _run(self, start: int, stop: int, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """One run over slots [start, stop), their cache written in place; returns the logits."""
+        """One run over slots [start, stop), their cache written in place; returns the logits
+        (for one token a row, a view of a buffer the next such run overwrites)."""
         binding = self._binding(start, stop)
-        binding.bind_output(LOGITS)  # unallocated again: the last run's logits had another shape
+        T = ids.shape[1]
+        preallocated = T == 1 and self._logits is not None
+        if preallocated:  # one token a row: into a buffer of ours, nothing to allocate or wrap
+            value = self._logit_values.get((start, stop))
+            if value is None:
+                value = self._logit_values[start, stop] = ort.OrtValue.ortvalue_from_numpy(self._logits[start:stop])
+            binding.bind_ortvalue_output(LOGITS, value)
+        else:
+            binding.bind_output(LOGITS)  # ORT allocates: the shape is the run's
         binding.bind_cpu_input(INPUT_IDS, ids)
         binding.bind_cpu_input(ATTENTION_MASK, mask)
         if self.graph.has_position_ids:
-            T = ids.shape[1]
             binding.bind_cpu_input(POSITION_IDS, (mask.sum(1, keepdims=True) - T) + np.arange(T, dtype=np.int64))
-        return self.runtime.run_binding(binding)[0].numpy()
+        self.runtime.run_binding(binding)
+        if preallocated:
+            return self._logits[start:stop]
+        logits = binding.get_outputs()[0].numpy()
+        if self._logits is None:  # now the vocabulary is known
+            self._logits = np.zeros((len(self.owner), 1, logits.shape[-1]), logits.dtype)
+        return logits
 
     def prefill(self, seq: Sequence, n: int) -> np.ndarray:
         """Run the next `n` prompt tokens of `seq` into its own slot; the logits [1, n, vocab]."""

@@ -196,7 +196,7 @@ class PoisonedRuntime:
 
     def run_binding(self, binding):
         self._check(binding.input_ids)
-        return self.runtime.run_binding(binding.binding)
+        self.runtime.run_binding(binding.binding)
 
     def _check(self, input_ids) -> None:
         if (input_ids == self.poison).any():
