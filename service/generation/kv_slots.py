@@ -158,16 +158,22 @@ class KVSlots:
     # -- joins and leaves -------------------------------------------------------------------
 
     def _move(self, src: int, dst: int) -> None:
-        """Swap the contents of two slots (columns up to the longer of the two)."""
-        n = int(max(self.lengths[src], self.lengths[dst]))
+        """Move slot `src`'s sequence to slot `dst`; a sequence at `dst` takes `src` in
+        exchange. Copies only the columns each holds."""
+        other = self.owner[dst]
+        n_src, n_dst = int(self.lengths[src]), int(self.lengths[dst])
         for b in self.buffers:
-            b[[src, dst], :, :n] = b[[dst, src], :, :n]
-        self.lengths[[src, dst]] = self.lengths[[dst, src]]
-        self.next_ids[[src, dst]] = self.next_ids[[dst, src]]
-        self.owner[src], self.owner[dst] = self.owner[dst], self.owner[src]
-        for s in (src, dst):
-            if self.owner[s] is not None:
-                self.owner[s].slot = s
+            kept = b[dst, :, :n_dst].copy() if other is not None else None
+            b[dst, :, :n_src] = b[src, :, :n_src]
+            if kept is not None:
+                b[src, :, :n_dst] = kept
+        self.lengths[[src, dst]] = (n_dst if other is not None else 0), n_src
+        self.next_ids[dst] = self.next_ids[src]
+        mover = self.owner[src]
+        self.owner[src], self.owner[dst] = other, mover
+        mover.slot = dst
+        if other is not None:
+            other.slot = src
 
     def join(self, seq: Sequence, token: int) -> None:
         """Make a prefilled sequence the next running row, feeding `token` next."""
@@ -180,21 +186,21 @@ class KVSlots:
         """Nothing to do until compaction: a finished row's output is ignored."""
 
     def compact_if_sparse(self) -> bool:
-        """Replace each finished row with the last running one. Returns whether any left."""
+        """Drop the finished rows: the running rows that come after the first `live` slots
+        move into the holes before them (one sequence's columns each). Returns whether any
+        row left."""
         if not self.fill_holes:
             return False
-        moved = False
-        row = 0
-        while row < self.rows:
-            if self.owner[row].finished:
-                last = self.rows - 1
-                if row != last:
-                    self._move(last, row)
-                self.owner[last].slot = None
-                self.owner[last] = None
-                self.lengths[last] = 0
-                self.rows -= 1
-                moved = True
-            else:
-                row += 1
-        return moved
+        finished = [r for r in range(self.rows) if self.owner[r].finished]
+        if not finished:
+            return False
+        live = self.rows - len(finished)
+        movers = [r for r in range(live, self.rows) if not self.owner[r].finished]
+        for row in finished:
+            self.owner[row].slot = None
+            self.owner[row] = None
+            self.lengths[row] = 0
+        for hole, row in zip((r for r in finished if r < live), movers):
+            self._move(row, hole)
+        self.rows = live
+        return True
