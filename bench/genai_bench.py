@@ -133,10 +133,10 @@ def main() -> None:
             r["raw_shared_1"] = len(prompts) * new / seconds
             r["raw_shared_16"] = raw_loop_shared(genai / "model.onnx", prompts, new, THREADS, context, head_size, rounds=1,
                                                  tokens=shared_16)
-            alone = engine_alone(repo, {"1": ("continuous", 1, [(q, new) for q in prompts[:4]]),  # one at a time
+            alone = engine_alone(repo, {"1": ("continuous", 1, [(q, new) for q in prompts[:8]]),  # one at a time
                                         "16": ("continuous", 16, [(q, new) for q in prompts])}, model="llama")
             r["engine_1"], r["engine_16"] = alone["1"], alone["16"]
-            alone = engine_alone(repo, {"1": ("continuous", 1, [(q, new) for q in prompts[:4]]),
+            alone = engine_alone(repo, {"1": ("continuous", 1, [(q, new) for q in prompts[:8]]),
                                         "16": ("continuous", 16, [(q, new) for q in prompts])}, model="llama_genai")
             r["engine_shared_1"], r["engine_shared_16"] = alone["1"], alone["16"]
             single = one_at_a_time(server.address, requests(prompts, new))
