@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from bench.generation_bench import engine_alone, raw_loop, raw_loop_shared, run_streams
 from bench.llama_models import GENAI_PYTHON, ROOT, build
@@ -83,7 +84,7 @@ def requests(prompts: list[list[int]], new_tokens: int, model: str = "llama") ->
 
 def one_at_a_time(address: str, reqs: list[gen.GenerateRequest]) -> dict:
     """Streams one after another: aggregate tokens/s, the median TTFT, every stream's tokens."""
-    runs = [run_streams(address, [r]) for r in reqs]
+    runs = [run_streams(address, [r], keep_tokens=True) for r in reqs]
     return {"tokens_per_s": sum(r["tokens"] for r in runs) / sum(r["wall_s"] for r in runs),
             "ttft_ms": statistics.median(r["ttft_p50_ms"] for r in runs),
             "token_ids": [r["token_ids"][0] for r in runs]}
@@ -140,11 +141,11 @@ def main() -> None:
                                         "16": ("continuous", 16, [(q, new) for q in prompts])}, model="llama_genai")
             r["engine_shared_1"], r["engine_shared_16"] = alone["1"], alone["16"]
             single = one_at_a_time(server.address, requests(prompts, new))
-            together = run_streams(server.address, requests(prompts, new))
+            together = run_streams(server.address, requests(prompts, new), keep_tokens=True)
             r["tserve_1"], r["tserve_ttft_1_ms"] = single["tokens_per_s"], single["ttft_ms"]
             r["tserve_16"], r["tserve_ttft_16_ms"] = together["tokens_per_s"], together["ttft_p50_ms"]
             single_shared = one_at_a_time(server.address, requests(prompts, new, "llama_genai"))
-            together_shared = run_streams(server.address, requests(prompts, new, "llama_genai"))
+            together_shared = run_streams(server.address, requests(prompts, new, "llama_genai"), keep_tokens=True)
             r["tserve_shared_1"], r["tserve_shared_ttft_1_ms"] = single_shared["tokens_per_s"], single_shared["ttft_ms"]
             r["tserve_shared_16"] = together_shared["tokens_per_s"]
             r["tserve_shared_ttft_16_ms"] = together_shared["ttft_p50_ms"]
@@ -179,8 +180,11 @@ def main() -> None:
         "tserve / engine alone, 1 stream, genai's graph (the gRPC stream's cost)": ratios("tserve_shared_1", "engine_shared_1"),
         "tserve / engine alone, 16 streams, genai's graph": ratios("tserve_shared_16", "engine_shared_16"),
     }
+    nodes = {name: len(onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node)
+             for name, folder in (("Optimum", optimum), ("genai", genai))}
     print(f"\ntiny Llama, greedy, 16 prompts x 32 tokens, {new} new tokens, {THREADS} threads, {args.rounds} rounds "
-          f"(onnxruntime-genai {peer['onnxruntime_genai']}):")
+          f"(onnxruntime-genai {peer['onnxruntime_genai']}); graph nodes: Optimum's {nodes['Optimum']}, "
+          f"genai's {nodes['genai']}:")
     print("\n| path | 1 stream, tokens/s | 16 streams, tokens/s | TTFT 1 stream ms | TTFT 16 streams ms |")
     print("|---|---|---|---|---|")
     print(f"| onnxruntime-genai (builder graph, static batch 16) | {med['genai_1']:.0f} | {med['genai_16']:.0f} | "
@@ -199,7 +203,7 @@ def main() -> None:
         print(f"| {name} | {spread(values)} |")
     print("\ngreedy tokens equal transformers' generate: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in agree.items()))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "genai.json").write_text(json.dumps({"rounds": rounds, "median": med, "ratios": figures,
+    (RESULTS / "genai.json").write_text(json.dumps({"rounds": rounds, "median": med, "ratios": figures, "graph_nodes": nodes,
                                                      "tokens_agree": agree, "new_tokens": new}, indent=1) + "\n")
 
 

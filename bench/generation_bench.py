@@ -40,7 +40,7 @@ RESULTS = ROOT / "bench" / "results"
 STREAMS = (1, 4, 16, 32)
 
 
-def run_streams(address: str, requests: list[gen.GenerateRequest]) -> dict:
+def run_streams(address: str, requests: list[gen.GenerateRequest], keep_tokens: bool = False) -> dict:
     """Send all requests at once and record every token's arrival. One asyncio loop drives all
     the streams: Python threads, one per stream, cost the two shared cores more than the server."""
     arrivals: dict[int, list[float]] = {}
@@ -71,7 +71,7 @@ def run_streams(address: str, requests: list[gen.GenerateRequest]) -> dict:
         "streams": len(requests), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
         "ttft_p50_ms": np.percentile(ttft, 50) * 1e3, "ttft_p99_ms": np.percentile(ttft, 99) * 1e3,
         "itl_p50_ms": np.percentile(itl, 50) * 1e3 if itl else 0.0, "itl_p99_ms": np.percentile(itl, 99) * 1e3 if itl else 0.0,
-        "token_ids": [ids.get(i, []) for i in range(len(requests))],
+        **({"token_ids": [ids.get(i, []) for i in range(len(requests))]} if keep_tokens else {}),
     }
 
 
