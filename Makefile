@@ -96,7 +96,7 @@ bench-generation: $(STAMP)
 # The peer's own environment: onnxruntime-genai's model builder needs transformers 5.x and
 # onnx_ir, and optimum-onnx (in .venv) pins transformers < 4.58. The same onnxruntime as .venv.
 GENAI_VENV := .venv-genai
-$(GENAI_VENV)/.installed: pyproject.toml
+$(GENAI_VENV)/.installed: pyproject.toml $(STAMP)
 	python3 -m venv $(GENAI_VENV)
 	$(GENAI_VENV)/bin/pip install -q torch==2.13.0
 	$(GENAI_VENV)/bin/pip install -q "transformers==5.17.*" onnxruntime-genai==0.18.0 onnx_ir onnx tokenizers \

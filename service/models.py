@@ -23,6 +23,9 @@ from service.generated import model_config_pb2 as mc
 from service.conventions.decoder import DecoderGraph
 from service.conventions.seq2seq import ENCODER, MergedBranch, decoder_files, is_seq2seq
 from service.generation.engine import EngineLimits, GenerationEngine
+from service.generation.kv_slots import KVSlots
+from service.generation.sampling import SamplingParams
+from service.generation.sequence import Sequence
 from service.generation.seq2seq_engine import Seq2SeqEngine
 from service.generation.requests import GenerationConfig
 from service.metrics import Metrics, ModelObserver
@@ -129,26 +132,41 @@ def _compare_golden(i: int, golden: dict, names: list[str], outputs: list[np.nda
             raise ModelLoadError(f"golden sample {i}: output {name!r} differs by {diff:.3g} (atol {golden.get('atol', 1e-4)})")
 
 
-def fused_mismatch(spec: ModelSpec, plain: OrtRuntime, fused: OrtRuntime) -> str | None:
-    """Why a fused generation graph may not stand in for the model's graph, or None: it must
-    take the same inputs and give the same logits (within the golden tolerance) on the golden
-    inputs, or on a fixed prompt where the manifest has none."""
+FUSED_ATOL = 1e-3  # largest |logit difference| a fused generation graph may show against model.onnx
+FUSED_CHECK_STEPS = 3  # decode steps checked after the prompt
+
+
+def fused_mismatch(spec: ModelSpec, plain: OrtRuntime, fused: OrtRuntime, graph: DecoderGraph) -> str | None:
+    """Why a fused generation graph may not stand in for the model's graph, or None. It must
+    take the same inputs and, driven as the engine drives it (one slot of a shared buffer),
+    give model.onnx's logits within FUSED_ATOL on the golden prompt (a fixed one where the
+    manifest has none) and on FUSED_CHECK_STEPS decode steps after it, both fed the same tokens."""
     if {a.name for a in fused.graph_inputs} != {a.name for a in plain.graph_inputs}:
         return "takes other inputs than model.onnx"
-    if not spec.max_sequence_length:
+    if not graph.max_length:
         return "needs the model's context length for its KV buffer, and none is known"
     golden = (spec.manifest or {}).get("golden", [])
-    feeds = ({k: _tensor(rec) for k, rec in golden[0]["inputs"].items()} if golden
-             else spec.decoder.prompt_feeds(np.arange(1, 9, dtype=np.int64)[None] % (spec.vocab_size or 2)))
-    if feeds["input_ids"].shape[0] != 1:
-        return "cannot be checked: the golden inputs are not one unpadded prompt"
-    atol = golden[0].get("atol", 1e-3) if golden else 1e-3
-    try:
-        want, got = plain.run_sync(feeds, ["logits"])[0], fused.run_sync(feeds, ["logits"])[0]
-    except Exception as e:
-        return f"fails on the golden inputs ({str(e)[:200]})"
-    diff = float(np.abs(got - want).max()) if got.shape == want.shape else float("inf")
-    return None if diff <= atol else f"differs from model.onnx by {diff:.3g} on the golden inputs (atol {atol})"
+    prompt = (_tensor(golden[0]["inputs"]["input_ids"])[0] if golden
+              else np.arange(1, 9, dtype=np.int64) % (spec.vocab_size or 2)).tolist()
+    decoder, T = spec.decoder, len(prompt)
+    out = plain.run_sync(decoder.prompt_feeds(np.array([prompt], np.int64)), decoder.outputs)
+    want, tokens = [out[0][0, -1]], []
+    for i in range(FUSED_CHECK_STEPS):
+        tokens.append(int(want[-1].argmax()))
+        out = plain.run_sync(decoder.feeds(np.array([[tokens[-1]]], np.int64), np.ones((1, T + i + 1), np.int64),
+                                           np.array([[T + i]], np.int64), out[1:]), decoder.outputs)
+        want.append(out[0][0, -1])
+    slots = KVSlots(graph, fused, slots=1)
+    seq = Sequence("fused-graph-check", prompt, SamplingParams(), FUSED_CHECK_STEPS + 1)
+    got = [slots.prefill(seq, T)[0, -1].copy()]
+    seq.prefilled = T
+    slots.join(seq, tokens[0])
+    for i in range(FUSED_CHECK_STEPS):
+        slots.next_ids[0] = tokens[i]
+        got.append(slots.decode()[0].copy())
+    diff = max(float(np.abs(g - w).max()) if g.shape == w.shape else float("inf") for g, w in zip(got, want))
+    return None if diff <= FUSED_ATOL else (f"differs from model.onnx by {diff:.3g} on the golden prompt and "
+                                            f"{FUSED_CHECK_STEPS} decode steps (at most {FUSED_ATOL} allowed)")
 
 
 def warm_up_feeds(spec: ModelSpec, batch: int = 1, length: int = 1) -> dict[str, np.ndarray]:
@@ -234,12 +252,12 @@ class ModelManager:
     async def load_all(self) -> None:
         await asyncio.gather(*(self.load(name) for name in model_names(self.repo)))
 
-    def _runtime(self, path: Path, providers: list[str], entry) -> OrtRuntime:
+    def _runtime(self, path: Path, providers: list[str], entry, instances: int | None = None) -> OrtRuntime:
         opts = runtime_options(entry.config)  # the model's own config first, then the server's settings
         return OrtRuntime(
             path,
             providers,
-            instances=self.settings.instance_count or opts.instances,
+            instances=instances or self.settings.instance_count or opts.instances,
             intra_op_threads=opts.intra_op_threads or self.settings.session_threads,
             inter_op_threads=opts.inter_op_threads or self.settings.inter_op_threads,
             spin=self.settings.ort_spinning,
@@ -303,28 +321,49 @@ class ModelManager:
                           providers: list[str]) -> None:
         """A decoder's manifest may name a fused generation graph (generation.graph, written by
         export/gqa_graph.py: GroupQueryAttention over a shared KV buffer). The engine runs it
-        only if it gives model.onnx's logits on the golden inputs; otherwise, or if it does not
-        load, the engine runs model.onnx and the log says why. A model never changes its outputs
-        for speed."""
+        only if, driven as the engine drives it, it gives model.onnx's logits on the golden
+        prompt and the decode steps after it; otherwise, or if it does not load, the engine runs
+        model.onnx and the log says why. A model never changes its outputs for speed."""
         name = (spec.manifest or {}).get("generation", {}).get("graph")
-        if not name:
+        if not name:  # an onnxruntime-genai folder's one graph is itself fused
+            mv.observer.generation_graph("fused" if spec.decoder.shared_kv else "plain")
+            self._check_kv_reservation(spec.decoder)
             return
         kind = "plain"
         try:
-            fused = self._runtime(entry.path / name, providers, entry)
+            fused = self._runtime(entry.path / name, providers, entry, instances=1)  # the engine runs one session
         except Exception as e:
             log.warning("model %s version %d: the fused generation graph %s does not load (%s); generating with "
                         "model.onnx", entry.name, entry.version, name, str(e)[:200])
         else:
-            problem = fused_mismatch(spec, runtime, fused)
+            graph = dataclasses.replace(spec.decoder, shared_kv=True, max_length=spec.max_sequence_length or 0)
+            try:
+                problem = fused_mismatch(spec, runtime, fused, graph)
+                if problem is None:
+                    self._check_kv_reservation(graph)
+            except ModelLoadError as e:
+                problem = str(e)
+            except Exception as e:
+                problem = f"could not be checked ({type(e).__name__}: {str(e)[:200]})"
             if problem is None:
-                graph = dataclasses.replace(spec.decoder, shared_kv=True, max_length=spec.max_sequence_length or 0)
                 mv.generation_runtime, mv.generation_graph, kind = fused, graph, "fused"
                 log.info("model %s version %d generates with %s (shared KV buffer)", entry.name, entry.version, name)
             else:
                 fused.close()
                 log.warning("model %s version %d: %s %s; generating with model.onnx", entry.name, entry.version, name, problem)
         mv.observer.generation_graph(kind)
+
+    def _check_kv_reservation(self, graph: DecoderGraph) -> None:
+        """A shared KV buffer is reserved whole at start: refuse one above the setting."""
+        if not graph.shared_kv:
+            return
+        needed = KVSlots.reserved_bytes(graph, self.settings.generation_max_sequences)
+        limit = self.settings.generation_kv_buffer_max_bytes
+        if needed > limit:
+            raise ModelLoadError(
+                f"its shared KV buffer needs {needed / 2**20:,.0f} MiB ({self.settings.generation_max_sequences} "
+                f"sequences x {graph.max_length} tokens), above generation_kv_buffer_max_bytes ({limit / 2**20:,.0f} MiB): "
+                "lower --generation-max-sequences or the context (tserve.max_sequence_length)")
 
     async def load(self, name: str) -> None:
         """(Re)load a model's versions. Raises ModelNotFound if the repository has no such model."""
@@ -354,12 +393,17 @@ class ModelManager:
                 except Exception as e:  # anything ORT or numpy raised on a broken model
                     mv.state, mv.reason = ModelState.UNAVAILABLE, f"{type(e).__name__}: {str(e)[:300]}"
                 else:
-                    self._start_schedulers(mv)
-                    mv.state = ModelState.READY
-                    seconds = time.perf_counter() - started
-                    mv.observer.loaded(seconds, mv.runtime.provider)
-                    log.info("model %s version %d ready on %s in %.2fs (%s)", name, entry.version, mv.runtime.provider,
-                             seconds, mv.runtime.describe())
+                    try:
+                        self._start_schedulers(mv)
+                    except Exception as e:  # e.g. no memory for a KV buffer
+                        mv.state, mv.reason = ModelState.UNAVAILABLE, f"{type(e).__name__}: {str(e)[:300]}"
+                        await self._stop(mv)
+                    else:
+                        mv.state = ModelState.READY
+                        seconds = time.perf_counter() - started
+                        mv.observer.loaded(seconds, mv.runtime.provider)
+                        log.info("model %s version %d ready on %s in %.2fs (%s)", name, entry.version,
+                                 mv.runtime.provider, seconds, mv.runtime.describe())
                 if mv.state == ModelState.UNAVAILABLE:
                     log.error("model %s version %d failed to load: %s", name, entry.version, mv.reason)
                 await self._changed(mv)
@@ -401,14 +445,19 @@ class ModelManager:
             if mv.state != ModelState.READY:
                 continue
             mv.state, mv.reason = ModelState.UNLOADED, "unloaded"
-            if mv.engine:
-                await mv.engine.close()
-            if mv.batcher:
-                await mv.batcher.close()
-            for runtime in (mv.runtime, *mv.decoder_runtimes, mv.generation_runtime):
-                if runtime:
-                    await asyncio.to_thread(runtime.close)
+            await self._stop(mv)
             await self._changed(mv)
+
+    @staticmethod
+    async def _stop(mv: ModelVersion) -> None:
+        """Stop a version's schedulers and close its sessions."""
+        if mv.engine:
+            await mv.engine.close()
+        if mv.batcher:
+            await mv.batcher.close()
+        for runtime in (mv.runtime, *mv.decoder_runtimes, mv.generation_runtime):
+            if runtime:
+                await asyncio.to_thread(runtime.close)
 
     async def close(self) -> None:
         for name in list(self._models):

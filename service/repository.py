@@ -101,7 +101,7 @@ class ExportMetadata:
     chat_template: ChatTemplate | None = None
     decoder_start_token_id: int | None = None  # encoder-decoders
     max_length: int | None = None  # generation_config.json's max_length
-    # an onnxruntime-genai folder (genai_config.json) whose graph shares past and present
+    # an onnxruntime-genai folder (genai_config.json): generation keeps a shared KV buffer
     shared_kv: bool = False
     head_size: int | None = None
 
@@ -150,7 +150,9 @@ def read_export_metadata(version_dir: Path) -> ExportMetadata:
         decoder_start_token_id=next((v for v in (generation.get("decoder_start_token_id"),
                                                  config.get("decoder_start_token_id")) if isinstance(v, int)), None),
         max_length=generation.get("max_length") if isinstance(generation.get("max_length"), int) else None,
-        shared_kv=genai_search.get("past_present_share_buffer") is True,
+        # genai's graphs read each row's length from its mask (GroupQueryAttention): rows must
+        # start at column 0, as KVSlots keeps them, whether or not genai itself shares the buffer
+        shared_kv=bool(genai_model),
         head_size=genai_decoder.get("head_size") if isinstance(genai_decoder.get("head_size"), int) else None,
     )
 

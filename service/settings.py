@@ -86,6 +86,11 @@ class Settings(BaseSettings):
     generation_scheduling: Literal["continuous", "static"] = Field(
         default="continuous", description="continuous batching, or static (a benchmark baseline: no joins mid-batch)."
     )
+    generation_kv_buffer_max_bytes: int = Field(
+        default=4 << 30, ge=1 << 20,
+        description="Largest shared KV buffer a fused (GroupQueryAttention) decoder may reserve: slots x context x "
+        "layers; a model above it is UNAVAILABLE, with the figure (lower generation_max_sequences or the context).",
+    )
     generation_default_max_new_tokens: int = Field(
         default=64, ge=1, description="max_new_tokens when a request leaves it out (capped by the context left)."
     )

@@ -12,7 +12,9 @@ the step's events and stats to the loop in one call. Each step is
               prefilled joiners into the running batch; compact it when it gets sparse
 
 and returns a StepStats, which the model's observer turns into metrics. The running batch's
-cache is a KVRows (generation/kv_rows.py); per-sequence text and finish rules are in
+cache is a KVRows (generation/kv_rows.py: numpy arrays, left-padded rows) or, for a graph that
+reads each row's length from its mask, a KVSlots (generation/kv_slots.py: one shared buffer,
+IO binding); per-sequence text and finish rules are in
 generation/sequence.py; the graph's names and feeds come from the decoder convention.
 
 A failure stays with the request that caused it: a failed prompt run ends that sequence with
@@ -118,6 +120,8 @@ class GenerationEngine:
                 stats.finished.append(FinishReason.ERROR.value)
             self._deliver([(seq, seq.outbox)], None)
             seq.outbox = []
+        for seq in self.prefilling:
+            self.rows.release(seq)
         self.waiting.clear()
         self.prefilling.clear()
         self.rows.clear()
@@ -162,6 +166,7 @@ class GenerationEngine:
                 error, now, stats = InternalError(f"generation step failed: {type(e).__name__}"), time.monotonic(), StepStats()
                 for seq in self.prefilling:
                     self._end(seq, FinishReason.ERROR, now, stats, error=error)
+                    self.rows.release(seq)
                 self.prefilling.clear()
                 self._end_running(error, stats)
             self._gauges(stats)

@@ -9,9 +9,15 @@ writes its new keys and values in place and nothing copies the cache per token.
 
 The running rows are slots 0..rows-1, so a decode binds the buffers' leading rows as they are
 (a view, no copy). A sequence being prefilled owns a free slot above them and moves down when
-it joins; a row that finishes is filled by the last running row (one sequence's columns are
-copied, never the batch's). A step on a mixed batch gives each row exactly what a run alone
-would: a row's new token goes to its own column `length`, and it attends to its own columns.
+it joins; finished rows are dropped at compaction, later live rows moving into their slots (one
+sequence's columns copied, never the batch's). A step on a mixed batch gives each row what a
+run alone would (the same tokens, within float rounding): a row's new token goes to its own
+column `length`, and it attends to its own columns only.
+
+The buffers are reserved whole (slots x context columns); the operating system commits their
+pages as columns first fill and keeps them to the high-water mark, while
+`tserve_generation_kv_cache_bytes` counts the columns in use. The model manager refuses a
+model whose reservation exceeds `generation_kv_buffer_max_bytes`.
 """
 
 from __future__ import annotations
@@ -30,21 +36,27 @@ class KVSlots:
         self.graph, self.runtime = graph, runtime
         # static batching (a benchmark baseline) keeps finished rows computing until all end
         self.fill_holes = fill_holes
-        # zeros: pages are only touched as columns fill, so the reservation costs little memory
         self.buffers = [np.zeros((slots, t.heads, graph.max_length, t.head_dim), t.dtype) for t in graph.past]
         self.lengths = np.zeros(slots, np.int64)
         self.owner: list[Sequence | None] = [None] * slots
         self.rows = 0
         self.next_ids = np.zeros(slots, np.int64)
         self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
-        self._values: list[ort.OrtValue] = []
+        self._values: list[ort.OrtValue] = []  # the bound views, held whatever ORT holds itself
         self._logits: np.ndarray | None = None  # [slots, 1, vocab]: decode runs write here
         self._logit_values: dict[tuple[int, int], ort.OrtValue] = {}
 
     def clear(self) -> None:
-        self.owner = [None] * len(self.owner)
-        self.lengths[:] = 0
+        """Drop the running rows (their sequences have ended); slots being prefilled stay theirs."""
+        for row in range(self.rows):
+            self.owner[row].slot = None
+            self.owner[row] = None
+        self.lengths[: self.rows] = 0
         self.rows = 0
+
+    @staticmethod
+    def reserved_bytes(graph: DecoderGraph, slots: int) -> int:
+        return slots * graph.max_length * sum(t.heads * t.head_dim * t.dtype.itemsize for t in graph.past)
 
     def __len__(self) -> int:
         return self.rows
@@ -130,10 +142,11 @@ class KVSlots:
         return (np.arange(lengths.max())[None] < lengths[:, None]).astype(np.int64)
 
     def decode(self) -> np.ndarray:
-        """One token for every running row; the last logits [rows, vocab]."""
+        """One token for every running row; the last logits [rows, vocab]. A finished row
+        (static batching keeps it) recomputes its last column and does not grow."""
         rows = np.arange(self.rows)
         logits = self._run(0, self.rows, self.next_ids[: self.rows, None], self._mask(rows))
-        self.lengths[: self.rows] += 1
+        self.lengths[[r for r in range(self.rows) if not self.owner[r].finished]] += 1
         return logits[:, -1]
 
     def decode_apart(self) -> tuple[np.ndarray | None, dict[int, TServeError]]:
@@ -183,12 +196,15 @@ class KVSlots:
         self.rows += 1
 
     def make_hole(self, row: int) -> None:
-        """Nothing to do until compaction: a finished row's output is ignored."""
+        """A finished row stays until compaction, its output ignored; it never again feeds a
+        token that made a run fail."""
+        self.next_ids[row] = 0
 
     def compact_if_sparse(self) -> bool:
-        """Drop the finished rows: the running rows that come after the first `live` slots
-        move into the holes before them (one sequence's columns each). Returns whether any
-        row left."""
+        """Drop the finished rows whenever there are any (moving a few live rows is cheap here,
+        unlike KVRows, which waits for sparseness): the live rows after the first `live` slots
+        move into the holes before them, one sequence's columns each. Returns whether any row
+        left."""
         if not self.fill_holes:
             return False
         finished = [r for r in range(self.rows) if self.owner[r].finished]

@@ -117,9 +117,24 @@ def test_a_busy_batch_gives_each_sequence_its_tokens_alone(bytegpt, alone):
 
 
 def test_static_batching_gives_the_same_tokens(bytegpt, alone):
+    """A small token budget: a batch starts decoding while later members still prefill, and
+    ends while they do; the next batch's members must not take their slots."""
     results = run(bytegpt, [greedy(p, n) for p, n in zip(PROMPTS, LENGTHS)],
-                  EngineLimits(max_sequences=4, scheduling="static"))
+                  EngineLimits(max_sequences=4, token_budget=8, scheduling="static"))
     assert [tokens(r) for r in results] == alone
+
+
+def test_static_batching_keeps_a_prefilling_sequence_whole(bytegpt):
+    """Two one-token prompts join and end while a long prompt is still being prefilled in
+    chunks; the batch is cleared and two newcomers are admitted beside it. Every sequence still
+    gets its tokens alone (the newcomers must not take the long prompt's cache slot)."""
+    long = bytegpt_tokenizer().encode("class Stack:\n    def push(self, x):\n        self.items.append(x)\n"
+                                      "    def pop(self):\n        return self.items.pop()\n")
+    jobs = [(PROMPTS[4], 2), (PROMPTS[4], 2), (long, 5), (PROMPTS[0], 6), (PROMPTS[1], 6)]
+    assert len(long) > 16 and len(PROMPTS[4]) == 1
+    want = [tokens(run(bytegpt, [greedy(p, n)], EngineLimits(max_sequences=1))[0]) for p, n in jobs]
+    got = run(bytegpt, [greedy(p, n) for p, n in jobs], EngineLimits(max_sequences=3, token_budget=8, scheduling="static"))
+    assert [tokens(r) for r in got] == want
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(bytegpt):

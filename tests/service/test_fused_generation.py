@@ -121,8 +121,9 @@ def test_a_fused_graph_that_differs_from_model_onnx_is_not_used(tiny_repository,
 
 
 def test_rows_of_mixed_lengths_share_one_buffer_exactly(tiny, tmp_path):
-    """The layout itself, in raw ONNX Runtime: right-aligned rows of different lengths in one
-    buffer bound as past and present give each row the logits it gets alone."""
+    """The layout itself, in raw ONNX Runtime: rows of different lengths, each from column 0
+    (right-padded), in one buffer bound as past and present, give each row the logits it gets
+    alone."""
     import onnxruntime as ort
 
     path = export_gqa(tiny, tmp_path / "gqa.onnx")
@@ -155,3 +156,23 @@ def test_rows_of_mixed_lengths_share_one_buffer_exactly(tiny, tmp_path):
     session.run_with_iobinding(binding)
     got = binding.get_outputs()[0].numpy()[:, -1]
     np.testing.assert_allclose(got, np.stack(want), atol=1e-4)
+
+
+def test_a_shared_buffer_above_the_limit_is_refused_with_the_figure(tiny, tmp_path):
+    """The buffer is reserved whole at load: 64 sequences x 64 tokens x 2 layers of this model
+    is 2 MiB, above a 1 MiB limit: UNAVAILABLE, saying what it needs and what to lower."""
+    folder = tmp_path / "gpt_genai" / "1"
+    folder.mkdir(parents=True)
+    export_gqa(tiny, folder / "model.onnx")
+    (folder / "genai_config.json").write_text(json.dumps(genai_config(CONFIG)))
+
+    async def main():
+        settings = Settings(model_repository=tmp_path, generation_max_sequences=64, generation_kv_buffer_max_bytes=1 << 20)
+        manager = ModelManager(settings, Metrics(CollectorRegistry()))
+        await manager.load("gpt_genai")
+        mv = manager._models["gpt_genai"][1]
+        await manager.close()
+        return mv
+
+    mv = asyncio.run(main())
+    assert not mv.ready and "needs 2 MiB" in mv.reason and "--generation-max-sequences" in mv.reason

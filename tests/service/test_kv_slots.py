@@ -66,3 +66,16 @@ def test_static_batching_keeps_finished_rows():
     a.finish(FinishReason.LENGTH, 0.0)
     assert not slots.compact_if_sparse()
     check(slots, [a, b])
+
+
+def test_clearing_the_rows_leaves_a_prefilling_slot_alone():
+    """Static batching clears the running rows when they all end; a sequence still being
+    prefilled keeps its slot and its columns, and a newcomer gets another slot."""
+    slots = KVSlots(GRAPH, runtime=None, slots=3)
+    a, b = prefilled(slots, "1", 0, 3), prefilled(slots, "2", 1, 6)
+    slots.join(a, 1)
+    a.finish(FinishReason.LENGTH, 0.0)
+    slots.clear()
+    assert len(slots) == 0 and a.slot is None and slots.owner[1] is b and np.all(columns(slots, b) == 2.0)
+    slots.join(b, 2)
+    check(slots, [b])
