@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 SYSTEM  := $(VENV)/.system-tools
 REPO    ?= model_repository
 
-.PHONY: install install-serve check-serve-install serve test chaos container-test train parse-rate export protos check-protos bench-serve bench-options bench-http bench-generation bench-genai bench-seq2seq train-seq2seq export-seq2seq cluster-up cluster-down clean
+.PHONY: install install-serve check-serve-install serve test chaos container-test train parse-rate export protos check-protos bench-serve bench-frontend bench-options bench-http bench-generation bench-genai bench-seq2seq train-seq2seq export-seq2seq cluster-up cluster-down clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -80,6 +80,10 @@ check-protos: $(STAMP)
 
 bench-serve: $(STAMP)
 	$(PYTHON) -m bench.serve_bench
+
+# tserve serving a graph that computes nothing: what the front end costs per request
+bench-frontend: $(STAMP)
+	$(PYTHON) -m bench.frontend_floor
 
 bench-options: $(STAMP)
 	$(PYTHON) -m bench.server_options

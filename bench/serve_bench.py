@@ -114,9 +114,10 @@ def measure(server: ServerProcess, pa: list[str], data: Path, model: str, concur
                "--concurrency-range", str(concurrency), "--measurement-mode", "count_windows",
                "--measurement-request-count", str(max(requests, 4 * concurrency)), "--stability-percentage", "999",
                "--max-trials", "3", "-f", report.name]
-        pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None
+        if cores:  # taskset, not a preexec_fn: this process has ORT's threads, and a fork can deadlock in one
+            cmd = ["taskset", "-c", ",".join(map(str, sorted(cores))), *cmd]
         try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, preexec_fn=pin)
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         except subprocess.TimeoutExpired:
             return {"concurrency": concurrency, "error": "perf_analyzer ran past 600 s"}
         if res.returncode != 0:

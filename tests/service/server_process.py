@@ -56,9 +56,9 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "service", "serve", "--model-repository", str(self.repository),
                "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0", "--port-file", str(port_file), *self.args]
         self._log = open(self.log_path, "w")
-        pin = (lambda: os.sched_setaffinity(0, self.cores)) if self.cores else None
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     preexec_fn=pin)
+        if self.cores:  # taskset, not a preexec_fn: Python code between fork and exec can deadlock
+            cmd = ["taskset", "-c", ",".join(map(str, sorted(self.cores))), *cmd]  # in a process with threads
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while not port_file.exists() or not port_file.read_text():
             if self.proc.poll() is not None:
