@@ -2,7 +2,8 @@
 
 - An onnxruntime-genai model folder (model.onnx + genai_config.json, no config.pbtxt) is served
   as it is: concurrent streams of mixed lengths through fewer slots than streams give each
-  prompt the model's own greedy tokens. The folder's graph is export/gqa_graph.py's, written
+  prompt the model's own greedy tokens; ModelInfer gives the model's logits and refuses a
+  left-padded mask, which such a graph would misread. The folder's graph is export/gqa_graph.py's, written
   from a tiny GPT after a fixed seed, with the genai_config.json the builder writes for it;
   genai's own builder needs a second environment (bench/genai_bench.py runs it).
 - A fused generation graph named by a manifest is used only if it matches model.onnx at load:
@@ -18,9 +19,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
+import tritonclient.grpc as tcg
 import pytest
 import torch
 from prometheus_client import CollectorRegistry, generate_latest
+from tritonclient.utils import InferenceServerException
 
 from export.gqa_graph import GQA_FILE, export_gqa
 from export.repository import sha256
@@ -72,13 +75,28 @@ def test_a_genai_folder_serves_concurrent_streams_with_the_models_tokens(tiny, t
                                       ignore_eos=True, sampling=gen.SamplingParameters(temperature=0.0))
         return [t for m in stub.GenerateStream(request, timeout=60) for t in m.token_ids]
 
+    def infer(client, mask: list[int]):
+        ids = tcg.InferInput("input_ids", [1, len(mask)], "INT64")
+        ids.set_data_from_numpy(np.array([PROMPTS[1][: len(mask)]], np.int64))
+        m = tcg.InferInput("attention_mask", [1, len(mask)], "INT64")
+        m.set_data_from_numpy(np.array([mask], np.int64))
+        return client.infer("gpt_genai", [ids, m], outputs=[tcg.InferRequestedOutput("logits")]).as_numpy("logits")
+
     with ServerProcess(tmp_path / "repo", "--generation-max-sequences", "3") as server:
         with grpc.insecure_channel(server.address) as channel:
             stub = gen_grpc.TextGenerationStub(channel)
             with ThreadPoolExecutor(len(PROMPTS)) as pool:
                 got = list(pool.map(lambda i: stream(stub, i), range(len(PROMPTS))))
             alone = [stream(stub, i) for i in range(2)]
+        # ModelInfer reaches the graph as sent; a left-padded mask, which it would misread, is refused
+        client = tcg.InferenceServerClient(server.address)
+        with torch.no_grad():
+            want_logits = tiny(torch.tensor([PROMPTS[1][:4]]))[0].numpy()
+        np.testing.assert_allclose(infer(client, [1, 1, 1, 1]), want_logits, atol=1e-4)
+        with pytest.raises(InferenceServerException) as refused:
+            infer(client, [0, 0, 1, 1])
     assert got == want and alone == want[:2]
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT" and "pad on the right" in refused.value.message()
 
 
 def load(repository, name: str):
