@@ -69,6 +69,15 @@ def hollow_graph(source: Path, out: Path) -> Path:
     return out
 
 
+def response_bytes(graph: Path, length: int) -> tuple[int, int]:
+    """(logits, presents) bytes of one response to a `length`-token request with no past."""
+    model = onnx.load(str(graph), load_external_data=False)
+    dims = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
+    logits = length * dims["logits"][2] * 4
+    presents = sum(d[1] * length * d[3] * 4 for name, d in dims.items() if name.startswith("present."))
+    return logits, presents
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repository", type=Path, default=ROOT / "model_repository")
@@ -115,7 +124,10 @@ def main() -> None:
     done = [r for r in rounds if all(f"{m}_c{c}" in r for m in ("hollow", "bytegpt") for c in (1, 16))]
     front_ms = [1e3 / r["hollow_c16"]["infer_per_s"] for r in done]
     predicted = [1 / (f / 1e3 + 1 / r["raw_model_rows_per_s_at_batch"]) for f, r in zip(front_ms, done)]
-    print(f"\npinned: server on core {SERVER_CORE}, perf_analyzer on core {CLIENT_CORE}; median (range) over {len(done)} rounds")
+    logits, presents = response_bytes(args.repository / "bytegpt" / "1" / "model.onnx", args.length)
+    print(f"\nresponse to a {args.length}-token request: {logits + presents:,} bytes (logits {logits:,}, "
+          f"presents {presents:,})")
+    print(f"pinned: server on core {SERVER_CORE}, perf_analyzer on core {CLIENT_CORE}; median (range) over {len(done)} rounds")
     print(f"  hollow model, c=1 p50: {med([r['hollow_c1']['p50_ms'] for r in done])} ms "
           f"(its raw ORT p50 {med([r['raw_hollow_p50_ms'] for r in done])} ms): the request path's latency floor")
     print(f"  front end per request (1 / hollow infer/s at c=16): {med(front_ms)} ms of the server's core")

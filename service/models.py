@@ -312,6 +312,7 @@ class ModelManager:
             if spec.decoder is not None:
                 mv.generation = GenerationConfig.from_spec(spec)  # reads the tokenizer, if any
                 self._fused_generation(mv, entry, spec, runtime, providers)
+                self._check_kv_reservation(spec.decoder)  # a genai folder's graph shares its buffer
         except Exception:
             runtime.close()
             raise
@@ -327,7 +328,6 @@ class ModelManager:
         name = (spec.manifest or {}).get("generation", {}).get("graph")
         if not name:  # an onnxruntime-genai folder's one graph is itself fused
             mv.observer.generation_graph("fused" if spec.decoder.shared_kv else "plain")
-            self._check_kv_reservation(spec.decoder)
             return
         kind = "plain"
         try:

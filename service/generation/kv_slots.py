@@ -31,12 +31,17 @@ from service.generation.sequence import Sequence
 from service.runtime import OrtRuntime
 
 
+def column_bytes(graph: DecoderGraph) -> int:
+    return sum(t.heads * t.head_dim * t.dtype.itemsize for t in graph.past)
+
+
 class KVSlots:
     def __init__(self, graph: DecoderGraph, runtime: OrtRuntime, slots: int, fill_holes: bool = True) -> None:
         self.graph, self.runtime = graph, runtime
         # static batching (a benchmark baseline) keeps finished rows computing until all end
         self.fill_holes = fill_holes
         self.buffers = [np.zeros((slots, t.heads, graph.max_length, t.head_dim), t.dtype) for t in graph.past]
+        self.column_bytes = column_bytes(graph)  # one token of one sequence, every past input
         self.lengths = np.zeros(slots, np.int64)
         self.owner: list[Sequence | None] = [None] * slots
         self.rows = 0
@@ -56,7 +61,7 @@ class KVSlots:
 
     @staticmethod
     def reserved_bytes(graph: DecoderGraph, slots: int) -> int:
-        return slots * graph.max_length * sum(t.heads * t.head_dim * t.dtype.itemsize for t in graph.past)
+        return slots * graph.max_length * column_bytes(graph)
 
     def __len__(self) -> int:
         return self.rows
@@ -72,8 +77,7 @@ class KVSlots:
     @property
     def nbytes(self) -> int:
         """Bytes of cache in use (the buffers reserve `max_length` columns a slot)."""
-        column = sum(b.shape[1] * b.shape[3] * b.itemsize for b in self.buffers)
-        return int(self.lengths.sum()) * column
+        return int(self.lengths.sum()) * self.column_bytes
 
     # -- running the graph ------------------------------------------------------------------
 
