@@ -93,6 +93,14 @@ class Metrics:
         self.gen_prompt_tokens = Counter(
             "tserve_generation_prompt_tokens", "Prompt tokens processed (prefill).", MODEL, registry=registry
         )
+        self.gen_draft_tokens = Counter(
+            "tserve_generation_draft_tokens", "Speculative (prompt-lookup) tokens proposed and checked by the model.",
+            MODEL, registry=registry,
+        )
+        self.gen_accepted_tokens = Counter(
+            "tserve_generation_accepted_draft_tokens", "Speculative tokens kept: greedy decoding chose the same.",
+            MODEL, registry=registry,
+        )
         self.gen_finished = Counter(
             "tserve_generation_finished", "Finished sequences by finish reason (length, stop, eos, cancelled).",
             [*MODEL, "reason"], registry=registry,
@@ -141,6 +149,8 @@ class ModelObserver:
         self._itl = m.gen_itl.labels(*labels)
         self._tokens = m.gen_tokens.labels(*labels)
         self._prompt_tokens = m.gen_prompt_tokens.labels(*labels)
+        self._draft_tokens = m.gen_draft_tokens.labels(*labels)
+        self._accepted_tokens = m.gen_accepted_tokens.labels(*labels)
         self._steps = m.gen_steps.labels(*labels)
         self._decode_rows = m.gen_decode_rows.labels(*labels)
         self._active = m.gen_active.labels(*labels)
@@ -204,6 +214,9 @@ class ModelObserver:
             self._tokens.inc(step.tokens)
         if step.prefill_tokens:
             self._prompt_tokens.inc(step.prefill_tokens)
+        if step.draft_tokens:
+            self._draft_tokens.inc(step.draft_tokens)
+            self._accepted_tokens.inc(step.accepted_tokens)
         for reason in step.finished:
             self.metrics.gen_finished.labels(*self.labels, reason).inc()
         self._active.set(step.active)

@@ -86,6 +86,15 @@ class Settings(BaseSettings):
     generation_scheduling: Literal["continuous", "static"] = Field(
         default="continuous", description="continuous batching, or static (a benchmark baseline: no joins mid-batch)."
     )
+    generation_speculative_tokens: int = Field(
+        default=0, ge=0, le=64,
+        description="Prompt-lookup speculative decoding: up to this many draft tokens, copied from where the "
+        "sequence's last tokens occurred before, checked in one run (greedy output unchanged). Applies to a "
+        "fused (GroupQueryAttention) decoder generating one greedy sequence alone; 0: off.",
+    )
+    generation_prompt_lookup_max: int = Field(
+        default=3, ge=1, le=8, description="Longest n-gram prompt lookup matches to find a draft."
+    )
     generation_kv_buffer_max_bytes: int = Field(
         default=4 << 30, ge=1 << 20,
         description="Largest shared KV buffer a fused (GroupQueryAttention) decoder may reserve: slots x context x "

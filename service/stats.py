@@ -55,6 +55,8 @@ class StepStats:
     decode_rows: int = 0  # rows in the batched decode run (holes included)
     prefill_tokens: int = 0  # prompt tokens run this step
     tokens: int = 0  # tokens generated this step
+    draft_tokens: int = 0  # speculative tokens proposed (prompt lookup) and checked this step
+    accepted_tokens: int = 0  # of those, the ones greedy decoding kept
     time_to_first_token_s: list[float] = field(default_factory=list)  # per sequence that got its first token
     inter_token_s: list[float] = field(default_factory=list)  # per token after a sequence's first
     finished: list[str] = field(default_factory=list)  # finish reasons of sequences that ended

@@ -7,7 +7,9 @@ the step's events and stats to the loop in one call. Each step is
 
     schedule  end sequences that were cancelled or passed their deadline; admit waiting
               requests while there is room; give joiners prompt chunks within the token budget
-    execute   run the prompt chunks, and one batched decode for every running row
+    execute   run the prompt chunks, and one batched decode for every running row (a greedy
+              sequence running alone on a shared buffer may run a prompt-lookup draft with its
+              next token: generation/speculation.py, off unless speculative_tokens is set)
     update    sample per sequence, stream the tokens, finish on eos / stop / length; move
               prefilled joiners into the running batch; compact it when it gets sparse
 
@@ -39,6 +41,7 @@ from service.generation.kv_rows import KVRows
 from service.generation.kv_slots import KVSlots
 from service.generation.sampling import sample
 from service.generation.sequence import FinishReason, Sequence
+from service.generation.speculation import PromptLookup, accepted
 from service.runtime import OrtRuntime
 from service.stats import StepStats
 
@@ -53,6 +56,10 @@ class EngineLimits:
     # "static": the textbook baseline, kept for benchmarks: a batch admits nobody until all
     # its members are done, and finished members keep computing until the longest ends.
     scheduling: str = "continuous"
+    # prompt-lookup speculative decoding (generation/speculation.py): draft tokens checked per
+    # run, for a greedy sequence running alone on a shared-buffer graph; 0: off
+    speculative_tokens: int = 0
+    prompt_lookup_max: int = 3
 
 
 @dataclass
@@ -61,12 +68,14 @@ class Plan:
 
     prefill: list[tuple[Sequence, int]] = field(default_factory=list)
     decode: bool = False
+    draft: list[int] | None = None  # speculative tokens after the one running row's next token
 
 
 @dataclass
 class Results:
     prefill: list[np.ndarray | TServeError] = field(default_factory=list)  # logits [1, n, vocab]
-    decode: np.ndarray | TServeError | None = None  # last logits [rows, vocab]
+    decode: np.ndarray | TServeError | None = None  # last logits [rows, vocab]; with a draft [1 + draft, vocab]
+    draft: list[int] | None = None  # the draft the decode verified
     decode_failed: dict[int, TServeError] = field(default_factory=dict)  # row -> why, after a re-run apart
 
 
@@ -242,7 +251,7 @@ class GenerationEngine:
                     seq = self.waiting.popleft()
                     seq.admitted = now
                     self.prefilling.append(seq)
-        plan = Plan(decode=len(self.rows) > 0)
+        plan = Plan(decode=len(self.rows) > 0, draft=self._draft())
         budget = self.limits.token_budget - self.rows.live  # holes cost compute, not budget
         for seq in self.prefilling:
             if budget <= 0:
@@ -251,6 +260,24 @@ class GenerationEngine:
             plan.prefill.append((seq, n))
             budget -= n
         return plan
+
+    def _draft(self) -> list[int] | None:
+        """A prompt-lookup draft for the running row, when one greedy sequence runs alone on a
+        shared buffer (its graph checks several tokens over a cache only at batch one)."""
+        rows, k = self.rows, self.limits.speculative_tokens
+        if not (k and not self.static and isinstance(rows, KVSlots) and rows.rows == 1):
+            return None
+        seq = rows.seqs[0]
+        if seq.finished or not seq.params.greedy:
+            return None
+        # the row's next token and the draft fit in the context; the last token is greedy's own
+        k = min(k, seq.max_new_tokens - len(seq.generated) - 1, self.graph.max_length - int(rows.lengths[0]) - 1)
+        if k <= 0:
+            return None
+        if seq.lookup is None:
+            seq.lookup = PromptLookup(self.limits.prompt_lookup_max)
+        seq.lookup.sync(seq.prompt, seq.generated)
+        return seq.lookup.draft(k) or None
 
     # -- execute ----------------------------------------------------------------------------
 
@@ -263,7 +290,10 @@ class GenerationEngine:
                 results.prefill.append(e)
         if plan.decode:
             try:
-                results.decode = self.rows.decode()
+                if plan.draft:
+                    results.decode, results.draft = self.rows.verify(plan.draft), plan.draft
+                else:
+                    results.decode = self.rows.decode()
             except TServeError as e:
                 # find the rows that made it fail: each live row runs alone
                 log.warning("batched decode failed for %s (%s); running its rows apart", self.name, e.message)
@@ -285,7 +315,10 @@ class GenerationEngine:
             if isinstance(results.decode, TServeError):
                 self.rows.clear()
             else:
-                self._take_decode(results.decode, now, stats)
+                if results.draft:
+                    self._take_verified(results.decode, results.draft, now, stats)
+                else:
+                    self._take_decode(results.decode, now, stats)
                 for row in results.decode_failed:
                     if row < len(self.rows):  # static batching may have cleared the rows
                         self.rows.make_hole(row)
@@ -322,6 +355,19 @@ class GenerationEngine:
                 rows.make_hole(row)  # static batching keeps computing it, as static batching does
         if self.static and rows.live == 0:
             rows.clear()
+
+    def _take_verified(self, logits: np.ndarray, draft: list[int], now: float, stats: StepStats) -> None:
+        """The one row's verified draft: greedy's tokens, as many as the draft got right plus one."""
+        rows, seq = self.rows, self.rows.seqs[0]
+        tokens = accepted(logits.argmax(-1).tolist(), draft)
+        stats.draft_tokens += len(draft)
+        stats.accepted_tokens += len(tokens) - 1
+        for token in tokens:
+            rows.next_ids[0] = token
+            if self._emit(seq, token, now, stats):
+                rows.make_hole(0)
+                return
+        rows.accept(0, len(tokens) - 1)  # the kept draft tokens' columns; the last token feeds next
 
     def _emit(self, seq: Sequence, token: int, now: float, stats: StepStats) -> bool:
         """Hand a token to its sequence; True if that ended it."""

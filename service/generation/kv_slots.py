@@ -153,6 +153,20 @@ class KVSlots:
         self.lengths[[r for r in range(self.rows) if not self.owner[r].finished]] += 1
         return logits[:, -1]
 
+    def verify(self, draft: list[int]) -> np.ndarray:
+        """The one running row's next token and a draft of the tokens after it, in one run
+        (ONNX Runtime's CPU GroupQueryAttention takes several new tokens over a cache only for a
+        batch of one): the logits [1 + len(draft), vocab]. The row's length grows by its next
+        token; `accept` adds the draft tokens kept (the others' columns are overwritten later)."""
+        ids = np.array([[self.next_ids[0], *draft]], np.int64)
+        logits = self._run(0, 1, ids, np.ones((1, int(self.lengths[0]) + ids.shape[1]), np.int64))
+        self.lengths[0] += 1
+        return logits[0]
+
+    def accept(self, row: int, n: int) -> None:
+        """Keep `n` more columns of a row that verified a draft."""
+        self.lengths[row] += n
+
     def decode_apart(self) -> tuple[np.ndarray | None, dict[int, TServeError]]:
         """After a failed batched decode: each live row alone. Returns the logits of the rows
         that ran (zeros elsewhere; None if none ran) and why each other row failed."""

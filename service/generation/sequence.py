@@ -17,6 +17,7 @@ import numpy as np
 
 from service.errors import TServeError
 from service.generation.sampling import SamplingParams
+from service.generation.speculation import PromptLookup
 from service.generation.tokenizer import StreamDecoder
 
 
@@ -63,6 +64,7 @@ class Sequence:
     prefilled: int = 0  # prompt tokens whose keys/values are cached
     cache: list[np.ndarray] | None = None  # during prefill: this sequence's own past (KVRows)
     slot: int | None = None  # its slot in a shared KV buffer (KVSlots)
+    lookup: PromptLookup | None = None  # its n-gram index, once it drafts (speculative decoding)
     arrived: float = field(default_factory=time.monotonic)
     admitted: float = 0.0
     first_token_at: float = 0.0

@@ -295,3 +295,59 @@ def test_the_fused_graph_generates_the_traced_graphs_tokens(loaded):
     plain, fused = ([tokens(run(g, [greedy(p, n)], EngineLimits(max_sequences=1))[0]) for p, n in zip(PROMPTS, LENGTHS)]
                     for g in graphs)
     assert fused == plain
+
+
+@pytest.fixture(scope="module")
+def fused(loaded) -> Graph:
+    return Graph(loaded.name, loaded.generation_runtime, loaded.generation_graph)
+
+
+SPECULATIVE = EngineLimits(max_sequences=4, speculative_tokens=8)
+
+
+def test_speculation_makes_greedys_tokens_in_fewer_runs(fused):
+    """Prompt lookup drafts and the fused graph checks them: each sequence alone makes exactly
+    the tokens it makes a token a run (120 each, long enough for the small model to repeat
+    itself), drafts are kept, and there are fewer steps than tokens."""
+    plain, drafted = [], []
+    one_by_one = [tokens(run(fused, [greedy(p, 120)], EngineLimits(max_sequences=4), plain)[0]) for p in PROMPTS]
+    speculated = [tokens(run(fused, [greedy(p, 120)], SPECULATIVE, drafted)[0]) for p in PROMPTS]
+    assert speculated == one_by_one
+    assert sum(s.tokens for s in drafted) == 120 * len(PROMPTS)
+    kept, proposed = sum(s.accepted_tokens for s in drafted), sum(s.draft_tokens for s in drafted)
+    assert 0 < kept <= proposed
+    assert len(drafted) == len(plain) - kept  # every kept draft token saved a run
+    assert sum(s.draft_tokens for s in plain) == 0
+
+
+def test_speculation_ends_where_one_at_a_time_ends(fused):
+    """eos, a stop sequence and max_new_tokens that fall inside a kept draft ("import os" goes
+    on as "import os" lines, drafted from the prompt at once) end the sequence at the same token
+    and text as decoding a token a run, in fewer steps."""
+    reference = tokens(run(fused, [greedy(PROMPTS[1], 12)], EngineLimits())[0])
+    assert bytegpt_text(reference).startswith("import os\nimport os\n")
+    endings = [lambda: greedy(PROMPTS[1], 120, eos_token_ids=frozenset({reference[2]})),
+               lambda: greedy(PROMPTS[1], 120, stop=("s\nimp",), decoder=bytegpt_tokenizer().decoder()),
+               lambda: greedy(PROMPTS[1], 37)]
+    for job in endings:
+        plain_steps, steps = [], []
+        plain = run(fused, [job()], EngineLimits(), plain_steps)[0]
+        drafted = run(fused, [job()], SPECULATIVE, steps)[0]
+        assert [(e.text, e.token_ids, e.finish_reason) for e in drafted] == \
+               [(e.text, e.token_ids, e.finish_reason) for e in plain]
+        assert len(steps) < len(plain_steps) and sum(s.accepted_tokens for s in steps) > 0
+
+
+def test_speculation_drafts_only_for_a_greedy_sequence_alone(fused, loaded):
+    """Two rows at once (ONNX Runtime's CPU GroupQueryAttention checks several tokens over a
+    cache only at batch one), a sampled sequence, and the traced graph: no drafts, and the same
+    tokens as without speculation."""
+    traced = Graph(loaded.name, loaded.runtime, loaded.spec.decoder)
+    cases = [(fused, lambda: [greedy(PROMPTS[0], 60), greedy(PROMPTS[2], 60)]),
+             (fused, lambda: [Sequence("r", list(PROMPTS[0]), SamplingParams(temperature=1.0, seed=7), 60)]),
+             (traced, lambda: [greedy(PROMPTS[0], 60)])]
+    for graph, jobs in cases:
+        steps = []
+        assert [tokens(e) for e in run(graph, jobs(), SPECULATIVE, steps)] == \
+               [tokens(e) for e in run(graph, jobs(), EngineLimits(max_sequences=4))]
+        assert sum(s.draft_tokens for s in steps) == 0

@@ -213,3 +213,20 @@ def test_cli_streams_a_completion(server):
     res = subprocess.run([sys.executable, "-m", "service", "generate", "", "--url", server.address],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 1 and "INVALID_ARGUMENT" in res.stderr
+
+
+def test_speculative_decoding_serves_greedys_tokens_several_a_message():
+    """--generation-speculative-tokens: prompt-lookup drafts checked by the fused graph. Each
+    stream alone gives PyTorch's greedy tokens; a step's kept draft arrives as one message; the
+    draft counters say how many were proposed and kept."""
+    model, _ = load_checkpoint(str(DEFAULT_CHECKPOINT))
+    with ServerProcess(DEFAULT_REPOSITORY, "--generation-speculative-tokens", "8") as server:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = gen_grpc.TextGenerationStub(channel)
+            for prompt in (PROMPT, "import os\n", "class Stack:"):
+                messages = list(stub.GenerateStream(make(prompt, max_new_tokens=64, ignore_eos=True), timeout=60))
+                assert [t for m in messages for t in m.token_ids] == model.generate(bytegpt_tokenizer().encode(prompt), 64)
+                assert max(len(m.token_ids) for m in messages) > 1, prompt
+        kept, proposed = (metric(server, f"tserve_generation_{name}_total")
+                          for name in ("accepted_draft_tokens", "draft_tokens"))
+        assert 0 < kept <= proposed
