@@ -354,7 +354,7 @@ class ModelManager:
         mv.observer.generation_graph(kind)
 
     def _check_kv_reservation(self, graph: DecoderGraph) -> None:
-        """A shared KV buffer is reserved whole at start: refuse one above the setting."""
+        """A shared KV buffer may grow to slots x context: refuse one that would exceed the setting."""
         if not graph.shared_kv:
             return
         needed = KVSlots.reserved_bytes(graph, self.settings.generation_max_sequences)

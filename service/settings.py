@@ -97,7 +97,7 @@ class Settings(BaseSettings):
     )
     generation_kv_buffer_max_bytes: int = Field(
         default=4 << 30, ge=1 << 20,
-        description="Largest shared KV buffer a fused (GroupQueryAttention) decoder may reserve: slots x context x "
+        description="Largest shared KV buffer a fused (GroupQueryAttention) decoder may grow to: slots x context x "
         "layers; a model above it is UNAVAILABLE, with the figure (lower generation_max_sequences or the context).",
     )
     generation_default_max_new_tokens: int = Field(

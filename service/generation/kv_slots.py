@@ -3,7 +3,7 @@
 past input, bound with ONNX Runtime's IO binding as both that past and its present, so a step
 writes its new keys and values in place and nothing copies the cache per token.
 
-    buffer[i]  [slots, heads, max_length, head_dim]   slot s holds one sequence, from column 0
+    buffer[i]  [slots, heads, width, head_dim]   slot s holds one sequence, from column 0
     lengths    [slots]                                 tokens cached in each slot
     mask       [rows, max(lengths) + 1]                1 over a row's cache and its new token
 
@@ -14,10 +14,15 @@ sequence's columns copied, never the batch's). A step on a mixed batch gives eac
 run alone would (the same tokens, within float rounding): a row's new token goes to its own
 column `length`, and it attends to its own columns only.
 
-The buffers are reserved whole (slots x context columns); the operating system commits their
-pages as columns first fill and keeps them to the high-water mark, while
-`tserve_generation_kv_cache_bytes` counts the columns in use. The model manager refuses a
-model whose reservation exceeds `generation_kv_buffer_max_bytes`.
+The buffers are as wide as the longest sequence needs, not the context: ONNX Runtime's CPU
+GroupQueryAttention costs more per step the wider its buffer is at batch > 1 (16 rows of the
+bench's tiny Llama: 0.92 ms a step 160 columns wide, 1.31 ms at 512, 2.96 ms at 2048, as
+measured by hand), so a step must not pay for the context a model allows but no sequence uses.
+A run that needs more columns widens the buffers first (by half again, in multiples of 64, up
+to the context: one copy of the columns in use); when the longest sequence left needs under a
+third of the width, they narrow again. The model manager refuses a model whose widest buffers
+(slots x context) would exceed `generation_kv_buffer_max_bytes`;
+`tserve_generation_kv_cache_bytes` counts the columns in use.
 """
 
 from __future__ import annotations
@@ -31,8 +36,15 @@ from service.generation.sequence import Sequence
 from service.runtime import OrtRuntime
 
 
+WIDTH_STEP = 64  # buffer widths are multiples of this many columns
+
+
 def column_bytes(graph: DecoderGraph) -> int:
     return sum(t.heads * t.head_dim * t.dtype.itemsize for t in graph.past)
+
+
+def _width(columns: int, max_length: int) -> int:
+    return min(max_length, -(-columns // WIDTH_STEP) * WIDTH_STEP)
 
 
 class KVSlots:
@@ -40,7 +52,8 @@ class KVSlots:
         self.graph, self.runtime = graph, runtime
         # static batching (a benchmark baseline) keeps finished rows computing until all end
         self.fill_holes = fill_holes
-        self.buffers = [np.zeros((slots, t.heads, graph.max_length, t.head_dim), t.dtype) for t in graph.past]
+        self.min_width = _width(WIDTH_STEP, graph.max_length)
+        self.buffers = self._allocate(slots, self.min_width)
         self.column_bytes = column_bytes(graph)  # one token of one sequence, every past input
         self.lengths = np.zeros(slots, np.int64)
         self.owner: list[Sequence | None] = [None] * slots
@@ -58,9 +71,40 @@ class KVSlots:
             self.owner[row] = None
         self.lengths[: self.rows] = 0
         self.rows = 0
+        self._narrow_if_wide()
+
+    @property
+    def width(self) -> int:
+        return self.buffers[0].shape[2]
+
+    def _allocate(self, slots: int, width: int) -> list[np.ndarray]:
+        return [np.zeros((slots, t.heads, width, t.head_dim), t.dtype) for t in self.graph.past]
+
+    def _resize(self, width: int) -> None:
+        """New buffers `width` columns wide, holding every slot's columns; the bindings of the
+        old ones are dropped."""
+        keep = min(width, int(self.lengths.max()))
+        buffers = self._allocate(len(self.owner), width)
+        for new, old in zip(buffers, self.buffers):
+            new[:, :, :keep] = old[:, :, :keep]
+        self.buffers = buffers
+        self._bindings.clear()
+        self._values.clear()
+
+    def _fit(self, columns: int) -> None:
+        """Widen the buffers for a run that writes up to column `columns`."""
+        if columns > self.width:
+            self._resize(_width(max(columns, self.width * 3 // 2), self.graph.max_length))
+
+    def _narrow_if_wide(self) -> None:
+        """After sequences leave: narrow the buffers when the longest left needs under a third."""
+        target = max(self.min_width, _width(int(self.lengths.max()) * 3 // 2 + 1, self.graph.max_length))
+        if target * 2 <= self.width:
+            self._resize(target)
 
     @staticmethod
     def reserved_bytes(graph: DecoderGraph, slots: int) -> int:
+        """The buffers at their widest: every slot the model's whole context."""
         return slots * graph.max_length * column_bytes(graph)
 
     def __len__(self) -> int:
@@ -76,7 +120,7 @@ class KVSlots:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of cache in use (the buffers reserve `max_length` columns a slot)."""
+        """Bytes of cache in use (the buffers are `width` columns wide a slot)."""
         return int(self.lengths.sum()) * self.column_bytes
 
     # -- running the graph ------------------------------------------------------------------
@@ -99,6 +143,7 @@ class KVSlots:
     def _run(self, start: int, stop: int, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """One run over slots [start, stop), their cache written in place; returns the logits
         (for one token a row, a view of a buffer the next such run overwrites)."""
+        self._fit(mask.shape[1])
         binding = self._binding(start, stop)
         T = ids.shape[1]
         preallocated = T == 1 and self._logits is not None
@@ -237,4 +282,5 @@ class KVSlots:
         for hole, row in zip((r for r in finished if r < live), movers):
             self._move(row, hole)
         self.rows = live
+        self._narrow_if_wide()
         return True

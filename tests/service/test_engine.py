@@ -351,3 +351,12 @@ def test_speculation_drafts_only_for_a_greedy_sequence_alone(fused, loaded):
         assert [tokens(e) for e in run(graph, jobs(), SPECULATIVE, steps)] == \
                [tokens(e) for e in run(graph, jobs(), EngineLimits(max_sequences=4))]
         assert sum(s.draft_tokens for s in steps) == 0
+
+
+def test_the_fused_graph_widening_its_buffer_mid_batch_gives_the_traced_graphs_tokens(loaded, fused):
+    """Three sequences of 150 tokens in one batch: the shared buffer starts 64 columns wide and
+    is widened twice while they decode; each gets the traced graph's tokens alone."""
+    traced = Graph(loaded.name, loaded.runtime, loaded.spec.decoder)
+    alone = [tokens(run(traced, [greedy(p, 150)], EngineLimits(max_sequences=1))[0]) for p in PROMPTS[:3]]
+    batched = run(fused, [greedy(p, 150) for p in PROMPTS[:3]], EngineLimits(max_sequences=3))
+    assert [tokens(e) for e in batched] == alone

@@ -79,3 +79,27 @@ def test_clearing_the_rows_leaves_a_prefilling_slot_alone():
     assert len(slots) == 0 and a.slot is None and slots.owner[1] is b and np.all(columns(slots, b) == 2.0)
     slots.join(b, 2)
     check(slots, [b])
+
+
+def test_the_buffers_widen_for_longer_sequences_and_narrow_when_they_leave():
+    graph = DecoderGraph(GRAPH.past, has_position_ids=True, shared_kv=True, max_length=300)
+    slots = KVSlots(graph, runtime=None, slots=4)
+    assert slots.width == 64  # not the context
+    a, b = prefilled(slots, "1", 0, 40), prefilled(slots, "2", 1, 60)
+    slots.join(a, 10)
+    slots.join(b, 20)
+    slots._fit(61)  # a step that writes column 61: room already
+    assert slots.width == 64
+    slots.lengths[1] = 64  # b decoded on to the buffer's edge
+    for buf in slots.buffers:
+        buf[1, :, 60:64] = 2.0
+    slots._fit(65)  # widened by half again, rounded up to 64 columns, with every column kept
+    assert slots.width == 128
+    check(slots, [a, b])
+    slots._fit(299)  # never past the context
+    assert slots.width == 300
+    check(slots, [a, b])
+    b.finish(FinishReason.LENGTH, 0.0)
+    slots.compact_if_sparse()  # a's 40 columns need under a third of 300
+    assert slots.width == 64
+    check(slots, [a])
