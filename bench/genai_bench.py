@@ -16,6 +16,10 @@ round measures, in this order:
     engine      tserve's GenerationEngine in-process (no gRPC) over each graph, 1 and 16
     tserve      a real server, gRPC streams, serving genai's folder as it is and Optimum's:
                 one at a time over the 16 prompts; 16 at once
+    speculative the engine and a second server with prompt-lookup speculative decoding
+                (--generation-speculative-tokens 8) on genai's graph: the same greedy tokens
+                in fewer runs where drafts are right (this random model repeats itself a lot,
+                which flatters it: the acceptance rate is printed)
 
 and prints tokens/s, time to first token and the ratios to genai (median and range over the
 rounds), and whether every path's greedy tokens equal transformers' own `generate`.
@@ -26,11 +30,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 import subprocess
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +49,13 @@ from tests.service.server_process import ServerProcess
 
 RESULTS = ROOT / "bench" / "results"
 THREADS = 2
+SPECULATIVE = 8  # draft tokens a run, when speculating
+
+
+def counter(server: ServerProcess, name: str, model: str) -> float:
+    text = urllib.request.urlopen(server.metrics_url).read().decode()
+    match = re.search(rf'^{name}_total{{model="{model}"[^}}]*}} (\S+)$', text, re.M)
+    return float(match.group(1)) if match else 0.0
 
 
 def cut_prompts(source: Path, n: int, length: int) -> list[list[int]]:
@@ -111,9 +124,13 @@ def main() -> None:
     genai_config = json.loads((genai / "genai_config.json").read_text())["model"]
     context, head_size = genai_config["context_length"], genai_config["decoder"]["head_size"]
     rounds, agree = [], {}
-    with ServerProcess(repo, "--generation-max-sequences", "16", *args.server_args.split()) as server:
+    extra = args.server_args.split()
+    with ServerProcess(repo, "--generation-max-sequences", "16", *extra) as server, \
+            ServerProcess(repo, "--generation-max-sequences", "16", "--generation-speculative-tokens", str(SPECULATIVE),
+                          *extra) as spec_server:
         for model in ("llama", "llama_genai"):
             run_streams(server.address, requests(prompts[:2], 8, model))  # warm
+        run_streams(spec_server.address, requests(prompts[:2], 8, "llama_genai"))
         for k in range(args.rounds):
             r: dict = {}
             peer = run_genai(genai, prompts, new)
@@ -140,6 +157,8 @@ def main() -> None:
             alone = engine_alone(repo, {"1": ("continuous", 1, [(q, new) for q in prompts]),
                                         "16": ("continuous", 16, [(q, new) for q in prompts])}, model="llama_genai")
             r["engine_shared_1"], r["engine_shared_16"] = alone["1"], alone["16"]
+            r["engine_spec_1"] = engine_alone(repo, {"1": ("continuous", 1, [(q, new) for q in prompts])},
+                                              model="llama_genai", speculative_tokens=SPECULATIVE)["1"]
             single = one_at_a_time(server.address, requests(prompts, new))
             together = run_streams(server.address, requests(prompts, new), keep_tokens=True)
             r["tserve_1"], r["tserve_ttft_1_ms"] = single["tokens_per_s"], single["ttft_ms"]
@@ -149,6 +168,16 @@ def main() -> None:
             r["tserve_shared_1"], r["tserve_shared_ttft_1_ms"] = single_shared["tokens_per_s"], single_shared["ttft_ms"]
             r["tserve_shared_16"] = together_shared["tokens_per_s"]
             r["tserve_shared_ttft_16_ms"] = together_shared["ttft_p50_ms"]
+            drafted = [counter(spec_server, f"tserve_generation_{c}", "llama_genai")
+                       for c in ("draft_tokens", "accepted_draft_tokens", "tokens", "steps")]
+            single_spec = one_at_a_time(spec_server.address, requests(prompts, new, "llama_genai"))
+            drafted = [counter(spec_server, f"tserve_generation_{c}", "llama_genai") - before
+                       for c, before in zip(("draft_tokens", "accepted_draft_tokens", "tokens", "steps"), drafted)]
+            together_spec = run_streams(spec_server.address, requests(prompts, new, "llama_genai"), keep_tokens=True)
+            r["tserve_spec_1"], r["tserve_spec_ttft_1_ms"] = single_spec["tokens_per_s"], single_spec["ttft_ms"]
+            r["tserve_spec_16"], r["tserve_spec_ttft_16_ms"] = together_spec["tokens_per_s"], together_spec["ttft_p50_ms"]
+            r["spec_acceptance"] = drafted[1] / drafted[0] if drafted[0] else 0.0
+            r["spec_tokens_per_step"] = drafted[2] / drafted[3] if drafted[3] else 0.0
             print(f"round {k + 1}: " + ", ".join(f"{name} {value:.1f}" for name, value in r.items()), flush=True)
             rounds.append(r)
             this_round = {"genai one stream": peer["tokens_one_stream"] == reference,
@@ -159,7 +188,9 @@ def main() -> None:
                      "tserve one stream": single["token_ids"] == reference,
                      "tserve 16 streams": together["token_ids"] == reference,
                      "tserve (genai's graph) one stream": single_shared["token_ids"] == reference,
-                     "tserve (genai's graph) 16 streams": together_shared["token_ids"] == reference}
+                     "tserve (genai's graph) 16 streams": together_shared["token_ids"] == reference,
+                     "tserve speculative one stream": single_spec["token_ids"] == reference,
+                     "tserve speculative 16 streams": together_spec["token_ids"] == reference}
             agree = {k: agree.get(k, True) and v for k, v in this_round.items()}  # equal in every round
     shutil.rmtree(repo)
 
@@ -168,6 +199,8 @@ def main() -> None:
 
     med = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
     figures = {
+        "tserve speculative / genai, 1 stream, genai's graph": ratios("tserve_spec_1", "genai_1"),
+        "tserve speculative / genai, 16 streams, genai's graph": ratios("tserve_spec_16", "genai_16"),
         "tserve / genai, 1 stream, genai's graph": ratios("tserve_shared_1", "genai_1"),
         "tserve / genai, 16 streams (genai: static batch 16), genai's graph": ratios("tserve_shared_16", "genai_16"),
         "tserve / genai, 1 stream, Optimum's graph": ratios("tserve_1", "genai_1"),
@@ -175,6 +208,7 @@ def main() -> None:
         "raw shared-buffer loop / genai, batch 1 (same graph)": ratios("raw_shared_1", "genai_1"),
         "raw shared-buffer loop / genai, batch 16 (same graph)": ratios("raw_shared_16", "genai_16"),
         "engine alone / raw loop, batch 1, genai's graph": ratios("engine_shared_1", "raw_shared_1"),
+        "engine alone speculative / raw loop, batch 1, genai's graph": ratios("engine_spec_1", "raw_shared_1"),
         "engine alone / raw loop, batch 16, genai's graph": ratios("engine_shared_16", "raw_shared_16"),
         "engine alone / raw loop, batch 1, Optimum's graph": ratios("engine_1", "raw_loop_1"),
         "engine alone / raw loop, batch 16, Optimum's graph": ratios("engine_16", "raw_loop_16"),
@@ -195,6 +229,9 @@ def main() -> None:
     print(f"| tserve engine in-process, genai's graph | {med['engine_shared_1']:.0f} | {med['engine_shared_16']:.0f} | | |")
     print(f"| **tserve, gRPC streams, genai's graph** | {med['tserve_shared_1']:.0f} | {med['tserve_shared_16']:.0f} | "
           f"{med['tserve_shared_ttft_1_ms']:.1f} | {med['tserve_shared_ttft_16_ms']:.1f} |")
+    print(f"| tserve engine in-process, genai's graph, prompt lookup ({SPECULATIVE}) | {med['engine_spec_1']:.0f} | | | |")
+    print(f"| **tserve, gRPC streams, genai's graph, prompt lookup ({SPECULATIVE})** | {med['tserve_spec_1']:.0f} | "
+          f"{med['tserve_spec_16']:.0f} | {med['tserve_spec_ttft_1_ms']:.1f} | {med['tserve_spec_ttft_16_ms']:.1f} |")
     print(f"| raw ORT loop, Optimum's graph (numpy, present fed back) | {med['raw_loop_1']:.0f} | {med['raw_loop_16']:.0f} | | |")
     print(f"| tserve engine in-process, Optimum's graph | {med['engine_1']:.0f} | {med['engine_16']:.0f} | | |")
     print(f"| tserve, gRPC streams, Optimum's graph | {med['tserve_1']:.0f} | {med['tserve_16']:.0f} | "
@@ -202,6 +239,9 @@ def main() -> None:
     print("\n| figure | median (range over rounds) |\n|---|---|")
     for name, values in figures.items():
         print(f"| {name} | {spread(values)} |")
+    print(f"\nprompt lookup at one stream: {statistics.median(r['spec_acceptance'] for r in rounds):.0%} of draft tokens "
+          f"kept, {statistics.median(r['spec_tokens_per_step'] for r in rounds):.2f} tokens per engine step (median over "
+          f"rounds); of 16 streams, a row speculates only when it runs alone")
     print("\ngreedy tokens equal transformers' generate in every round: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in agree.items()))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "genai.json").write_text(json.dumps({"rounds": rounds, "median": med, "ratios": figures, "graph_nodes": nodes,

@@ -81,8 +81,10 @@ def request(prompt: str, max_new: int, seed: int) -> gen.GenerateRequest:
                                sampling=gen.SamplingParameters(temperature=0.0, seed=seed))
 
 
-def engine_alone(repository: Path, workloads: dict[str, list[tuple[list[int], int]]], model: str = "bytegpt") -> dict:
-    """tokens/s of each workload run straight against a GenerationEngine, per scheduling."""
+def engine_alone(repository: Path, workloads: dict[str, tuple[str, int, list[tuple[list[int], int]]]],
+                 model: str = "bytegpt", speculative_tokens: int = 0) -> dict:
+    """tokens/s of each workload (scheduling, slots, [(prompt, new tokens)]) run straight
+    against a GenerationEngine."""
     from prometheus_client import CollectorRegistry
 
     from service.generation.engine import EngineLimits, GenerationEngine
@@ -100,7 +102,8 @@ def engine_alone(repository: Path, workloads: dict[str, list[tuple[list[int], in
         for name, (scheduling, slots, jobs) in workloads.items():
             # the graph the server generates with: the fused one where it matched at load
             engine = GenerationEngine(mv.name, mv.generation_runtime or mv.runtime, mv.generation_graph or mv.spec.decoder,
-                                      EngineLimits(max_sequences=slots, scheduling=scheduling))
+                                      EngineLimits(max_sequences=slots, scheduling=scheduling,
+                                                   speculative_tokens=speculative_tokens))
             engine.start()
             warm = Sequence("warm", jobs[0][0], SamplingParams(), 4)  # untimed: first runs allocate
             engine.submit(warm)
@@ -213,7 +216,9 @@ def raw_loop_shared(model: Path, prompts: list[list[int]], new_tokens: int, thre
                     head_dim: int, rounds: int = 3, tokens: list | None = None) -> float:
     """The same plain greedy loop for a fused graph (GroupQueryAttention): one buffer per past
     input, bound as past and present, each prompt prefilled into its own row, then one batched
-    run per token with right-padded masks — what onnxruntime-genai does, in Python."""
+    run per token with right-padded masks — what onnxruntime-genai does, in Python. The buffers
+    are as wide as the longest prompt plus the new tokens (genai's `max_length`), at most
+    `max_length`."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
@@ -221,7 +226,8 @@ def raw_loop_shared(model: Path, prompts: list[list[int]], new_tokens: int, thre
     pasts = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
     with_positions = any(i.name == "position_ids" for i in session.get_inputs())
     B, heads = len(prompts), pasts[0].shape[1]
-    buffers = [np.zeros((B, heads, max_length, head_dim), np.float32) for _ in pasts]
+    width = min(max_length, max(map(len, prompts)) + new_tokens)
+    buffers = [np.zeros((B, heads, width, head_dim), np.float32) for _ in pasts]
     values = [ort.OrtValue.ortvalue_from_numpy(b) for b in buffers]
     rows = [[ort.OrtValue.ortvalue_from_numpy(b[r : r + 1]) for b in buffers] for r in range(B)]
 
@@ -316,6 +322,8 @@ def main() -> None:
         **{f"streams_{n}": ("continuous", 32, jobs(n, args.new_tokens)) for n in STREAMS if n > 1},
         "continuous": ("continuous", 16, mixed), "static": ("static", 16, mixed), "one_at_a_time": ("continuous", 1, mixed),
     })
+    alone["streams_1_speculative"] = engine_alone(args.repository, {"streams_1": ("continuous", 1, jobs(8, args.new_tokens))},
+                                                  speculative_tokens=8)["streams_1"]
     print("engine alone, in-process: " + ", ".join(f"{k} {v:.0f} tokens/s" for k, v in alone.items()), flush=True)
     model_file = args.repository / "bytegpt" / "1" / "model.onnx"
     fused_file = args.repository / "bytegpt" / "1" / "model_gqa.onnx"
@@ -344,6 +352,7 @@ def main() -> None:
     ratios["engine_alone_continuous_vs_static"] = alone["continuous"] / alone["static"]
     ratios["engine_alone_vs_raw_loop_batch1"] = alone["streams_1"] / shared[1]  # the same (fused) graph
     ratios["engine_alone_vs_raw_loop_batch16"] = alone["streams_16"] / shared[16]
+    ratios["engine_alone_speculative_vs_raw_loop_batch1"] = alone["streams_1_speculative"] / shared[1]
     ratios["fused_vs_traced_raw_loop_batch1"] = shared[1] / loop[1]
     ratios["fused_vs_traced_raw_loop_batch16"] = shared[16] / loop[16]
     results = {"streams": sweep, "scheduling": scheduling, "engine_alone_tokens_per_s": alone,
@@ -365,7 +374,8 @@ def main() -> None:
           f"continuous / static {ratios['engine_alone_continuous_vs_static']:.2f}x")
     print(f"engine alone / raw ORT greedy loop, same graph (model_gqa.onnx) and batch: batch 1 "
           f"{ratios['engine_alone_vs_raw_loop_batch1']:.2f}x, batch 16 {ratios['engine_alone_vs_raw_loop_batch16']:.2f}x "
-          f"(target >= 0.9x)")
+          f"(target >= 0.9x); with prompt lookup (8 draft tokens), batch 1 "
+          f"{ratios['engine_alone_speculative_vs_raw_loop_batch1']:.2f}x")
     print(f"raw loops, model_gqa.onnx (shared buffer) / model.onnx: batch 1 {ratios['fused_vs_traced_raw_loop_batch1']:.2f}x, "
           f"batch 16 {ratios['fused_vs_traced_raw_loop_batch16']:.2f}x")
     print(f"decode step (raw ORT) at position 90: batch 16 {step_ms[(16, 90)]:.2f} ms, batch 1 {step_ms[(1, 90)]:.2f} ms: "
