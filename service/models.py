@@ -413,7 +413,8 @@ class ModelManager:
         generate only."""
         s = self.settings
         limits = EngineLimits(s.generation_max_sequences, s.generation_max_queue, s.generation_token_budget,
-                              s.generation_scheduling, s.generation_speculative_tokens, s.generation_prompt_lookup_max)
+                              s.generation_scheduling, s.generation_speculative_tokens, s.generation_prompt_lookup_max,
+                              s.generation_stream_interval)
         if mv.spec.seq2seq is not None:
             spec = mv.spec
             mv.engine = Seq2SeqEngine(mv.name, mv.runtime, *mv.seq2seq_decoders, spec.seq2seq,

@@ -95,6 +95,11 @@ class Settings(BaseSettings):
     generation_prompt_lookup_max: int = Field(
         default=3, ge=1, le=8, description="Longest n-gram prompt lookup matches to find a draft."
     )
+    generation_stream_interval: int = Field(
+        default=1, ge=1, le=256,
+        description="Stream a sequence's tokens this many per message (its first token and its end at once): "
+        "fewer messages cost the server and the client less CPU, at coarser inter-token timing.",
+    )
     generation_kv_buffer_max_bytes: int = Field(
         default=4 << 30, ge=1 << 20,
         description="Largest shared KV buffer a fused (GroupQueryAttention) decoder may grow to: slots x context x "

@@ -60,6 +60,9 @@ class EngineLimits:
     # run, for a greedy sequence running alone on a shared-buffer graph; 0: off
     speculative_tokens: int = 0
     prompt_lookup_max: int = 3
+    # a running sequence's tokens are handed to its reader this many at a time (its first token
+    # and its end at once): fewer stream messages, each costing the event loop and the client
+    stream_interval: int = 1
 
 
 @dataclass
@@ -184,12 +187,16 @@ class GenerationEngine:
     def _post(self, stats: StepStats) -> None:
         """Hand the step's events and stats to the event loop. One wake-up carries every step
         posted since the loop last ran: a loop that falls behind the steps is woken less."""
-        batch = []
-        for seq in self._touched.values():
-            if seq.outbox:
+        batch, held, interval = [], {}, self.limits.stream_interval
+        for key, seq in self._touched.items():
+            if not seq.outbox:
+                continue
+            if seq.finished or len(seq.outbox) >= interval or len(seq.outbox) == len(seq.generated):
                 batch.append((seq, seq.outbox))
                 seq.outbox = []
-        self._touched = {}
+            else:
+                held[key] = seq  # more tokens to come: posted with them
+        self._touched = held
         with self._lock:
             self._posted.append((batch, stats))
             if len(self._posted) > 1:  # a wake-up is on its way and will take this too

@@ -19,8 +19,9 @@ GroupQueryAttention costs more per step the wider its buffer is at batch > 1 (16
 bench's tiny Llama: 0.92 ms a step 160 columns wide, 1.31 ms at 512, 2.96 ms at 2048, as
 measured by hand), so a step must not pay for the context a model allows but no sequence uses.
 A run that needs more columns widens the buffers first (by half again, in multiples of 64, up
-to the context: one copy of the columns in use); when the longest sequence left needs under a
-third of the width, they narrow again. The model manager refuses a model whose widest buffers
+to the context: one copy of the columns in use); when the longest sequence left in a running
+batch needs under a third of the width, they narrow again (an emptied batch keeps its width:
+one stream after another would otherwise reallocate the buffers for every sequence). The model manager refuses a model whose widest buffers
 (slots x context) would exceed `generation_kv_buffer_max_bytes`;
 `tserve_generation_kv_cache_bytes` counts the columns in use.
 """
@@ -71,7 +72,6 @@ class KVSlots:
             self.owner[row] = None
         self.lengths[: self.rows] = 0
         self.rows = 0
-        self._narrow_if_wide()
 
     @property
     def width(self) -> int:
@@ -97,7 +97,8 @@ class KVSlots:
             self._resize(_width(max(columns, self.width * 3 // 2), self.graph.max_length))
 
     def _narrow_if_wide(self) -> None:
-        """After sequences leave: narrow the buffers when the longest left needs under a third."""
+        """After sequences leave a running batch: narrow the buffers when the longest left needs
+        under a third of the width (a step of a batch costs more the wider they are)."""
         target = max(self.min_width, _width(int(self.lengths.max()) * 3 // 2 + 1, self.graph.max_length))
         if target * 2 <= self.width:
             self._resize(target)
@@ -282,5 +283,6 @@ class KVSlots:
         for hole, row in zip((r for r in finished if r < live), movers):
             self._move(row, hole)
         self.rows = live
-        self._narrow_if_wide()
+        if live:  # an empty batch keeps its width: the next sequences would widen it again
+            self._narrow_if_wide()
         return True

@@ -230,3 +230,18 @@ def test_speculative_decoding_serves_greedys_tokens_several_a_message():
         kept, proposed = (metric(server, f"tserve_generation_{name}_total")
                           for name in ("accepted_draft_tokens", "draft_tokens"))
         assert 0 < kept <= proposed
+
+
+def test_stream_interval_sends_tokens_several_a_message():
+    """--generation-stream-interval 4: the first token at once, then messages of at least 4
+    tokens (more if the reader fell behind), the last with the finish; the same tokens."""
+    with ServerProcess(DEFAULT_REPOSITORY, "--generation-stream-interval", "4") as server:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = gen_grpc.TextGenerationStub(channel)
+            messages = list(stub.GenerateStream(make(max_new_tokens=30, ignore_eos=True), timeout=60))
+            unary = stub.Generate(make(max_new_tokens=30, ignore_eos=True), timeout=60)
+    sizes = [len(m.token_ids) for m in messages]
+    assert sizes[0] == 1 and all(n >= 4 for n in sizes[1:-1]) and len(messages) <= 2 + 29 // 4
+    assert messages[-1].finish_reason == gen.FINISH_REASON_LENGTH
+    assert [t for m in messages for t in m.token_ids] == list(unary.token_ids)
+    assert "".join(m.text for m in messages) == unary.text
