@@ -64,6 +64,7 @@ class KVSlots:
         self._values: list[ort.OrtValue] = []  # the bound views, held whatever ORT holds itself
         self._logits: np.ndarray | None = None  # [slots, 1, vocab]: decode runs write here
         self._logit_values: dict[tuple[int, int], ort.OrtValue] = {}
+        self._logits_bound: set[tuple[int, int]] = set()  # bindings whose logits output is ours
 
     def clear(self) -> None:
         """Drop the running rows (their sequences have ended); slots being prefilled stay theirs."""
@@ -90,6 +91,7 @@ class KVSlots:
         self.buffers = buffers
         self._bindings.clear()
         self._values.clear()
+        self._logits_bound.clear()
 
     def _fit(self, columns: int) -> None:
         """Widen the buffers for a run that writes up to column `columns`."""
@@ -149,12 +151,15 @@ class KVSlots:
         T = ids.shape[1]
         preallocated = T == 1 and self._logits is not None
         if preallocated:  # one token a row: into a buffer of ours, nothing to allocate or wrap
-            value = self._logit_values.get((start, stop))
-            if value is None:
-                value = self._logit_values[start, stop] = ort.OrtValue.ortvalue_from_numpy(self._logits[start:stop])
-            binding.bind_ortvalue_output(LOGITS, value)
+            if (start, stop) not in self._logits_bound:  # bound once, until a longer run rebinds
+                value = self._logit_values.get((start, stop))
+                if value is None:
+                    value = self._logit_values[start, stop] = ort.OrtValue.ortvalue_from_numpy(self._logits[start:stop])
+                binding.bind_ortvalue_output(LOGITS, value)
+                self._logits_bound.add((start, stop))
         else:
             binding.bind_output(LOGITS)  # ORT allocates: the shape is the run's
+            self._logits_bound.discard((start, stop))
         binding.bind_cpu_input(INPUT_IDS, ids)
         binding.bind_cpu_input(ATTENTION_MASK, mask)
         if self.graph.has_position_ids:
@@ -189,6 +194,8 @@ class KVSlots:
 
     def _mask(self, rows: np.ndarray) -> np.ndarray:
         lengths = self.lengths[rows] + 1
+        if len(lengths) == 1:
+            return np.ones((1, int(lengths[0])), np.int64)
         return (np.arange(lengths.max())[None] < lengths[:, None]).astype(np.int64)
 
     def decode(self) -> np.ndarray:
@@ -196,7 +203,10 @@ class KVSlots:
         (static batching keeps it) recomputes its last column and does not grow."""
         rows = np.arange(self.rows)
         logits = self._run(0, self.rows, self.next_ids[: self.rows, None], self._mask(rows))
-        self.lengths[[r for r in range(self.rows) if not self.owner[r].finished]] += 1
+        if self.fill_holes:  # compaction drops finished rows: their lengths no longer matter
+            self.lengths[: self.rows] += 1
+        else:
+            self.lengths[[r for r in range(self.rows) if not self.owner[r].finished]] += 1
         return logits[:, -1]
 
     def verify(self, draft: list[int]) -> np.ndarray:
