@@ -412,9 +412,11 @@ class ModelManager:
         """The batcher for inference; for decoders, the generation engine too; encoder-decoders
         generate only."""
         s = self.settings
-        limits = EngineLimits(s.generation_max_sequences, s.generation_max_queue, s.generation_token_budget,
-                              s.generation_scheduling, s.generation_speculative_tokens, s.generation_prompt_lookup_max,
-                              s.generation_stream_interval)
+        limits = EngineLimits(max_sequences=s.generation_max_sequences, max_queue=s.generation_max_queue,
+                              token_budget=s.generation_token_budget, scheduling=s.generation_scheduling,
+                              speculative_tokens=s.generation_speculative_tokens,
+                              prompt_lookup_max=s.generation_prompt_lookup_max,
+                              stream_interval=s.generation_stream_interval)
         if mv.spec.seq2seq is not None:
             spec = mv.spec
             mv.engine = Seq2SeqEngine(mv.name, mv.runtime, *mv.seq2seq_decoders, spec.seq2seq,

@@ -25,29 +25,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x10generation.proto\x12\x14tserve.generation.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\x96\x01\n\x12SamplingParameters\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"\x91\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x33\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x1e.tserve.generation.v1.TokenIdsH\x00\x12\x1b\n\x0emax_new_tokens\x18\x04 \x01(\rH\x01\x88\x01\x01\x12:\n\x08sampling\x18\x05 \x01(\x0b\x32(.tserve.generation.v1.SamplingParameters\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x08\n\x06promptB\x11\n\x0f_max_new_tokens\"8\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\"\\\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xed\x01\n\x10GenerateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x03\x12\x39\n\rfinish_reason\x18\x05 \x01(\x0e\x32\".tserve.generation.v1.FinishReason\x12*\n\x05usage\x18\x06 \x01(\x0b\x32\x1b.tserve.generation.v1.Usage\x12.\n\x07timings\x18\x07 \x01(\x0b\x32\x1d.tserve.generation.v1.Timings\"\xd0\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x39\n\rfinish_reason\x18\x03 \x01(\x0e\x32\".tserve.generation.v1.FinishReason\x12*\n\x05usage\x18\x04 \x01(\x0b\x32\x1b.tserve.generation.v1.Usage\x12.\n\x07timings\x18\x05 \x01(\x0b\x32\x1d.tserve.generation.v1.Timings*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xd8\x01\n\x0eTextGeneration\x12[\n\x08Generate\x12%.tserve.generation.v1.GenerateRequest\x1a&.tserve.generation.v1.GenerateResponse\"\x00\x12i\n\x0eGenerateStream\x12%.tserve.generation.v1.GenerateRequest\x1a,.tserve.generation.v1.GenerateStreamResponse\"\x00\x30\x01\x62\x06proto3')
+DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x10generation.proto\x12\x14tserve.generation.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\x96\x01\n\x12SamplingParameters\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"\xa5\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x33\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x1e.tserve.generation.v1.TokenIdsH\x00\x12\x1b\n\x0emax_new_tokens\x18\x04 \x01(\rH\x01\x88\x01\x01\x12:\n\x08sampling\x18\x05 \x01(\x0b\x32(.tserve.generation.v1.SamplingParameters\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x12\n\nmin_tokens\x18\t \x01(\rB\x08\n\x06promptB\x11\n\x0f_max_new_tokens\"8\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\"\\\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xed\x01\n\x10GenerateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x03\x12\x39\n\rfinish_reason\x18\x05 \x01(\x0e\x32\".tserve.generation.v1.FinishReason\x12*\n\x05usage\x18\x06 \x01(\x0b\x32\x1b.tserve.generation.v1.Usage\x12.\n\x07timings\x18\x07 \x01(\x0b\x32\x1d.tserve.generation.v1.Timings\"\xd0\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x39\n\rfinish_reason\x18\x03 \x01(\x0e\x32\".tserve.generation.v1.FinishReason\x12*\n\x05usage\x18\x04 \x01(\x0b\x32\x1b.tserve.generation.v1.Usage\x12.\n\x07timings\x18\x05 \x01(\x0b\x32\x1d.tserve.generation.v1.Timings*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xd8\x01\n\x0eTextGeneration\x12[\n\x08Generate\x12%.tserve.generation.v1.GenerateRequest\x1a&.tserve.generation.v1.GenerateResponse\"\x00\x12i\n\x0eGenerateStream\x12%.tserve.generation.v1.GenerateRequest\x1a,.tserve.generation.v1.GenerateStreamResponse\"\x00\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1100
-  _globals['_FINISHREASON']._serialized_end=1247
+  _globals['_FINISHREASON']._serialized_start=1120
+  _globals['_FINISHREASON']._serialized_end=1267
   _globals['_TOKENIDS']._serialized_start=42
   _globals['_TOKENIDS']._serialized_end=65
   _globals['_SAMPLINGPARAMETERS']._serialized_start=68
   _globals['_SAMPLINGPARAMETERS']._serialized_end=218
   _globals['_GENERATEREQUEST']._serialized_start=221
-  _globals['_GENERATEREQUEST']._serialized_end=494
-  _globals['_USAGE']._serialized_start=496
-  _globals['_USAGE']._serialized_end=552
-  _globals['_TIMINGS']._serialized_start=554
-  _globals['_TIMINGS']._serialized_end=646
-  _globals['_GENERATERESPONSE']._serialized_start=649
-  _globals['_GENERATERESPONSE']._serialized_end=886
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=889
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1097
-  _globals['_TEXTGENERATION']._serialized_start=1250
-  _globals['_TEXTGENERATION']._serialized_end=1466
+  _globals['_GENERATEREQUEST']._serialized_end=514
+  _globals['_USAGE']._serialized_start=516
+  _globals['_USAGE']._serialized_end=572
+  _globals['_TIMINGS']._serialized_start=574
+  _globals['_TIMINGS']._serialized_end=666
+  _globals['_GENERATERESPONSE']._serialized_start=669
+  _globals['_GENERATERESPONSE']._serialized_end=906
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=909
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1117
+  _globals['_TEXTGENERATION']._serialized_start=1270
+  _globals['_TEXTGENERATION']._serialized_end=1486
 # @@protoc_insertion_point(module_scope)

@@ -96,6 +96,7 @@ class GenerationEngine:
         self.graph = graph
         self.limits = limits
         self.static = limits.scheduling == "static"
+        self.speculative_tokens = limits.speculative_tokens  # 0 once a run with a draft failed
         self.on_step = on_step
         self.waiting: deque[Sequence] = deque()  # shared with the loop thread: under _lock
         self.prefilling: list[Sequence] = []  # the rest is the engine thread's own
@@ -259,7 +260,7 @@ class GenerationEngine:
                     seq.admitted = now
                     self.prefilling.append(seq)
         plan = Plan(decode=len(self.rows) > 0, draft=self._draft())
-        budget = self.limits.token_budget - self.rows.live  # holes cost compute, not budget
+        budget = self.limits.token_budget - self.rows.live - len(plan.draft or ())  # holes cost compute, not budget
         for seq in self.prefilling:
             if budget <= 0:
                 break
@@ -271,18 +272,20 @@ class GenerationEngine:
     def _draft(self) -> list[int] | None:
         """A prompt-lookup draft for the running row, when one greedy sequence runs alone on a
         shared buffer (its graph checks several tokens over a cache only at batch one)."""
-        rows, k = self.rows, self.limits.speculative_tokens
+        rows, k = self.rows, self.speculative_tokens
         if not (k and not self.static and isinstance(rows, KVSlots) and rows.rows == 1):
             return None
         seq = rows.seqs[0]
         if seq.finished or not seq.params.greedy:
             return None
-        # the row's next token and the draft fit in the context; the last token is greedy's own
-        k = min(k, seq.max_new_tokens - len(seq.generated) - 1, self.graph.max_length - int(rows.lengths[0]) - 1)
+        if seq.lookup is None:
+            seq.lookup = PromptLookup(self.limits.prompt_lookup_max, k)
+        # the row's next token and the draft fit in the context and the step's token budget; the
+        # sequence's last token is greedy's own
+        k = min(seq.lookup.draft_len, seq.max_new_tokens - len(seq.generated) - 1,
+                self.graph.max_length - int(rows.lengths[0]) - 1, self.limits.token_budget - 1)
         if k <= 0:
             return None
-        if seq.lookup is None:
-            seq.lookup = PromptLookup(self.limits.prompt_lookup_max)
         seq.lookup.sync(seq.prompt, seq.generated)
         return seq.lookup.draft(k) or None
 
@@ -305,6 +308,10 @@ class GenerationEngine:
                 # find the rows that made it fail: each live row runs alone
                 log.warning("batched decode failed for %s (%s); running its rows apart", self.name, e.message)
                 results.decode, results.decode_failed = self.rows.decode_apart()
+                if plan.draft and not results.decode_failed:  # the row runs alone, not with a draft
+                    log.warning("a run with a speculative draft failed for %s where one token ran: speculative "
+                                "decoding is off for this model from now on", self.name)
+                    self.speculative_tokens = 0
                 if results.decode is None:  # nothing ran alone either: every live row fails
                     results.decode = e
                     results.decode_failed = {row: results.decode_failed.get(row, e)
@@ -340,7 +347,7 @@ class GenerationEngine:
             if seq.prefilled < len(seq.prompt):
                 continue
             if not seq.finished:
-                token = sample(out[0, -1], seq.params, seq.rng)
+                token = sample(seq.ban_early_eos(out[0, -1]), seq.params, seq.rng)
                 if not self._emit(seq, token, now, stats):
                     self.rows.join(seq, token)
             # only now: until it is in the rows or finished, a failure handler must find it here
@@ -352,6 +359,9 @@ class GenerationEngine:
 
     def _take_decode(self, logits: np.ndarray, now: float, stats: StepStats) -> None:
         rows = self.rows
+        for row, seq in enumerate(rows.seqs):
+            if seq.min_tokens > len(seq.generated):
+                seq.ban_early_eos(logits[row])
         greedy = logits.argmax(-1)  # one call for every greedy row
         for row, seq in enumerate(rows.seqs):
             if seq.finished:
@@ -366,11 +376,13 @@ class GenerationEngine:
     def _take_verified(self, logits: np.ndarray, draft: list[int], now: float, stats: StepStats) -> None:
         """The one row's verified draft: greedy's tokens, as many as the draft got right plus one."""
         rows, seq = self.rows, self.rows.seqs[0]
-        tokens = accepted(logits.argmax(-1).tolist(), draft)
+        tokens = accepted(seq.ban_early_eos(logits).argmax(-1).tolist(), draft)
+        seq.lookup.update(len(draft), len(tokens) - 1)
         stats.draft_tokens += len(draft)
-        stats.accepted_tokens += len(tokens) - 1
-        for token in tokens:
+        for i, token in enumerate(tokens):
             rows.next_ids[0] = token
+            if i < len(tokens) - 1:
+                stats.accepted_tokens += 1  # a draft token kept (and streamed: counted as it goes)
             if self._emit(seq, token, now, stats):
                 rows.make_hole(0)
                 return

@@ -4,8 +4,8 @@ past input, bound with ONNX Runtime's IO binding as both that past and its prese
 writes its new keys and values in place and nothing copies the cache per token.
 
     buffer[i]  [slots, heads, width, head_dim]   slot s holds one sequence, from column 0
-    lengths    [slots]                                 tokens cached in each slot
-    mask       [rows, max(lengths) + 1]                1 over a row's cache and its new token
+    lengths    [slots]                            tokens cached in each slot
+    mask       [rows, max(lengths) + 1]           1 over a row's cache and its new token
 
 The running rows are slots 0..rows-1, so a decode binds the buffers' leading rows as they are
 (a view, no copy). A sequence being prefilled owns a free slot above them and moves down when
@@ -19,9 +19,11 @@ GroupQueryAttention costs more per step the wider its buffer is at batch > 1 (16
 bench's tiny Llama: 0.92 ms a step 160 columns wide, 1.31 ms at 512, 2.96 ms at 2048, as
 measured by hand), so a step must not pay for the context a model allows but no sequence uses.
 A run that needs more columns widens the buffers first (by half again, in multiples of 64, up
-to the context: one copy of the columns in use); when the longest sequence left in a running
-batch needs under a third of the width, they narrow again (an emptied batch keeps its width:
-one stream after another would otherwise reallocate the buffers for every sequence). The model manager refuses a model whose widest buffers
+to the context: one copy of every slot's columns up to the longest, old and new buffers held
+at once for it); when the longest sequence left in a running batch needs under a third of the
+width, they narrow again. An emptied batch keeps its width (one stream after another would
+otherwise reallocate the buffers for every sequence), so after a long sequence the next batch
+runs wide until its first compaction. The model manager refuses a model whose widest buffers
 (slots x context) would exceed `generation_kv_buffer_max_bytes`;
 `tserve_generation_kv_cache_bytes` counts the columns in use.
 """
@@ -94,7 +96,8 @@ class KVSlots:
         self._logits_bound.clear()
 
     def _fit(self, columns: int) -> None:
-        """Widen the buffers for a run that writes up to column `columns`."""
+        """Widen the buffers for a run whose mask is `columns` wide (it writes up to column
+        `columns` - 1)."""
         if columns > self.width:
             self._resize(_width(max(columns, self.width * 3 // 2), self.graph.max_length))
 
@@ -203,7 +206,7 @@ class KVSlots:
         (static batching keeps it) recomputes its last column and does not grow."""
         rows = np.arange(self.rows)
         logits = self._run(0, self.rows, self.next_ids[: self.rows, None], self._mask(rows))
-        if self.fill_holes:  # compaction drops finished rows: their lengths no longer matter
+        if self.fill_holes:  # the engine compacts before every decode: no finished row is left
             self.lengths[: self.rows] += 1
         else:
             self.lengths[[r for r in range(self.rows) if not self.owner[r].finished]] += 1
@@ -214,6 +217,7 @@ class KVSlots:
         (ONNX Runtime's CPU GroupQueryAttention takes several new tokens over a cache only for a
         batch of one): the logits [1 + len(draft), vocab]. The row's length grows by its next
         token; `accept` adds the draft tokens kept (the others' columns are overwritten later)."""
+        assert self.rows == 1, "a draft is verified for a row running alone"
         ids = np.array([[self.next_ids[0], *draft]], np.int64)
         logits = self._run(0, 1, ids, np.ones((1, int(self.lengths[0]) + ids.shape[1]), np.int64))
         self.lengths[0] += 1

@@ -30,6 +30,7 @@ class GenerateInput:
     model_version: str = ""
     add_special_tokens: bool = True  # False when the text is a rendered chat template, which has them
     ignore_eos: bool = False  # generate max_new_tokens whatever comes (benchmarks)
+    min_tokens: int = 0  # no end-of-sequence token or stop sequence before this many tokens
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,8 @@ def to_sequence(config: GenerationConfig, req: GenerateInput, default_max_new_to
         max_new = req.max_new_tokens
     else:
         max_new = min(default_max_new_tokens, room)
+    if not 0 <= req.min_tokens <= max_new:
+        raise InvalidInput(f"min_tokens must be between 0 and max_new_tokens ({max_new}); got {req.min_tokens}")
     temperature = 0.0 if req.temperature is None else req.temperature
     if not temperature >= 0:
         raise InvalidInput(f"temperature must be >= 0 (got {temperature})")
@@ -122,6 +125,7 @@ def to_sequence(config: GenerationConfig, req: GenerateInput, default_max_new_to
         prompt=prompt,
         params=SamplingParams(temperature, top_k, top_p, req.seed),
         max_new_tokens=max_new,
+        min_tokens=req.min_tokens,
         stop=stops,
         deadline=deadline,
         eos_token_ids=frozenset() if req.ignore_eos else config.eos_token_ids,

@@ -219,7 +219,7 @@ class Seq2SeqEngine(GenerationEngine):
             if seq.finished:  # static batching only: done, still computed until the batch ends
                 keep.append(r)
                 continue
-            token = sample(logits[r], seq.params, seq.rng)
+            token = sample(seq.ban_early_eos(logits[r]), seq.params, seq.rng)
             rows.next_ids[r] = token
             if not self._emit(seq, token, now, stats) or self.static:
                 keep.append(r)
@@ -240,7 +240,7 @@ class Seq2SeqEngine(GenerationEngine):
         for i, seq in enumerate(joiners):
             if seq.finished:  # cancelled while its first pass ran
                 continue
-            token = sample(logits[i, -1], seq.params, seq.rng)
+            token = sample(seq.ban_early_eos(logits[i, -1]), seq.params, seq.rng)
             if not self._emit(seq, token, now, stats):
                 stay.append(i)
                 tokens.append(token)

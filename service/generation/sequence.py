@@ -52,6 +52,7 @@ class Sequence:
     prompt: list[int]
     params: SamplingParams
     max_new_tokens: int
+    min_tokens: int = 0  # no end-of-sequence token or stop sequence before this many tokens
     stop: tuple[str, ...] = ()
     deadline: float | None = None  # time.monotonic()
     eos_token_ids: frozenset[int] = frozenset()
@@ -95,7 +96,7 @@ class Sequence:
         reason = FinishReason.EOS if token in self.eos_token_ids else None
         if self.decoder is not None:
             self.text += self.decoder.push(token)
-        if reason is None and self.stop:
+        if reason is None and self.stop and len(self.generated) >= self.min_tokens:
             for stop in self.stop:
                 at = self.text.find(stop, max(0, self.emitted - len(stop)))
                 if at != -1:
@@ -114,6 +115,19 @@ class Sequence:
         self.outbox.append(Event(self.text[self.emitted : safe], [token]))
         self.emitted = safe
         return None
+
+    def ban_early_eos(self, logits: np.ndarray) -> np.ndarray:
+        """Set, in place, the end-of-sequence ids' logits to -inf for the next tokens that would
+        come before `min_tokens`: `logits` is [vocab] for the next token or [n, vocab] for the
+        next n. Returns `logits`."""
+        banned = self.min_tokens - len(self.generated)
+        if banned > 0 and self.eos_token_ids:
+            ids = list(self.eos_token_ids)
+            if logits.ndim == 1:
+                logits[ids] = -np.inf
+            else:
+                logits[:banned, ids] = -np.inf
+        return logits
 
     def finish(self, reason: FinishReason, now: float, last_token: int | None = None,
                error: TServeError | None = None) -> bool:

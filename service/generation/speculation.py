@@ -6,8 +6,13 @@ tokens (the longest n up to `max_ngram` that occurred before), copied on as far 
 copy running into its own output when the match is recent (LZ77's overlapping copy). The engine
 runs the row's next token and the draft through the model in one run and keeps the draft's
 tokens up to the first one greedy decoding would not have chosen, plus greedy's own token
-there: the output is token for token what one-at-a-time greedy decoding gives, in fewer runs
-when drafts are right. (vLLM's "ngram" method and TGI's `--speculate` do the same.)
+there: the output is what one-at-a-time greedy decoding gives (within float rounding: the run
+over several tokens sums in another order, which could only flip a near-tie), in fewer runs when
+drafts are right. (vLLM's "ngram" method and TGI's `--speculate` do the same.)
+
+The draft's length adapts to how often drafts are right (transformers' "heuristic" schedule for
+assisted generation): two tokens longer after a draft kept whole, one shorter after a miss, so
+text that does not repeat itself costs runs of about two tokens, not `max_draft` + 1.
 
 The index maps each n-gram to where the token after its latest occurrence sits; it catches up
 with the sequence's tokens when asked for a draft, O(max_ngram) per new token.
@@ -17,8 +22,9 @@ from __future__ import annotations
 
 
 class PromptLookup:
-    def __init__(self, max_ngram: int = 3) -> None:
+    def __init__(self, max_ngram: int = 3, max_draft: int = 8) -> None:
         self.max_ngram = max_ngram
+        self.max_draft = self.draft_len = max_draft  # the next draft's length, adapted
         self.tokens: list[int] = []
         self._after: dict[tuple[int, ...], int] = {}  # n-gram -> index of the token after its latest occurrence
 
@@ -38,6 +44,13 @@ class PromptLookup:
             have = len(prompt)
         self.extend(generated[have - len(prompt):])
 
+    def update(self, drafted: int, kept: int) -> None:
+        """After a verified draft: lengthen the next after a whole one kept, shorten it after a miss."""
+        if kept == drafted:
+            self.draft_len = min(self.max_draft, self.draft_len + 2)
+        else:
+            self.draft_len = max(1, self.draft_len - 1)
+
     def draft(self, k: int) -> list[int]:
         """Up to `k` tokens predicted to follow, [] when the last tokens never occurred before."""
         ctx = self.tokens
@@ -55,9 +68,9 @@ class PromptLookup:
 
 
 def accepted(greedy: list[int], draft: list[int]) -> list[int]:
-    """The tokens greedy decoding makes from a verified run: `greedy[j]` is the argmax after the
-    row's next token and draft[:j]; draft tokens are kept while they equal it, and the first
-    disagreement (or the token after a fully matching draft) is greedy's own."""
+    """The tokens greedy decoding makes from a verified run: the draft's tokens while they equal
+    greedy's choice (`greedy[j]` is the argmax after the row's next token and draft[:j]), then
+    greedy's own token where they first differ, or after a draft kept whole."""
     out = []
     for j, token in enumerate(greedy):
         out.append(token)

@@ -49,6 +49,7 @@ class _Sampling(BaseModel):
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)  # beyond OpenAI, as vLLM accepts it
     ignore_eos: bool = False  # beyond OpenAI, as vLLM accepts it
+    min_tokens: int = Field(default=0, ge=0)  # beyond OpenAI, as vLLM accepts it
     seed: int | None = Field(default=None, ge=0, lt=1 << 64)
     stop: str | list[str] | None = None
     stream: bool = False
@@ -69,7 +70,7 @@ class _Sampling(BaseModel):
         return GenerateInput(model=self.model, text=text, token_ids=token_ids, max_new_tokens=max_tokens,
                              temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed,
                              stop=stop, request_id=request_id, add_special_tokens=add_special_tokens,
-                             ignore_eos=self.ignore_eos)
+                             ignore_eos=self.ignore_eos, min_tokens=self.min_tokens)
 
 
 class CompletionRequest(_Sampling):

@@ -141,6 +141,7 @@ def generate_input_from_proto(req: gen.GenerateRequest) -> GenerateInput:
         stop=list(req.stop),
         request_id=req.request_id,
         ignore_eos=req.ignore_eos,
+        min_tokens=req.min_tokens,
     )
 
 

@@ -92,6 +92,19 @@ def test_ignore_eos_reaches_the_sequence():
         assert req.ignore_eos == flag and seq.eos_token_ids == eos and seq.max_new_tokens == 5
 
 
+def test_min_tokens_reaches_the_sequence_within_max_new_tokens():
+    config = GenerationConfig(tokenizer=None, eos_token_ids=frozenset({0}), max_context=64, vocab_size=10)
+
+    def sequence(min_tokens: int):
+        req = converters.generate_input_from_proto(gen.GenerateRequest(
+            model="m", token_ids=gen.TokenIds(ids=[1, 2]), max_new_tokens=5, min_tokens=min_tokens))
+        return to_sequence(config, req, default_max_new_tokens=8, deadline=None)
+
+    assert sequence(5).min_tokens == 5 and sequence(0).min_tokens == 0
+    with pytest.raises(InvalidInput, match="min_tokens"):
+        sequence(6)
+
+
 def test_stream_chunks_and_the_final_response():
     events = [Event("a", [97]), Event("b", [98]),
               Event("c", [99], FinishReason.LENGTH, prompt_tokens=2, generated_tokens=3, ttft_s=0.5, total_s=1.0)]

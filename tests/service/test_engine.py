@@ -68,11 +68,15 @@ async def drain(seq: Sequence) -> list:
     return events
 
 
-def run(mv, jobs: list[Sequence], limits: EngineLimits, steps: list | None = None, during=None) -> list[list]:
-    """Submit every job at once; returns each job's events."""
+def run(mv, jobs: list[Sequence], limits: EngineLimits, steps: list | None = None, during=None,
+        engines: list | None = None) -> list[list]:
+    """Submit every job at once; returns each job's events (and appends the closed engine to
+    `engines`, for a look at its state)."""
 
     async def main():
         engine = GenerationEngine(mv.name, mv.runtime, mv.decoder, limits, on_step=steps.append if steps is not None else None)
+        if engines is not None:
+            engines.append(engine)
         engine.start()
         try:
             for seq in jobs:
@@ -219,12 +223,14 @@ class PoisonedRuntime:
 
 
 class PoisonedBinding:
+    """An IO binding that remembers the input_ids and attention_mask bound."""
+
     def __init__(self, binding) -> None:
-        self.binding, self.input_ids = binding, None
+        self.binding, self.input_ids, self.attention_mask = binding, None, None
 
     def bind_cpu_input(self, name, value) -> None:
-        if name == "input_ids":
-            self.input_ids = value
+        if name in ("input_ids", "attention_mask"):
+            setattr(self, name, value)
         self.binding.bind_cpu_input(name, value)
 
     def __getattr__(self, name):
@@ -358,5 +364,80 @@ def test_the_fused_graph_widening_its_buffer_mid_batch_gives_the_traced_graphs_t
     is widened twice while they decode; each gets the traced graph's tokens alone."""
     traced = Graph(loaded.name, loaded.runtime, loaded.spec.decoder)
     alone = [tokens(run(traced, [greedy(p, 150)], EngineLimits(max_sequences=1))[0]) for p in PROMPTS[:3]]
-    batched = run(fused, [greedy(p, 150) for p in PROMPTS[:3]], EngineLimits(max_sequences=3))
+    engines = []
+    batched = run(fused, [greedy(p, 150) for p in PROMPTS[:3]], EngineLimits(max_sequences=3), engines=engines)
     assert [tokens(e) for e in batched] == alone
+    longest = max(len(p) for p in PROMPTS[:3]) + 150
+    assert 128 < longest <= 192 == engines[0].rows.width  # 64, then 128, then 192 columns
+
+
+def test_min_tokens_keeps_eos_away_until_then(bytegpt, fused, alone):
+    """An eos id that greedy decoding would choose at position k: with min_tokens k + 2 it is
+    not chosen before, and the sequence goes on from the next best token; the same with a
+    draft verified over it."""
+    reference = alone[5]
+    k = next(i for i in range(1, len(reference)) if reference[i] not in reference[:i])
+    eos = frozenset({reference[k]})
+    got = tokens(run(bytegpt, [greedy(PROMPTS[5], 12, eos_token_ids=eos, min_tokens=k + 2)], EngineLimits())[0])
+    assert got[:k] == reference[:k] and reference[k] not in got[: k + 2] and len(got) >= k + 2
+    assert tokens(run(bytegpt, [greedy(PROMPTS[5], 12, eos_token_ids=eos)], EngineLimits())[0]) == reference[: k + 1]
+    if bytegpt is fused:
+        drafted = tokens(run(fused, [greedy(PROMPTS[5], 12, eos_token_ids=eos, min_tokens=k + 2)], SPECULATIVE)[0])
+        assert drafted == got
+
+
+class RefusingDrafts:
+    """The fused graph's runtime, except that a run of several new tokens over a cache fails,
+    as a build of ONNX Runtime whose attention takes one new token at a time would."""
+
+    def __init__(self, runtime) -> None:
+        self.runtime = runtime
+
+    def io_binding(self):
+        return PoisonedBinding(self.runtime.io_binding())
+
+    def run_binding(self, binding):
+        ids, mask = binding.input_ids, binding.attention_mask
+        if ids.shape[1] > 1 and mask.shape[1] > ids.shape[1]:
+            raise InvalidInput("several new tokens over a cache are not supported")
+        self.runtime.run_binding(binding.binding)
+
+
+def test_a_failing_draft_run_turns_speculation_off_and_loses_nothing(fused):
+    engines, steps = [], []
+    refusing = Graph(fused.name, RefusingDrafts(fused.runtime), fused.decoder)
+    got = tokens(run(refusing, [greedy(PROMPTS[1], 40)], SPECULATIVE, steps, engines=engines)[0])
+    assert got == tokens(run(fused, [greedy(PROMPTS[1], 40)], EngineLimits())[0])
+    assert engines[0].speculative_tokens == 0 and sum(s.draft_tokens for s in steps) == 0
+
+
+def test_stream_interval_posts_the_first_token_at_once_then_every_fourth(fused):
+    """Stepped by hand: tokens reach the reader 1, then 4 at a time, the last with the finish;
+    a sequence cancelled while tokens are held gets them all before its end."""
+
+    async def main() -> tuple[list[int], list[int], list]:
+        engine = GenerationEngine(fused.name, fused.runtime, fused.decoder, EngineLimits(stream_interval=4))
+        engine._loop = asyncio.get_running_loop()  # no engine thread: steps run here
+
+        def step() -> int:
+            engine._post(engine.step())
+            posted = sum(len(e.token_ids) for batch, _ in engine._posted for _, events in batch for e in events)
+            engine._deliver_posted()
+            return posted
+
+        seq = greedy(PROMPTS[0], 10)
+        engine.submit(seq)
+        per_step = [step() for _ in range(10)]
+        assert seq.finished
+        cancelled = greedy(PROMPTS[2], 40)
+        engine.submit(cancelled)
+        held = [step() for _ in range(3)]  # the first token, then two held
+        engine.cancel(cancelled)
+        step()
+        events = [cancelled.events.get_nowait() for _ in range(cancelled.events.qsize())]
+        await engine.close()
+        return per_step, held, events
+
+    per_step, held, events = LOOP.run_until_complete(main())
+    assert per_step == [1, 0, 0, 0, 4, 0, 0, 0, 4, 1]
+    assert held == [1, 0, 0] and len(tokens(events)) == 3 and events[-1].finish_reason == FinishReason.CANCELLED

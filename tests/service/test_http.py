@@ -180,6 +180,21 @@ def test_openai_completion_equals_grpc_generation(http_server, oai):
     assert res.choices[0].text == g.text
 
 
+def test_openai_min_tokens_as_vllm_takes_it(http_server, oai):
+    """`min_tokens` (vLLM's extra parameter) reaches the engine as the gRPC field does: the same
+    text, and above max_tokens a 400 naming it."""
+    res = oai.completions.create(model="bytegpt", prompt="x = 1\n", max_tokens=12, temperature=0,
+                                 extra_body={"min_tokens": 12})
+    with grpc.insecure_channel(http_server.address) as ch:
+        g = gen_grpc.TextGenerationStub(ch).Generate(gen.GenerateRequest(
+            model="bytegpt", text="x = 1\n", max_new_tokens=12, min_tokens=12,
+            sampling=gen.SamplingParameters(temperature=0)), timeout=30)
+    assert res.choices[0].text == g.text and res.usage.completion_tokens == g.usage.generated_tokens == 12
+    with pytest.raises(openai.BadRequestError) as too_many:
+        oai.completions.create(model="bytegpt", prompt="x", max_tokens=2, extra_body={"min_tokens": 3})
+    assert "min_tokens" in too_many.value.body["message"]
+
+
 def test_openai_streaming_matches_the_whole_answer(oai):
     whole = oai.completions.create(model="bytegpt", prompt="import os\n", max_tokens=24, temperature=0)
     chunks = list(oai.completions.create(model="bytegpt", prompt="import os\n", max_tokens=24, temperature=0,

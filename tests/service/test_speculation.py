@@ -53,3 +53,20 @@ def test_greedy_keeps_the_draft_up_to_its_first_miss_and_adds_its_own_token():
     assert accepted(greedy, [4, 5]) == [4, 5, 6]  # all right: one more than drafted
     assert accepted(greedy, [4, 9]) == [4, 5]
     assert accepted(greedy, [7, 5]) == [4]
+
+
+def test_the_draft_grows_while_drafts_are_kept_and_shrinks_after_misses():
+    index = PromptLookup(3, max_draft=8)
+    assert index.draft_len == 8
+    index.update(drafted=8, kept=3)
+    index.update(drafted=7, kept=0)
+    assert index.draft_len == 6
+    for _ in range(10):
+        index.update(drafted=index.draft_len, kept=0)
+    assert index.draft_len == 1  # never below one
+    index.update(drafted=1, kept=1)
+    index.update(drafted=3, kept=3)
+    assert index.draft_len == 5
+    for _ in range(5):
+        index.update(drafted=index.draft_len, kept=index.draft_len)
+    assert index.draft_len == 8  # never above max_draft
