@@ -5,7 +5,9 @@
 The model is bench/llama_models.py's tiny Llama (hidden 256, 4 layers, 4 heads, vocabulary
 512, random weights after seed 0), exported by Optimum for tserve and by genai's model builder
 for genai. Sixteen 32-token prompts cut from this repository's source, greedy, 128 new tokens
-each (end-of-sequence ignored on every path, so each makes exactly 128), 2 intra-op threads
+each, the end-of-sequence token never chosen before the 128th on any path (transformers'
+`min_new_tokens`, genai's `min_length`, tserve's `min_tokens`, the raw loops' own mask), so
+each makes exactly 128 and the greedy tokens can be compared token for token, 2 intra-op threads
 everywhere, everything on the machine's cores at once as a user's quick run would be. Each
 round measures, in this order:
 
@@ -58,7 +60,7 @@ INTERVAL = 8  # tokens a stream message, when tuned
 
 def counter(server: ServerProcess, name: str, model: str) -> float:
     text = urllib.request.urlopen(server.metrics_url).read().decode()
-    match = re.search(rf'^{name}_total{{model="{model}"[^}}]*}} (\S+)$', text, re.M)
+    match = re.search(rf'^{name}_total{{[^}}]*model="{model}"[^}}]*}} (\S+)$', text, re.M)
     return float(match.group(1)) if match else 0.0
 
 
@@ -96,7 +98,8 @@ def run_genai(model: Path, prompts: list[list[int]], new_tokens: int) -> dict:
 
 def requests(prompts: list[list[int]], new_tokens: int, model: str = "llama") -> list[gen.GenerateRequest]:
     return [gen.GenerateRequest(model=model, token_ids=gen.TokenIds(ids=p), max_new_tokens=new_tokens,
-                                ignore_eos=True, sampling=gen.SamplingParameters(temperature=0.0)) for p in prompts]
+                                min_tokens=new_tokens, sampling=gen.SamplingParameters(temperature=0.0))
+            for p in prompts]
 
 
 def one_at_a_time(address: str, reqs: list[gen.GenerateRequest]) -> dict:
@@ -127,6 +130,8 @@ def main() -> None:
     shutil.copytree(genai, repo / "llama_genai" / "1")  # genai's own folder, served as it is
     genai_config = json.loads((genai / "genai_config.json").read_text())["model"]
     context, head_size = genai_config["context_length"], genai_config["decoder"]["head_size"]
+    eos = genai_config["eos_token_id"]
+    banned = tuple(eos) if isinstance(eos, list) else (eos,)
     rounds, agree = [], {}
     extra = args.server_args.split()
     with ServerProcess(repo, "--generation-max-sequences", "16", *extra) as server, \
@@ -143,26 +148,31 @@ def main() -> None:
             loop_1, loop_16, seconds = [], [], 0.0
             for q in prompts:  # one stream at a time, as genai's one-stream figure
                 t: list = []
-                seconds += new / raw_loop(optimum / "model.onnx", [q], new, THREADS, rounds=1, tokens=t)
+                seconds += new / raw_loop(optimum / "model.onnx", [q], new, THREADS, rounds=1, tokens=t, banned=banned)
                 loop_1 += t
             r["raw_loop_1"] = len(prompts) * new / seconds
-            r["raw_loop_16"] = raw_loop(optimum / "model.onnx", prompts, new, THREADS, rounds=1, tokens=loop_16)
+            r["raw_loop_16"] = raw_loop(optimum / "model.onnx", prompts, new, THREADS, rounds=1, tokens=loop_16,
+                                        banned=banned)
             shared_1, shared_16, seconds = [], [], 0.0
             for q in prompts:
                 t = []
-                seconds += new / raw_loop_shared(genai / "model.onnx", [q], new, THREADS, context, head_size, rounds=1, tokens=t)
+                seconds += new / raw_loop_shared(genai / "model.onnx", [q], new, THREADS, context, head_size, rounds=1,
+                                                 tokens=t, banned=banned)
                 shared_1 += t
             r["raw_shared_1"] = len(prompts) * new / seconds
             r["raw_shared_16"] = raw_loop_shared(genai / "model.onnx", prompts, new, THREADS, context, head_size, rounds=1,
-                                                 tokens=shared_16)
+                                                 tokens=shared_16, banned=banned)
             alone = engine_alone(repo, {"1": ("continuous", 1, [(q, new) for q in prompts]),  # one at a time
-                                        "16": ("continuous", 16, [(q, new) for q in prompts])}, model="llama")
+                                        "16": ("continuous", 16, [(q, new) for q in prompts])}, model="llama",
+                                 banned=banned)
             r["engine_1"], r["engine_16"] = alone["1"], alone["16"]
             alone = engine_alone(repo, {"1": ("continuous", 1, [(q, new) for q in prompts]),
-                                        "16": ("continuous", 16, [(q, new) for q in prompts])}, model="llama_genai")
+                                        "16": ("continuous", 16, [(q, new) for q in prompts])}, model="llama_genai",
+                                 banned=banned)
             r["engine_shared_1"], r["engine_shared_16"] = alone["1"], alone["16"]
             r["engine_spec_1"] = engine_alone(repo, {"1": ("continuous", 1, [(q, new) for q in prompts])},
-                                              model="llama_genai", speculative_tokens=SPECULATIVE)["1"]
+                                              model="llama_genai", speculative_tokens=SPECULATIVE,
+                                              banned=banned)["1"]
             single = one_at_a_time(server.address, requests(prompts, new))
             together = run_streams(server.address, requests(prompts, new), keep_tokens=True)
             r["tserve_1"], r["tserve_ttft_1_ms"] = single["tokens_per_s"], single["ttft_ms"]
@@ -172,11 +182,10 @@ def main() -> None:
             r["tserve_shared_1"], r["tserve_shared_ttft_1_ms"] = single_shared["tokens_per_s"], single_shared["ttft_ms"]
             r["tserve_shared_16"] = together_shared["tokens_per_s"]
             r["tserve_shared_ttft_16_ms"] = together_shared["ttft_p50_ms"]
-            drafted = [counter(spec_server, f"tserve_generation_{c}", "llama_genai")
-                       for c in ("draft_tokens", "accepted_draft_tokens", "tokens", "steps")]
+            counters = ("draft_tokens", "accepted_draft_tokens", "tokens", "steps")
+            before = [counter(spec_server, f"tserve_generation_{c}", "llama_genai") for c in counters]
             single_spec = one_at_a_time(spec_server.address, requests(prompts, new, "llama_genai"))
-            drafted = [counter(spec_server, f"tserve_generation_{c}", "llama_genai") - before
-                       for c, before in zip(("draft_tokens", "accepted_draft_tokens", "tokens", "steps"), drafted)]
+            drafted = [counter(spec_server, f"tserve_generation_{c}", "llama_genai") - b for c, b in zip(counters, before)]
             together_spec = run_streams(spec_server.address, requests(prompts, new, "llama_genai"), keep_tokens=True)
             r["tserve_spec_1"], r["tserve_spec_ttft_1_ms"] = single_spec["tokens_per_s"], single_spec["ttft_ms"]
             r["tserve_spec_16"], r["tserve_spec_ttft_16_ms"] = together_spec["tokens_per_s"], together_spec["ttft_p50_ms"]

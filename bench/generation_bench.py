@@ -82,9 +82,9 @@ def request(prompt: str, max_new: int, seed: int) -> gen.GenerateRequest:
 
 
 def engine_alone(repository: Path, workloads: dict[str, tuple[str, int, list[tuple[list[int], int]]]],
-                 model: str = "bytegpt", speculative_tokens: int = 0) -> dict:
+                 model: str = "bytegpt", speculative_tokens: int = 0, banned: tuple[int, ...] = ()) -> dict:
     """tokens/s of each workload (scheduling, slots, [(prompt, new tokens)]) run straight
-    against a GenerationEngine."""
+    against a GenerationEngine; `banned`: end-of-sequence ids never chosen (min_tokens)."""
     from prometheus_client import CollectorRegistry
 
     from service.generation.engine import EngineLimits, GenerationEngine
@@ -109,7 +109,8 @@ def engine_alone(repository: Path, workloads: dict[str, tuple[str, int, list[tup
             engine.submit(warm)
             while not (await warm.events.get()).finish_reason:
                 pass
-            seqs = [Sequence(str(i), prompt, SamplingParams(), n) for i, (prompt, n) in enumerate(jobs)]  # no eos
+            seqs = [Sequence(str(i), prompt, SamplingParams(), n, min_tokens=n, eos_token_ids=frozenset(banned))
+                    for i, (prompt, n) in enumerate(jobs)]  # each makes n tokens
             t0 = time.perf_counter()
             for s in seqs:
                 engine.submit(s)
@@ -175,7 +176,7 @@ def plot(results: dict, path: Path) -> None:
 
 
 def raw_loop(model: Path, prompts: list[list[int]], new_tokens: int, threads: int, rounds: int = 3,
-             tokens: list | None = None) -> float:
+             tokens: list | None = None, banned: tuple[int, ...] = ()) -> float:
     """tokens/s (the best of `rounds`) of a plain greedy loop in raw ONNX Runtime: the prompts left-padded into one
     batch, one prefill run, then one decode run per token with `present` fed back as `past` —
     the least any engine has to do for the same tokens on the same graph."""
@@ -200,7 +201,9 @@ def raw_loop(model: Path, prompts: list[list[int]], new_tokens: int, threads: in
         m, positions, made = mask, mask.sum(1, keepdims=True), []
         for _step in range(new_tokens):
             out = session.run(outputs, feeds)
-            token = out[0][:, -1].argmax(-1)[:, None]
+            logits = out[0][:, -1]
+            logits[:, list(banned)] = -np.inf  # end-of-sequence never chosen (min_tokens)
+            token = logits.argmax(-1)[:, None]
             made.append(token)
             m = np.concatenate([m, np.ones((B, 1), np.int64)], axis=1)
             feeds = {"input_ids": token, "attention_mask": m, "position_ids": positions}
@@ -213,7 +216,7 @@ def raw_loop(model: Path, prompts: list[list[int]], new_tokens: int, threads: in
 
 
 def raw_loop_shared(model: Path, prompts: list[list[int]], new_tokens: int, threads: int, max_length: int,
-                    head_dim: int, rounds: int = 3, tokens: list | None = None) -> float:
+                    head_dim: int, rounds: int = 3, tokens: list | None = None, banned: tuple[int, ...] = ()) -> float:
     """The same plain greedy loop for a fused graph (GroupQueryAttention): one buffer per past
     input, bound as past and present, each prompt prefilled into its own row, then one batched
     run per token with right-padded masks — what onnxruntime-genai does, in Python. The buffers
@@ -258,12 +261,15 @@ def raw_loop_shared(model: Path, prompts: list[list[int]], new_tokens: int, thre
         for r, p in enumerate(prompts):
             logits = run(prefill[r], np.array([p], np.int64), np.ones((1, len(p)), np.int64),
                          np.arange(len(p), dtype=np.int64)[None])
+            logits[0, -1, list(banned)] = -np.inf
             nxt.append(int(logits[0, -1].argmax()))
         lengths, made = np.array([len(p) for p in prompts]), [nxt]
         token = np.array(nxt, np.int64)[:, None]
         for _step in range(new_tokens - 1):
             mask = (np.arange(lengths.max() + 1)[None] <= lengths[:, None]).astype(np.int64)
-            token = run(decode, token, mask, lengths[:, None].astype(np.int64))[:, -1].argmax(-1)[:, None]
+            logits = run(decode, token, mask, lengths[:, None].astype(np.int64))[:, -1]
+            logits[:, list(banned)] = -np.inf
+            token = logits.argmax(-1)[:, None]
             made.append(token[:, 0].tolist())
             lengths = lengths + 1
         best = max(best, B * new_tokens / (time.perf_counter() - t0))
