@@ -11,7 +11,11 @@
 3. Decode step latency in raw ONNX Runtime at position 16 vs 240 (one token, batch 1), and
    what a batch of 16 costs against batch 1 at position 90 (the ceiling on batching's gain).
 4. The same stream counts and scheduling comparison on the engine alone, in-process (no gRPC,
-   no client): what the scheduler does, apart from what the transport costs.
+   no client): what the scheduler does, apart from what the transport costs; and plain greedy
+   loops in raw ONNX Runtime over the same prompts (over model_gqa.onnx with a shared buffer, and
+   model.onnx), against which the engine and two servers are set: one as shipped, one tuned
+   (prompt-lookup speculation, 8 draft tokens; 8 tokens a stream message), one stream (8 prompts
+   one after another) and 16 at once.
 
 Writes bench/results/generation.json and bench/results/generation.png.
 """
@@ -278,6 +282,9 @@ def raw_loop_shared(model: Path, prompts: list[list[int]], new_tokens: int, thre
     return best
 
 
+TUNED = ["--generation-speculative-tokens", "8", "--generation-stream-interval", "8"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repository", type=Path, default=ROOT / "model_repository")
@@ -322,6 +329,23 @@ def main() -> None:
         return [(tokenizer.encode(f"{prompts[i % 4]}  # {i}\n"), new) for i in range(n)]
 
     mixed = [(tokenizer.encode(f"{prompts[i % 4]}  # job {i}\n"), int(n)) for i, n in enumerate(lengths)]
+
+    def served(flags: list[str]) -> dict[int, float]:
+        """tokens/s over gRPC for the raw loops' workloads: 8 prompts one after another, and 16
+        at once; end-of-sequence ignored, as the loops ignore it."""
+        def streams(n: int) -> list[gen.GenerateRequest]:
+            return [gen.GenerateRequest(model="bytegpt", token_ids=gen.TokenIds(ids=p), max_new_tokens=m, ignore_eos=True,
+                                        sampling=gen.SamplingParameters(temperature=0.0)) for p, m in jobs(n, args.new_tokens)]
+
+        with ServerProcess(args.repository, *flags) as server:
+            run_streams(server.address, [request("warm up", 8, 0)])
+            one = [run_streams(server.address, [r]) for r in streams(8)]
+            return {1: sum(r["tokens"] for r in one) / sum(r["wall_s"] for r in one),
+                    16: run_streams(server.address, streams(16))["tokens_per_s"]}
+
+    through_grpc = {"default": served([]), "tuned": served(TUNED)}
+    print("served, the raw loops' workloads: " + ", ".join(f"{k} {v[1]:.0f} tokens/s at 1 stream, {v[16]:.0f} at 16"
+                                                           for k, v in through_grpc.items()), flush=True)
     alone = engine_alone(args.repository, {
         # one stream: 8 sequences one after another, as the raw batch-1 loop below
         "streams_1": ("continuous", 1, jobs(8, args.new_tokens)),
@@ -359,11 +383,15 @@ def main() -> None:
     ratios["engine_alone_vs_raw_loop_batch1"] = alone["streams_1"] / shared[1]  # the same (fused) graph
     ratios["engine_alone_vs_raw_loop_batch16"] = alone["streams_16"] / shared[16]
     ratios["engine_alone_speculative_vs_raw_loop_batch1"] = alone["streams_1_speculative"] / shared[1]
+    for name, rates in through_grpc.items():
+        for n in (1, 16):
+            ratios[f"served_{name}_vs_raw_loop_batch{n}"] = rates[n] / shared[n]
     ratios["fused_vs_traced_raw_loop_batch1"] = shared[1] / loop[1]
     ratios["fused_vs_traced_raw_loop_batch16"] = shared[16] / loop[16]
     results = {"streams": sweep, "scheduling": scheduling, "engine_alone_tokens_per_s": alone,
                "raw_loop_tokens_per_s": {str(k): v for k, v in loop.items()},
                "raw_shared_loop_tokens_per_s": {str(k): v for k, v in shared.items()}, "decode_step_ms": {str(k): v for k, v in steps.items()},
+               "served_tokens_per_s": {k: {str(n): v for n, v in rates.items()} for k, rates in through_grpc.items()},
                "ratios": ratios, "workload_new_tokens": lengths.tolist()}
     (RESULTS / "generation.json").write_text(json.dumps(results, indent=1) + "\n")
     plot(results, RESULTS / "generation.png")
@@ -382,6 +410,10 @@ def main() -> None:
           f"{ratios['engine_alone_vs_raw_loop_batch1']:.2f}x, batch 16 {ratios['engine_alone_vs_raw_loop_batch16']:.2f}x "
           f"(target >= 0.9x); with prompt lookup (8 draft tokens), batch 1 "
           f"{ratios['engine_alone_speculative_vs_raw_loop_batch1']:.2f}x")
+    print(f"tserve over gRPC / raw ORT greedy loop, same graph (model_gqa.onnx), prompts and batch: default "
+          f"{ratios['served_default_vs_raw_loop_batch1']:.2f}x at 1 stream, {ratios['served_default_vs_raw_loop_batch16']:.2f}x "
+          f"at 16; tuned (prompt lookup 8, stream interval 8) {ratios['served_tuned_vs_raw_loop_batch1']:.2f}x at 1, "
+          f"{ratios['served_tuned_vs_raw_loop_batch16']:.2f}x at 16")
     print(f"raw loops, model_gqa.onnx (shared buffer) / model.onnx: batch 1 {ratios['fused_vs_traced_raw_loop_batch1']:.2f}x, "
           f"batch 16 {ratios['fused_vs_traced_raw_loop_batch16']:.2f}x")
     print(f"decode step (raw ORT) at position 90: batch 16 {step_ms[(16, 90)]:.2f} ms, batch 1 {step_ms[(1, 90)]:.2f} ms: "
