@@ -111,6 +111,7 @@ class GenerationEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._touched: dict[int, Sequence] = {}  # sequences with events this step (engine thread)
         self._posted: list[tuple[list, StepStats]] = []  # steps not yet delivered to the loop (under _lock)
+        self._wake_scheduled = False  # a call of _deliver_posted is on its way to the loop (under _lock)
 
     # -- API for the data plane -------------------------------------------------------------
 
@@ -187,7 +188,10 @@ class GenerationEngine:
 
     def _post(self, stats: StepStats) -> None:
         """Hand the step's events and stats to the event loop. One wake-up carries every step
-        posted since the loop last ran: a loop that falls behind the steps is woken less."""
+        posted since the loop last ran: a loop that falls behind the steps is woken less. A step
+        with nothing for a reader (tokens held for the stream interval, a prompt chunk) wakes
+        nobody: its stats go with the next step that has events, or when the engine goes idle,
+        so the loop is not woken beside ONNX Runtime's threads for metrics alone."""
         batch, held, interval = [], {}, self.limits.stream_interval
         for key, seq in self._touched.items():
             if not seq.outbox:
@@ -200,8 +204,9 @@ class GenerationEngine:
         self._touched = held
         with self._lock:
             self._posted.append((batch, stats))
-            if len(self._posted) > 1:  # a wake-up is on its way and will take this too
+            if self._wake_scheduled or not (batch or self.idle):  # on its way / nothing to read yet
                 return
+            self._wake_scheduled = True
         try:
             self._loop.call_soon_threadsafe(self._deliver_posted)
         except RuntimeError:  # the loop has closed: nobody is reading any more
@@ -210,6 +215,7 @@ class GenerationEngine:
     def _deliver_posted(self) -> None:
         with self._lock:
             posted, self._posted = self._posted, []
+            self._wake_scheduled = False
         for batch, stats in posted:
             self._deliver(batch, stats)
 

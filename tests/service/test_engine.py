@@ -412,8 +412,10 @@ def test_a_failing_draft_run_turns_speculation_off_and_loses_nothing(fused):
 
 
 def test_stream_interval_posts_the_first_token_at_once_then_every_fourth(fused):
-    """Stepped by hand: tokens reach the reader 1, then 4 at a time, the last with the finish;
-    a sequence cancelled while tokens are held gets them all before its end."""
+    """Stepped by hand: tokens reach the reader 1, then 4 at a time, the last with the finish,
+    and only the steps that hand over tokens wake the event loop; a sequence cancelled while
+    tokens are held gets them all before its end."""
+    woken = []
 
     async def main() -> tuple[list[int], list[int], list]:
         engine = GenerationEngine(fused.name, fused.runtime, fused.decoder, EngineLimits(stream_interval=4))
@@ -421,6 +423,7 @@ def test_stream_interval_posts_the_first_token_at_once_then_every_fourth(fused):
 
         def step() -> int:
             engine._post(engine.step())
+            woken.append(engine._wake_scheduled)
             posted = sum(len(e.token_ids) for batch, _ in engine._posted for _, events in batch for e in events)
             engine._deliver_posted()
             return posted
@@ -440,4 +443,5 @@ def test_stream_interval_posts_the_first_token_at_once_then_every_fourth(fused):
 
     per_step, held, events = LOOP.run_until_complete(main())
     assert per_step == [1, 0, 0, 0, 4, 0, 0, 0, 4, 1]
+    assert woken[:10] == [n > 0 for n in per_step]
     assert held == [1, 0, 0] and len(tokens(events)) == 3 and events[-1].finish_reason == FinishReason.CANCELLED
