@@ -129,7 +129,6 @@ def read_export_metadata(version_dir: Path) -> ExportMetadata:
     genai = load("genai_config.json")  # onnxruntime-genai's model builder writes this instead
     genai_model = genai.get("model") if isinstance(genai.get("model"), dict) else {}
     genai_decoder = genai_model.get("decoder") if isinstance(genai_model.get("decoder"), dict) else {}
-    genai_search = genai.get("search") if isinstance(genai.get("search"), dict) else {}
     if genai_model:
         config = {"vocab_size": genai_model.get("vocab_size"), "max_position_embeddings": genai_model.get("context_length"),
                   "eos_token_id": genai_model.get("eos_token_id"), "pad_token_id": genai_model.get("pad_token_id"), **config}
@@ -296,7 +295,7 @@ def build_spec(
 
 def shared_kv_decoder(decoder: DecoderGraph, export: ExportMetadata, context: int | None) -> DecoderGraph:
     """An onnxruntime-genai graph (GroupQueryAttention): generation keeps its cache in one
-    buffer per past input, `context` columns wide, shared with the present (KVSlots). Its
+    buffer per past input, up to `context` columns wide, shared with the present (KVSlots). Its
     head size is dynamic in the graph and read from genai_config.json."""
     if not context:
         raise ModelLoadError("genai_config.json gives no model.context_length: the shared KV buffer needs one")

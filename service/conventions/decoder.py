@@ -47,7 +47,7 @@ class DecoderGraph:
     has_position_ids: bool
     # GroupQueryAttention graphs (onnxruntime-genai's builder): each row's cache starts at column
     # 0 and its length is read from the attention mask, so rows are right-padded, and past and
-    # present can be one buffer of `max_length` columns that ONNX Runtime writes in place.
+    # present can be one buffer of up to `max_length` columns that ONNX Runtime writes in place.
     shared_kv: bool = False
     max_length: int = 0
 

@@ -365,14 +365,14 @@ class GenerationEngine:
 
     def _take_decode(self, logits: np.ndarray, now: float, stats: StepStats) -> None:
         rows = self.rows
-        for row, seq in enumerate(rows.seqs):
-            if seq.min_tokens > len(seq.generated):
-                seq.ban_early_eos(logits[row])
         greedy = logits.argmax(-1)  # one call for every greedy row
         for row, seq in enumerate(rows.seqs):
             if seq.finished:
                 continue
-            token = int(greedy[row]) if seq.params.greedy else sample(logits[row], seq.params, seq.rng)
+            if seq.params.greedy and seq.min_tokens <= len(seq.generated):
+                token = int(greedy[row])
+            else:  # sampled, or its end-of-sequence ids still banned (min_tokens)
+                token = sample(seq.ban_early_eos(logits[row]), seq.params, seq.rng)
             rows.next_ids[row] = token
             if self._emit(seq, token, now, stats) and not self.static:
                 rows.make_hole(row)  # static batching keeps computing it, as static batching does
