@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from bench.generation_bench import engine_alone, raw_loop, raw_loop_shared, run_streams
+from bench.generation_bench import engine_alone, one_at_a_time, raw_loop, raw_loop_shared, run_streams
 from bench.llama_models import GENAI_PYTHON, ROOT, build
 from service.generated import generation_pb2 as gen
 from tests.service.server_process import ServerProcess
@@ -100,14 +100,6 @@ def requests(prompts: list[list[int]], new_tokens: int, model: str = "llama") ->
     return [gen.GenerateRequest(model=model, token_ids=gen.TokenIds(ids=p), max_new_tokens=new_tokens,
                                 min_tokens=new_tokens, sampling=gen.SamplingParameters(temperature=0.0))
             for p in prompts]
-
-
-def one_at_a_time(address: str, reqs: list[gen.GenerateRequest]) -> dict:
-    """Streams one after another: aggregate tokens/s, the median TTFT, every stream's tokens."""
-    runs = [run_streams(address, [r], keep_tokens=True) for r in reqs]
-    return {"tokens_per_s": sum(r["tokens"] for r in runs) / sum(r["wall_s"] for r in runs),
-            "ttft_ms": statistics.median(r["ttft_p50_ms"] for r in runs),
-            "token_ids": [r["token_ids"][0] for r in runs]}
 
 
 def spread(values: list[float]) -> str:

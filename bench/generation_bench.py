@@ -79,6 +79,14 @@ def run_streams(address: str, requests: list[gen.GenerateRequest], keep_tokens: 
     }
 
 
+def one_at_a_time(address: str, reqs: list[gen.GenerateRequest]) -> dict:
+    """Streams one after another: aggregate tokens/s, the median TTFT, every stream's tokens."""
+    runs = [run_streams(address, [r], keep_tokens=True) for r in reqs]
+    return {"tokens_per_s": sum(r["tokens"] for r in runs) / sum(r["wall_s"] for r in runs),
+            "ttft_ms": statistics.median(r["ttft_p50_ms"] for r in runs),
+            "token_ids": [r["token_ids"][0] for r in runs]}
+
+
 def request(prompt: str, max_new: int, seed: int) -> gen.GenerateRequest:
     # greedy on distinct prompts; end-of-text could stop a stream early, which the counts include
     return gen.GenerateRequest(model="bytegpt", text=prompt, max_new_tokens=max_new,
@@ -105,9 +113,8 @@ def engine_alone(repository: Path, workloads: dict[str, tuple[str, int, list[tup
         out = {}
         for name, (scheduling, slots, jobs) in workloads.items():
             # the graph the server generates with: the fused one where it matched at load
-            engine = GenerationEngine(mv.name, mv.generation_runtime or mv.runtime, mv.generation_graph or mv.spec.decoder,
-                                      EngineLimits(max_sequences=slots, scheduling=scheduling,
-                                                   speculative_tokens=speculative_tokens))
+            engine = GenerationEngine(mv.name, mv.make_cache, EngineLimits(max_sequences=slots, scheduling=scheduling,
+                                                                    speculative_tokens=speculative_tokens))
             engine.start()
             warm = Sequence("warm", jobs[0][0], SamplingParams(), 4)  # untimed: first runs allocate
             engine.submit(warm)

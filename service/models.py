@@ -9,25 +9,31 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
-import numpy as np
-
 from service.batcher import DynamicBatcher
-from service.errors import InvalidInput, ModelLoadError, ModelNotFound, Unavailable
-from service.generated import model_config_pb2 as mc
+from service.checks import (
+    check_golden,
+    check_manifest_files,
+    check_seq2seq_golden,
+    fused_mismatch,
+    generate_greedy,
+    time_batches,
+    warm_up,
+)
 from service.conventions.decoder import DecoderGraph
 from service.conventions.seq2seq import ENCODER, MergedBranch, decoder_files, is_seq2seq
-from service.generation.engine import EngineLimits, GenerationEngine
+from service.errors import InvalidInput, ModelLoadError, ModelNotFound, Unavailable
+from service.generated import model_config_pb2 as mc
+from service.generation.engine import CacheFactory, EngineLimits, GenerationEngine
+from service.generation.kv_rows import KVRows
 from service.generation.kv_slots import KVSlots
-from service.generation.sampling import SamplingParams
-from service.generation.sequence import Sequence
-from service.generation.seq2seq_engine import Seq2SeqEngine
 from service.generation.requests import GenerationConfig
+from service.generation.seq2seq_cache import Seq2SeqCache
 from service.metrics import Metrics, ModelObserver
 from service.repository import (
     build_spec,
@@ -41,9 +47,24 @@ from service.repository import (
 )
 from service.runtime import OrtRuntime, choose_providers
 from service.settings import Settings
-from service.types import DATATYPES, ModelSpec, ModelState
+from service.types import ModelSpec, ModelState
 
 log = logging.getLogger(__name__)
+
+
+def decoder_cache(graph: DecoderGraph, runtime: OrtRuntime, limits: EngineLimits) -> KVRows | KVSlots:
+    """A decoder's engine cache: a shared buffer for a graph that reads row lengths from its mask."""
+    fill_holes = limits.scheduling != "static"
+    if graph.shared_kv:
+        return KVSlots(graph, runtime, limits.max_sequences, fill_holes=fill_holes)
+    return KVRows(graph, runtime, fill_holes=fill_holes)
+
+
+def seq2seq_cache(spec: ModelSpec, encoder, decoder, with_past, limits: EngineLimits) -> Seq2SeqCache:
+    """An encoder-decoder's engine cache over its three graphs (or the merged decoder's branches)."""
+    return Seq2SeqCache(spec.seq2seq, encoder, decoder, with_past, spec.decoder_start_token_id,
+                        spec.padding.pad_values.get("input_ids", 0), limits.max_sequences,
+                        max_source=spec.max_sequence_length or 0, fill_holes=limits.scheduling != "static")
 
 
 
@@ -55,22 +76,15 @@ class ModelVersion:
     reason: str = ""
     spec: ModelSpec | None = None
     config: mc.ModelConfig | None = None  # as served by the ModelConfig RPC
-    runtime: OrtRuntime | None = None
-    batcher: DynamicBatcher | None = None
     observer: ModelObserver | None = None
+    runtime: OrtRuntime | None = None  # ModelInfer's graph (an encoder-decoder's: its encoder)
+    graphs: dict[str, OrtRuntime] = field(default_factory=dict)  # every session it holds, by file
+    batcher: DynamicBatcher | None = None
     cost_seeds: list = field(default_factory=list)  # timed runs at load, for the batch policy
-    # decoders (the decoder-with-past convention) also generate:
-    engine: GenerationEngine | None = None
+    # a model that generates: how its requests are checked, and its engine's cache
     generation: GenerationConfig | None = None
-    # encoder-decoders: the decoder graphs beside `runtime` (the encoder), their files, and the
-    # two decoders the engine drives (the merged graph's two branches when it is the only one)
-    decoder_runtimes: tuple[OrtRuntime, ...] = ()
-    graph_files: tuple[str, ...] = ()
-    seq2seq_decoders: tuple = ()
-    # a decoder whose manifest names a fused generation graph that matched model.onnx at load:
-    # the engine's runtime and graph (ModelInfer keeps `runtime`)
-    generation_runtime: OrtRuntime | None = None
-    generation_graph: DecoderGraph | None = None
+    make_cache: CacheFactory | None = None
+    engine: GenerationEngine | None = None
 
     @property
     def ready(self) -> bool:
@@ -79,165 +93,12 @@ class ModelVersion:
     def graph_for(self, inputs: set[str]) -> OrtRuntime:
         """An encoder-decoder's graph whose inputs are exactly these (ModelInfer drives the
         three graphs one by one, for clients that run the decoding loop themselves)."""
-        graphs = (self.runtime, *self.decoder_runtimes)
-        for runtime in graphs:
+        for runtime in self.graphs.values():
             if {a.name for a in runtime.graph_inputs} == inputs:
                 return runtime
-        listed = "; ".join(f"{f}: {sorted(a.name for a in r.graph_inputs)[:4]}..."
-                           for f, r in zip(self.graph_files, graphs))
+        listed = "; ".join(f"{f}: {sorted(a.name for a in r.graph_inputs)[:4]}..." for f, r in self.graphs.items())
         raise InvalidInput(f"model {self.name!r} is an encoder-decoder: a ModelInfer's inputs must be exactly "
                            f"those of one of its graphs ({listed})")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def check_manifest_files(version_dir: Path, manifest: dict | None) -> None:
-    """Every file a manifest lists (graphs, tokenizer.json, configs) is there, with its sha256:
-    a model never serves with a tokenizer or config other than the one it shipped with."""
-    for name, record in ((manifest or {}).get("files") or {}).items():
-        path = version_dir / name
-        if not path.is_file():
-            raise ModelLoadError(f"{name} is missing (manifest.json lists it)")
-        want = record.get("sha256") if isinstance(record, dict) else None
-        if want and want != _sha256(path):
-            raise ModelLoadError(f"{name} does not match the sha256 in manifest.json")
-
-
-def _tensor(record: dict) -> np.ndarray:
-    return np.array(record["data"], dtype=DATATYPES[record["datatype"]]).reshape(record["shape"])
-
-
-def check_golden(spec: ModelSpec, runtime: OrtRuntime) -> None:
-    """Re-run the manifest's golden inputs; a mismatch means a corrupt or wrong model."""
-    for i, golden in enumerate((spec.manifest or {}).get("golden", [])):
-        feeds = {name: _tensor(rec) for name, rec in golden["inputs"].items()}
-        names = list(golden["outputs"])
-        for instance_outputs in runtime.run_each(feeds, names):
-            _compare_golden(i, golden, names, instance_outputs)
-
-
-def _compare_golden(i: int, golden: dict, names: list[str], outputs: list[np.ndarray]) -> None:
-    for name, got in zip(names, outputs):
-        want = _tensor(golden["outputs"][name])
-        if got.shape != want.shape:
-            raise ModelLoadError(f"golden sample {i}: output {name!r} has shape {list(got.shape)}, expected {list(want.shape)}")
-        diff = float(np.abs(got - want).max()) if got.size else 0.0
-        if not diff <= golden.get("atol", 1e-4):
-            raise ModelLoadError(f"golden sample {i}: output {name!r} differs by {diff:.3g} (atol {golden.get('atol', 1e-4)})")
-
-
-FUSED_ATOL = 1e-3  # largest |logit difference| a fused generation graph may show against model.onnx
-FUSED_CHECK_STEPS = 3  # decode steps checked after the prompt
-
-
-def fused_mismatch(spec: ModelSpec, plain: OrtRuntime, fused: OrtRuntime, graph: DecoderGraph) -> str | None:
-    """Why a fused generation graph may not stand in for the model's graph, or None. It must
-    take the same inputs and, driven as the engine drives it (one slot of a shared buffer),
-    give model.onnx's logits within FUSED_ATOL on the golden prompt (a fixed one where the
-    manifest has none) and on FUSED_CHECK_STEPS decode steps after it, both fed the same tokens."""
-    if {a.name for a in fused.graph_inputs} != {a.name for a in plain.graph_inputs}:
-        return "takes other inputs than model.onnx"
-    if not graph.max_length:
-        return "needs the model's context length for its KV buffer, and none is known"
-    golden = (spec.manifest or {}).get("golden", [])
-    prompt = (_tensor(golden[0]["inputs"]["input_ids"])[0] if golden
-              else np.arange(1, 9, dtype=np.int64) % (spec.vocab_size or 2)).tolist()
-    decoder, T = spec.decoder, len(prompt)
-    out = plain.run_sync(decoder.prompt_feeds(np.array([prompt], np.int64)), decoder.outputs)
-    want, tokens = [out[0][0, -1]], []
-    for i in range(FUSED_CHECK_STEPS):
-        tokens.append(int(want[-1].argmax()))
-        out = plain.run_sync(decoder.feeds(np.array([[tokens[-1]]], np.int64), np.ones((1, T + i + 1), np.int64),
-                                           np.array([[T + i]], np.int64), out[1:]), decoder.outputs)
-        want.append(out[0][0, -1])
-    slots = KVSlots(graph, fused, slots=1)
-    seq = Sequence("fused-graph-check", prompt, SamplingParams(), FUSED_CHECK_STEPS + 1)
-    got = [slots.prefill(seq, T)[0, -1].copy()]
-    seq.prefilled = T
-    slots.join(seq, tokens[0])
-    for i in range(FUSED_CHECK_STEPS):
-        slots.next_ids[0] = tokens[i]
-        got.append(slots.decode()[0].copy())
-    diff = max(float(np.abs(g - w).max()) if g.shape == w.shape else float("inf") for g, w in zip(got, want))
-    return None if diff <= FUSED_ATOL else (f"differs from model.onnx by {diff:.3g} on the golden prompt and "
-                                            f"{FUSED_CHECK_STEPS} decode steps (at most {FUSED_ATOL} allowed)")
-
-
-def warm_up_feeds(spec: ModelSpec, batch: int = 1, length: int = 1) -> dict[str, np.ndarray]:
-    """A synthetic input: decoders get prompts of `length` tokens with an empty cache, other
-    graphs zeros of `length` on every variable axis."""
-    if spec.decoder is not None:
-        return spec.decoder.prompt_feeds(np.zeros((batch, length), np.int64))
-    feeds = {}
-    for t in spec.inputs:
-        shape = ([batch] if spec.max_batch_size else []) + [length if d == -1 else d for d in t.dims]
-        feeds[t.name] = np.ones(shape, t.dtype) if t.name == "attention_mask" else np.zeros(shape, t.dtype)
-    return feeds
-
-
-def warm_up(spec: ModelSpec, runtime: OrtRuntime) -> None:
-    """Run every instance once so no first request pays for allocation and kernel setup."""
-    runtime.run_each(warm_up_feeds(spec), [t.name for t in spec.outputs])
-
-
-def seq2seq_greedy(spec: ModelSpec, encoder: OrtRuntime, decoder: OrtRuntime, with_past: OrtRuntime,
-                   source: list[int], max_new_tokens: int) -> list[int]:
-    """Greedy tokens for one source through the three graphs (without the end-of-sequence
-    token): the warm-up, and the check against the manifest's golden answers."""
-    g, n = spec.seq2seq, 2 * spec.seq2seq.n_layer
-    ids = np.array([source], np.int64)
-    mask = np.ones_like(ids)
-    hidden = encoder.run_sync({"input_ids": ids, "attention_mask": mask}, ["last_hidden_state"])[0]
-    out = decoder.run_sync({"input_ids": np.full((1, 1), spec.decoder_start_token_id, np.int64),
-                            "encoder_hidden_states": hidden, "encoder_attention_mask": mask},
-                           ["logits", *g.self_names, *g.cross_names])
-    self_kv, cross_kv, tokens = out[1:1 + n], out[1 + n:], []
-    for step in range(max_new_tokens):
-        token = int(out[0][0, -1].argmax())
-        if token in spec.eos_token_ids:
-            break
-        tokens.append(token)
-        out = with_past.run_sync(g.with_past_feeds(np.array([[token]], np.int64), mask,
-                                                   np.ones((1, step + 2), np.int64), self_kv, cross_kv),
-                                 ["logits", *g.self_names])
-        self_kv = out[1:]
-    return tokens
-
-
-def check_seq2seq_golden(spec: ModelSpec, *runtimes: OrtRuntime) -> None:
-    for i, golden in enumerate((spec.manifest or {}).get("golden", [])):
-        got = seq2seq_greedy(spec, *runtimes, golden["source_ids"], golden["max_new_tokens"])
-        if got != golden["greedy"]:
-            raise ModelLoadError(f"golden sample {i}: greedy tokens {got[:8]}... differ from the manifest's "
-                                 f"{golden['greedy'][:8]}...")
-
-
-COST_LENGTH = 16  # tokens per row in the timed runs that seed the batch policy's cost line
-
-
-def time_batches(spec: ModelSpec, runtime: OrtRuntime, repeats: int = 3) -> list[tuple[float, float]]:
-    """(rows x length, seconds) of whole runs at batch 1 and at the largest batch: the first
-    two points of the cost line the batcher decides with (it keeps learning from real batches)."""
-    if not spec.batching.enabled or spec.max_batch_size < 2:
-        return []
-    outputs = [t.name for t in spec.outputs]
-    seeds = []
-    for rows in (1, spec.max_batch_size):
-        feeds = warm_up_feeds(spec, rows, COST_LENGTH)
-        runtime.run_each(feeds, outputs)  # this shape's first run allocates; not timed
-        best = float("inf")
-        for _ in range(repeats):
-            started = time.perf_counter()
-            runtime.sessions[0].run(outputs, feeds)
-            best = min(best, time.perf_counter() - started)
-        seeds.append((float(rows * COST_LENGTH), best))
-    return seeds
 
 
 class ModelManager:
@@ -252,7 +113,8 @@ class ModelManager:
     async def load_all(self) -> None:
         await asyncio.gather(*(self.load(name) for name in model_names(self.repo)))
 
-    def _runtime(self, path: Path, providers: list[str], entry, instances: int | None = None) -> OrtRuntime:
+    def _runtime(self, path: Path, providers: list[str], entry, instances: int | None = None,
+                 spin: bool | None = None) -> OrtRuntime:
         opts = runtime_options(entry.config)  # the model's own config first, then the server's settings
         return OrtRuntime(
             path,
@@ -260,25 +122,29 @@ class ModelManager:
             instances=instances or self.settings.instance_count or opts.instances,
             intra_op_threads=opts.intra_op_threads or self.settings.session_threads,
             inter_op_threads=opts.inter_op_threads or self.settings.inter_op_threads,
-            spin=self.settings.ort_spinning,
+            spin=self.settings.ort_spinning if spin is None else spin,
         )
 
     def _load_seq2seq_sync(self, mv: ModelVersion, entry, providers: list[str]) -> None:
         """An encoder-decoder export folder (Optimum's seq2seq layout): the encoder and two
-        decoders, or the encoder and the merged decoder; generation only."""
+        decoders, or the encoder and the merged decoder; generation only. Its sessions never
+        spin: the engine runs the three graphs in turn, and a pool spinning after its run takes
+        the cores the next graph's run needs (in-process, 16 held-out sources one after another
+        on namegen: 412 tokens/s spinning, 786 not)."""
         manifest = read_manifest(entry.path)
         files = (ENCODER, *decoder_files(entry.path))
         check_manifest_files(entry.path, manifest)
-        runtimes = [self._runtime(entry.path / f, providers, entry) for f in files]
+        runtimes = [self._runtime(entry.path / f, providers, entry, spin=False) for f in files]
         try:
             if len(runtimes) == 2:
                 decoders = (MergedBranch(runtimes[1], use_cache=False), MergedBranch(runtimes[1], use_cache=True))
             else:
                 decoders = (runtimes[1], runtimes[2])
             mv.spec = seq2seq_spec(entry, decoders[0].graph_outputs, decoders[1].graph_inputs, manifest)
-            seq2seq_greedy(mv.spec, runtimes[0], *decoders, [0, 0], 2)  # warm-up: every graph once
+            mv.make_cache = partial(seq2seq_cache, mv.spec, runtimes[0], *decoders)
+            generate_greedy(mv.make_cache, [([0, 0], 2)])  # warm-up: every graph once, through the engine
             if self.settings.verify_golden:
-                check_seq2seq_golden(mv.spec, runtimes[0], *decoders)
+                check_seq2seq_golden(mv.spec, mv.make_cache)
             mv.generation = GenerationConfig.from_spec(mv.spec)
         except ValueError as e:
             for r in runtimes:
@@ -288,8 +154,7 @@ class ModelManager:
             for r in runtimes:
                 r.close()
             raise
-        mv.runtime, mv.decoder_runtimes, mv.seq2seq_decoders = runtimes[0], tuple(runtimes[1:]), decoders
-        mv.graph_files = files
+        mv.runtime, mv.graphs = runtimes[0], dict(zip(files, runtimes))
         mv.config = completed_config(mv.spec, entry.config)
 
     def _load_version_sync(self, mv: ModelVersion, entry) -> None:
@@ -302,6 +167,7 @@ class ModelManager:
         if model_file.exists():  # a missing graph is reported as such by the runtime
             check_manifest_files(entry.path, manifest)
         runtime = self._runtime(model_file, providers, entry)
+        mv.graphs = {model_file.name: runtime}
         try:
             spec = build_spec(entry, runtime.graph_inputs, runtime.graph_outputs, manifest,
                               self.settings.default_max_queue_size)
@@ -311,22 +177,26 @@ class ModelManager:
             mv.cost_seeds = time_batches(spec, runtime)
             if spec.decoder is not None:
                 mv.generation = GenerationConfig.from_spec(spec)  # reads the tokenizer, if any
-                self._fused_generation(mv, entry, spec, runtime, providers)
-                self._check_kv_reservation(spec.decoder)  # a genai folder's graph shares its buffer
+                self._generation_graph(mv, entry, spec, runtime, providers)
         except Exception:
-            runtime.close()
+            for r in mv.graphs.values():
+                r.close()
             raise
         mv.spec, mv.runtime, mv.config = spec, runtime, completed_config(spec, entry.config)
 
-    def _fused_generation(self, mv: ModelVersion, entry, spec: ModelSpec, runtime: OrtRuntime,
+    def _generation_graph(self, mv: ModelVersion, entry, spec: ModelSpec, runtime: OrtRuntime,
                           providers: list[str]) -> None:
-        """A decoder's manifest may name a fused generation graph (generation.graph, written by
-        export/gqa_graph.py: GroupQueryAttention over a shared KV buffer). The engine runs it
-        only if, driven as the engine drives it, it gives model.onnx's logits on the golden
-        prompt and the decode steps after it; otherwise, or if it does not load, the engine runs
-        model.onnx and the log says why. A model never changes its outputs for speed."""
+        """The graph and cache a decoder generates with. An onnxruntime-genai folder's one graph
+        is itself fused (a shared KV buffer). A manifest may name a fused generation graph
+        (generation.graph, written by export/gqa_graph.py: GroupQueryAttention over a shared KV
+        buffer): the engine runs it only if, driven by the engine, it gives model.onnx's logits
+        on the golden prompt and the decode steps after it; otherwise, or if it does not load,
+        the engine runs model.onnx and the log says why. A model never changes its outputs for
+        speed."""
+        mv.make_cache = partial(decoder_cache, spec.decoder, runtime)
         name = (spec.manifest or {}).get("generation", {}).get("graph")
-        if not name:  # an onnxruntime-genai folder's one graph is itself fused
+        if not name:
+            self._check_kv_reservation(spec.decoder)
             mv.observer.generation_graph("fused" if spec.decoder.shared_kv else "plain")
             return
         kind = "plain"
@@ -346,7 +216,7 @@ class ModelManager:
             except Exception as e:
                 problem = f"could not be checked ({type(e).__name__}: {str(e)[:200]})"
             if problem is None:
-                mv.generation_runtime, mv.generation_graph, kind = fused, graph, "fused"
+                mv.graphs[name], mv.make_cache, kind = fused, partial(decoder_cache, graph, fused), "fused"
                 log.info("model %s version %d generates with %s (shared KV buffer)", entry.name, entry.version, name)
             else:
                 fused.close()
@@ -409,26 +279,19 @@ class ModelManager:
                 await self._changed(mv)
 
     def _start_schedulers(self, mv: ModelVersion) -> None:
-        """The batcher for inference; for decoders, the generation engine too; encoder-decoders
-        generate only."""
+        """The batcher for inference (encoder-decoders generate only); the generation engine for
+        a model that generates."""
         s = self.settings
-        limits = EngineLimits(max_sequences=s.generation_max_sequences, max_queue=s.generation_max_queue,
-                              token_budget=s.generation_token_budget, scheduling=s.generation_scheduling,
-                              speculative_tokens=s.generation_speculative_tokens,
-                              prompt_lookup_max=s.generation_prompt_lookup_max,
-                              stream_interval=s.generation_stream_interval)
-        if mv.spec.seq2seq is not None:
-            spec = mv.spec
-            mv.engine = Seq2SeqEngine(mv.name, mv.runtime, *mv.seq2seq_decoders, spec.seq2seq,
-                                      spec.decoder_start_token_id, spec.padding.pad_values.get("input_ids", 0),
-                                      limits, mv.observer.generation_step)
-            mv.engine.start()
-            return
-        mv.batcher = DynamicBatcher(mv.spec, mv.runtime, mv.observer, mv.cost_seeds)
-        mv.batcher.start()
-        if mv.spec.decoder is not None:
-            mv.engine = GenerationEngine(mv.name, mv.generation_runtime or mv.runtime, mv.generation_graph or mv.spec.decoder,
-                                         limits, mv.observer.generation_step)
+        if mv.spec.seq2seq is None:
+            mv.batcher = DynamicBatcher(mv.spec, mv.runtime, mv.observer, mv.cost_seeds)
+            mv.batcher.start()
+        if mv.make_cache is not None:
+            limits = EngineLimits(max_sequences=s.generation_max_sequences, max_queue=s.generation_max_queue,
+                                  token_budget=s.generation_token_budget, scheduling=s.generation_scheduling,
+                                  speculative_tokens=s.generation_speculative_tokens,
+                                  prompt_lookup_max=s.generation_prompt_lookup_max,
+                                  stream_interval=s.generation_stream_interval)
+            mv.engine = GenerationEngine(mv.name, mv.make_cache, limits, mv.observer.generation_step)
             mv.engine.start()
 
     async def _changed(self, mv: ModelVersion) -> None:
@@ -458,9 +321,8 @@ class ModelManager:
             await mv.engine.close()
         if mv.batcher:
             await mv.batcher.close()
-        for runtime in (mv.runtime, *mv.decoder_runtimes, mv.generation_runtime):
-            if runtime:
-                await asyncio.to_thread(runtime.close)
+        for runtime in mv.graphs.values():
+            await asyncio.to_thread(runtime.close)
 
     async def close(self) -> None:
         for name in list(self._models):

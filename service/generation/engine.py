@@ -1,23 +1,25 @@
-"""The generation engine: continuous (iteration-level) batching on a decoder-with-past graph.
+"""The generation engine: continuous (iteration-level) batching, one engine for every model kind.
 
-One engine per decoder model version, stepping in its own thread: ONNX Runtime runs there
+One engine per generating model version (a decoder or an encoder-decoder), stepping in its own
+thread: ONNX Runtime runs there
 directly (it releases the GIL), with no hand-off to a worker and back per step, and the event
 loop is never blocked. The loop thread submits and cancels; after each step the engine posts
 the step's events and stats to the loop in one call. Each step is
 
     schedule  end sequences that were cancelled or passed their deadline; admit waiting
               requests while there is room; give joiners prompt chunks within the token budget
+              (a whole source where the cache cannot chunk it: an encoder reads it at once)
     execute   run the prompt chunks, and one batched decode for every running row (a greedy
-              sequence running alone on a shared buffer may run a prompt-lookup draft with its
-              next token: generation/speculation.py, off unless speculative_tokens is set)
-    update    sample per sequence, stream the tokens, finish on eos / stop / length; move
-              prefilled joiners into the running batch; compact it when it gets sparse
+              sequence running alone may run a prompt-lookup draft with its next token where
+              the cache can verify one: generation/speculation.py, off unless
+              speculative_tokens is set)
+    update    choose tokens (generation/sampling.py: the one token path), stream them, finish
+              on eos / stop / length; move prefilled joiners into the running batch; compact it
 
 and returns a StepStats, which the model's observer turns into metrics. The running batch's
-cache is a KVRows (generation/kv_rows.py: numpy arrays, left-padded rows) or, for a graph that
-reads each row's length from its mask, a KVSlots (generation/kv_slots.py: one shared buffer,
-IO binding); per-sequence text and finish rules are in
-generation/sequence.py; the graph's names and feeds come from the decoder convention.
+cache runs the graphs and implements one interface (generation/cache.py): KVRows (left-padded
+numpy rows), KVSlots (a shared buffer, IO binding) or Seq2SeqCache (encoder-decoders); the
+engine never asks which. Per-sequence text and finish rules are in generation/sequence.py.
 
 A failure stays with the request that caused it: a failed prompt run ends that sequence with
 its error; only a failed batched decode, which cannot be attributed, ends the running rows.
@@ -35,14 +37,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.conventions.decoder import DecoderGraph
 from service.errors import DeadlineExceeded, InternalError, QueueFull, TServeError, Unavailable
-from service.generation.kv_rows import KVRows
-from service.generation.kv_slots import KVSlots
-from service.generation.sampling import sample
+from service.generation.cache import KVCache
+from service.generation.sampling import choose_tokens
 from service.generation.sequence import FinishReason, Sequence
 from service.generation.speculation import PromptLookup, accepted
-from service.runtime import OrtRuntime
 from service.stats import StepStats
 
 log = logging.getLogger(__name__)
@@ -76,34 +75,31 @@ class Plan:
 
 @dataclass
 class Results:
-    prefill: list[np.ndarray | TServeError] = field(default_factory=list)  # logits [1, n, vocab]
+    prefill: list[np.ndarray | TServeError] = field(default_factory=list)  # logits [n, vocab] a chunk
     decode: np.ndarray | TServeError | None = None  # last logits [rows, vocab]; with a draft [1 + draft, vocab]
     draft: list[int] | None = None  # the draft the decode verified
     decode_failed: dict[int, TServeError] = field(default_factory=dict)  # row -> why, after a re-run apart
+
+
+CacheFactory = Callable[[EngineLimits], KVCache]  # a model's cache, sized and scheduled by the limits
 
 
 class GenerationEngine:
     def __init__(
         self,
         name: str,
-        runtime: OrtRuntime,
-        graph: DecoderGraph,
+        make_cache: CacheFactory,
         limits: EngineLimits = EngineLimits(),
         on_step: Callable[[StepStats], None] | None = None,
     ) -> None:
         self.name = name
-        self.runtime = runtime
-        self.graph = graph
         self.limits = limits
         self.static = limits.scheduling == "static"
         self.speculative_tokens = limits.speculative_tokens  # 0 once a run with a draft failed
         self.on_step = on_step
         self.waiting: deque[Sequence] = deque()  # shared with the loop thread: under _lock
         self.prefilling: list[Sequence] = []  # the rest is the engine thread's own
-        # the running batch's cache, and how a prompt chunk or a decode runs on it
-        self.rows: KVRows | KVSlots = (KVSlots(graph, runtime, limits.max_sequences, fill_holes=not self.static)
-                                       if graph is not None and graph.shared_kv
-                                       else KVRows(graph, runtime, fill_holes=not self.static))
+        self.rows: KVCache = make_cache(limits)  # the running batch's cache; it runs the graphs
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._stopping = False
@@ -148,6 +144,16 @@ class GenerationEngine:
                                 f"(max {self.limits.max_queue})")
             self.waiting.append(seq)
         self._wakeup.set()
+
+    def run_here(self, seqs: list[Sequence]) -> None:
+        """Run these sequences to their ends on the calling thread, for an engine that was never
+        started (the load-time checks and warm-up run the real step this way); their events stay
+        in each sequence's outbox. A failure of the engine itself is raised."""
+        for seq in seqs:
+            self.submit(seq)
+        while not self.idle:
+            self.step()
+        self._touched.clear()
 
     def cancel(self, seq: Sequence) -> None:
         """Stop a sequence; the engine frees it within one step."""
@@ -237,7 +243,7 @@ class GenerationEngine:
     def _gauges(self, stats: StepStats) -> None:
         stats.active = self.active
         stats.queued = len(self.waiting)
-        stats.kv_cache_bytes = self.rows.nbytes + sum(p.nbytes for s in self.prefilling for p in (s.cache or []))
+        stats.kv_cache_bytes = self.rows.nbytes
 
     # -- schedule ---------------------------------------------------------------------------
 
@@ -256,9 +262,8 @@ class GenerationEngine:
         for row, seq in enumerate(self.rows.seqs):
             if not seq.finished and seq.expired(now):
                 self._expire(seq, now, stats)
-                self.rows.make_hole(row)
-        if not self.static:
-            self.rows.compact_if_sparse()
+                self.rows.finish(row)
+        self.rows.compact()
         if not (self.static and len(self.rows)):
             with self._lock:
                 while self.waiting and self.active < self.limits.max_sequences:
@@ -270,16 +275,20 @@ class GenerationEngine:
         for seq in self.prefilling:
             if budget <= 0:
                 break
-            n = min(len(seq.prompt) - seq.prefilled, max(1, budget))
+            n = len(seq.prompt) - seq.prefilled
+            if self.rows.chunked_prefill:
+                n = min(n, max(1, budget))
             plan.prefill.append((seq, n))
             budget -= n
         return plan
 
     def _draft(self) -> list[int] | None:
-        """A prompt-lookup draft for the running row, when one greedy sequence runs alone on a
-        shared buffer (its graph checks several tokens over a cache only at batch one)."""
+        """A prompt-lookup draft for the running row, when one greedy sequence runs alone and
+        the cache can verify a draft (a shared buffer's graph checks several tokens over a cache
+        only at batch one)."""
         rows, k = self.rows, self.speculative_tokens
-        if not (k and not self.static and isinstance(rows, KVSlots) and rows.rows == 1):
+        room = rows.max_draft() if k and not self.static else 0
+        if room <= 0:
             return None
         seq = rows.seqs[0]
         if seq.finished or not seq.params.greedy:
@@ -288,8 +297,7 @@ class GenerationEngine:
             seq.lookup = PromptLookup(self.limits.prompt_lookup_max, k)
         # the row's next token and the draft fit in the context and the step's token budget; the
         # sequence's last token is greedy's own
-        k = min(seq.lookup.draft_len, seq.max_new_tokens - len(seq.generated) - 1,
-                self.graph.max_length - int(rows.lengths[0]) - 1, self.limits.token_budget - 1)
+        k = min(seq.lookup.draft_len, seq.max_new_tokens - len(seq.generated) - 1, room, self.limits.token_budget - 1)
         if k <= 0:
             return None
         seq.lookup.sync(seq.prompt, seq.generated)
@@ -298,12 +306,7 @@ class GenerationEngine:
     # -- execute ----------------------------------------------------------------------------
 
     def _execute(self, plan: Plan) -> Results:
-        results = Results()
-        for seq, n in plan.prefill:
-            try:
-                results.prefill.append(self.rows.prefill(seq, n))
-            except TServeError as e:
-                results.prefill.append(e)
+        results = Results(prefill=self.rows.prefill(plan.prefill) if plan.prefill else [])
         if plan.decode:
             try:
                 if plan.draft:
@@ -341,7 +344,8 @@ class GenerationEngine:
                     self._take_decode(results.decode, now, stats)
                 for row in results.decode_failed:
                     if row < len(self.rows):  # static batching may have cleared the rows
-                        self.rows.make_hole(row)
+                        self.rows.finish(row)
+        done = []  # prompts prefilled whole this step, with their last logits
         for (seq, n), out in zip(plan.prefill, results.prefill):
             if isinstance(out, TServeError):
                 self.prefilling.remove(seq)
@@ -350,47 +354,47 @@ class GenerationEngine:
                 continue
             seq.prefilled += n
             stats.prefill_tokens += n
-            if seq.prefilled < len(seq.prompt):
-                continue
-            if not seq.finished:
-                token = sample(seq.ban_early_eos(out[0, -1]), seq.params, seq.rng)
+            if seq.prefilled == len(seq.prompt):
+                done.append((seq, out[-1]))
+        starting = [(seq, logits) for seq, logits in done if not seq.finished]  # not cancelled meanwhile
+        if starting:
+            firsts = choose_tokens(np.stack([logits for _, logits in starting]), [seq for seq, _ in starting])
+            for (seq, _), token in zip(starting, firsts):
                 if not self._emit(seq, token, now, stats):
                     self.rows.join(seq, token)
+        for seq, _ in done:
             # only now: until it is in the rows or finished, a failure handler must find it here
             self.prefilling.remove(seq)
             if seq.finished:
                 self.rows.release(seq)
-        if not self.static:
-            self.rows.compact_if_sparse()
+        self.rows.compact()
 
     def _take_decode(self, logits: np.ndarray, now: float, stats: StepStats) -> None:
         rows = self.rows
-        greedy = logits.argmax(-1)  # one call for every greedy row
-        for row, seq in enumerate(rows.seqs):
-            if seq.finished:
-                continue
-            if seq.params.greedy and seq.min_tokens <= len(seq.generated):
-                token = int(greedy[row])
-            else:  # sampled, or its end-of-sequence ids still banned (min_tokens)
-                token = sample(seq.ban_early_eos(logits[row]), seq.params, seq.rng)
-            rows.next_ids[row] = token
+        running = [(row, seq) for row, seq in enumerate(rows.seqs) if not seq.finished]
+        if len(running) < len(rows):
+            logits = logits[[row for row, _ in running]]
+        tokens = choose_tokens(logits, [seq for _, seq in running])
+        for (row, seq), token in zip(running, tokens):
+            rows.feed(row, token)
             if self._emit(seq, token, now, stats) and not self.static:
-                rows.make_hole(row)  # static batching keeps computing it, as static batching does
+                rows.finish(row)  # static batching keeps computing it, as static batching does
         if self.static and rows.live == 0:
             rows.clear()
 
     def _take_verified(self, logits: np.ndarray, draft: list[int], now: float, stats: StepStats) -> None:
-        """The one row's verified draft: greedy's tokens, as many as the draft got right plus one."""
+        """The one row's verified draft: greedy's tokens, as many as the draft got right plus one
+        (row j of the logits chooses the token j after the row's next one)."""
         rows, seq = self.rows, self.rows.seqs[0]
-        tokens = accepted(seq.ban_early_eos(logits).argmax(-1).tolist(), draft)
+        tokens = accepted(choose_tokens(logits, [seq] * len(logits), range(len(logits))), draft)
         seq.lookup.update(len(draft), len(tokens) - 1)
         stats.draft_tokens += len(draft)
         for i, token in enumerate(tokens):
-            rows.next_ids[0] = token
+            rows.feed(0, token)
             if i < len(tokens) - 1:
                 stats.accepted_tokens += 1  # a draft token kept (and streamed: counted as it goes)
             if self._emit(seq, token, now, stats):
-                rows.make_hole(0)
+                rows.finish(0)
                 return
         rows.accept(0, len(tokens) - 1)  # the kept draft tokens' columns; the last token feeds next
 

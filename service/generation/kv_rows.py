@@ -12,6 +12,9 @@ A joiner whose cache is no longer than the batch's is written into a hole in pla
 right-aligned; otherwise it is appended and everyone is left-padded to the longer past.
 `compact` gathers the live rows and trims columns that are padding for every row, once holes
 or dead columns pile up, so joins and leaves cost one sequence's cache, not the batch's.
+A sequence being prefilled keeps its own cache here (`_own`) until it joins.
+
+Implements generation/cache.py's KVCache; it verifies no drafts.
 """
 
 from __future__ import annotations
@@ -33,10 +36,13 @@ def _left_pad(a: np.ndarray, n: int, axis: int) -> np.ndarray:
 
 
 class KVRows:
+    chunked_prefill = True
+
     def __init__(self, graph: DecoderGraph, runtime: OrtRuntime, fill_holes: bool = True) -> None:
         self.graph, self.runtime = graph, runtime
         # static batching (a benchmark baseline) never reuses a row mid-batch
         self.fill_holes = fill_holes
+        self._own: dict[Sequence, list[np.ndarray]] = {}  # the past of each sequence being prefilled
         self.clear()
 
     def clear(self) -> None:
@@ -59,25 +65,32 @@ class KVRows:
 
     @property
     def nbytes(self) -> int:
-        return sum(p.nbytes for p in self.past)
+        return sum(p.nbytes for p in self.past) + sum(p.nbytes for own in self._own.values() for p in own)
 
     # -- running the graph ------------------------------------------------------------------
 
-    def prefill(self, seq: Sequence, n: int) -> np.ndarray:
-        """Run the next `n` prompt tokens of `seq` on its own cache (`seq.cache`, which this
-        extends); the logits [1, n, vocab]."""
+    def prefill(self, chunks: list[tuple[Sequence, int]]) -> list[np.ndarray | TServeError]:
+        """Each chunk in a run of its own, on its sequence's own cache (which this extends)."""
+        results: list[np.ndarray | TServeError] = []
+        for seq, n in chunks:
+            try:
+                results.append(self._prefill(seq, n))
+            except TServeError as e:
+                results.append(e)
+        return results
+
+    def _prefill(self, seq: Sequence, n: int) -> np.ndarray:
         graph, start = self.graph, seq.prefilled
         ids = np.array([seq.prompt[start : start + n]], np.int64)
         mask = np.ones((1, start + n), np.int64)
         positions = np.arange(start, start + n, dtype=np.int64)[None]
-        past = seq.cache if seq.cache is not None else graph.empty_past(1)
+        past = self._own.get(seq) or graph.empty_past(1)
         out = self.runtime.run_sync(graph.feeds(ids, mask, positions, past), graph.outputs)
-        seq.cache = out[1:]
-        return out[0]
+        self._own[seq] = out[1:]
+        return out[0][0]
 
     def release(self, seq: Sequence) -> None:
-        """A sequence that ends during its prefill drops its own cache."""
-        seq.cache = None
+        self._own.pop(seq, None)
 
     def _decode_inputs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
         """(input_ids [B, 1], attention_mask [B, columns + 1], position_ids [B, 1], past)."""
@@ -124,16 +137,28 @@ class KVRows:
         self.mask = mask
         self.positions = self.positions + 1
 
-    def make_hole(self, row: int) -> None:
+    def feed(self, row: int, token: int) -> None:
+        self.next_ids[row] = token
+
+    def finish(self, row: int) -> None:
         self.mask[row] = 0
         self.next_ids[row] = 0  # a hole still computes: never with a token that made a run fail
+
+    def max_draft(self) -> int:
+        return 0  # drafts are checked on a shared buffer only (KVSlots)
+
+    def verify(self, draft: list[int]) -> np.ndarray:
+        raise NotImplementedError("KVRows verifies no drafts (max_draft is 0)")
+
+    def accept(self, row: int, n: int) -> None:
+        raise NotImplementedError("KVRows verifies no drafts (max_draft is 0)")
 
     # -- joins and leaves -------------------------------------------------------------------
 
     def join(self, seq: Sequence, token: int) -> None:
-        """Add a prefilled sequence (its cache `seq.cache`: [1, heads, length, head_dim] each)
-        whose next input is `token`."""
-        cache, seq.cache = seq.cache, None
+        """Add a prefilled sequence (its own cache: [1, heads, length, head_dim] each) whose next
+        input is `token`."""
+        cache = self._own.pop(seq)
         length = cache[0].shape[2]
         if not self.seqs:
             self.seqs = [seq]
@@ -166,18 +191,16 @@ class KVRows:
         live = self.mask.any(axis=0)
         return int(np.argmax(live)) if live.any() else self.mask.shape[1]
 
-    def compact_if_sparse(self) -> bool:
+    def compact(self) -> None:
         """Compact once holes are half the rows or dead columns a quarter of the width (at
-        least 16). Returns whether it did."""
-        if not self.seqs:
-            return False
+        least 16); static batching never does."""
+        if not (self.seqs and self.fill_holes):
+            return
         holes = self.holes
         if (holes and 2 * holes >= len(self.seqs)) or self.dead_columns() >= max(16, self.mask.shape[1] // 4):
-            self.compact()
-            return True
-        return False
+            self.gather_live()
 
-    def compact(self) -> None:
+    def gather_live(self) -> None:
         """Keep only the live rows, and trim the columns that are padding for all of them."""
         keep = [i for i, s in enumerate(self.seqs) if not s.finished]
         if not keep:

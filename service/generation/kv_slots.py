@@ -26,6 +26,10 @@ otherwise reallocate the buffers for every sequence), so after a long sequence t
 runs wide until its first compaction. The model manager refuses a model whose widest buffers
 (slots x context) would exceed `generation_kv_buffer_max_bytes`;
 `tserve_generation_kv_cache_bytes` counts the columns in use.
+
+Implements generation/cache.py's KVCache, drafts included: a row running alone verifies a
+prompt-lookup draft (ONNX Runtime's CPU GroupQueryAttention takes several new tokens over a
+cache only at batch one).
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ def _width(columns: int, max_length: int) -> int:
 
 
 class KVSlots:
+    chunked_prefill = True
+
     def __init__(self, graph: DecoderGraph, runtime: OrtRuntime, slots: int, fill_holes: bool = True) -> None:
         self.graph, self.runtime = graph, runtime
         # static batching (a benchmark baseline) keeps finished rows computing until all end
@@ -60,6 +66,7 @@ class KVSlots:
         self.column_bytes = column_bytes(graph)  # one token of one sequence, every past input
         self.lengths = np.zeros(slots, np.int64)
         self.owner: list[Sequence | None] = [None] * slots
+        self.slot_of: dict[Sequence, int] = {}  # every sequence holding a slot: running or prefilling
         self.rows = 0
         self.next_ids = np.zeros(slots, np.int64)
         self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
@@ -71,7 +78,7 @@ class KVSlots:
     def clear(self) -> None:
         """Drop the running rows (their sequences have ended); slots being prefilled stay theirs."""
         for row in range(self.rows):
-            self.owner[row].slot = None
+            del self.slot_of[self.owner[row]]
             self.owner[row] = None
         self.lengths[: self.rows] = 0
         self.rows = 0
@@ -175,25 +182,36 @@ class KVSlots:
             self._logits = np.zeros((len(self.owner), 1, logits.shape[-1]), logits.dtype)
         return logits
 
-    def prefill(self, seq: Sequence, n: int) -> np.ndarray:
-        """Run the next `n` prompt tokens of `seq` into its own slot; the logits [1, n, vocab]."""
-        if seq.slot is None:
-            seq.slot = next(s for s in range(self.rows, len(self.owner)) if self.owner[s] is None)
-            self.owner[seq.slot] = seq
-            self.lengths[seq.slot] = 0
+    def prefill(self, chunks: list[tuple[Sequence, int]]) -> list[np.ndarray | TServeError]:
+        """Each chunk in a run of its own, into its sequence's own slot."""
+        results: list[np.ndarray | TServeError] = []
+        for seq, n in chunks:
+            try:
+                results.append(self._prefill(seq, n))
+            except TServeError as e:
+                results.append(e)
+        return results
+
+    def _prefill(self, seq: Sequence, n: int) -> np.ndarray:
+        slot = self.slot_of.get(seq)
+        if slot is None:
+            slot = self.slot_of[seq] = next(s for s in range(self.rows, len(self.owner)) if self.owner[s] is None)
+            self.owner[slot] = seq
+            self.lengths[slot] = 0
         start = seq.prefilled
         ids = np.array([seq.prompt[start : start + n]], np.int64)
-        logits = self._run(seq.slot, seq.slot + 1, ids, np.ones((1, start + n), np.int64))
-        self.lengths[seq.slot] = start + n
-        return logits
+        logits = self._run(slot, slot + 1, ids, np.ones((1, start + n), np.int64))
+        self.lengths[slot] = start + n
+        return logits[0]
 
     def release(self, seq: Sequence) -> None:
-        """A sequence that ends during its prefill gives its slot back."""
-        slot = seq.slot
-        if slot is not None and slot >= self.rows and self.owner[slot] is seq:
+        """A sequence that ends during its prefill gives its slot back (a running row's stays
+        until compaction or clear)."""
+        slot = self.slot_of.get(seq)
+        if slot is not None and slot >= self.rows:
+            del self.slot_of[seq]
             self.owner[slot] = None
             self.lengths[slot] = 0
-        seq.slot = None
 
     def _mask(self, rows: np.ndarray) -> np.ndarray:
         lengths = self.lengths[rows] + 1
@@ -211,6 +229,12 @@ class KVSlots:
         else:
             self.lengths[[r for r in range(self.rows) if not self.owner[r].finished]] += 1
         return logits[:, -1]
+
+    def max_draft(self) -> int:
+        """A row running alone may verify a draft, within the context."""
+        if self.rows != 1 or not self.fill_holes:
+            return 0
+        return max(0, self.graph.max_length - int(self.lengths[0]) - 1)
 
     def verify(self, draft: list[int]) -> np.ndarray:
         """The one running row's next token and a draft of the tokens after it, in one run
@@ -262,36 +286,36 @@ class KVSlots:
         self.next_ids[dst] = self.next_ids[src]
         mover = self.owner[src]
         self.owner[src], self.owner[dst] = other, mover
-        mover.slot = dst
+        self.slot_of[mover] = dst
         if other is not None:
-            other.slot = src
+            self.slot_of[other] = src
 
     def join(self, seq: Sequence, token: int) -> None:
         """Make a prefilled sequence the next running row, feeding `token` next."""
-        if seq.slot != self.rows:
-            self._move(seq.slot, self.rows)
+        if self.slot_of[seq] != self.rows:
+            self._move(self.slot_of[seq], self.rows)
         self.next_ids[self.rows] = token
         self.rows += 1
 
-    def make_hole(self, row: int) -> None:
-        """A finished row stays until compaction, its output ignored; it never again feeds a
-        token that made a run fail."""
+    def feed(self, row: int, token: int) -> None:
+        self.next_ids[row] = token
+
+    def finish(self, row: int) -> None:
         self.next_ids[row] = 0
 
-    def compact_if_sparse(self) -> bool:
+    def compact(self) -> None:
         """Drop the finished rows whenever there are any (moving a few live rows is cheap here,
         unlike KVRows, which waits for sparseness): the live rows after the first `live` slots
-        move into the holes before them, one sequence's columns each. Returns whether any row
-        left."""
+        move into the holes before them, one sequence's columns each. Static batching keeps them."""
         if not self.fill_holes:
-            return False
+            return
         finished = [r for r in range(self.rows) if self.owner[r].finished]
         if not finished:
-            return False
+            return
         live = self.rows - len(finished)
         movers = [r for r in range(live, self.rows) if not self.owner[r].finished]
         for row in finished:
-            self.owner[row].slot = None
+            del self.slot_of[self.owner[row]]
             self.owner[row] = None
             self.lengths[row] = 0
         for hole, row in zip((r for r in finished if r < live), movers):
@@ -299,4 +323,3 @@ class KVSlots:
         self.rows = live
         if live:  # an empty batch keeps its width: the next sequences would widen it again
             self._narrow_if_wide()
-        return True

@@ -62,10 +62,9 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0  # characters of `text` already streamed
-    prefilled: int = 0  # prompt tokens whose keys/values are cached
-    cache: list[np.ndarray] | None = None  # during prefill: this sequence's own past (KVRows)
-    slot: int | None = None  # its slot in a shared KV buffer (KVSlots)
+    prefilled: int = 0  # prompt tokens whose keys/values are cached (what each cache keeps is its own)
     lookup: PromptLookup | None = None  # its n-gram index, once it drafts (speculative decoding)
+    logits_seen: list[np.ndarray] | None = None  # when a list: each token's logits, as the model gave them (load-time checks)
     arrived: float = field(default_factory=time.monotonic)
     admitted: float = 0.0
     first_token_at: float = 0.0
@@ -116,26 +115,12 @@ class Sequence:
         self.emitted = safe
         return None
 
-    def ban_early_eos(self, logits: np.ndarray) -> np.ndarray:
-        """Set, in place, the end-of-sequence ids' logits to -inf for the next tokens that would
-        come before `min_tokens`: `logits` is [vocab] for the next token or [n, vocab] for the
-        next n. Returns `logits`."""
-        banned = self.min_tokens - len(self.generated)
-        if banned > 0 and self.eos_token_ids:
-            ids = list(self.eos_token_ids)
-            if logits.ndim == 1:
-                logits[ids] = -np.inf
-            else:
-                logits[:banned, ids] = -np.inf
-        return logits
-
     def finish(self, reason: FinishReason, now: float, last_token: int | None = None,
                error: TServeError | None = None) -> bool:
         """End the sequence with its last event; False if it had already ended."""
         if self.finish_reason is not None:
             return False
         self.finish_reason = reason
-        self.cache = None
         self.outbox.append(Event(
             text=self.text[self.emitted :],
             token_ids=[] if last_token is None else [last_token],

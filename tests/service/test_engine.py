@@ -1,64 +1,105 @@
-"""The generation engine, in-process, on the shipped bytegpt's two graphs (real ONNX decoders:
-the traced one and the fused GroupQueryAttention one over a shared KV buffer): joins, holes,
-compaction, chunked prefill, cancel, deadlines and failure isolation."""
+"""The generation engine, in-process, on every cache it runs (real ONNX graphs): the shipped
+bytegpt's traced graph (KVRows: numpy caches, left-padded rows), its fused GroupQueryAttention
+graph (KVSlots: a shared KV buffer) and the shipped encoder-decoder namegen (Seq2SeqCache):
+joins, holes, compaction, chunked prefill, cancel, deadlines and failure isolation. Tests of
+one cache's own feature (drafts, a widening buffer) run on that cache."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from service.conventions.decoder import DecoderGraph
+from service.conventions.seq2seq import DECODER, DECODER_WITH_PAST, ENCODER
 from service.errors import DeadlineExceeded, InvalidInput
 from service.generation.engine import EngineLimits, GenerationEngine
+from service.generation.kv_rows import KVRows
+from service.generation.kv_slots import KVSlots
 from service.generation.sampling import SamplingParams
+from service.generation.seq2seq_cache import Seq2SeqCache
 from service.generation.sequence import FinishReason, Sequence
 from service.metrics import Metrics
-from service.models import ModelManager
+from service.models import ModelManager, decoder_cache, seq2seq_cache
 from service.settings import Settings
-from tests.conftest import DEFAULT_REPOSITORY, bytegpt_text, bytegpt_tokenizer
+from tests.conftest import DEFAULT_REPOSITORY
 
-PROMPTS = [bytegpt_tokenizer().encode(text) for text in ("def fibonacci(n):", "import os\n",
-           "class Stack:\n    def push(self, x):", "for i in range(10):", "x", "return self._data[key]")]
-LENGTHS = [40, 7, 25, 3, 33, 12]
+TEXTS = ("def fibonacci(n):", "import os\n", "class Stack:\n    def push(self, x):", "for i in range(10):", "x",
+         "return self._data[key]")
+LENGTHS = [38, 7, 25, 3, 33, 12]  # within namegen's longest output (39)
 
 
-LOOP = asyncio.new_event_loop()  # one loop for the module: the loaded model's tasks live on it
+LOOP = asyncio.new_event_loop()  # one loop for the module: the loaded models' tasks live on it
 
 
 @dataclass(frozen=True)
-class Graph:
-    """What an engine runs on: the model's name, an ORT runtime and its decoder graph."""
+class Model:
+    """What an engine runs on: a cache built over the model's runtimes (each passed through
+    `wrap` first: a test's fault injection), and the model's tokenizer."""
 
     name: str
-    runtime: object
-    decoder: DecoderGraph
+    factory: Callable  # (*runtimes, limits) -> KVCache
+    runtimes: tuple
+    tokenizer: object
+
+    def make_cache(self, wrap=lambda runtime: runtime):
+        runtimes = [wrap(r) for r in self.runtimes]
+        return lambda limits: self.factory(*runtimes, limits)
+
+    @property
+    def prompts(self) -> list[list[int]]:
+        return [self.tokenizer.encode(t, False) for t in TEXTS]
+
+    def text(self, tokens: list[int]) -> str:
+        decoder = self.tokenizer.decoder()
+        return "".join(decoder.push(t) for t in tokens) + decoder.flush()
 
 
 @pytest.fixture(scope="module")
-def loaded():
+def manager():
     async def load():
         manager = ModelManager(Settings(model_repository=DEFAULT_REPOSITORY), Metrics(CollectorRegistry()))
         await manager.load("bytegpt")
+        await manager.load("namegen")
         return manager
 
     manager = LOOP.run_until_complete(load())
-    yield manager.get("bytegpt")
+    yield manager
     LOOP.run_until_complete(manager.close())
 
 
-@pytest.fixture(scope="module", params=["model.onnx", "model_gqa.onnx"])
-def bytegpt(request, loaded) -> Graph:
-    """Every test runs on both of the shipped model's graphs: the traced one (numpy caches,
-    left-padded rows) and the fused generation graph (a shared KV buffer, KVSlots), which the
-    server checked against the traced one at load."""
-    if request.param == "model.onnx":
-        return Graph(loaded.name, loaded.runtime, loaded.spec.decoder)
-    assert loaded.generation_graph is not None and loaded.generation_graph.shared_kv
-    return Graph(loaded.name, loaded.generation_runtime, loaded.generation_graph)
+def traced_model(manager) -> Model:
+    mv = manager.get("bytegpt")
+    return Model(mv.name, partial(decoder_cache, mv.spec.decoder), (mv.graphs["model.onnx"],), mv.generation.tokenizer)
+
+
+def fused_model(manager) -> Model:
+    mv = manager.get("bytegpt")
+    graph, runtime = mv.make_cache.args  # the fused graph the server checked against the traced one at load
+    assert graph.shared_kv and runtime is mv.graphs["model_gqa.onnx"]
+    return Model(mv.name, partial(decoder_cache, graph), (runtime,), mv.generation.tokenizer)
+
+
+def seq2seq_model(manager) -> Model:
+    mv = manager.get("namegen")
+    return Model(mv.name, partial(seq2seq_cache, mv.spec), tuple(mv.graphs[f] for f in (ENCODER, DECODER, DECODER_WITH_PAST)),
+                 mv.generation.tokenizer)
+
+
+CACHES = {"KVRows": (traced_model, KVRows), "KVSlots": (fused_model, KVSlots), "Seq2SeqCache": (seq2seq_model, Seq2SeqCache)}
+
+
+@pytest.fixture(scope="module", params=list(CACHES))
+def model(request, manager) -> Model:
+    """Every engine test runs on each cache."""
+    build, kind = CACHES[request.param]
+    m = build(manager)
+    assert isinstance(m.make_cache()(EngineLimits()), kind)
+    return m
 
 
 async def drain(seq: Sequence) -> list:
@@ -68,13 +109,13 @@ async def drain(seq: Sequence) -> list:
     return events
 
 
-def run(mv, jobs: list[Sequence], limits: EngineLimits, steps: list | None = None, during=None,
-        engines: list | None = None) -> list[list]:
+def run(m: Model, jobs: list[Sequence], limits: EngineLimits, steps: list | None = None, during=None,
+        engines: list | None = None, wrap=lambda runtime: runtime) -> list[list]:
     """Submit every job at once; returns each job's events (and appends the closed engine to
     `engines`, for a look at its state)."""
 
     async def main():
-        engine = GenerationEngine(mv.name, mv.runtime, mv.decoder, limits, on_step=steps.append if steps is not None else None)
+        engine = GenerationEngine(m.name, m.make_cache(wrap), limits, on_step=steps.append if steps is not None else None)
         if engines is not None:
             engines.append(engine)
         engine.start()
@@ -99,61 +140,61 @@ def tokens(events: list) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def alone(bytegpt) -> list[list[int]]:
+def alone(model) -> list[list[int]]:
     """Each prompt generated on its own: the reference for every batched run."""
-    return [tokens(run(bytegpt, [greedy(p, n)], EngineLimits(max_sequences=1))[0]) for p, n in zip(PROMPTS, LENGTHS)]
+    return [tokens(run(model, [greedy(p, n)], EngineLimits(max_sequences=1))[0]) for p, n in zip(model.prompts, LENGTHS)]
 
 
-def test_a_busy_batch_gives_each_sequence_its_tokens_alone(bytegpt, alone):
+def test_a_busy_batch_gives_each_sequence_its_tokens_alone(model, alone):
     """Three slots for six sequences of mixed lengths and a small token budget: prompts are run
     in chunks, finished rows become holes that joiners fill, and the batch never grows past the
     slots."""
     steps = []
-    results = run(bytegpt, [greedy(p, n) for p, n in zip(PROMPTS, LENGTHS)],
+    results = run(model, [greedy(p, n) for p, n in zip(model.prompts, LENGTHS)],
                   EngineLimits(max_sequences=3, token_budget=8), steps)
     assert [tokens(r) for r in results] == alone
     assert all(r[-1].finish_reason == FinishReason.LENGTH for r in results)
     assert [r[-1].generated_tokens for r in results] == LENGTHS
     assert max(s.decode_rows for s in steps) <= 3  # joiners took holes instead of adding rows
-    assert sum(s.prefill_tokens for s in steps) == sum(map(len, PROMPTS))
+    assert sum(s.prefill_tokens for s in steps) == sum(map(len, model.prompts))
     assert sum(s.tokens for s in steps) == sum(LENGTHS)
     assert steps[-1].active == 0 and steps[-1].kv_cache_bytes == 0
 
 
-def test_static_batching_gives_the_same_tokens(bytegpt, alone):
+def test_static_batching_gives_the_same_tokens(model, alone):
     """A small token budget: a batch starts decoding while later members still prefill, and
     ends while they do; the next batch's members must not take their slots."""
-    results = run(bytegpt, [greedy(p, n) for p, n in zip(PROMPTS, LENGTHS)],
+    results = run(model, [greedy(p, n) for p, n in zip(model.prompts, LENGTHS)],
                   EngineLimits(max_sequences=4, token_budget=8, scheduling="static"))
     assert [tokens(r) for r in results] == alone
 
 
-def test_static_batching_keeps_a_prefilling_sequence_whole(bytegpt):
+def test_static_batching_keeps_a_prefilling_sequence_whole(model):
     """Two one-token prompts join and end while a long prompt is still being prefilled in
     chunks; the batch is cleared and two newcomers are admitted beside it. Every sequence still
     gets its tokens alone (the newcomers must not take the long prompt's cache slot)."""
-    long = bytegpt_tokenizer().encode("class Stack:\n    def push(self, x):\n        self.items.append(x)\n"
+    long = model.tokenizer.encode("class Stack:\n    def push(self, x):\n        self.items.append(x)\n"
                                       "    def pop(self):\n        return self.items.pop()\n")
-    jobs = [(PROMPTS[4], 2), (PROMPTS[4], 2), (long, 5), (PROMPTS[0], 6), (PROMPTS[1], 6)]
-    assert len(long) > 16 and len(PROMPTS[4]) == 1
-    want = [tokens(run(bytegpt, [greedy(p, n)], EngineLimits(max_sequences=1))[0]) for p, n in jobs]
-    got = run(bytegpt, [greedy(p, n) for p, n in jobs], EngineLimits(max_sequences=3, token_budget=8, scheduling="static"))
+    jobs = [(model.prompts[4], 2), (model.prompts[4], 2), (long, 5), (model.prompts[0], 6), (model.prompts[1], 6)]
+    assert len(long) > 16 and len(model.prompts[4]) == 1
+    want = [tokens(run(model, [greedy(p, n)], EngineLimits(max_sequences=1))[0]) for p, n in jobs]
+    got = run(model, [greedy(p, n) for p, n in jobs], EngineLimits(max_sequences=3, token_budget=8, scheduling="static"))
     assert [tokens(r) for r in got] == want
 
 
-def test_seeded_sampling_does_not_depend_on_the_batch(bytegpt):
+def test_seeded_sampling_does_not_depend_on_the_batch(model):
     def sampled() -> Sequence:
-        return Sequence("s", list(PROMPTS[0]), SamplingParams(temperature=0.9, top_k=40, seed=11), 30)
+        return Sequence("s", list(model.prompts[0]), SamplingParams(temperature=0.9, top_k=40, seed=11), 30)
 
-    by_itself = tokens(run(bytegpt, [sampled()], EngineLimits())[0])
-    crowd = [greedy(p, n) for p, n in zip(PROMPTS, LENGTHS)]
-    in_a_crowd = run(bytegpt, [*crowd[:3], sampled(), *crowd[3:]], EngineLimits(max_sequences=4))[3]
+    by_itself = tokens(run(model, [sampled()], EngineLimits())[0])
+    crowd = [greedy(p, n) for p, n in zip(model.prompts, LENGTHS)]
+    in_a_crowd = run(model, [*crowd[:3], sampled(), *crowd[3:]], EngineLimits(max_sequences=4))[3]
     assert tokens(in_a_crowd) == by_itself
 
 
-def test_cancel_frees_the_slot_and_leaves_the_others_alone(bytegpt, alone):
-    long = greedy(PROMPTS[1], 200)
-    others = [greedy(p, n) for p, n in zip(PROMPTS[:3], LENGTHS[:3])]
+def test_cancel_frees_the_slot_and_leaves_the_others_alone(model, alone):
+    long = greedy(model.prompts[1], 200)
+    others = [greedy(p, n) for p, n in zip(model.prompts[:3], LENGTHS[:3])]
 
     async def cancel_after_first_token(engine):
         first = await long.events.get()
@@ -161,46 +202,46 @@ def test_cancel_frees_the_slot_and_leaves_the_others_alone(bytegpt, alone):
         engine.cancel(long)
         long.events.put_nowait(first)  # keep the stream whole for drain()
 
-    results = run(bytegpt, [long, *others], EngineLimits(max_sequences=2), during=cancel_after_first_token)
+    results = run(model, [long, *others], EngineLimits(max_sequences=2), during=cancel_after_first_token)
     assert results[0][-1].finish_reason == FinishReason.CANCELLED and len(tokens(results[0])) < 200
     assert [tokens(r) for r in results[1:]] == alone[:3]
 
 
-def test_a_sequence_past_its_deadline_is_ended(bytegpt):
-    late = greedy(PROMPTS[0], 50, deadline=time.monotonic() - 1)
-    events = run(bytegpt, [late], EngineLimits())[0]
+def test_a_sequence_past_its_deadline_is_ended(model):
+    late = greedy(model.prompts[0], 50, deadline=time.monotonic() - 1)
+    events = run(model, [late], EngineLimits())[0]
     assert events[-1].finish_reason == FinishReason.DEADLINE and events[-1].generated_tokens == 0
     assert isinstance(events[-1].error, DeadlineExceeded)
 
 
-def test_a_failing_prompt_ends_only_its_own_sequence(bytegpt, alone):
+def test_a_failing_prompt_ends_only_its_own_sequence(model, alone):
     """A token id the embedding does not have (the data plane refuses it; here it reaches ONNX
     Runtime) fails that sequence's prompt run; the rest generate as if it never came."""
     bad = greedy([1, 2, 70000, 3], 10)
-    good = [greedy(p, n) for p, n in zip(PROMPTS, LENGTHS)]
-    results = run(bytegpt, [*good[:2], bad, *good[2:]], EngineLimits(max_sequences=4))
+    good = [greedy(p, n) for p, n in zip(model.prompts, LENGTHS)]
+    results = run(model, [*good[:2], bad, *good[2:]], EngineLimits(max_sequences=4))
     failed = results[2][-1]
     assert failed.finish_reason == FinishReason.ERROR and failed.error is not None
     assert [tokens(r) for r in results[:2] + results[3:]] == alone
 
 
-def test_eos_and_stop_end_a_sequence(bytegpt, alone):
+def test_eos_and_stop_end_a_sequence(model, alone):
     reference = alone[5]  # the greedy continuation of "return self._data[key]"
     k = next(i for i in range(1, len(reference)) if reference[i] not in reference[:i])
-    eos = greedy(PROMPTS[5], 12, eos_token_ids=frozenset({reference[k]}))
-    events = run(bytegpt, [eos], EngineLimits())[0]
+    eos = greedy(model.prompts[5], 12, eos_token_ids=frozenset({reference[k]}))
+    events = run(model, [eos], EngineLimits())[0]
     assert events[-1].finish_reason == FinishReason.EOS and tokens(events) == reference[: k + 1]
 
-    text = bytegpt_text(reference)
+    text = model.text(reference)
     stop = text[3:6]
-    stopped = greedy(PROMPTS[5], 12, stop=(stop,), decoder=bytegpt_tokenizer().decoder())
-    events = run(bytegpt, [stopped], EngineLimits())[0]
+    stopped = greedy(model.prompts[5], 12, stop=(stop,), decoder=model.tokenizer.decoder())
+    events = run(model, [stopped], EngineLimits())[0]
     assert events[-1].finish_reason == FinishReason.STOP
     assert "".join(e.text for e in events) == text[: text.index(stop)]
 
 
 class PoisonedRuntime:
-    """The real bytegpt runtime, except that any run whose input_ids hold `poison` fails as ONNX
+    """A model's real runtime, except that any run whose input_ids hold `poison` fails as ONNX
     Runtime would fail on a bad input: a fault to find inside a batched decode."""
 
     def __init__(self, runtime, poison: int) -> None:
@@ -237,20 +278,20 @@ class PoisonedBinding:
         return getattr(self.binding, name)
 
 
-def test_a_failing_decode_row_is_found_and_ends_alone(bytegpt, alone):
+def test_a_failing_decode_row_is_found_and_ends_alone(model, alone):
     """The batched decode fails; the engine re-runs the rows apart, ends only the culprit with
     the error, and every other sequence goes on with exactly its tokens alone."""
     culprit, k, poison = next(
         (i, k, t) for i, ref in enumerate(alone) for k, t in enumerate(ref[:-1]) if k >= 1 and t not in ref[:k]
-        and all(t not in other_prompt for other_prompt in PROMPTS)
+        and all(t not in other_prompt for other_prompt in model.prompts)
         and all(t not in other for j, other in enumerate(alone) if j != i))
-    runtime = PoisonedRuntime(bytegpt.runtime, poison)
 
     async def main():
-        engine = GenerationEngine(bytegpt.name, runtime, bytegpt.decoder, EngineLimits(max_sequences=8))
+        engine = GenerationEngine(model.name, model.make_cache(lambda r: PoisonedRuntime(r, poison)),
+                                  EngineLimits(max_sequences=8))
         engine.start()
         try:
-            seqs = [greedy(p, n) for p, n in zip(PROMPTS, LENGTHS)]
+            seqs = [greedy(p, n) for p, n in zip(model.prompts, LENGTHS)]
             for seq in seqs:
                 engine.submit(seq)
             return await asyncio.gather(*(drain(s) for s in seqs))
@@ -264,12 +305,12 @@ def test_a_failing_decode_row_is_found_and_ends_alone(bytegpt, alone):
     assert [tokens(r) for i, r in enumerate(results) if i != culprit] == [a for i, a in enumerate(alone) if i != culprit]
 
 
-def test_a_step_that_fails_while_joining_leaves_no_sequence_unanswered(bytegpt):
+def test_a_step_that_fails_while_joining_leaves_no_sequence_unanswered(model):
     """An unexpected failure in the middle of the update (here the cache merge of the second
     joiner) must end every sequence the step held, never leave one waiting for ever."""
 
     async def main():
-        engine = GenerationEngine(bytegpt.name, bytegpt.runtime, bytegpt.decoder, EngineLimits(max_sequences=8))
+        engine = GenerationEngine(model.name, model.make_cache(), EngineLimits(max_sequences=8))
         join, calls = engine.rows.join, []
 
         def failing_join(seq, token):
@@ -281,7 +322,7 @@ def test_a_step_that_fails_while_joining_leaves_no_sequence_unanswered(bytegpt):
         engine.rows.join = failing_join
         engine.start()
         try:
-            seqs = [greedy(p, 30) for p in PROMPTS[:3]]
+            seqs = [greedy(p, 30) for p in model.prompts[:3]]
             for seq in seqs:
                 engine.submit(seq)
             return await asyncio.wait_for(asyncio.gather(*(drain(s) for s in seqs)), timeout=30)
@@ -294,18 +335,21 @@ def test_a_step_that_fails_while_joining_leaves_no_sequence_unanswered(bytegpt):
     assert any(e.finish_reason == FinishReason.ERROR and "generation step failed" in e.error.message for e in ends)
 
 
-def test_the_fused_graph_generates_the_traced_graphs_tokens(loaded):
-    """The two graphs, each sequence alone: the same greedy tokens."""
-    graphs = [Graph(loaded.name, loaded.runtime, loaded.spec.decoder),
-              Graph(loaded.name, loaded.generation_runtime, loaded.generation_graph)]
-    plain, fused = ([tokens(run(g, [greedy(p, n)], EngineLimits(max_sequences=1))[0]) for p, n in zip(PROMPTS, LENGTHS)]
-                    for g in graphs)
-    assert fused == plain
+@pytest.fixture(scope="module")
+def fused(manager) -> Model:
+    return fused_model(manager)
 
 
 @pytest.fixture(scope="module")
-def fused(loaded) -> Graph:
-    return Graph(loaded.name, loaded.generation_runtime, loaded.generation_graph)
+def traced(manager) -> Model:
+    return traced_model(manager)
+
+
+def test_the_fused_graph_generates_the_traced_graphs_tokens(traced, fused):
+    """The two graphs, each sequence alone: the same greedy tokens."""
+    plain, fast = ([tokens(run(g, [greedy(p, n)], EngineLimits(max_sequences=1))[0]) for p, n in zip(fused.prompts, LENGTHS)]
+                   for g in (traced, fused))
+    assert fast == plain
 
 
 SPECULATIVE = EngineLimits(max_sequences=4, speculative_tokens=8)
@@ -316,10 +360,10 @@ def test_speculation_makes_greedys_tokens_in_fewer_runs(fused):
     the tokens it makes a token a run (120 each, long enough for the small model to repeat
     itself), drafts are kept, and there are fewer steps than tokens."""
     plain, drafted = [], []
-    one_by_one = [tokens(run(fused, [greedy(p, 120)], EngineLimits(max_sequences=4), plain)[0]) for p in PROMPTS]
-    speculated = [tokens(run(fused, [greedy(p, 120)], SPECULATIVE, drafted)[0]) for p in PROMPTS]
+    one_by_one = [tokens(run(fused, [greedy(p, 120)], EngineLimits(max_sequences=4), plain)[0]) for p in fused.prompts]
+    speculated = [tokens(run(fused, [greedy(p, 120)], SPECULATIVE, drafted)[0]) for p in fused.prompts]
     assert speculated == one_by_one
-    assert sum(s.tokens for s in drafted) == 120 * len(PROMPTS)
+    assert sum(s.tokens for s in drafted) == 120 * len(fused.prompts)
     kept, proposed = sum(s.accepted_tokens for s in drafted), sum(s.draft_tokens for s in drafted)
     assert 0 < kept <= proposed
     assert len(drafted) == len(plain) - kept  # every kept draft token saved a run
@@ -330,11 +374,11 @@ def test_speculation_ends_where_one_at_a_time_ends(fused):
     """eos, a stop sequence and max_new_tokens that fall inside a kept draft ("import os" goes
     on as "import os" lines, drafted from the prompt at once) end the sequence at the same token
     and text as decoding a token a run, in fewer steps."""
-    reference = tokens(run(fused, [greedy(PROMPTS[1], 12)], EngineLimits())[0])
-    assert bytegpt_text(reference).startswith("import os\nimport os\n")
-    endings = [lambda: greedy(PROMPTS[1], 120, eos_token_ids=frozenset({reference[2]})),
-               lambda: greedy(PROMPTS[1], 120, stop=("s\nimp",), decoder=bytegpt_tokenizer().decoder()),
-               lambda: greedy(PROMPTS[1], 37)]
+    reference = tokens(run(fused, [greedy(fused.prompts[1], 12)], EngineLimits())[0])
+    assert fused.text(reference).startswith("import os\nimport os\n")
+    endings = [lambda: greedy(fused.prompts[1], 120, eos_token_ids=frozenset({reference[2]})),
+               lambda: greedy(fused.prompts[1], 120, stop=("s\nimp",), decoder=fused.tokenizer.decoder()),
+               lambda: greedy(fused.prompts[1], 37)]
     for job in endings:
         plain_steps, steps = [], []
         plain = run(fused, [job()], EngineLimits(), plain_steps)[0]
@@ -344,14 +388,13 @@ def test_speculation_ends_where_one_at_a_time_ends(fused):
         assert len(steps) < len(plain_steps) and sum(s.accepted_tokens for s in steps) > 0
 
 
-def test_speculation_drafts_only_for_a_greedy_sequence_alone(fused, loaded):
+def test_speculation_drafts_only_for_a_greedy_sequence_alone(fused, traced):
     """Two rows at once (ONNX Runtime's CPU GroupQueryAttention checks several tokens over a
     cache only at batch one), a sampled sequence, and the traced graph: no drafts, and the same
     tokens as without speculation."""
-    traced = Graph(loaded.name, loaded.runtime, loaded.spec.decoder)
-    cases = [(fused, lambda: [greedy(PROMPTS[0], 60), greedy(PROMPTS[2], 60)]),
-             (fused, lambda: [Sequence("r", list(PROMPTS[0]), SamplingParams(temperature=1.0, seed=7), 60)]),
-             (traced, lambda: [greedy(PROMPTS[0], 60)])]
+    cases = [(fused, lambda: [greedy(fused.prompts[0], 60), greedy(fused.prompts[2], 60)]),
+             (fused, lambda: [Sequence("r", list(fused.prompts[0]), SamplingParams(temperature=1.0, seed=7), 60)]),
+             (traced, lambda: [greedy(fused.prompts[0], 60)])]
     for graph, jobs in cases:
         steps = []
         assert [tokens(e) for e in run(graph, jobs(), SPECULATIVE, steps)] == \
@@ -359,31 +402,29 @@ def test_speculation_drafts_only_for_a_greedy_sequence_alone(fused, loaded):
         assert sum(s.draft_tokens for s in steps) == 0
 
 
-def test_the_fused_graph_widening_its_buffer_mid_batch_gives_the_traced_graphs_tokens(loaded, fused):
+def test_the_fused_graph_widening_its_buffer_mid_batch_gives_the_traced_graphs_tokens(traced, fused):
     """Three sequences of 150 tokens in one batch: the shared buffer starts 64 columns wide and
     is widened twice while they decode; each gets the traced graph's tokens alone."""
-    traced = Graph(loaded.name, loaded.runtime, loaded.spec.decoder)
-    alone = [tokens(run(traced, [greedy(p, 150)], EngineLimits(max_sequences=1))[0]) for p in PROMPTS[:3]]
+    alone = [tokens(run(traced, [greedy(p, 150)], EngineLimits(max_sequences=1))[0]) for p in fused.prompts[:3]]
     engines = []
-    batched = run(fused, [greedy(p, 150) for p in PROMPTS[:3]], EngineLimits(max_sequences=3), engines=engines)
+    batched = run(fused, [greedy(p, 150) for p in fused.prompts[:3]], EngineLimits(max_sequences=3), engines=engines)
     assert [tokens(e) for e in batched] == alone
-    longest = max(len(p) for p in PROMPTS[:3]) + 150
+    longest = max(len(p) for p in fused.prompts[:3]) + 150
     assert 128 < longest <= 192 == engines[0].rows.width  # 64, then 128, then 192 columns
 
 
-def test_min_tokens_keeps_eos_away_until_then(bytegpt, fused, alone):
+def test_min_tokens_keeps_eos_away_until_then(model, alone):
     """An eos id that greedy decoding would choose at position k: with min_tokens k + 2 it is
-    not chosen before, and the sequence goes on from the next best token; the same with a
-    draft verified over it."""
+    not chosen before, and the sequence goes on from the next best token; the same with
+    speculation on (on the shared buffer, a draft verified over it)."""
     reference = alone[5]
     k = next(i for i in range(1, len(reference)) if reference[i] not in reference[:i])
     eos = frozenset({reference[k]})
-    got = tokens(run(bytegpt, [greedy(PROMPTS[5], 12, eos_token_ids=eos, min_tokens=k + 2)], EngineLimits())[0])
+    got = tokens(run(model, [greedy(model.prompts[5], 12, eos_token_ids=eos, min_tokens=k + 2)], EngineLimits())[0])
     assert got[:k] == reference[:k] and reference[k] not in got[: k + 2] and len(got) >= k + 2
-    assert tokens(run(bytegpt, [greedy(PROMPTS[5], 12, eos_token_ids=eos)], EngineLimits())[0]) == reference[: k + 1]
-    if bytegpt is fused:
-        drafted = tokens(run(fused, [greedy(PROMPTS[5], 12, eos_token_ids=eos, min_tokens=k + 2)], SPECULATIVE)[0])
-        assert drafted == got
+    assert tokens(run(model, [greedy(model.prompts[5], 12, eos_token_ids=eos)], EngineLimits())[0]) == reference[: k + 1]
+    drafted = tokens(run(model, [greedy(model.prompts[5], 12, eos_token_ids=eos, min_tokens=k + 2)], SPECULATIVE)[0])
+    assert drafted == got
 
 
 class RefusingDrafts:
@@ -405,20 +446,19 @@ class RefusingDrafts:
 
 def test_a_failing_draft_run_turns_speculation_off_and_loses_nothing(fused):
     engines, steps = [], []
-    refusing = Graph(fused.name, RefusingDrafts(fused.runtime), fused.decoder)
-    got = tokens(run(refusing, [greedy(PROMPTS[1], 40)], SPECULATIVE, steps, engines=engines)[0])
-    assert got == tokens(run(fused, [greedy(PROMPTS[1], 40)], EngineLimits())[0])
+    got = tokens(run(fused, [greedy(fused.prompts[1], 40)], SPECULATIVE, steps, engines=engines, wrap=RefusingDrafts)[0])
+    assert got == tokens(run(fused, [greedy(fused.prompts[1], 40)], EngineLimits())[0])
     assert engines[0].speculative_tokens == 0 and sum(s.draft_tokens for s in steps) == 0
 
 
-def test_stream_interval_posts_the_first_token_at_once_then_every_fourth(fused):
+def test_stream_interval_posts_the_first_token_at_once_then_every_fourth(model):
     """Stepped by hand: tokens reach the reader 1, then 4 at a time, the last with the finish,
     and only the steps that hand over tokens wake the event loop; a sequence cancelled while
     tokens are held gets them all before its end."""
     woken = []
 
     async def main() -> tuple[list[int], list[int], list]:
-        engine = GenerationEngine(fused.name, fused.runtime, fused.decoder, EngineLimits(stream_interval=4))
+        engine = GenerationEngine(model.name, model.make_cache(), EngineLimits(stream_interval=4))
         engine._loop = asyncio.get_running_loop()  # no engine thread: steps run here
 
         def step() -> int:
@@ -428,11 +468,11 @@ def test_stream_interval_posts_the_first_token_at_once_then_every_fourth(fused):
             engine._deliver_posted()
             return posted
 
-        seq = greedy(PROMPTS[0], 10)
+        seq = greedy(model.prompts[0], 10)
         engine.submit(seq)
         per_step = [step() for _ in range(10)]
         assert seq.finished
-        cancelled = greedy(PROMPTS[2], 40)
+        cancelled = greedy(model.prompts[2], 40)
         engine.submit(cancelled)
         held = [step() for _ in range(3)]  # the first token, then two held
         engine.cancel(cancelled)

@@ -31,6 +31,9 @@ from model.transformer import GPT, GPTConfig
 from service.generated import generation_pb2 as gen
 from service.generated import generation_pb2_grpc as gen_grpc
 from service.metrics import Metrics
+from service.generation.engine import EngineLimits
+from service.generation.kv_rows import KVRows
+from service.generation.kv_slots import KVSlots
 from service.models import ModelManager
 from service.settings import Settings
 from tests.service.server_process import ServerProcess
@@ -105,7 +108,7 @@ def load(repository, name: str):
         manager = ModelManager(Settings(model_repository=repository), Metrics(registry))
         await manager.load(name)
         mv = manager.get(name)
-        state = (mv.generation_graph, generate_latest(registry).decode())
+        state = (mv.make_cache(EngineLimits()), generate_latest(registry).decode())  # the engine's cache
         await manager.close()
         return state
 
@@ -116,8 +119,8 @@ def test_a_fused_graph_that_differs_from_model_onnx_is_not_used(tiny_repository,
     """The exported entry's fused graph is used; one written from other weights (a wrong
     export, its sha256 in the manifest as if shipped so) is refused at load, and the model
     generates with model.onnx."""
-    graph, metrics = load(tiny_repository, "bytegpt")
-    assert graph is not None and graph.shared_kv
+    cache, metrics = load(tiny_repository, "bytegpt")
+    assert isinstance(cache, KVSlots) and cache.graph.shared_kv
     assert 'tserve_generation_graph{graph="fused",model="bytegpt",version="1"} 1.0' in metrics
 
     repo = tmp_path / "repo"
@@ -132,8 +135,8 @@ def test_a_fused_graph_that_differs_from_model_onnx_is_not_used(tiny_repository,
     manifest = json.loads((version / "manifest.json").read_text())
     manifest["files"][GQA_FILE]["sha256"] = sha256(version / GQA_FILE)
     (version / "manifest.json").write_text(json.dumps(manifest))
-    graph, metrics = load(repo, "bytegpt")
-    assert graph is None
+    cache, metrics = load(repo, "bytegpt")
+    assert isinstance(cache, KVRows)
     assert 'tserve_generation_graph{graph="plain",model="bytegpt",version="1"} 1.0' in metrics
     assert 'tserve_generation_graph{graph="fused",model="bytegpt",version="1"} 0.0' in metrics
 

@@ -23,9 +23,9 @@ def cache(length: int, value: float) -> list[np.ndarray]:
 
 
 def join(rows: KVRows, s: Sequence, prefilled: list[np.ndarray], token: int) -> None:
-    s.cache = prefilled
+    rows._own[s] = prefilled  # as its prefill would leave it
     rows.join(s, token)
-    assert s.cache is None  # the rows own it now
+    assert s not in rows._own and rows.nbytes == sum(p.nbytes for p in rows.past)  # the rows hold it now
 
 
 def row_tokens(rows: KVRows, row: int) -> np.ndarray:
@@ -50,7 +50,7 @@ def test_a_joiner_fills_a_hole_in_place():
     join(rows, a, cache(4, 1.0), 5)
     join(rows, b, cache(4, 2.0), 6)
     a.finish(FinishReason.LENGTH, 0.0)
-    rows.make_hole(0)
+    rows.finish(0)
     width = rows.mask.shape[1]
     join(rows, c, cache(2, 3.0), 7)
     assert rows.seqs == [c, b] and rows.mask.shape[1] == width  # no new row, no new column
@@ -63,7 +63,7 @@ def test_a_longer_joiner_is_appended_not_squeezed_into_a_hole():
     a, b = seq("a"), seq("b")
     join(rows, a, cache(2, 1.0), 5)
     a.finish(FinishReason.LENGTH, 0.0)
-    rows.make_hole(0)
+    rows.finish(0)
     join(rows, b, cache(4, 2.0), 6)
     assert rows.seqs == [a, b] and rows.mask.shape == (2, 4)
 
@@ -84,17 +84,19 @@ def test_compaction_keeps_live_rows_and_trims_dead_columns():
     join(rows, seqs[0], cache(40, 0.0), 1)  # the long one
     for i, s in enumerate(seqs[1:], 1):
         join(rows, s, cache(3, float(i)), 1)
-    assert not rows.compact_if_sparse()
+    rows.compact()
+    assert rows.seqs == seqs  # nothing to gain yet
     seqs[0].finish(FinishReason.LENGTH, 0.0)
-    rows.make_hole(0)
+    rows.finish(0)
     # one hole in four rows is not sparse, but 37 dead leading columns of 40 are
-    assert rows.compact_if_sparse()
+    rows.compact()
     assert rows.seqs == seqs[1:] and rows.mask.shape == (3, 3) and rows.mask.all()
     for row, value in enumerate([1.0, 2.0, 3.0]):
         assert np.allclose(row_tokens(rows, row), value + np.arange(3) / 100)
     for s in seqs[1:]:
         s.finish(FinishReason.EOS, 0.0)
-    assert rows.compact_if_sparse() and len(rows) == 0 and rows.past == []
+    rows.compact()
+    assert len(rows) == 0 and rows.past == []
 
 
 def test_decode_inputs_and_advance():

@@ -20,20 +20,20 @@ GRAPH = DecoderGraph((KVInput("past_key_values.0.key", 2, 3, np.dtype(np.float32
 def prefilled(slots: KVSlots, name: str, slot: int, length: int) -> Sequence:
     """A sequence whose prompt sits in `slot`: its columns hold its name's number."""
     seq = Sequence(name, [1] * length, SamplingParams(), 4)
-    seq.slot, slots.owner[slot], slots.lengths[slot] = slot, seq, length
+    slots.slot_of[seq], slots.owner[slot], slots.lengths[slot] = slot, seq, length
     for b in slots.buffers:
         b[slot, :, :length] = float(name)
     return seq
 
 
 def columns(slots: KVSlots, seq: Sequence) -> np.ndarray:
-    return slots.buffers[1][seq.slot, 0, : slots.lengths[seq.slot], 0]
+    return slots.buffers[1][slots.slot_of[seq], 0, : slots.lengths[slots.slot_of[seq]], 0]
 
 
 def check(slots: KVSlots, running: list[Sequence]) -> None:
     assert slots.seqs == running
     for row, seq in enumerate(running):
-        assert seq.slot == row and np.all(columns(slots, seq) == float(seq.request_id))
+        assert slots.slot_of[seq] == row and np.all(columns(slots, seq) == float(seq.request_id))
 
 
 def test_joins_and_leaves_keep_rows_contiguous_and_caches_whole():
@@ -42,20 +42,21 @@ def test_joins_and_leaves_keep_rows_contiguous_and_caches_whole():
     c = prefilled(slots, "3", 1, 2)  # and c is still prefilling in slot 1, where b must go
     slots.join(a, 10)
     slots.join(b, 20)  # b moves down to row 1; c, in the way, moves to b's old slot
-    assert c.slot == 3 and np.all(columns(slots, c) == 3.0)
+    assert slots.slot_of[c] == 3 and np.all(columns(slots, c) == 3.0)
     slots.join(c, 30)
     check(slots, [a, b, c])
     assert slots.next_ids[:3].tolist() == [10, 20, 30] and slots.lengths[:3].tolist() == [3, 5, 2]
 
     a.finish(FinishReason.LENGTH, 0.0)
-    assert slots.compact_if_sparse()  # c, the last live row, fills a's hole
+    slots.compact()  # c, the last live row, fills a's hole
     check(slots, [c, b])
     assert slots.next_ids[:2].tolist() == [30, 20] and slots.owner[2:] == [None] * 4
     assert slots.nbytes == (2 + 5) * 2 * (2 * 3 * 4)  # columns in use x (key, value) x heads x head_dim x 4 bytes
 
     b.finish(FinishReason.EOS, 0.0)
     c.finish(FinishReason.EOS, 0.0)
-    assert slots.compact_if_sparse() and len(slots) == 0 and slots.nbytes == 0
+    slots.compact()
+    assert len(slots) == 0 and slots.nbytes == 0 and slots.slot_of == {}
 
 
 def test_static_batching_keeps_finished_rows():
@@ -64,7 +65,7 @@ def test_static_batching_keeps_finished_rows():
     slots.join(a, 1)
     slots.join(b, 2)
     a.finish(FinishReason.LENGTH, 0.0)
-    assert not slots.compact_if_sparse()
+    slots.compact()
     check(slots, [a, b])
 
 
@@ -76,7 +77,7 @@ def test_clearing_the_rows_leaves_a_prefilling_slot_alone():
     slots.join(a, 1)
     a.finish(FinishReason.LENGTH, 0.0)
     slots.clear()
-    assert len(slots) == 0 and a.slot is None and slots.owner[1] is b and np.all(columns(slots, b) == 2.0)
+    assert len(slots) == 0 and a not in slots.slot_of and slots.owner[1] is b and np.all(columns(slots, b) == 2.0)
     slots.join(b, 2)
     check(slots, [b])
 
@@ -100,6 +101,6 @@ def test_the_buffers_widen_for_longer_sequences_and_narrow_when_they_leave():
     assert slots.width == 300
     check(slots, [a, b])
     b.finish(FinishReason.LENGTH, 0.0)
-    slots.compact_if_sparse()  # a's 40 columns need under a third of 300
+    slots.compact()  # a's 40 columns need under a third of 300
     assert slots.width == 64
     check(slots, [a])

@@ -1,16 +1,23 @@
-"""Sampling, in-process: greedy, seeded determinism, and the top-k / top-p bounds."""
+"""The one token path, in-process: greedy, seeded determinism, the top-k / top-p bounds, the
+end-of-sequence ban, and rows of a batch that do not depend on each other."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from service.generation.sampling import SamplingParams, sample
+from service.generation.sampling import SamplingParams, choose_tokens
+from service.generation.sequence import Sequence
+
+
+def seq(params: SamplingParams, **kw) -> Sequence:
+    return Sequence("s", [1], params, 10, **kw)
 
 
 def draws(logits: np.ndarray, params: SamplingParams, n: int = 2000) -> np.ndarray:
-    rng = np.random.default_rng(params.seed)
-    return np.array([sample(logits, params, rng) for _ in range(n)])
+    """n tokens of one sequence, a row at a time."""
+    s = seq(params)
+    return np.array([choose_tokens(logits[None].copy(), [s])[0] for _ in range(n)])
 
 
 @pytest.fixture
@@ -19,13 +26,32 @@ def logits() -> np.ndarray:
 
 
 def test_greedy_is_argmax(logits):
-    assert sample(logits, SamplingParams(), np.random.default_rng()) == int(np.argmax(logits))
+    batch = np.stack([logits, -logits])
+    assert choose_tokens(batch, [seq(SamplingParams()), seq(SamplingParams())]) == [int(np.argmax(logits)),
+                                                                                    int(np.argmax(-logits))]
 
 
 def test_the_same_seed_gives_the_same_tokens(logits):
     params = SamplingParams(temperature=1.0, seed=7)
     assert (draws(logits, params, 200) == draws(logits, params, 200)).all()
     assert (draws(logits, params, 200) != draws(logits, SamplingParams(temperature=1.0, seed=8), 200)).any()
+
+
+def test_a_rows_tokens_do_not_depend_on_the_other_rows(logits):
+    """A seeded sequence sampled beside greedy and other sampled rows (other temperatures,
+    top-k, top-p) draws what it draws alone."""
+    params = SamplingParams(temperature=0.8, top_k=50, top_p=0.9, seed=5)
+    alone = draws(logits, params, 50)
+    s = seq(params)
+    others = [seq(SamplingParams()), seq(SamplingParams(temperature=1.5, seed=1)),
+              seq(SamplingParams(temperature=0.5, top_p=0.3, seed=2))]
+    rng = np.random.default_rng(9)
+    crowd = []
+    for _ in range(50):
+        batch = np.stack([rng.normal(size=257).astype(np.float32), logits, rng.normal(size=257).astype(np.float32),
+                          rng.normal(size=257).astype(np.float32)])
+        crowd.append(choose_tokens(batch, [others[0], s, others[1], others[2]])[1])
+    assert crowd == alone.tolist()
 
 
 def test_top_k_never_leaves_the_k_most_likely(logits):
@@ -49,3 +75,13 @@ def test_temperature_follows_the_softmax():
     assert np.allclose(counts, [0.7, 0.2, 0.1], atol=0.02)
     sharp = np.bincount(draws(logits, SamplingParams(temperature=0.25, seed=3), 20000), minlength=3) / 20000
     assert sharp[0] > 0.95  # (0.7^4 normalised) = 0.9955
+
+
+def test_eos_is_banned_for_the_tokens_before_min_tokens_only(logits):
+    """Rows of one sequence at offsets 0..3 (a verified draft's positions): with 2 tokens
+    generated and min_tokens 4, its eos id is banned at offsets 0 and 1, chosen at 2 and 3."""
+    eos = int(np.argmax(logits))
+    s = seq(SamplingParams(), min_tokens=4, eos_token_ids=frozenset({eos}))
+    s.generated = [7, 8]
+    got = choose_tokens(np.stack([logits] * 4), [s] * 4, range(4))
+    assert got[:2] == [int(np.argsort(-logits)[1])] * 2 and got[2:] == [eos, eos]

@@ -1,0 +1,97 @@
+"""What the generation engine needs of a KV cache: the one interface every cache implements.
+
+The engine (generation/engine.py) schedules, chooses tokens and finishes sequences; a cache
+owns the graphs it runs and everything per row: the keys and values, masks, positions, the
+token each row feeds next, and any per-sequence state while a prompt is being prefilled. The
+engine never asks which cache it has.
+
+    KVRows        generation/kv_rows.py     decoder-with-past graphs: numpy arrays, rows
+                                            left-padded to a common past, finished rows holes
+    KVSlots       generation/kv_slots.py    graphs that read each row's length from its mask
+                                            (GroupQueryAttention): one shared buffer, IO binding
+    Seq2SeqCache  generation/seq2seq_cache.py  encoder-decoders: the encoder and first decoder
+                                            pass as the prefill, cross-attention caches in
+                                            preallocated slots, self-attention caches left-padded
+
+The life of a sequence in a cache: `prefill` (one or more prompt chunks, into state of its own),
+then `join` with the first chosen token (it becomes the last running row), `decode` once a step
+with the others (or `verify` with a draft), `finish` when it ends (its row becomes a hole), gone
+at the next `compact`. A sequence that ends before joining is `release`d.
+
+A cache's failures are TServeErrors raised from the run that failed; the engine attributes
+them: a prompt chunk to its sequence, a batched decode by `decode_apart`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from service.errors import TServeError
+from service.generation.sequence import Sequence
+
+
+class KVCache(Protocol):
+    # whether a prompt may be prefilled a chunk a step (an encoder reads its source whole)
+    chunked_prefill: bool
+
+    @property
+    def seqs(self) -> list[Sequence]:
+        """The running rows' sequences, row by row (finished rows included until `compact`)."""
+
+    @property
+    def live(self) -> int:
+        """Running rows whose sequence has not finished."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of keys and values held: running rows and sequences being prefilled."""
+
+    def __len__(self) -> int:
+        """Running rows, holes included."""
+
+    def prefill(self, chunks: list[tuple[Sequence, int]]) -> list[np.ndarray | TServeError]:
+        """Run each sequence's next `n` prompt tokens into its own state (not yet a row): for each
+        chunk, the logits of its positions [n', vocab] (the last row: the distribution of the
+        token after the chunk), or the error that chunk's run raised. The caller advances
+        `seq.prefilled`. A cache may run several chunks in one run; one chunk's failure must not
+        fail the others."""
+
+    def join(self, seq: Sequence, token: int) -> None:
+        """Make a fully prefilled sequence the last running row, feeding `token` next."""
+
+    def release(self, seq: Sequence) -> None:
+        """Drop the state of a sequence that ended before it joined (no-op if it has none)."""
+
+    def decode(self) -> np.ndarray:
+        """One token for every running row: the logits [rows, vocab] (a view the next run may
+        overwrite). Raises if the run fails; the cache is then unchanged."""
+
+    def decode_apart(self) -> tuple[np.ndarray | None, dict[int, TServeError]]:
+        """After a failed `decode`: each live row alone. The logits of the rows that ran (zeros
+        elsewhere; None if none did, the cache unchanged) and why each other row failed."""
+
+    def max_draft(self) -> int:
+        """How many draft tokens `verify` can check now (0: it cannot)."""
+
+    def verify(self, draft: list[int]) -> np.ndarray:
+        """The one running row's next token and `draft` after it, in one run: the logits
+        [1 + len(draft), vocab]. The row grows by its next token; `accept` keeps draft tokens."""
+
+    def accept(self, row: int, n: int) -> None:
+        """Keep `n` draft tokens of a row that verified a draft."""
+
+    def feed(self, row: int, token: int) -> None:
+        """The token `row` feeds to the next decode."""
+
+    def finish(self, row: int) -> None:
+        """The row's sequence ended: the row stays until `compact`, its output ignored, and never
+        again feeds a token that made a run fail."""
+
+    def compact(self) -> None:
+        """Drop finished rows when it pays (each cache has its own rule); static batching's caches
+        keep them until `clear`."""
+
+    def clear(self) -> None:
+        """Drop every running row (their sequences have ended); prefilling state stays."""
