@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 SYSTEM  := $(VENV)/.system-tools
 REPO    ?= model_repository
 
-.PHONY: install install-serve check-serve-install serve test chaos container-test train parse-rate export protos check-protos bench-serve bench-frontend bench-options bench-http bench-generation bench-genai bench-seq2seq train-seq2seq export-seq2seq cluster-up cluster-down clean
+.PHONY: install install-serve check-serve-install serve test chaos container-test train parse-rate export protos check-protos bench-serve bench-frontend bench-options bench-http bench-generation bench-engine-ab bench-genai bench-seq2seq train-seq2seq export-seq2seq cluster-up cluster-down clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -96,6 +96,11 @@ bench-seq2seq: $(STAMP)
 
 bench-generation: $(STAMP)
 	$(PYTHON) -m bench.generation_bench
+
+# This checkout's generation against an earlier commit's (BASE=...), both served in one run
+BASE ?= HEAD~1
+bench-engine-ab: $(STAMP)
+	$(PYTHON) -m bench.engine_ab --base $(BASE)
 
 # The peer's own environment: onnxruntime-genai's model builder needs transformers 5.x and
 # onnx_ir, and optimum-onnx (in .venv) pins transformers < 4.58. The same onnxruntime as .venv.

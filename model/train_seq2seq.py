@@ -83,7 +83,11 @@ class NamingTokenizer:
 
 def encode_sources(examples: list[Example], max_source: int, tok: NamingTokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded source ids and their mask, (B, S) each."""
-    rows = [tok.encode(e.source)[:max_source] for e in examples]
+    return pad_sources([tok.encode(e.source)[:max_source] for e in examples], tok)
+
+
+def pad_sources(rows: list[list[int]], tok: NamingTokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Already tokenized sources, right-padded, and their mask."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), tok.pad_id, dtype=torch.int64)
     mask = torch.zeros((len(rows), width), dtype=torch.int64)
@@ -162,6 +166,7 @@ def train(tc: TrainConfig, mc: Seq2SeqConfig, resume: bool = False) -> dict:
     mc = model.cfg
     print(f"task: {len(train_set):,} training functions, {len(val_set):,} held-out; "
           f"model: {model.num_parameters():,} parameters")
+    train_sources = [tok.encode(e.source)[:mc.max_source] for e in train_set]  # tokenized once, not every step
     model.train()
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.bf16)
     started = time.monotonic() - metrics["train_seconds"]
@@ -172,8 +177,9 @@ def train(tc: TrainConfig, mc: Seq2SeqConfig, resume: bool = False) -> dict:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, tc, (time.monotonic() - started) / 60)
         rng = np.random.default_rng([tc.seed, step])  # the batch depends only on (seed, step): resumable
-        batch = [train_set[i] for i in rng.integers(0, len(train_set), tc.batch_size)]
-        ids, mask = encode_sources(batch, mc.max_source, tok)
+        picked = rng.integers(0, len(train_set), tc.batch_size)
+        batch = [train_set[i] for i in picked]
+        ids, mask = pad_sources([train_sources[i] for i in picked], tok)
         with autocast:
             loss = model.loss(ids, mask, encode_targets(batch, mc.max_target, tok))
         opt.zero_grad(set_to_none=True)

@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 class ServerProcess:
     def __init__(self, repository: Path, *args: str, env: dict[str, str] | None = None,
                  cores: set[int] | None = None, tls_ca: Path | None = None, tls_client=None,
-                 wait_token: str | None = None) -> None:
+                 wait_token: str | None = None, root: Path = ROOT) -> None:
         self.repository = repository
+        self.root = root  # the checkout whose server runs (a benchmark may run an older one beside this)
         self.args = list(args)
         self.env = {**os.environ, **(env or {})}
         self.cores = cores  # pin the server to these CPU cores (benchmarks)
@@ -58,7 +59,7 @@ class ServerProcess:
         self._log = open(self.log_path, "w")
         if self.cores:  # taskset, not a preexec_fn: Python code between fork and exec can deadlock
             cmd = ["taskset", "-c", ",".join(map(str, sorted(self.cores))), *cmd]  # in a process with threads
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=self.root, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while not port_file.exists() or not port_file.read_text():
             if self.proc.poll() is not None:
