@@ -287,7 +287,9 @@ class ModelManager:
             mv.batcher.start()
         if mv.make_cache is not None:
             limits = EngineLimits(max_sequences=s.generation_max_sequences, max_queue=s.generation_max_queue,
-                                  token_budget=s.generation_token_budget, scheduling=s.generation_scheduling,
+                                  token_budget=s.generation_token_budget,
+                                  encoder_token_budget=s.generation_encoder_token_budget,
+                                  scheduling=s.generation_scheduling,
                                   speculative_tokens=s.generation_speculative_tokens,
                                   prompt_lookup_max=s.generation_prompt_lookup_max,
                                   stream_interval=s.generation_stream_interval)

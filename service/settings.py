@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     generation_token_budget: int = Field(
         default=256, ge=8, description="Tokens per engine step: decode tokens first, then prompt chunks of joiners."
     )
+    generation_encoder_token_budget: int = Field(
+        default=2048, ge=1, description="Source tokens an encoder-decoder's engine step encodes (whole sources, at "
+        "least one a step), apart from the decoder's token budget (vLLM's max_num_encoder_input_tokens).",
+    )
     generation_scheduling: Literal["continuous", "static"] = Field(
         default="continuous", description="continuous batching, or static (a benchmark baseline: no joins mid-batch)."
     )

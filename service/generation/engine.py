@@ -52,6 +52,10 @@ class EngineLimits:
     max_sequences: int = 32  # sequences in prefill or decoding at once
     max_queue: int = 256  # requests waiting for a slot (QueueFull beyond)
     token_budget: int = 256  # tokens per step: one per running row, the rest for prompt chunks
+    # source tokens per step where an encoder reads the prompts (an encoder-decoder): whole
+    # sources, at least one a step; the encoder is another graph than the decoder the token
+    # budget bounds (vLLM's max_num_encoder_input_tokens)
+    encoder_token_budget: int = 2048
     # "static": the textbook baseline, kept for benchmarks: a batch admits nobody until all
     # its members are done, and finished members keep computing until the longest ends.
     scheduling: str = "continuous"
@@ -271,7 +275,10 @@ class GenerationEngine:
                     seq.admitted = now
                     self.prefilling.append(seq)
         plan = Plan(decode=len(self.rows) > 0, draft=self._draft())
-        budget = self.limits.token_budget - self.rows.live - len(plan.draft or ())  # holes cost compute, not budget
+        if self.rows.chunked_prefill:  # prompt chunks share the decoder's budget with the running rows
+            budget = self.limits.token_budget - self.rows.live - len(plan.draft or ())  # holes cost compute, not budget
+        else:
+            budget = self.limits.encoder_token_budget
         for seq in self.prefilling:
             if budget <= 0:
                 break

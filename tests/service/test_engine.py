@@ -485,3 +485,20 @@ def test_stream_interval_posts_the_first_token_at_once_then_every_fourth(model):
     assert per_step == [1, 0, 0, 0, 4, 0, 0, 0, 4, 1]
     assert woken[:10] == [n > 0 for n in per_step]
     assert held == [1, 0, 0] and len(tokens(events)) == 3 and events[-1].finish_reason == FinishReason.CANCELLED
+
+
+def test_an_encoder_step_encodes_whole_sources_within_its_own_budget(manager):
+    """An encoder reads a source whole: a step encodes sources while its encoder budget lasts
+    (at least one), not the decoder's token budget; the tokens are each source's alone."""
+    m = seq2seq_model(manager)
+    jobs = lambda: [greedy(p, n) for p, n in zip(m.prompts, LENGTHS)]  # noqa: E731
+    alone = [tokens(run(m, [greedy(p, n)], EngineLimits(max_sequences=1))[0]) for p, n in zip(m.prompts, LENGTHS)]
+    steps = []
+    assert [tokens(e) for e in run(m, jobs(), EngineLimits(token_budget=8, encoder_token_budget=12), steps)] == alone
+    encoded = [s.prefill_tokens for s in steps if s.prefill_tokens]
+    longest = max(map(len, m.prompts))
+    assert sum(encoded) == sum(map(len, m.prompts)) and len(encoded) > 1
+    assert all(n <= max(12 + longest - 1, longest) for n in encoded)
+    steps = []
+    assert [tokens(e) for e in run(m, jobs(), EngineLimits(token_budget=8), steps)] == alone
+    assert steps[0].prefill_tokens == sum(map(len, m.prompts))  # the default budget takes them all at once
