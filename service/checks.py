@@ -100,8 +100,8 @@ def fused_mismatch(spec: ModelSpec, plain: OrtRuntime, fused: OrtRuntime, graph:
     """Why a fused generation graph may not stand in for the model's graph, or None. It must
     take the same inputs and, each driven by the engine (model.onnx on its own rows, the fused
     graph on a shared buffer), give model.onnx's logits within FUSED_ATOL on the golden prompt
-    (a fixed one where the manifest has none) and on FUSED_CHECK_STEPS greedy decode steps
-    after it (compared up to the first token they disagree on, whose logits are compared too)."""
+    (a fixed one where the manifest has none) and on the FUSED_CHECK_STEPS greedy decode steps
+    after it, both graphs fed model.onnx's tokens."""
     if {a.name for a in fused.graph_inputs} != {a.name for a in plain.graph_inputs}:
         return "takes other inputs than model.onnx"
     if not graph.max_length:
@@ -109,14 +109,20 @@ def fused_mismatch(spec: ModelSpec, plain: OrtRuntime, fused: OrtRuntime, graph:
     golden = (spec.manifest or {}).get("golden", [])
     prompt = (_tensor(golden[0]["inputs"]["input_ids"])[0] if golden
               else np.arange(1, 9, dtype=np.int64) % (spec.vocab_size or 2)).tolist()
-    job = [(prompt, FUSED_CHECK_STEPS + 1)]
-    want = generate_greedy(lambda limits: KVRows(spec.decoder, plain), job, record_logits=True)[0]
-    got = generate_greedy(lambda limits: KVSlots(graph, fused, limits.max_sequences), job, record_logits=True)[0]
-    diff = 0.0
-    for g, w, token, expected in zip(got.logits_seen, want.logits_seen, got.generated, want.generated):
-        diff = max(diff, float(np.abs(g - w).max()) if g.shape == w.shape else float("inf"))
-        if token != expected:
-            break
+    steps = FUSED_CHECK_STEPS + 1
+    want = generate_greedy(lambda limits: KVRows(spec.decoder, plain), [(prompt, steps)], record_logits=True)[0]
+    diff, done = 0.0, 0  # logits compared so far
+    while done < steps:
+        # the fused graph from model.onnx's tokens so far: where the two chose differently (a
+        # near tie), it goes on from model.onnx's choice, so every step is compared
+        got = generate_greedy(lambda limits: KVSlots(graph, fused, limits.max_sequences),
+                              [(prompt + want.generated[:done], steps - done)], record_logits=True)[0]
+        for g, token in zip(got.logits_seen, got.generated):
+            w = want.logits_seen[done]
+            diff = max(diff, float(np.abs(g - w).max()) if g.shape == w.shape else float("inf"))
+            done += 1
+            if token != want.generated[done - 1]:
+                break
     return None if diff <= FUSED_ATOL else (f"differs from model.onnx by {diff:.3g} on the golden prompt and "
                                             f"{FUSED_CHECK_STEPS} decode steps (at most {FUSED_ATOL} allowed)")
 

@@ -134,8 +134,10 @@ class ModelManager:
         manifest = read_manifest(entry.path)
         files = (ENCODER, *decoder_files(entry.path))
         check_manifest_files(entry.path, manifest)
-        runtimes = [self._runtime(entry.path / f, providers, entry, spin=False) for f in files]
+        runtimes = []
         try:
+            for f in files:
+                runtimes.append(self._runtime(entry.path / f, providers, entry, spin=False))
             if len(runtimes) == 2:
                 decoders = (MergedBranch(runtimes[1], use_cache=False), MergedBranch(runtimes[1], use_cache=True))
             else:
@@ -194,9 +196,9 @@ class ModelManager:
         the engine runs model.onnx and the log says why. A model never changes its outputs for
         speed."""
         mv.make_cache = partial(decoder_cache, spec.decoder, runtime)
+        self._check_kv_reservation(spec.decoder)  # a genai folder's own graph shares its buffer
         name = (spec.manifest or {}).get("generation", {}).get("graph")
-        if not name:
-            self._check_kv_reservation(spec.decoder)
+        if not name or name in mv.graphs:  # none, or the model's own graph
             mv.observer.generation_graph("fused" if spec.decoder.shared_kv else "plain")
             return
         kind = "plain"

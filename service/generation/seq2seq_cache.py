@@ -20,7 +20,8 @@ they are (a view, no copy). A joiner's cross caches are written once, into a fre
 source is encoded; it moves down to the first free running row when it joins, and finished rows
 are dropped at every step, later live rows moving into their slots (one sequence's caches
 copied, never the batch's). The cross buffers widen for a longer source (by half again, in
-multiples of 32 columns, up to the model's longest) and narrow when the long sources leave.
+multiples of 32 columns, up to the model's longest) and narrow when the long sources leave
+(an emptied batch too: a decode attends over the whole width).
 
 A decoder_with_past graph without decoder_attention_mask (an Optimum export) cannot mask
 left padding: each group of rows with the same target length decodes in a run of its own.
@@ -287,9 +288,11 @@ class Seq2SeqCache:
         if live:
             P = int(self.lengths[:live].max())
             self.self_kv = [np.ascontiguousarray(a[:live, :, a.shape[2] - P :]) for a in self.self_kv]
-            self._narrow_if_wide()
         else:
             self.self_kv = []
+        # emptied too: every decode attends over the whole width, so one long source must not
+        # leave the short ones after it paying for its columns
+        self._narrow_if_wide()
 
     def clear(self) -> None:
         for row in range(self.rows):
