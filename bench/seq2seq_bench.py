@@ -68,6 +68,41 @@ def raw_loop(folder: Path, batches: list[list[list[int]]], max_new: int) -> floa
     return tokens / (time.perf_counter() - t0)
 
 
+class Timed:
+    """A session whose runs are timed (seconds summed in `seconds`, rows run in `rows`)."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session, self.seconds, self.rows, self.runs = session, 0.0, 0, 0
+
+    def run(self, outputs, feeds):
+        started = time.perf_counter()
+        out = self.session.run(outputs, feeds)
+        self.seconds += time.perf_counter() - started
+        self.rows += len(feeds["input_ids"])
+        self.runs += 1
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
+def raw_loop_parts(folder: Path, batches: list[list[list[int]]], max_new: int) -> dict:
+    """Where the raw loop's time goes: each graph's runs, the encoder's padded tokens against
+    the real ones, and decode row-steps against the tokens they made."""
+    sessions = load_sessions(folder)
+    onnx_greedy(folder, batches[0][:1], 2, sessions)
+    encoder, decoder, with_past = (Timed(s) for s in sessions)
+    tokens = 0
+    for sources in batches:
+        tokens += sum(len(o) + (len(o) < max_new) for o in onnx_greedy(folder, sources, max_new,
+                                                                           (encoder, decoder, with_past)))
+    return {"encoder_ms": encoder.seconds * 1e3, "first_decoder_pass_ms": decoder.seconds * 1e3,
+            "decoder_with_past_ms": with_past.seconds * 1e3,
+            "encoded_tokens": sum(len(b) * max(map(len, b)) for b in batches),
+            "source_tokens": sum(len(s) for b in batches for s in b),
+            "decode_row_steps": with_past.rows, "tokens_from_decode_steps": tokens - sum(map(len, batches))}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="namegen")
@@ -113,6 +148,13 @@ def main() -> None:
                "continuous_vs_static": ratio("continuous", "static"),
                "served_vs_raw_loop_batch1": ratio("streams_1", "raw_loop_1"),
                "served_vs_raw_loop_batch16": ratio("streams_16", "raw_loop_16")}
+    parts = {f"batch {len(b[0])}": raw_loop_parts(folder, b, max_new) for b in ([[x] for x in pick[:16]], [pick[:16]])}
+    print("\nwhere the raw loop's time goes (the last round's 16 sources):")
+    for label, q in parts.items():
+        print(f"  {label}: encoder {q['encoder_ms']:.1f} ms ({q['encoded_tokens']} tokens encoded for "
+              f"{q['source_tokens']}), first decoder pass {q['first_decoder_pass_ms']:.1f} ms, decoder_with_past "
+              f"{q['decoder_with_past_ms']:.1f} ms ({q['decode_row_steps']} row-steps for "
+              f"{q['tokens_from_decode_steps']} tokens)")
     print(f"\n{args.model}, greedy on held-out functions, {args.rounds} rounds:")
     print(f"  16 streams ÷ 1 stream, tokens/s:                 {fmt(figures['streams16_vs_1'])}")
     print(f"  continuous ÷ static, 64 mixed requests, 16 slots: {fmt(figures['continuous_vs_static'])}")
@@ -120,7 +162,7 @@ def main() -> None:
     print(f"  served (gRPC) ÷ raw ORT greedy loop, batch 16:    {fmt(figures['served_vs_raw_loop_batch16'])}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "seq2seq.json"
-    out.write_text(json.dumps({"rounds": rounds, "figures": figures}, indent=2) + "\n")
+    out.write_text(json.dumps({"rounds": rounds, "figures": figures, "raw_loop_parts": parts}, indent=2) + "\n")
     print(f"written: {out.relative_to(RESULTS.parents[1])}")
 
 

@@ -129,8 +129,7 @@ class ModelManager:
         """An encoder-decoder export folder (Optimum's seq2seq layout): the encoder and two
         decoders, or the encoder and the merged decoder; generation only. Its sessions never
         spin: the engine runs the three graphs in turn, and a pool spinning after its run takes
-        the cores the next graph's run needs (in-process, 16 held-out sources one after another
-        on namegen: 412 tokens/s spinning, 786 not)."""
+        the cores the next graph's run needs."""
         manifest = read_manifest(entry.path)
         files = (ENCODER, *decoder_files(entry.path))
         check_manifest_files(entry.path, manifest)

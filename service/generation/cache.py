@@ -24,6 +24,7 @@ them: a prompt chunk to its sequence, a batched decode by `decode_apart`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -95,3 +96,15 @@ class KVCache(Protocol):
 
     def clear(self) -> None:
         """Drop every running row (their sequences have ended); prefilling state stays."""
+
+
+def prefill_each(chunks: list[tuple[Sequence, int]],
+                 run: Callable[[Sequence, int], np.ndarray]) -> list[np.ndarray | TServeError]:
+    """`prefill` for a cache that runs each chunk on its own: one failure stays its chunk's."""
+    results: list[np.ndarray | TServeError] = []
+    for seq, n in chunks:
+        try:
+            results.append(run(seq, n))
+        except TServeError as e:
+            results.append(e)
+    return results

@@ -23,6 +23,7 @@ import numpy as np
 
 from service.conventions.decoder import DecoderGraph
 from service.errors import TServeError
+from service.generation.cache import prefill_each
 from service.generation.sequence import Sequence
 from service.runtime import OrtRuntime
 
@@ -71,13 +72,7 @@ class KVRows:
 
     def prefill(self, chunks: list[tuple[Sequence, int]]) -> list[np.ndarray | TServeError]:
         """Each chunk in a run of its own, on its sequence's own cache (which this extends)."""
-        results: list[np.ndarray | TServeError] = []
-        for seq, n in chunks:
-            try:
-                results.append(self._prefill(seq, n))
-            except TServeError as e:
-                results.append(e)
-        return results
+        return prefill_each(chunks, self._prefill)
 
     def _prefill(self, seq: Sequence, n: int) -> np.ndarray:
         graph, start = self.graph, seq.prefilled

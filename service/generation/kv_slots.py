@@ -39,7 +39,9 @@ import onnxruntime as ort
 
 from service.conventions.decoder import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, DecoderGraph
 from service.errors import TServeError
+from service.generation.cache import prefill_each
 from service.generation.sequence import Sequence
+from service.generation.slots import SlotTable
 from service.runtime import OrtRuntime
 
 
@@ -54,7 +56,7 @@ def _width(columns: int, max_length: int) -> int:
     return min(max_length, -(-columns // WIDTH_STEP) * WIDTH_STEP)
 
 
-class KVSlots:
+class KVSlots(SlotTable):
     chunked_prefill = True
 
     def __init__(self, graph: DecoderGraph, runtime: OrtRuntime, slots: int, fill_holes: bool = True) -> None:
@@ -65,9 +67,7 @@ class KVSlots:
         self.buffers = self._allocate(slots, self.min_width)
         self.column_bytes = column_bytes(graph)  # one token of one sequence, every past input
         self.lengths = np.zeros(slots, np.int64)
-        self.owner: list[Sequence | None] = [None] * slots
-        self.slot_of: dict[Sequence, int] = {}  # every sequence holding a slot: running or prefilling
-        self.rows = 0
+        super().__init__(slots)
         self.next_ids = np.zeros(slots, np.int64)
         self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
         self._values: list[ort.OrtValue] = []  # the bound views, held whatever ORT holds itself
@@ -77,11 +77,7 @@ class KVSlots:
 
     def clear(self) -> None:
         """Drop the running rows (their sequences have ended); slots being prefilled stay theirs."""
-        for row in range(self.rows):
-            del self.slot_of[self.owner[row]]
-            self.owner[row] = None
-        self.lengths[: self.rows] = 0
-        self.rows = 0
+        self._clear_rows()
 
     @property
     def width(self) -> int:
@@ -119,17 +115,6 @@ class KVSlots:
     def reserved_bytes(graph: DecoderGraph, slots: int) -> int:
         """The buffers at their widest: every slot the model's whole context."""
         return slots * graph.max_length * column_bytes(graph)
-
-    def __len__(self) -> int:
-        return self.rows
-
-    @property
-    def seqs(self) -> list[Sequence]:
-        return self.owner[: self.rows]
-
-    @property
-    def live(self) -> int:
-        return sum(not s.finished for s in self.seqs)
 
     @property
     def nbytes(self) -> int:
@@ -184,34 +169,15 @@ class KVSlots:
 
     def prefill(self, chunks: list[tuple[Sequence, int]]) -> list[np.ndarray | TServeError]:
         """Each chunk in a run of its own, into its sequence's own slot."""
-        results: list[np.ndarray | TServeError] = []
-        for seq, n in chunks:
-            try:
-                results.append(self._prefill(seq, n))
-            except TServeError as e:
-                results.append(e)
-        return results
+        return prefill_each(chunks, self._prefill)
 
     def _prefill(self, seq: Sequence, n: int) -> np.ndarray:
-        slot = self.slot_of.get(seq)
-        if slot is None:
-            slot = self.slot_of[seq] = next(s for s in range(self.rows, len(self.owner)) if self.owner[s] is None)
-            self.owner[slot] = seq
-            self.lengths[slot] = 0
+        slot = self.slot(seq)
         start = seq.prefilled
         ids = np.array([seq.prompt[start : start + n]], np.int64)
         logits = self._run(slot, slot + 1, ids, np.ones((1, start + n), np.int64))
         self.lengths[slot] = start + n
         return logits[0]
-
-    def release(self, seq: Sequence) -> None:
-        """A sequence that ends during its prefill gives its slot back (a running row's stays
-        until compaction or clear)."""
-        slot = self.slot_of.get(seq)
-        if slot is not None and slot >= self.rows:
-            del self.slot_of[seq]
-            self.owner[slot] = None
-            self.lengths[slot] = 0
 
     def _mask(self, rows: np.ndarray) -> np.ndarray:
         lengths = self.lengths[rows] + 1
@@ -272,30 +238,23 @@ class KVSlots:
 
     # -- joins and leaves -------------------------------------------------------------------
 
-    def _move(self, src: int, dst: int) -> None:
-        """Move slot `src`'s sequence to slot `dst`; a sequence at `dst` takes `src` in
-        exchange. Copies only the columns each holds."""
-        other = self.owner[dst]
+    def _reset(self, slot: int) -> None:
+        self.lengths[slot] = 0
+
+    def _move_data(self, src: int, dst: int) -> None:
+        """Exchange two slots' caches, copying only the columns each holds."""
         n_src, n_dst = int(self.lengths[src]), int(self.lengths[dst])
         for b in self.buffers:
-            kept = b[dst, :, :n_dst].copy() if other is not None else None
+            kept = b[dst, :, :n_dst].copy() if n_dst else None
             b[dst, :, :n_src] = b[src, :, :n_src]
             if kept is not None:
                 b[src, :, :n_dst] = kept
-        self.lengths[[src, dst]] = (n_dst if other is not None else 0), n_src
-        self.next_ids[dst] = self.next_ids[src]
-        mover = self.owner[src]
-        self.owner[src], self.owner[dst] = other, mover
-        self.slot_of[mover] = dst
-        if other is not None:
-            self.slot_of[other] = src
+        self.lengths[[src, dst]] = n_dst, n_src
+        self.next_ids[[src, dst]] = self.next_ids[[dst, src]]
 
     def join(self, seq: Sequence, token: int) -> None:
         """Make a prefilled sequence the next running row, feeding `token` next."""
-        if self.slot_of[seq] != self.rows:
-            self._move(self.slot_of[seq], self.rows)
-        self.next_ids[self.rows] = token
-        self.rows += 1
+        self.next_ids[self._join_slot(seq)] = token
 
     def feed(self, row: int, token: int) -> None:
         self.next_ids[row] = token
@@ -307,19 +266,7 @@ class KVSlots:
         """Drop the finished rows whenever there are any (moving a few live rows is cheap here,
         unlike KVRows, which waits for sparseness): the live rows after the first `live` slots
         move into the holes before them, one sequence's columns each. Static batching keeps them."""
-        if not self.fill_holes:
+        if not self.fill_holes or self._drop_finished() is None:
             return
-        finished = [r for r in range(self.rows) if self.owner[r].finished]
-        if not finished:
-            return
-        live = self.rows - len(finished)
-        movers = [r for r in range(live, self.rows) if not self.owner[r].finished]
-        for row in finished:
-            del self.slot_of[self.owner[row]]
-            self.owner[row] = None
-            self.lengths[row] = 0
-        for hole, row in zip((r for r in finished if r < live), movers):
-            self._move(row, hole)
-        self.rows = live
-        if live:  # an empty batch keeps its width: the next sequences would widen it again
+        if self.rows:  # an empty batch keeps its width: the next sequences would widen it again
             self._narrow_if_wide()

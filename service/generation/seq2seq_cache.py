@@ -34,6 +34,7 @@ import numpy as np
 from service.conventions.seq2seq import Seq2SeqGraphs
 from service.errors import TServeError
 from service.generation.sequence import Sequence
+from service.generation.slots import SlotTable
 
 WIDTH_STEP = 32  # cross buffer widths are multiples of this many columns
 MIN_PADDING_EFFICIENCY = 0.8  # an encoder run's real tokens / its padded tokens, at least
@@ -63,7 +64,7 @@ def length_groups(lengths: list[int], min_efficiency: float = MIN_PADDING_EFFICI
     return groups
 
 
-class Seq2SeqCache:
+class Seq2SeqCache(SlotTable):
     chunked_prefill = False
 
     def __init__(self, graphs: Seq2SeqGraphs, encoder, decoder, with_past, decoder_start_token_id: int,
@@ -76,29 +77,16 @@ class Seq2SeqCache:
         self.fill_holes = fill_holes
         self._decoder_outputs = ["logits", *graphs.self_names, *graphs.cross_names]
         self._with_past_outputs = ["logits", *graphs.self_names]
-        self.owner: list[Sequence | None] = [None] * slots
-        self.slot_of: dict[Sequence, int] = {}  # running and prefilled sequences
         self.source_len = np.zeros(slots, np.int64)
         self.lengths = np.zeros(slots, np.int64)
         self.next_ids = np.zeros(slots, np.int64)
         self.cross: list[np.ndarray] = []  # allocated at the first encoder run (its heads and dims)
         self.encoder_mask = np.zeros((slots, 0), np.int64)
         self._first_self: dict[Sequence, list[np.ndarray]] = {}  # a prefilled sequence's first column
-        self.rows = 0
         self.self_kv: list[np.ndarray] = []
+        super().__init__(slots)
 
     # -- the KVCache interface ---------------------------------------------------------------
-
-    def __len__(self) -> int:
-        return self.rows
-
-    @property
-    def seqs(self) -> list[Sequence]:
-        return self.owner[: self.rows]
-
-    @property
-    def live(self) -> int:
-        return sum(not s.finished for s in self.seqs)
 
     @property
     def width(self) -> int:
@@ -147,10 +135,7 @@ class Seq2SeqCache:
             self.cross = [np.zeros((len(self.owner), a.shape[1], 0, a.shape[3]), a.dtype) for a in cross]
         self._fit(width)
         for i, seq in enumerate(seqs):
-            slot = self.slot_of.get(seq)
-            if slot is None:
-                slot = self.slot_of[seq] = next(s for s in range(self.rows, len(self.owner)) if self.owner[s] is None)
-                self.owner[slot] = seq
+            slot = self.slot(seq)
             L = len(seq.prompt)
             for buffer, own in zip(self.cross, cross):
                 buffer[slot, :, :L] = own[i, :, :L]
@@ -162,22 +147,16 @@ class Seq2SeqCache:
         return [logits[i, -1:] for i in range(len(seqs))]
 
     def join(self, seq: Sequence, token: int) -> None:
-        if self.slot_of[seq] != self.rows:
-            self._move(self.slot_of[seq], self.rows)
         first = self._first_self.pop(seq)
-        P = self.self_kv[0].shape[2] if self.rows else 1
-        self.self_kv = ([np.concatenate([a, _left_pad(own, P)]) for a, own in zip(self.self_kv, first)]
-                        if self.rows else first)
-        self.lengths[self.rows] = 1
-        self.next_ids[self.rows] = token
-        self.rows += 1
+        row = self._join_slot(seq)
+        self.self_kv = ([np.concatenate([a, _left_pad(own, a.shape[2])]) for a, own in zip(self.self_kv, first)]
+                        if row else first)
+        self.lengths[row] = 1
+        self.next_ids[row] = token
 
     def release(self, seq: Sequence) -> None:
         self._first_self.pop(seq, None)
-        slot = self.slot_of.get(seq)
-        if slot is not None and slot >= self.rows:  # a running row's stays until compaction or clear
-            del self.slot_of[seq]
-            self._free(slot)
+        super().release(seq)
 
     def decode(self) -> np.ndarray:
         rows = self.rows
@@ -272,19 +251,13 @@ class Seq2SeqCache:
         their slots, and self-attention columns no row needs any more are cut."""
         if not self.fill_holes:
             return
-        finished = [r for r in range(self.rows) if self.owner[r].finished]
-        if not finished:
+        moves = self._drop_finished()
+        if moves is None:
             return
-        live = self.rows - len(finished)
-        movers = [r for r in range(live, self.rows) if not self.owner[r].finished]
-        for row in finished:
-            del self.slot_of[self.owner[row]]
-            self._free(row)
-        for hole, row in zip((r for r in finished if r < live), movers):
-            self._move(row, hole)
+        for src, dst in moves:  # the self-attention rows, which are not slot data
             for a in self.self_kv:
-                a[hole] = a[row]
-        self.rows = live
+                a[dst] = a[src]
+        live = self.rows
         if live:
             P = int(self.lengths[:live].max())
             self.self_kv = [np.ascontiguousarray(a[:live, :, a.shape[2] - P :]) for a in self.self_kv]
@@ -295,26 +268,21 @@ class Seq2SeqCache:
         self._narrow_if_wide()
 
     def clear(self) -> None:
-        for row in range(self.rows):
-            del self.slot_of[self.owner[row]]
-            self._free(row)
-        self.rows = 0
+        self._clear_rows()
         self.self_kv = []
 
     # -- slots --------------------------------------------------------------------------------
 
-    def _free(self, slot: int) -> None:
-        self.owner[slot] = None
+    def _reset(self, slot: int) -> None:
         self.source_len[slot] = self.lengths[slot] = 0
         self.encoder_mask[slot] = 0
 
-    def _move(self, src: int, dst: int) -> None:
-        """Move slot `src`'s sequence (cross caches, mask, lengths) to `dst`; one there takes
-        `src` in exchange (the self-attention rows are the caller's)."""
-        mover, other = self.owner[src], self.owner[dst]
+    def _move_data(self, src: int, dst: int) -> None:
+        """Exchange two slots' cross caches, mask and lengths (the self-attention rows are the
+        caller's)."""
         n_src, n_dst = int(self.source_len[src]), int(self.source_len[dst])
         for b in self.cross:
-            kept = b[dst, :, :n_dst].copy() if other is not None else None
+            kept = b[dst, :, :n_dst].copy() if n_dst else None
             b[dst, :, :n_src] = b[src, :, :n_src]
             b[dst, :, n_src:] = 0
             if kept is not None:
@@ -322,12 +290,6 @@ class Seq2SeqCache:
                 b[src, :, n_dst:] = 0
         for a in (self.encoder_mask, self.source_len, self.lengths, self.next_ids):
             a[[src, dst]] = a[[dst, src]]
-        self.owner[src], self.owner[dst] = other, mover
-        self.slot_of[mover] = dst
-        if other is not None:
-            self.slot_of[other] = src
-        else:
-            self._free(src)
 
     def _resize(self, width: int) -> None:
         keep = min(width, self.width)
