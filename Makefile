@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 SYSTEM  := $(VENV)/.system-tools
 REPO    ?= model_repository
 
-.PHONY: install install-serve check-serve-install serve test chaos container-test train parse-rate export protos check-protos bench-serve bench-frontend bench-options bench-http bench-generation bench-engine-ab bench-genai bench-seq2seq train-seq2seq export-seq2seq cluster-up cluster-down clean
+.PHONY: install install-serve check-serve-install serve test test-unit lint chaos container-test train parse-rate export protos check-protos bench-serve bench-frontend bench-options bench-http bench-generation bench-engine-ab bench-genai bench-seq2seq train-seq2seq export-seq2seq cluster-up cluster-down clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -44,6 +44,14 @@ check-serve-install:
 test: $(STAMP) $(SYSTEM)
 	$(PYTHON) -m service.generated.build --check
 	$(PYTHON) -m pytest -q
+
+# The in-process tests of the hard parts (engine, caches, sampling, batcher, ...): under a minute
+test-unit: $(STAMP)
+	$(PYTHON) -m pytest -q -m unit
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # The long reliability suite (the short one runs in make test): about 15 minutes.
 chaos: $(STAMP)

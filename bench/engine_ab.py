@@ -36,7 +36,7 @@ import numpy as np
 from bench.generation_bench import one_at_a_time, run_streams
 from service.generated import generation_pb2 as gen
 from service.generation.tokenizer import HFTokenizer, load_tokenizer
-from tests.service.server_process import ServerProcess
+from service.launcher import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

@@ -25,13 +25,12 @@ import statistics
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
 from bench import perf_analyzer
 from bench.serve_bench import CLIENT_CORE, RESULTS, ROOT, SERVER_CORE, measure, raw_ort
-from tests.service.server_process import ServerProcess
+from service.launcher import ServerProcess
 
 
 def hollow_graph(source: Path, out: Path) -> Path:

@@ -40,17 +40,15 @@ import shutil
 import statistics
 import subprocess
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from bench.generation_bench import engine_alone, one_at_a_time, raw_loop, raw_loop_shared, run_streams
 from bench.llama_models import GENAI_PYTHON, ROOT, build
 from service.generated import generation_pb2 as gen
-from tests.service.server_process import ServerProcess
+from service.launcher import ServerProcess
 
 RESULTS = ROOT / "bench" / "results"
 THREADS = 2

@@ -37,7 +37,7 @@ from service.generated import generation_pb2 as gen
 from service.generation.tokenizer import HFTokenizer
 from service.settings import available_cores
 from service.generated import generation_pb2_grpc as gen_grpc
-from tests.service.server_process import ServerProcess
+from service.launcher import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

@@ -29,8 +29,8 @@ from bench import perf_analyzer
 from bench.generation_bench import request as grpc_request
 from bench.generation_bench import run_streams
 from bench.serve_bench import CLIENT_CORE, RESULTS, SERVER_CORE, fmt, measure, summary
-from tests.conftest import DEFAULT_REPOSITORY
-from tests.service.server_process import ServerProcess
+from service.launcher import DEFAULT_REPOSITORY
+from service.launcher import ServerProcess
 
 PROMPTS = ["def main():", "import os\n", "class A:", "# utils\n", "for i in", "return x", "with open(", "if x:"]
 

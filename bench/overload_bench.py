@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.service.server_process import ServerProcess
+from service.launcher import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

@@ -37,8 +37,8 @@ from service.settings import available_cores
 from model.naming import load_examples
 from service.generated import generation_pb2 as gen
 from service.generation.tokenizer import load_tokenizer
-from tests.conftest import DEFAULT_REPOSITORY
-from tests.service.server_process import ServerProcess
+from service.launcher import DEFAULT_REPOSITORY
+from service.launcher import ServerProcess
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -36,8 +36,7 @@ import numpy as np
 import onnxruntime as ort
 
 from bench import perf_analyzer
-from service.settings import available_cores
-from tests.service.server_process import ServerProcess
+from service.launcher import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

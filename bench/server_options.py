@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench import perf_analyzer
 from bench.serve_bench import RESULTS, ROOT, measure
-from tests.service.server_process import ServerProcess
+from service.launcher import ServerProcess
 
 COMPARISONS = {
     "spinning": (("--ort-spinning",), ("--no-ort-spinning",)),

@@ -28,7 +28,7 @@ from service.generated import generation_pb2_grpc as gen_grpc
 from service.generated import grpc_service_pb2 as pb
 from service.generated import grpc_service_pb2_grpc as pb_grpc
 from tests.conftest import BYTEGPT_VOCAB
-from tests.service.server_process import ServerProcess, channel
+from service.launcher import ServerProcess, channel
 
 VOCAB = BYTEGPT_VOCAB  # token ids 0..VOCAB-1 are valid for the shipped bytegpt
 # answers a decodable request may get; INTERNAL, UNKNOWN and UNAVAILABLE never

@@ -12,7 +12,7 @@ import jsonpatch
 import yaml
 
 from tests.conftest import DEFAULT_REPOSITORY, ROOT
-from tests.service.server_process import ServerProcess
+from service.launcher import ServerProcess
 
 K8S = ROOT / "deploy" / "k8s"
 BIN = Path(sys.executable).parent

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tests.conftest import DEFAULT_REPOSITORY, ROOT
-from tests.service.server_process import ServerProcess
+from service.launcher import ServerProcess
 
 PROMETHEUS = ROOT / "deploy" / "prometheus"
 DASHBOARD = ROOT / "deploy" / "grafana" / "tserve-dashboard.json"

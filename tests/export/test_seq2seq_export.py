@@ -11,6 +11,9 @@ import torch
 from export.seq2seq import load_sessions, onnx_greedy
 from model.seq2seq import load_seq2seq
 from tests.conftest import DEFAULT_REPOSITORY, ROOT
+import pytest
+
+pytestmark = pytest.mark.unit  # in-process, no servers or exports: make test-unit
 
 ENTRY = DEFAULT_REPOSITORY / "namegen" / "1"
 CHECKPOINT = ROOT / "model" / "checkpoints" / "namegen.pt"

@@ -1,6 +1,9 @@
 import numpy as np
 
 from model.ngram import NGramModel
+import pytest
+
+pytestmark = pytest.mark.unit  # in-process, no servers or exports: make test-unit
 
 
 def test_probabilities_normalise_over_the_vocabulary():

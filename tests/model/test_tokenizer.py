@@ -1,4 +1,7 @@
 from model import tokenizer
+import pytest
+
+pytestmark = pytest.mark.unit  # in-process, no servers or exports: make test-unit
 
 
 def test_any_text_round_trips():

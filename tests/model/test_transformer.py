@@ -6,6 +6,8 @@ from torch.nn import functional as F
 
 from model.transformer import GPT, GPTConfig, MultiHeadAttention, causal_padding_mask, sinusoidal_encoding
 
+pytestmark = pytest.mark.unit  # in-process, no servers or exports: make test-unit
+
 CFG = GPTConfig(vocab_size=257, block_size=64, n_layer=2, n_head=4, d_model=32, d_ff=64)
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from model.transformer import GPTConfig, MultiHeadAttention
 from tests.conftest import DEFAULT_REPOSITORY
-from tests.service.server_process import ServerProcess
+from service.launcher import ServerProcess
 
 ENCODER_VOCAB = 100
 ENCODER_HIDDEN = 32

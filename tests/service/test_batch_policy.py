@@ -6,6 +6,8 @@ import pytest
 
 from service.batch_policy import ArrivalRate, BatchPolicy, CostModel
 
+pytestmark = pytest.mark.unit  # in-process, no servers or exports: make test-unit
+
 
 def test_the_cost_line_is_recovered_and_follows_drift():
     costs = CostModel()

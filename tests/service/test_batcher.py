@@ -20,6 +20,8 @@ from service.runtime import OrtRuntime
 from service.types import BatchingPolicy, InferRequest, ModelSpec, PaddingRules, TensorSpec
 from service.validation import prepare
 
+pytestmark = pytest.mark.unit  # in-process, no servers or exports: make test-unit
+
 VOCAB = 50
 TABLE = np.stack([np.arange(VOCAB), -np.arange(VOCAB) * 10], axis=1).astype(np.float32)  # id -> (id, -10 id)
 

@@ -14,6 +14,8 @@ from service.generation.sequence import Event, FinishReason
 from service.servicers import converters
 from service.types import DATATYPES, InferResponse
 
+pytestmark = pytest.mark.unit  # in-process, no servers or exports: make test-unit
+
 TYPED = [dt for dt in DATATYPES if dt in converters.CONTENTS_FIELD]
 
 

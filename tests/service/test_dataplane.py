@@ -21,6 +21,8 @@ from service.settings import Settings
 from service.types import InferRequest
 from tests.conftest import BYTEGPT_VOCAB, DEFAULT_REPOSITORY
 
+pytestmark = pytest.mark.unit  # in-process, no servers or exports: make test-unit
+
 LOOP = asyncio.new_event_loop()
 
 

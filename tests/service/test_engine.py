@@ -28,6 +28,8 @@ from service.models import ModelManager, decoder_cache, seq2seq_cache
 from service.settings import Settings
 from tests.conftest import DEFAULT_REPOSITORY
 
+pytestmark = pytest.mark.unit  # in-process, no servers or exports: make test-unit
+
 TEXTS = ("def fibonacci(n):", "import os\n", "class Stack:\n    def push(self, x):", "for i in range(10):", "x",
          "return self._data[key]")
 LENGTHS = [38, 7, 25, 3, 33, 12]  # within namegen's longest output (39)

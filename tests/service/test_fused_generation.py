@@ -36,7 +36,7 @@ from service.generation.kv_rows import KVRows
 from service.generation.kv_slots import KVSlots
 from service.models import ModelManager
 from service.settings import Settings
-from tests.service.server_process import ServerProcess
+from service.launcher import ServerProcess
 
 CONFIG = GPTConfig(vocab_size=300, block_size=64, n_layer=2, n_head=2, d_model=32, d_ff=64)
 PROMPTS = [[5, 6, 7], [100, 3, 9, 200, 17, 1, 2, 3, 4, 8, 9], [42], [7, 7, 7, 7, 7], [250, 1], [11, 12, 13, 14, 15, 16]]

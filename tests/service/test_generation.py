@@ -16,10 +16,10 @@ import pytest
 from model.transformer import load_checkpoint
 from service.generated import generation_pb2 as gen
 from service.generated import generation_pb2_grpc as gen_grpc
+from service.launcher import ServerProcess, outcome_codes
 from tests.conftest import BYTEGPT_VOCAB, DEFAULT_CHECKPOINT, DEFAULT_REPOSITORY, ROOT, bytegpt_text, bytegpt_tokenizer
 
 EOS = json.loads((DEFAULT_REPOSITORY / "bytegpt" / "1" / "manifest.json").read_text())["generation"]["eos_token_id"]
-from tests.service.server_process import ServerProcess, outcome_codes
 
 PROMPT = "def fibonacci(n):"
 

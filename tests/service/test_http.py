@@ -21,7 +21,7 @@ from tritonclient.utils import InferenceServerException
 from service.generated import generation_pb2 as gen
 from service.generated import generation_pb2_grpc as gen_grpc
 from tests.conftest import BYTEGPT_VOCAB, DEFAULT_REPOSITORY, bytegpt_tokenizer
-from tests.service.server_process import ServerProcess
+from service.launcher import ServerProcess
 
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<assistant>{% endif %}")

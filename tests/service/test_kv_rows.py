@@ -8,6 +8,9 @@ import numpy as np
 from service.generation.kv_rows import KVRows
 from service.generation.sampling import SamplingParams
 from service.generation.sequence import FinishReason, Sequence
+import pytest
+
+pytestmark = pytest.mark.unit  # in-process, no servers or exports: make test-unit
 
 HEADS, HEAD_DIM, LAYERS = 2, 3, 2
 

@@ -11,6 +11,9 @@ from service.conventions.decoder import DecoderGraph, KVInput
 from service.generation.kv_slots import KVSlots
 from service.generation.sampling import SamplingParams
 from service.generation.sequence import FinishReason, Sequence
+import pytest
+
+pytestmark = pytest.mark.unit  # in-process, no servers or exports: make test-unit
 
 GRAPH = DecoderGraph((KVInput("past_key_values.0.key", 2, 3, np.dtype(np.float32)),
                       KVInput("past_key_values.0.value", 2, 3, np.dtype(np.float32))),

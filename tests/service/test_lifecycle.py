@@ -22,7 +22,7 @@ from service.generated import generation_pb2_grpc as gen_grpc
 from service.generated import grpc_service_pb2 as pb
 from service.generated import grpc_service_pb2_grpc as pb_grpc
 from tests.conftest import BYTEGPT_VOCAB, DEFAULT_REPOSITORY, ROOT
-from tests.service.server_process import ServerProcess, channel, outcome_codes
+from service.launcher import ServerProcess, channel, outcome_codes
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 

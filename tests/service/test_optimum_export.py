@@ -22,7 +22,7 @@ from tritonclient.utils import InferenceServerException
 from service.generated import generation_pb2 as gen
 from service.generated import generation_pb2_grpc as gen_grpc
 from tests.conftest import ROOT
-from tests.service.server_process import ServerProcess
+from service.launcher import ServerProcess
 
 POSITIONS, VOCAB = 128, 300
 PROMPTS = ["def forward(self, x):", "import torch\n", "class Config:", "return self.proj(y)"]

@@ -18,7 +18,7 @@ import torch
 
 from service.generated import generation_pb2 as gen
 from service.generated import generation_pb2_grpc as gen_grpc
-from tests.service.server_process import ServerProcess
+from service.launcher import ServerProcess
 from tests.service.test_optimum_export import optimum_export
 
 VOCAB = 300

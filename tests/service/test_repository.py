@@ -9,6 +9,8 @@ from service.errors import ModelLoadError
 from service.generated import model_config_pb2 as mc
 from service.repository import runtime_options
 
+pytestmark = pytest.mark.unit  # in-process, no servers or exports: make test-unit
+
 
 def config(text: str) -> mc.ModelConfig:
     return text_format.Parse(text, mc.ModelConfig())

@@ -8,6 +8,8 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 from service.errors import InternalError, InvalidInput, OutOfMemory
 from service.runtime import classify
 
+pytestmark = pytest.mark.unit  # in-process, no servers or exports: make test-unit
+
 
 @pytest.mark.parametrize("error, kind", [
     (ort_state.InvalidArgument("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Unexpected input data type"), InvalidInput),

@@ -9,6 +9,8 @@ import pytest
 from service.generation.sampling import SamplingParams, choose_tokens
 from service.generation.sequence import Sequence
 
+pytestmark = pytest.mark.unit  # in-process, no servers or exports: make test-unit
+
 
 def seq(params: SamplingParams, **kw) -> Sequence:
     return Sequence("s", [1], params, 10, **kw)

@@ -14,7 +14,7 @@ from service.generated import generation_pb2 as gen
 from service.generated import generation_pb2_grpc as gen_grpc
 from tests.conftest import BYTEGPT_VOCAB, DEFAULT_REPOSITORY
 from tests.service.certs import make_certificates
-from tests.service.server_process import ServerProcess
+from service.launcher import ServerProcess
 
 TOKEN = "s3cret-token-for-tests"
 

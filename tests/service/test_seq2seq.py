@@ -25,7 +25,7 @@ from model.seq2seq import Seq2Seq, Seq2SeqConfig
 from model.train_seq2seq import NamingTokenizer
 from service.generated import generation_pb2 as gen
 from service.generated import generation_pb2_grpc as gen_grpc
-from tests.service.server_process import ServerProcess
+from service.launcher import ServerProcess
 
 CFG = Seq2SeqConfig(d_model=32, d_ff=64, n_encoder_layers=2, n_decoder_layers=2, n_head=2, max_source=64,
                     max_target=14, dropout=0.0)

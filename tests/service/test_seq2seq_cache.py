@@ -11,6 +11,9 @@ from service.conventions.seq2seq import Seq2SeqGraphs
 from service.generation.sampling import SamplingParams
 from service.generation.seq2seq_cache import Seq2SeqCache, length_groups
 from service.generation.sequence import FinishReason, Sequence
+import pytest
+
+pytestmark = pytest.mark.unit  # in-process, no servers or exports: make test-unit
 
 GRAPHS = Seq2SeqGraphs(1, ("present.0.decoder.key", "present.0.decoder.value"),
                        ("present.0.encoder.key", "present.0.encoder.value"), (), True, np.dtype(np.float32))

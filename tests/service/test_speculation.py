@@ -4,6 +4,9 @@ in test_engine.py)."""
 from __future__ import annotations
 
 from service.generation.speculation import PromptLookup, accepted
+import pytest
+
+pytestmark = pytest.mark.unit  # in-process, no servers or exports: make test-unit
 
 
 def lookup(tokens: list[int], max_ngram: int = 3) -> PromptLookup:

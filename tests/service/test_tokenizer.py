@@ -8,6 +8,9 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from service.generation.tokenizer import HFTokenizer
+import pytest
+
+pytestmark = pytest.mark.unit  # in-process, no servers or exports: make test-unit
 
 
 def metaspace_tokenizer(path: Path) -> HFTokenizer:

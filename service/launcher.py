@@ -1,4 +1,4 @@
-"""A real tserve process on loopback, for integration tests: started with port 0, found through
+"""A real tserve process on loopback, for tests and benchmarks: started with port 0, found through
 its port file, ready when the gRPC health service says SERVING, stopped by PID."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]  # the checkout this module is in
+DEFAULT_REPOSITORY = ROOT / "model_repository"
 
 
 class ServerProcess:
