@@ -41,7 +41,7 @@ serve: $(SERVE_STAMP)
 check-serve-install:
 	.ci/serve-install
 
-test: $(STAMP) $(SYSTEM)
+test: $(STAMP) $(SYSTEM) lint
 	$(PYTHON) -m service.generated.build --check
 	$(PYTHON) -m pytest -q
 

@@ -44,20 +44,29 @@ NEW_TOKENS = 128
 
 
 def worktree(commit: str) -> Path:
-    sha = subprocess.run(["git", "rev-parse", commit], cwd=ROOT, check=True, capture_output=True, text=True).stdout.strip()
+    sha = subprocess.run(
+        ["git", "rev-parse", commit], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout.strip()
     path = ROOT / "runs" / "engine_ab" / sha[:12]
     if not (path / "service").is_dir():
         path.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["git", "worktree", "add", "--detach", "--force", str(path), sha], cwd=ROOT, check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", "--force", str(path), sha], cwd=ROOT, check=True, capture_output=True
+        )
     return path
 
 
 def requests(model: str, prompts: list[list[int]], new_tokens: int | None) -> list[gen.GenerateRequest]:
     """Greedy requests; with `new_tokens`, exactly that many tokens each (end-of-sequence not before)."""
-    return [gen.GenerateRequest(model=model, token_ids=gen.TokenIds(ids=p), sampling=gen.SamplingParameters(temperature=0.0),
-                                **({"max_new_tokens": new_tokens, "min_tokens": new_tokens} if new_tokens else {}))
-            for p in prompts]
+    return [
+        gen.GenerateRequest(
+            model=model,
+            token_ids=gen.TokenIds(ids=p),
+            sampling=gen.SamplingParameters(temperature=0.0),
+            **({"max_new_tokens": new_tokens, "min_tokens": new_tokens} if new_tokens else {}),
+        )
+        for p in prompts
+    ]
 
 
 def workloads(repo: Path, llama: Path | None) -> dict[str, tuple[list[gen.GenerateRequest], list[gen.GenerateRequest]]]:
@@ -80,7 +89,9 @@ def workloads(repo: Path, llama: Path | None) -> dict[str, tuple[list[gen.Genera
     tok = load_tokenizer(manifest.get("tokenizer"), folder / "tokenizer.json")
     _, held_out = load_examples()
     rng = np.random.default_rng(0)
-    sources = [tok.encode(held_out[i].source)[: manifest["model"]["max_source"]] for i in rng.permutation(len(held_out))[:16]]
+    sources = [
+        tok.encode(held_out[i].source)[: manifest["model"]["max_source"]] for i in rng.permutation(len(held_out))[:16]
+    ]
     out["namegen"] = (requests("namegen", sources, None), requests("namegen", sources, None))
     return out
 
@@ -88,8 +99,11 @@ def workloads(repo: Path, llama: Path | None) -> dict[str, tuple[list[gen.Genera
 def measure(server: ServerProcess, one: list, many: list) -> dict:
     single = one_at_a_time(server.address, one)
     together = run_streams(server.address, many, keep_tokens=True)
-    return {"1": single["tokens_per_s"], "16": together["tokens_per_s"],
-            "tokens": single["token_ids"] + together["token_ids"]}
+    return {
+        "1": single["tokens_per_s"],
+        "16": together["tokens_per_s"],
+        "tokens": single["token_ids"] + together["token_ids"],
+    }
 
 
 def main() -> None:
@@ -102,7 +116,9 @@ def main() -> None:
     repo = Path(tempfile.mkdtemp())
     for name in ("bytegpt", "namegen"):
         shutil.copytree(ROOT / "model_repository" / name, repo / name)
-    llama = args.llama if (args.llama / "optimum" / "model.onnx").is_file() and (args.llama / "genai").is_dir() else None
+    llama = (
+        args.llama if (args.llama / "optimum" / "model.onnx").is_file() and (args.llama / "genai").is_dir() else None
+    )
     if llama is not None:
         shutil.copytree(llama / "optimum", repo / "llama" / "1")
         shutil.copytree(llama / "genai", repo / "llama_genai" / "1")
@@ -123,9 +139,14 @@ def main() -> None:
                 same[name] &= got["new"].pop("tokens") == got["old"].pop("tokens")
                 r[name] = got
             rounds.append(r)
-            print(f"round {k + 1}: " + ", ".join(
-                f"{name} new/old 1 stream {v['new']['1'] / v['old']['1']:.2f}x, 16 {v['new']['16'] / v['old']['16']:.2f}x"
-                for name, v in r.items()), flush=True)
+            print(
+                f"round {k + 1}: "
+                + ", ".join(
+                    f"{name} new/old 1 stream {v['new']['1'] / v['old']['1']:.2f}x, 16 {v['new']['16'] / v['old']['16']:.2f}x"
+                    for name, v in r.items()
+                ),
+                flush=True,
+            )
 
     def spread(values: list[float]) -> str:
         return f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
@@ -135,12 +156,16 @@ def main() -> None:
     for name in loads:
         figures[name] = {s: [r[name]["new"][s] / r[name]["old"][s] for r in rounds] for s in ("1", "16")}
         olds = {s: statistics.median(r[name]["old"][s] for r in rounds) for s in ("1", "16")}
-        print(f"  {name:12s} 1 stream {spread(figures[name]['1'])} (old {olds['1']:.0f} tokens/s), "
-              f"16 streams {spread(figures[name]['16'])} (old {olds['16']:.0f} tokens/s); "
-              f"greedy tokens {'identical' if same[name] else 'DIFFER'}")
+        print(
+            f"  {name:12s} 1 stream {spread(figures[name]['1'])} (old {olds['1']:.0f} tokens/s), "
+            f"16 streams {spread(figures[name]['16'])} (old {olds['16']:.0f} tokens/s); "
+            f"greedy tokens {'identical' if same[name] else 'DIFFER'}"
+        )
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "engine_ab.json"
-    out.write_text(json.dumps({"base": args.base, "rounds": rounds, "ratios": figures, "same_tokens": same}, indent=2) + "\n")
+    out.write_text(
+        json.dumps({"base": args.base, "rounds": rounds, "ratios": figures, "same_tokens": same}, indent=2) + "\n"
+    )
     print(f"written: {out.relative_to(ROOT)}")
 
 

@@ -42,19 +42,26 @@ def hollow_graph(source: Path, out: Path) -> Path:
     vocab = logits.type.tensor_type.shape.dim[2].dim_value
     pasts = [i for i in inputs if i.name.startswith("past_key_values.")]
     heads, head_dim = (pasts[0].type.tensor_type.shape.dim[k].dim_value for k in (1, 3))
-    nodes, inits = [], [helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
-                        helper.make_tensor("vocab", TensorProto.INT64, [1], [vocab]),
-                        helper.make_tensor("heads", TensorProto.INT64, [1], [heads]),
-                        helper.make_tensor("head_dim", TensorProto.INT64, [1], [head_dim]),
-                        helper.make_tensor("i0", TensorProto.INT64, [1], [0]),
-                        helper.make_tensor("i1", TensorProto.INT64, [1], [1])]
-    nodes += [helper.make_node("Shape", ["input_ids"], ["bt"]),
-              helper.make_node("Gather", ["bt", "i0"], ["b"], axis=0),
-              helper.make_node("Gather", ["bt", "i1"], ["t"], axis=0),
-              helper.make_node("Concat", ["bt", "vocab"], ["logits_shape"], axis=0),
-              helper.make_node("Expand", ["zero", "logits_shape"], ["logits"]),
-              helper.make_node("Concat", ["b", "heads", "t", "head_dim"], ["new_shape"], axis=0),
-              helper.make_node("Expand", ["zero", "new_shape"], ["new_kv"])]
+    nodes, inits = (
+        [],
+        [
+            helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+            helper.make_tensor("vocab", TensorProto.INT64, [1], [vocab]),
+            helper.make_tensor("heads", TensorProto.INT64, [1], [heads]),
+            helper.make_tensor("head_dim", TensorProto.INT64, [1], [head_dim]),
+            helper.make_tensor("i0", TensorProto.INT64, [1], [0]),
+            helper.make_tensor("i1", TensorProto.INT64, [1], [1]),
+        ],
+    )
+    nodes += [
+        helper.make_node("Shape", ["input_ids"], ["bt"]),
+        helper.make_node("Gather", ["bt", "i0"], ["b"], axis=0),
+        helper.make_node("Gather", ["bt", "i1"], ["t"], axis=0),
+        helper.make_node("Concat", ["bt", "vocab"], ["logits_shape"], axis=0),
+        helper.make_node("Expand", ["zero", "logits_shape"], ["logits"]),
+        helper.make_node("Concat", ["b", "heads", "t", "head_dim"], ["new_shape"], axis=0),
+        helper.make_node("Expand", ["zero", "new_shape"], ["new_kv"]),
+    ]
     outputs = [logits]
     for p in pasts:
         name = p.name.replace("past_key_values.", "present.")
@@ -112,10 +119,17 @@ def main() -> None:
                 nearest = min(raw_model, key=lambda b: abs(b - batch))
                 r["raw_model_rows_per_s_at_batch"] = raw_model[nearest]["infer_per_s"]
                 rounds.append(r)
-                print(f"round {k + 1}: raw hollow p50 {r['raw_hollow_p50_ms']:.3f} ms, raw bytegpt p50 "
-                      f"{r['raw_model_p50_ms']:.2f} ms; " + ", ".join(
-                          f"{m} c={c}: {r[f'{m}_c{c}']['infer_per_s']:.1f}/s p50 {r[f'{m}_c{c}']['p50_ms']:.2f} ms"
-                          for m in ("hollow", "bytegpt") for c in (1, 16) if f"{m}_c{c}" in r), flush=True)
+                print(
+                    f"round {k + 1}: raw hollow p50 {r['raw_hollow_p50_ms']:.3f} ms, raw bytegpt p50 "
+                    f"{r['raw_model_p50_ms']:.2f} ms; "
+                    + ", ".join(
+                        f"{m} c={c}: {r[f'{m}_c{c}']['infer_per_s']:.1f}/s p50 {r[f'{m}_c{c}']['p50_ms']:.2f} ms"
+                        for m in ("hollow", "bytegpt")
+                        for c in (1, 16)
+                        if f"{m}_c{c}" in r
+                    ),
+                    flush=True,
+                )
 
     def med(values: list[float]) -> str:
         return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
@@ -124,20 +138,31 @@ def main() -> None:
     front_ms = [1e3 / r["hollow_c16"]["infer_per_s"] for r in done]
     predicted = [1 / (f / 1e3 + 1 / r["raw_model_rows_per_s_at_batch"]) for f, r in zip(front_ms, done)]
     logits, presents = response_bytes(args.repository / "bytegpt" / "1" / "model.onnx", args.length)
-    print(f"\nresponse to a {args.length}-token request: {logits + presents:,} bytes (logits {logits:,}, "
-          f"presents {presents:,})")
-    print(f"pinned: server on core {SERVER_CORE}, perf_analyzer on core {CLIENT_CORE}; median (range) over {len(done)} rounds")
-    print(f"  hollow model, c=1 p50: {med([r['hollow_c1']['p50_ms'] for r in done])} ms "
-          f"(its raw ORT p50 {med([r['raw_hollow_p50_ms'] for r in done])} ms): the request path's latency floor")
+    print(
+        f"\nresponse to a {args.length}-token request: {logits + presents:,} bytes (logits {logits:,}, "
+        f"presents {presents:,})"
+    )
+    print(
+        f"pinned: server on core {SERVER_CORE}, perf_analyzer on core {CLIENT_CORE}; median (range) over {len(done)} rounds"
+    )
+    print(
+        f"  hollow model, c=1 p50: {med([r['hollow_c1']['p50_ms'] for r in done])} ms "
+        f"(its raw ORT p50 {med([r['raw_hollow_p50_ms'] for r in done])} ms): the request path's latency floor"
+    )
     print(f"  front end per request (1 / hollow infer/s at c=16): {med(front_ms)} ms of the server's core")
-    print(f"  bytegpt c=1 p50: {med([r['bytegpt_c1']['p50_ms'] for r in done])} ms, raw ORT p50 "
-          f"{med([r['raw_model_p50_ms'] for r in done])} ms")
-    print(f"  bytegpt c=16: {med([r['bytegpt_c16']['infer_per_s'] for r in done])} infer/s served; predicted from the "
-          f"front end + raw ORT at the served batch: {med(predicted)}; raw ORT alone at that batch "
-          f"{med([r['raw_model_rows_per_s_at_batch'] for r in done])} rows/s")
+    print(
+        f"  bytegpt c=1 p50: {med([r['bytegpt_c1']['p50_ms'] for r in done])} ms, raw ORT p50 "
+        f"{med([r['raw_model_p50_ms'] for r in done])} ms"
+    )
+    print(
+        f"  bytegpt c=16: {med([r['bytegpt_c16']['infer_per_s'] for r in done])} infer/s served; predicted from the "
+        f"front end + raw ORT at the served batch: {med(predicted)}; raw ORT alone at that batch "
+        f"{med([r['raw_model_rows_per_s_at_batch'] for r in done])} rows/s"
+    )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "frontend_floor.json").write_text(json.dumps({"rounds": rounds, "front_end_ms": front_ms,
-                                                              "predicted_infer_per_s": predicted}, indent=1) + "\n")
+    (RESULTS / "frontend_floor.json").write_text(
+        json.dumps({"rounds": rounds, "front_end_ms": front_ms, "predicted_infer_per_s": predicted}, indent=1) + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,11 @@ def main() -> None:
     model_dir, prompts_file, new_tokens, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     config = og.Config(model_dir)
     config.clear_providers()  # CPU
-    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads,
-                                                                           "inter_op_num_threads": 1}}}}))
+    config.overlay(
+        json.dumps(
+            {"model": {"decoder": {"session_options": {"intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}
+        )
+    )
     model = og.Model(config)
     prompts = np.array(json.loads(open(prompts_file).read()), np.int32)
     generate(model, prompts[:1], 8)  # warm-up
@@ -50,10 +53,20 @@ def main() -> None:
         wall1 += wall
     batch, first16, wall16 = generate(model, prompts, new_tokens)
     n = len(prompts) * new_tokens
-    print(json.dumps({"onnxruntime_genai": og.__version__, "threads": threads,
-                      "one_stream_tokens_per_s": n / wall1, "one_stream_ttft_ms": float(np.median(ttft)) * 1e3,
-                      "batch_tokens_per_s": n / wall16, "batch_ttft_ms": first16 * 1e3,
-                      "tokens_one_stream": singles, "tokens_batch": batch}))
+    print(
+        json.dumps(
+            {
+                "onnxruntime_genai": og.__version__,
+                "threads": threads,
+                "one_stream_tokens_per_s": n / wall1,
+                "one_stream_ttft_ms": float(np.median(ttft)) * 1e3,
+                "batch_tokens_per_s": n / wall16,
+                "batch_ttft_ms": first16 * 1e3,
+                "tokens_one_stream": singles,
+                "tokens_batch": batch,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

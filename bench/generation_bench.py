@@ -72,9 +72,14 @@ def run_streams(address: str, requests: list[gen.GenerateRequest], keep_tokens: 
     itl = [b - a for times in arrivals.values() for a, b in zip(times, times[1:])]
     tokens = sum(len(t) for t in arrivals.values())
     return {
-        "streams": len(requests), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-        "ttft_p50_ms": np.percentile(ttft, 50) * 1e3, "ttft_p99_ms": np.percentile(ttft, 99) * 1e3,
-        "itl_p50_ms": np.percentile(itl, 50) * 1e3 if itl else 0.0, "itl_p99_ms": np.percentile(itl, 99) * 1e3 if itl else 0.0,
+        "streams": len(requests),
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "ttft_p50_ms": np.percentile(ttft, 50) * 1e3,
+        "ttft_p99_ms": np.percentile(ttft, 99) * 1e3,
+        "itl_p50_ms": np.percentile(itl, 50) * 1e3 if itl else 0.0,
+        "itl_p99_ms": np.percentile(itl, 99) * 1e3 if itl else 0.0,
         **({"token_ids": [ids.get(i, []) for i in range(len(requests))]} if keep_tokens else {}),
     }
 
@@ -82,19 +87,30 @@ def run_streams(address: str, requests: list[gen.GenerateRequest], keep_tokens: 
 def one_at_a_time(address: str, reqs: list[gen.GenerateRequest]) -> dict:
     """Streams one after another: aggregate tokens/s, the median TTFT, every stream's tokens."""
     runs = [run_streams(address, [r], keep_tokens=True) for r in reqs]
-    return {"tokens_per_s": sum(r["tokens"] for r in runs) / sum(r["wall_s"] for r in runs),
-            "ttft_ms": statistics.median(r["ttft_p50_ms"] for r in runs),
-            "token_ids": [r["token_ids"][0] for r in runs]}
+    return {
+        "tokens_per_s": sum(r["tokens"] for r in runs) / sum(r["wall_s"] for r in runs),
+        "ttft_ms": statistics.median(r["ttft_p50_ms"] for r in runs),
+        "token_ids": [r["token_ids"][0] for r in runs],
+    }
 
 
 def request(prompt: str, max_new: int, seed: int) -> gen.GenerateRequest:
     # greedy on distinct prompts; end-of-text could stop a stream early, which the counts include
-    return gen.GenerateRequest(model="bytegpt", text=prompt, max_new_tokens=max_new,
-                               sampling=gen.SamplingParameters(temperature=0.0, seed=seed))
+    return gen.GenerateRequest(
+        model="bytegpt",
+        text=prompt,
+        max_new_tokens=max_new,
+        sampling=gen.SamplingParameters(temperature=0.0, seed=seed),
+    )
 
 
-def engine_alone(repository: Path, workloads: dict[str, tuple[str, int, list[tuple[list[int], int]]]],
-                 model: str = "bytegpt", speculative_tokens: int = 0, banned: tuple[int, ...] = ()) -> dict:
+def engine_alone(
+    repository: Path,
+    workloads: dict[str, tuple[str, int, list[tuple[list[int], int]]]],
+    model: str = "bytegpt",
+    speculative_tokens: int = 0,
+    banned: tuple[int, ...] = (),
+) -> dict:
     """tokens/s of each workload (scheduling, slots, [(prompt, new tokens)]) run straight
     against a GenerationEngine; `banned`: end-of-sequence ids never chosen (min_tokens)."""
     from prometheus_client import CollectorRegistry
@@ -113,15 +129,20 @@ def engine_alone(repository: Path, workloads: dict[str, tuple[str, int, list[tup
         out = {}
         for name, (scheduling, slots, jobs) in workloads.items():
             # the graph the server generates with: the fused one where it matched at load
-            engine = GenerationEngine(mv.name, mv.make_cache, EngineLimits(max_sequences=slots, scheduling=scheduling,
-                                                                    speculative_tokens=speculative_tokens))
+            engine = GenerationEngine(
+                mv.name,
+                mv.make_cache,
+                EngineLimits(max_sequences=slots, scheduling=scheduling, speculative_tokens=speculative_tokens),
+            )
             engine.start()
             warm = Sequence("warm", jobs[0][0], SamplingParams(), 4)  # untimed: first runs allocate
             engine.submit(warm)
             while not (await warm.events.get()).finish_reason:
                 pass
-            seqs = [Sequence(str(i), prompt, SamplingParams(), n, min_tokens=n, eos_token_ids=frozenset(banned))
-                    for i, (prompt, n) in enumerate(jobs)]  # each makes n tokens
+            seqs = [
+                Sequence(str(i), prompt, SamplingParams(), n, min_tokens=n, eos_token_ids=frozenset(banned))
+                for i, (prompt, n) in enumerate(jobs)
+            ]  # each makes n tokens
             t0 = time.perf_counter()
             for s in seqs:
                 engine.submit(s)
@@ -148,10 +169,19 @@ def decode_step_latency(model: Path, shapes: list[tuple[int, int]], repeats: int
     pasts = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
     out = {}
     for batch, pos in shapes:
-        feeds = {"input_ids": np.full((batch, 1), 65, np.int64), "attention_mask": np.ones((batch, pos + 1), np.int64),
-                 "position_ids": np.full((batch, 1), pos, np.int64)}
-        feeds.update({p.name: np.random.default_rng(0).standard_normal((batch, p.shape[1], pos, p.shape[3]))
-                      .astype(np.float32) for p in pasts})
+        feeds = {
+            "input_ids": np.full((batch, 1), 65, np.int64),
+            "attention_mask": np.ones((batch, pos + 1), np.int64),
+            "position_ids": np.full((batch, 1), pos, np.int64),
+        }
+        feeds.update(
+            {
+                p.name: np.random.default_rng(0)
+                .standard_normal((batch, p.shape[1], pos, p.shape[3]))
+                .astype(np.float32)
+                for p in pasts
+            }
+        )
         for _ in range(10):
             session.run(["logits"], feeds)
         times = []
@@ -186,8 +216,15 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def raw_loop(model: Path, prompts: list[list[int]], new_tokens: int, threads: int, rounds: int = 3,
-             tokens: list | None = None, banned: tuple[int, ...] = ()) -> float:
+def raw_loop(
+    model: Path,
+    prompts: list[list[int]],
+    new_tokens: int,
+    threads: int,
+    rounds: int = 3,
+    tokens: list | None = None,
+    banned: tuple[int, ...] = (),
+) -> float:
     """tokens/s (the best of `rounds`) of a plain greedy loop in raw ONNX Runtime: the prompts left-padded into one
     batch, one prefill run, then one decode run per token with `present` fed back as `past` —
     the least any engine has to do for the same tokens on the same graph."""
@@ -201,7 +238,7 @@ def raw_loop(model: Path, prompts: list[list[int]], new_tokens: int, threads: in
     ids = np.zeros((B, T), np.int64)
     mask = np.zeros((B, T), np.int64)
     for i, p in enumerate(prompts):
-        ids[i, T - len(p):], mask[i, T - len(p):] = p, 1
+        ids[i, T - len(p) :], mask[i, T - len(p) :] = p, 1
     best = 0.0
     prefill = {"input_ids": ids, "attention_mask": mask, "position_ids": np.maximum(mask.cumsum(1) - 1, 0)}
     prefill.update({p.name: np.zeros((B, p.shape[1], 0, p.shape[3]), np.float32) for p in pasts})
@@ -226,8 +263,17 @@ def raw_loop(model: Path, prompts: list[list[int]], new_tokens: int, threads: in
     return best
 
 
-def raw_loop_shared(model: Path, prompts: list[list[int]], new_tokens: int, threads: int, max_length: int,
-                    head_dim: int, rounds: int = 3, tokens: list | None = None, banned: tuple[int, ...] = ()) -> float:
+def raw_loop_shared(
+    model: Path,
+    prompts: list[list[int]],
+    new_tokens: int,
+    threads: int,
+    max_length: int,
+    head_dim: int,
+    rounds: int = 3,
+    tokens: list | None = None,
+    banned: tuple[int, ...] = (),
+) -> float:
     """The same plain greedy loop for a fused graph (GroupQueryAttention): one buffer per past
     input, bound as past and present, each prompt prefilled into its own row, then one batched
     run per token with right-padded masks — what onnxruntime-genai does, in Python. The buffers
@@ -263,15 +309,23 @@ def raw_loop_shared(model: Path, prompts: list[list[int]], new_tokens: int, thre
         return io.get_outputs()[0].numpy()
 
     prefill, decode = [binding(r) for r in rows], binding(values)
-    run(prefill[0], np.array([prompts[0]], np.int64), np.ones((1, len(prompts[0])), np.int64),
-        np.arange(len(prompts[0]), dtype=np.int64)[None])  # untimed: the first run allocates
+    run(
+        prefill[0],
+        np.array([prompts[0]], np.int64),
+        np.ones((1, len(prompts[0])), np.int64),
+        np.arange(len(prompts[0]), dtype=np.int64)[None],
+    )  # untimed: the first run allocates
     best = 0.0
     for _ in range(rounds):
         t0 = time.perf_counter()
         nxt = []
         for r, p in enumerate(prompts):
-            logits = run(prefill[r], np.array([p], np.int64), np.ones((1, len(p)), np.int64),
-                         np.arange(len(p), dtype=np.int64)[None])
+            logits = run(
+                prefill[r],
+                np.array([p], np.int64),
+                np.ones((1, len(p)), np.int64),
+                np.arange(len(p), dtype=np.int64)[None],
+            )
             logits[0, -1, list(banned)] = -np.inf
             nxt.append(int(logits[0, -1].argmax()))
         lengths, made = np.array([len(p) for p in prompts]), [nxt]
@@ -306,28 +360,42 @@ def main() -> None:
     with ServerProcess(args.repository) as server:
         run_streams(server.address, [request("warm up", 8, 0)])
         for n in STREAMS:
-            rounds = [run_streams(server.address, [request(f"{prompts[i % 4]}  # {i}\n", args.new_tokens, i + 100 * k)
-                                                  for i in range(n)]) for k in range(args.rounds)]
+            rounds = [
+                run_streams(
+                    server.address,
+                    [request(f"{prompts[i % 4]}  # {i}\n", args.new_tokens, i + 100 * k) for i in range(n)],
+                )
+                for k in range(args.rounds)
+            ]
             r = sorted(rounds, key=lambda x: x["tokens_per_s"])[len(rounds) // 2]  # the median round
             sweep.append(r)
-            print(f"  {n:>2} streams: {r['tokens_per_s']:7.1f} tokens/s, TTFT p50 {r['ttft_p50_ms']:6.1f} ms "
-                  f"p99 {r['ttft_p99_ms']:6.1f} ms, inter-token p50 {r['itl_p50_ms']:5.1f} ms p99 {r['itl_p99_ms']:6.1f} ms",
-                  flush=True)
+            print(
+                f"  {n:>2} streams: {r['tokens_per_s']:7.1f} tokens/s, TTFT p50 {r['ttft_p50_ms']:6.1f} ms "
+                f"p99 {r['ttft_p99_ms']:6.1f} ms, inter-token p50 {r['itl_p50_ms']:5.1f} ms p99 {r['itl_p99_ms']:6.1f} ms",
+                flush=True,
+            )
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(8, 129, 64)
     workload = [request(f"{prompts[i % 4]}  # job {i}\n", int(n), i) for i, n in enumerate(lengths)]
     scheduling = {}
-    for name, flags in (("continuous", ["--generation-max-sequences", "16"]),
-                        ("static", ["--generation-max-sequences", "16", "--generation-scheduling", "static"]),
-                        ("one_at_a_time", ["--generation-max-sequences", "1"])):
+    for name, flags in (
+        ("continuous", ["--generation-max-sequences", "16"]),
+        ("static", ["--generation-max-sequences", "16", "--generation-scheduling", "static"]),
+        ("one_at_a_time", ["--generation-max-sequences", "1"]),
+    ):
         with ServerProcess(args.repository, *flags) as server:
             run_streams(server.address, [request("warm up", 8, 0)])
             scheduling[name] = run_streams(server.address, workload)
-        print(f"mixed workload, {name}: {scheduling[name]['tokens']} tokens in {scheduling[name]['wall_s']:.2f} s = "
-              f"{scheduling[name]['tokens_per_s']:.1f} tokens/s", flush=True)
+        print(
+            f"mixed workload, {name}: {scheduling[name]['tokens']} tokens in {scheduling[name]['wall_s']:.2f} s = "
+            f"{scheduling[name]['tokens_per_s']:.1f} tokens/s",
+            flush=True,
+        )
 
-    step_ms = decode_step_latency(args.repository / "bytegpt" / "1" / "model.onnx", [(1, 16), (1, 240), (1, 90), (16, 90)])
+    step_ms = decode_step_latency(
+        args.repository / "bytegpt" / "1" / "model.onnx", [(1, 16), (1, 240), (1, 90), (16, 90)]
+    )
     steps = {16: step_ms[(1, 16)], 240: step_ms[(1, 240)]}
 
     tokenizer = HFTokenizer(args.repository / "bytegpt" / "1" / "tokenizer.json")
@@ -340,48 +408,83 @@ def main() -> None:
     def served(flags: list[str]) -> dict[int, float]:
         """tokens/s over gRPC for the raw loops' workloads: 8 prompts one after another, and 16
         at once; end-of-sequence ignored, as the loops ignore it."""
+
         def streams(n: int) -> list[gen.GenerateRequest]:
-            return [gen.GenerateRequest(model="bytegpt", token_ids=gen.TokenIds(ids=p), max_new_tokens=m, ignore_eos=True,
-                                        sampling=gen.SamplingParameters(temperature=0.0)) for p, m in jobs(n, args.new_tokens)]
+            return [
+                gen.GenerateRequest(
+                    model="bytegpt",
+                    token_ids=gen.TokenIds(ids=p),
+                    max_new_tokens=m,
+                    ignore_eos=True,
+                    sampling=gen.SamplingParameters(temperature=0.0),
+                )
+                for p, m in jobs(n, args.new_tokens)
+            ]
 
         with ServerProcess(args.repository, *flags) as server:
             run_streams(server.address, [request("warm up", 8, 0)])
             one = [run_streams(server.address, [r]) for r in streams(8)]
-            return {1: sum(r["tokens"] for r in one) / sum(r["wall_s"] for r in one),
-                    16: run_streams(server.address, streams(16))["tokens_per_s"]}
+            return {
+                1: sum(r["tokens"] for r in one) / sum(r["wall_s"] for r in one),
+                16: run_streams(server.address, streams(16))["tokens_per_s"],
+            }
 
     through_grpc = {"default": served([]), "tuned": served(TUNED)}
-    print("served, the raw loops' workloads: " + ", ".join(f"{k} {v[1]:.0f} tokens/s at 1 stream, {v[16]:.0f} at 16"
-                                                           for k, v in through_grpc.items()), flush=True)
-    alone = engine_alone(args.repository, {
-        # one stream: 8 sequences one after another, as the raw batch-1 loop below
-        "streams_1": ("continuous", 1, jobs(8, args.new_tokens)),
-        **{f"streams_{n}": ("continuous", 32, jobs(n, args.new_tokens)) for n in STREAMS if n > 1},
-        "continuous": ("continuous", 16, mixed), "static": ("static", 16, mixed), "one_at_a_time": ("continuous", 1, mixed),
-    })
-    alone["streams_1_speculative"] = engine_alone(args.repository, {"streams_1": ("continuous", 1, jobs(8, args.new_tokens))},
-                                                  speculative_tokens=8)["streams_1"]
+    print(
+        "served, the raw loops' workloads: "
+        + ", ".join(f"{k} {v[1]:.0f} tokens/s at 1 stream, {v[16]:.0f} at 16" for k, v in through_grpc.items()),
+        flush=True,
+    )
+    alone = engine_alone(
+        args.repository,
+        {
+            # one stream: 8 sequences one after another, as the raw batch-1 loop below
+            "streams_1": ("continuous", 1, jobs(8, args.new_tokens)),
+            **{f"streams_{n}": ("continuous", 32, jobs(n, args.new_tokens)) for n in STREAMS if n > 1},
+            "continuous": ("continuous", 16, mixed),
+            "static": ("static", 16, mixed),
+            "one_at_a_time": ("continuous", 1, mixed),
+        },
+    )
+    alone["streams_1_speculative"] = engine_alone(
+        args.repository, {"streams_1": ("continuous", 1, jobs(8, args.new_tokens))}, speculative_tokens=8
+    )["streams_1"]
     print("engine alone, in-process: " + ", ".join(f"{k} {v:.0f} tokens/s" for k, v in alone.items()), flush=True)
     model_file = args.repository / "bytegpt" / "1" / "model.onnx"
     fused_file = args.repository / "bytegpt" / "1" / "model_gqa.onnx"
     manifest = json.loads((args.repository / "bytegpt" / "1" / "manifest.json").read_text())
-    context, head_dim = manifest["model_config"]["block_size"], manifest["model_config"]["d_model"] // manifest["model_config"]["n_head"]
+    context, head_dim = (
+        manifest["model_config"]["block_size"],
+        manifest["model_config"]["d_model"] // manifest["model_config"]["n_head"],
+    )
     threads = available_cores()
     one_by_one = [p for p, _ in jobs(8, args.new_tokens)]
     # one timed pass each (after an untimed warm-up run), as the engine's
-    loop = {1: len(one_by_one) / sum(1 / raw_loop(model_file, [p], args.new_tokens, threads, rounds=1) for p in one_by_one),
-            16: raw_loop(model_file, [p for p, _ in jobs(16, args.new_tokens)], args.new_tokens, threads, rounds=1)}
-    shared = {1: len(one_by_one) / sum(1 / raw_loop_shared(fused_file, [p], args.new_tokens, threads, context, head_dim,
-                                                           rounds=1) for p in one_by_one),
-              16: raw_loop_shared(fused_file, [p for p, _ in jobs(16, args.new_tokens)], args.new_tokens, threads,
-                                  context, head_dim, rounds=1)}
-    print(f"raw ORT greedy loop, model.onnx: batch 1 {loop[1]:.0f} tokens/s, batch 16 {loop[16]:.0f} tokens/s; "
-          f"model_gqa.onnx (shared buffer): batch 1 {shared[1]:.0f}, batch 16 {shared[16]:.0f}", flush=True)
+    loop = {
+        1: len(one_by_one) / sum(1 / raw_loop(model_file, [p], args.new_tokens, threads, rounds=1) for p in one_by_one),
+        16: raw_loop(model_file, [p for p, _ in jobs(16, args.new_tokens)], args.new_tokens, threads, rounds=1),
+    }
+    shared = {
+        1: len(one_by_one)
+        / sum(
+            1 / raw_loop_shared(fused_file, [p], args.new_tokens, threads, context, head_dim, rounds=1)
+            for p in one_by_one
+        ),
+        16: raw_loop_shared(
+            fused_file, [p for p, _ in jobs(16, args.new_tokens)], args.new_tokens, threads, context, head_dim, rounds=1
+        ),
+    }
+    print(
+        f"raw ORT greedy loop, model.onnx: batch 1 {loop[1]:.0f} tokens/s, batch 16 {loop[16]:.0f} tokens/s; "
+        f"model_gqa.onnx (shared buffer): batch 1 {shared[1]:.0f}, batch 16 {shared[16]:.0f}",
+        flush=True,
+    )
     base = sweep[0]["tokens_per_s"]
     ratios = {
         "streams16_vs_1": next(r for r in sweep if r["streams"] == 16)["tokens_per_s"] / base,
         "continuous_vs_static": scheduling["continuous"]["tokens_per_s"] / scheduling["static"]["tokens_per_s"],
-        "continuous_vs_one_at_a_time": scheduling["continuous"]["tokens_per_s"] / scheduling["one_at_a_time"]["tokens_per_s"],
+        "continuous_vs_one_at_a_time": scheduling["continuous"]["tokens_per_s"]
+        / scheduling["one_at_a_time"]["tokens_per_s"],
         "step_240_vs_16": steps[240] / steps[16],
         "step_batch16_vs_batch1": step_ms[(16, 90)] / step_ms[(1, 90)],
     }
@@ -395,38 +498,62 @@ def main() -> None:
             ratios[f"served_{name}_vs_raw_loop_batch{n}"] = rates[n] / shared[n]
     ratios["fused_vs_traced_raw_loop_batch1"] = shared[1] / loop[1]
     ratios["fused_vs_traced_raw_loop_batch16"] = shared[16] / loop[16]
-    results = {"streams": sweep, "scheduling": scheduling, "engine_alone_tokens_per_s": alone,
-               "raw_loop_tokens_per_s": {str(k): v for k, v in loop.items()},
-               "raw_shared_loop_tokens_per_s": {str(k): v for k, v in shared.items()}, "decode_step_ms": {str(k): v for k, v in steps.items()},
-               "served_tokens_per_s": {k: {str(n): v for n, v in rates.items()} for k, rates in through_grpc.items()},
-               "ratios": ratios, "workload_new_tokens": lengths.tolist()}
+    results = {
+        "streams": sweep,
+        "scheduling": scheduling,
+        "engine_alone_tokens_per_s": alone,
+        "raw_loop_tokens_per_s": {str(k): v for k, v in loop.items()},
+        "raw_shared_loop_tokens_per_s": {str(k): v for k, v in shared.items()},
+        "decode_step_ms": {str(k): v for k, v in steps.items()},
+        "served_tokens_per_s": {k: {str(n): v for n, v in rates.items()} for k, rates in through_grpc.items()},
+        "ratios": ratios,
+        "workload_new_tokens": lengths.tolist(),
+    }
     (RESULTS / "generation.json").write_text(json.dumps(results, indent=1) + "\n")
     plot(results, RESULTS / "generation.png")
 
-    print("\n| streams | tokens/s | vs 1 stream | TTFT p50 ms | TTFT p99 ms | inter-token p50 ms | inter-token p99 ms |")
+    print(
+        "\n| streams | tokens/s | vs 1 stream | TTFT p50 ms | TTFT p99 ms | inter-token p50 ms | inter-token p99 ms |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in sweep:
-        print(f"| {r['streams']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base:.2f}x | {r['ttft_p50_ms']:.1f} | "
-              f"{r['ttft_p99_ms']:.1f} | {r['itl_p50_ms']:.1f} | {r['itl_p99_ms']:.1f} |")
+        print(
+            f"| {r['streams']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base:.2f}x | {r['ttft_p50_ms']:.1f} | "
+            f"{r['ttft_p99_ms']:.1f} | {r['itl_p50_ms']:.1f} | {r['itl_p99_ms']:.1f} |"
+        )
     print(f"\n16 streams / 1 stream, aggregate tokens/s: {ratios['streams16_vs_1']:.2f}x (target >= 5x)")
-    print(f"mixed workload: continuous / static batching: {ratios['continuous_vs_static']:.2f}x (target >= 1.5x); "
-          f"continuous / one at a time: {ratios['continuous_vs_one_at_a_time']:.2f}x")
-    print(f"engine alone (no gRPC): 16 streams / 1 stream {ratios['engine_alone_streams16_vs_1']:.2f}x; "
-          f"continuous / static {ratios['engine_alone_continuous_vs_static']:.2f}x")
-    print(f"engine alone / raw ORT greedy loop, same graph (model_gqa.onnx) and batch: batch 1 "
-          f"{ratios['engine_alone_vs_raw_loop_batch1']:.2f}x, batch 16 {ratios['engine_alone_vs_raw_loop_batch16']:.2f}x "
-          f"(target >= 0.9x); with prompt lookup (8 draft tokens), batch 1 "
-          f"{ratios['engine_alone_speculative_vs_raw_loop_batch1']:.2f}x")
-    print(f"tserve over gRPC / raw ORT greedy loop, same graph (model_gqa.onnx), prompts and batch: default "
-          f"{ratios['served_default_vs_raw_loop_batch1']:.2f}x at 1 stream, {ratios['served_default_vs_raw_loop_batch16']:.2f}x "
-          f"at 16; tuned (prompt lookup 8, stream interval 8) {ratios['served_tuned_vs_raw_loop_batch1']:.2f}x at 1, "
-          f"{ratios['served_tuned_vs_raw_loop_batch16']:.2f}x at 16")
-    print(f"raw loops, model_gqa.onnx (shared buffer) / model.onnx: batch 1 {ratios['fused_vs_traced_raw_loop_batch1']:.2f}x, "
-          f"batch 16 {ratios['fused_vs_traced_raw_loop_batch16']:.2f}x")
-    print(f"decode step (raw ORT) at position 90: batch 16 {step_ms[(16, 90)]:.2f} ms, batch 1 {step_ms[(1, 90)]:.2f} ms: "
-          f"16 rows cost {ratios['step_batch16_vs_batch1']:.2f}x one row")
-    print(f"decode step (raw ORT, batch 1): position 16 {steps[16]:.2f} ms, position 240 {steps[240]:.2f} ms: "
-          f"{ratios['step_240_vs_16']:.2f}x (target <= 1.5x)")
+    print(
+        f"mixed workload: continuous / static batching: {ratios['continuous_vs_static']:.2f}x (target >= 1.5x); "
+        f"continuous / one at a time: {ratios['continuous_vs_one_at_a_time']:.2f}x"
+    )
+    print(
+        f"engine alone (no gRPC): 16 streams / 1 stream {ratios['engine_alone_streams16_vs_1']:.2f}x; "
+        f"continuous / static {ratios['engine_alone_continuous_vs_static']:.2f}x"
+    )
+    print(
+        f"engine alone / raw ORT greedy loop, same graph (model_gqa.onnx) and batch: batch 1 "
+        f"{ratios['engine_alone_vs_raw_loop_batch1']:.2f}x, batch 16 {ratios['engine_alone_vs_raw_loop_batch16']:.2f}x "
+        f"(target >= 0.9x); with prompt lookup (8 draft tokens), batch 1 "
+        f"{ratios['engine_alone_speculative_vs_raw_loop_batch1']:.2f}x"
+    )
+    print(
+        f"tserve over gRPC / raw ORT greedy loop, same graph (model_gqa.onnx), prompts and batch: default "
+        f"{ratios['served_default_vs_raw_loop_batch1']:.2f}x at 1 stream, {ratios['served_default_vs_raw_loop_batch16']:.2f}x "
+        f"at 16; tuned (prompt lookup 8, stream interval 8) {ratios['served_tuned_vs_raw_loop_batch1']:.2f}x at 1, "
+        f"{ratios['served_tuned_vs_raw_loop_batch16']:.2f}x at 16"
+    )
+    print(
+        f"raw loops, model_gqa.onnx (shared buffer) / model.onnx: batch 1 {ratios['fused_vs_traced_raw_loop_batch1']:.2f}x, "
+        f"batch 16 {ratios['fused_vs_traced_raw_loop_batch16']:.2f}x"
+    )
+    print(
+        f"decode step (raw ORT) at position 90: batch 16 {step_ms[(16, 90)]:.2f} ms, batch 1 {step_ms[(1, 90)]:.2f} ms: "
+        f"16 rows cost {ratios['step_batch16_vs_batch1']:.2f}x one row"
+    )
+    print(
+        f"decode step (raw ORT, batch 1): position 16 {steps[16]:.2f} ms, position 240 {steps[240]:.2f} ms: "
+        f"{ratios['step_240_vs_16']:.2f}x (target <= 1.5x)"
+    )
 
 
 if __name__ == "__main__":

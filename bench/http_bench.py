@@ -38,8 +38,9 @@ PROMPTS = ["def main():", "import os\n", "class A:", "# utils\n", "for i in", "r
 def openai_streams(url: str, new_tokens: int) -> dict:
     async def one(client: openai.AsyncOpenAI, prompt: str) -> int:
         tokens = 0
-        stream = await client.completions.create(model="bytegpt", prompt=prompt, max_tokens=new_tokens,
-                                                 temperature=0, stream=True)
+        stream = await client.completions.create(
+            model="bytegpt", prompt=prompt, max_tokens=new_tokens, temperature=0, stream=True
+        )
         async for chunk in stream:
             if chunk.usage is not None:
                 tokens = chunk.usage.completion_tokens
@@ -68,20 +69,31 @@ def main() -> None:
     data = perf_analyzer.token_input_file(Path(tempfile.mkdtemp()) / "input.json", 32)
     os.sched_setaffinity(0, {CLIENT_CORE})
     rounds = []
-    with ServerProcess(DEFAULT_REPOSITORY, cores={SERVER_CORE}) as on, \
-            ServerProcess(DEFAULT_REPOSITORY, "--no-http", cores={SERVER_CORE}) as off:
+    with (
+        ServerProcess(DEFAULT_REPOSITORY, cores={SERVER_CORE}) as on,
+        ServerProcess(DEFAULT_REPOSITORY, "--no-http", cores={SERVER_CORE}) as off,
+    ):
         for r in range(args.rounds):
             point = {}
             for name, server, protocol in (("grpc", on, "grpc"), ("http", on, "http"), ("grpc_no_http", off, "grpc")):
-                point[name] = measure(server, pa, data, "bytegpt", args.concurrency, args.requests, {CLIENT_CORE},
-                                      protocol)
-            point["grpc_stream"] = run_streams(on.address, [grpc_request(pr, args.new_tokens, i)
-                                                            for i, pr in enumerate(PROMPTS)])
+                point[name] = measure(
+                    server, pa, data, "bytegpt", args.concurrency, args.requests, {CLIENT_CORE}, protocol
+                )
+            point["grpc_stream"] = run_streams(
+                on.address, [grpc_request(pr, args.new_tokens, i) for i, pr in enumerate(PROMPTS)]
+            )
             point["openai_stream"] = openai_streams(on.http_url, args.new_tokens)
             rounds.append(point)
-            print(f"round {r + 1}: " + ", ".join(
-                f"{k} {v.get('infer_per_s', v.get('tokens_per_s', float('nan'))):.0f}"
-                if "error" not in v else f"{k} error: {v['error']}" for k, v in point.items()), flush=True)
+            print(
+                f"round {r + 1}: "
+                + ", ".join(
+                    f"{k} {v.get('infer_per_s', v.get('tokens_per_s', float('nan'))):.0f}"
+                    if "error" not in v
+                    else f"{k} error: {v['error']}"
+                    for k, v in point.items()
+                ),
+                flush=True,
+            )
 
     def ratio(a: str, b: str, key: str) -> dict:
         return summary([r[a][key] / r[b][key] for r in rounds if key in r[a] and key in r[b]])
@@ -93,14 +105,20 @@ def main() -> None:
         "http_p50_ms": summary([r["http"].get("p50_ms") for r in rounds]),
         "grpc_p50_ms": summary([r["grpc"].get("p50_ms") for r in rounds]),
     }
-    print(f"\nbytegpt, 32-token requests, concurrency {args.concurrency}, server on core {SERVER_CORE}, "
-          f"clients on core {CLIENT_CORE}, {args.rounds} rounds:")
+    print(
+        f"\nbytegpt, 32-token requests, concurrency {args.concurrency}, server on core {SERVER_CORE}, "
+        f"clients on core {CLIENT_CORE}, {args.rounds} rounds:"
+    )
     print(f"  KServe v2 HTTP ÷ gRPC throughput:        {fmt(figures['http_over_grpc'])}")
-    print(f"  p50 latency HTTP / gRPC:                 {fmt(figures['http_p50_ms'], ' ms')} / "
-          f"{fmt(figures['grpc_p50_ms'], ' ms')}")
+    print(
+        f"  p50 latency HTTP / gRPC:                 {fmt(figures['http_p50_ms'], ' ms')} / "
+        f"{fmt(figures['grpc_p50_ms'], ' ms')}"
+    )
     print(f"  gRPC throughput, HTTP on ÷ off:          {fmt(figures['grpc_http_on_over_off'])}")
-    print(f"  OpenAI stream ÷ gRPC stream, tokens/s:   {fmt(figures['openai_stream_over_grpc_stream'])} "
-          f"({len(PROMPTS)} streams of {args.new_tokens} tokens)")
+    print(
+        f"  OpenAI stream ÷ gRPC stream, tokens/s:   {fmt(figures['openai_stream_over_grpc_stream'])} "
+        f"({len(PROMPTS)} streams of {args.new_tokens} tokens)"
+    )
     out = RESULTS / "http.json"
     out.write_text(json.dumps({"args": vars(args), "rounds": rounds, "figures": figures}, indent=2) + "\n")
     print(f"written: {out.relative_to(RESULTS.parents[1])}")

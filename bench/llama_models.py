@@ -23,8 +23,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 GENAI_PYTHON = ROOT / ".venv-genai" / "bin" / "python"
-CONFIG = dict(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-              num_key_value_heads=4, max_position_embeddings=512)
+CONFIG = dict(
+    vocab_size=512,
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=512,
+)
 
 
 def build_source(out: Path) -> Path:
@@ -38,9 +45,15 @@ def build_source(out: Path) -> Path:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train([str(p) for p in sorted((ROOT / "model").glob("*.py"))],
-                    trainers.BpeTrainer(vocab_size=CONFIG["vocab_size"], special_tokens=["<|endoftext|>"],
-                                        show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.train(
+        [str(p) for p in sorted((ROOT / "model").glob("*.py"))],
+        trainers.BpeTrainer(
+            vocab_size=CONFIG["vocab_size"],
+            special_tokens=["<|endoftext|>"],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
     torch.manual_seed(0)
     config = LlamaConfig(**CONFIG, bos_token_id=fast.eos_token_id, eos_token_id=fast.eos_token_id)
@@ -53,9 +66,23 @@ def export_optimum(source: Path, out: Path) -> Path:
     target = out / "optimum"
     if not (target / "model.onnx").exists():
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0"}
-        subprocess.run([sys.executable, "-m", "optimum.commands.optimum_cli", "export", "onnx", "--model", str(source),
-                        "--task", "text-generation-with-past", str(target)], check=True, env=env,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "optimum.commands.optimum_cli",
+                "export",
+                "onnx",
+                "--model",
+                str(source),
+                "--task",
+                "text-generation-with-past",
+                str(target),
+            ],
+            check=True,
+            env=env,
+            stdout=subprocess.DEVNULL,
+        )
     return target
 
 
@@ -65,9 +92,26 @@ def export_genai(source: Path, out: Path) -> Path:
         if not GENAI_PYTHON.exists():
             raise SystemExit(f"{GENAI_PYTHON} is missing: `make bench-genai` creates it")
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        subprocess.run([str(GENAI_PYTHON), "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(target),
-                        "-p", "fp32", "-e", "cpu", "-c", str(out / "genai-cache")], check=True, env=env,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                str(GENAI_PYTHON),
+                "-m",
+                "onnxruntime_genai.models.builder",
+                "-i",
+                str(source),
+                "-o",
+                str(target),
+                "-p",
+                "fp32",
+                "-e",
+                "cpu",
+                "-c",
+                str(out / "genai-cache"),
+            ],
+            check=True,
+            env=env,
+            stdout=subprocess.DEVNULL,
+        )
     return target
 
 

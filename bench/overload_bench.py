@@ -98,10 +98,13 @@ def main() -> None:
             for r in range(args.rounds):
                 out = asyncio.run(burst(server.address, args.burst, args.length))
                 rounds.append(out)
-                print(f"{name} round {r + 1}: {out['codes']}, served complete {out['served_complete']}, "
-                      f"refused p50 {out['refuse_p50_ms'] or float('nan'):.1f} ms p99 "
-                      f"{out['refuse_p99_ms'] or float('nan'):.1f} ms, served p50 {out['served_p50_ms'] or float('nan'):.0f} ms, "
-                      f"burst {out['burst_s']:.2f} s, normal service {out['recovery_ms']:.1f} ms after", flush=True)
+                print(
+                    f"{name} round {r + 1}: {out['codes']}, served complete {out['served_complete']}, "
+                    f"refused p50 {out['refuse_p50_ms'] or float('nan'):.1f} ms p99 "
+                    f"{out['refuse_p99_ms'] or float('nan'):.1f} ms, served p50 {out['served_p50_ms'] or float('nan'):.0f} ms, "
+                    f"burst {out['burst_s']:.2f} s, normal service {out['recovery_ms']:.1f} ms after",
+                    flush=True,
+                )
             results["rounds"][name] = rounds
     (RESULTS / "overload.json").write_text(json.dumps(results, indent=1) + "\n")
 

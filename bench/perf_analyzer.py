@@ -37,8 +37,21 @@ def ensure() -> list[str]:
     if not binary.exists():
         wheels = TOOLS / "wheel"
         wheels.mkdir(parents=True, exist_ok=True)
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--platform",
-              "manylinux_2_38_x86_64", "-d", str(wheels), f"perf-analyzer=={VERSION}"])
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--platform",
+                "manylinux_2_38_x86_64",
+                "-d",
+                str(wheels),
+                f"perf-analyzer=={VERSION}",
+            ]
+        )
         with zipfile.ZipFile(next(wheels.glob("perf_analyzer-*.whl"))) as z:
             z.extractall(TOOLS)
         binary.chmod(0o755)
@@ -47,8 +60,13 @@ def ensure() -> list[str]:
         for sub in ("lists/partial", "cache/archives/partial", "debs"):
             (apt / sub).mkdir(parents=True, exist_ok=True)
         (apt / "sources.list").write_text(SOURCES)
-        opts = [f"-oDir::Etc::SourceList={apt / 'sources.list'}", "-oDir::Etc::SourceParts=/dev/null",
-                f"-oDir::State::Lists={apt / 'lists'}", f"-oDir::Cache={apt / 'cache'}", "-oAPT::Sandbox::User=root"]
+        opts = [
+            f"-oDir::Etc::SourceList={apt / 'sources.list'}",
+            "-oDir::Etc::SourceParts=/dev/null",
+            f"-oDir::State::Lists={apt / 'lists'}",
+            f"-oDir::Cache={apt / 'cache'}",
+            "-oAPT::Sandbox::User=root",
+        ]
         _run(["apt-get", *opts, "update"])
         _run(["apt-get", *opts, "download", *RUNTIME_DEBS], cwd=apt / "debs")
         for deb in (apt / "debs").glob("*.deb"):
@@ -60,8 +78,10 @@ def ensure() -> list[str]:
 def token_input_file(path: Path, length: int, samples: int = 16, vocab: int = 256, seed: int = 0) -> Path:
     """perf_analyzer's random int64 data is far outside a byte vocabulary: give it valid ids."""
     rng = random.Random(seed)
-    data = [{"input_ids": {"content": [rng.randrange(vocab) for _ in range(length)], "shape": [length]}}
-            for _ in range(samples)]
+    data = [
+        {"input_ids": {"content": [rng.randrange(vocab) for _ in range(length)], "shape": [length]}}
+        for _ in range(samples)
+    ]
     path.write_text(json.dumps({"data": data}))
     return path
 

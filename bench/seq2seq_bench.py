@@ -44,16 +44,19 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def requests(model: str, sources: list[list[int]], max_new: int) -> list[gen.GenerateRequest]:
-    return [gen.GenerateRequest(model=model, token_ids=gen.TokenIds(ids=list(s)), max_new_tokens=max_new)
-            for s in sources]
+    return [
+        gen.GenerateRequest(model=model, token_ids=gen.TokenIds(ids=list(s)), max_new_tokens=max_new) for s in sources
+    ]
 
 
 def load_sessions(folder: Path) -> tuple[ort.InferenceSession, ...]:
     so = ort.SessionOptions()
     so.intra_op_num_threads = available_cores()
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return tuple(ort.InferenceSession(str(folder / n), so, providers=["CPUExecutionProvider"])
-                 for n in (ENCODER, DECODER, DECODER_WITH_PAST))
+    return tuple(
+        ort.InferenceSession(str(folder / n), so, providers=["CPUExecutionProvider"])
+        for n in (ENCODER, DECODER, DECODER_WITH_PAST)
+    )
 
 
 def raw_loop(folder: Path, batches: list[list[list[int]]], max_new: int) -> float:
@@ -94,13 +97,18 @@ def raw_loop_parts(folder: Path, batches: list[list[list[int]]], max_new: int) -
     encoder, decoder, with_past = (Timed(s) for s in sessions)
     tokens = 0
     for sources in batches:
-        tokens += sum(len(o) + (len(o) < max_new) for o in onnx_greedy(folder, sources, max_new,
-                                                                           (encoder, decoder, with_past)))
-    return {"encoder_ms": encoder.seconds * 1e3, "first_decoder_pass_ms": decoder.seconds * 1e3,
-            "decoder_with_past_ms": with_past.seconds * 1e3,
-            "encoded_tokens": sum(len(b) * max(map(len, b)) for b in batches),
-            "source_tokens": sum(len(s) for b in batches for s in b),
-            "decode_row_steps": with_past.rows, "tokens_from_decode_steps": tokens - sum(map(len, batches))}
+        tokens += sum(
+            len(o) + (len(o) < max_new) for o in onnx_greedy(folder, sources, max_new, (encoder, decoder, with_past))
+        )
+    return {
+        "encoder_ms": encoder.seconds * 1e3,
+        "first_decoder_pass_ms": decoder.seconds * 1e3,
+        "decoder_with_past_ms": with_past.seconds * 1e3,
+        "encoded_tokens": sum(len(b) * max(map(len, b)) for b in batches),
+        "source_tokens": sum(len(s) for b in batches for s in b),
+        "decode_row_steps": with_past.rows,
+        "tokens_from_decode_steps": tokens - sum(map(len, batches)),
+    }
 
 
 def main() -> None:
@@ -126,16 +134,22 @@ def main() -> None:
             point["streams_1"] = one_at_a_time(server.address, requests(args.model, pick[:16], max_new))
             point["streams_16"] = run_streams(server.address, requests(args.model, pick[:16], max_new))
             point["continuous"] = run_streams(server.address, requests(args.model, pick, max_new))
-        with ServerProcess(args.repository, "--generation-max-sequences", "16", "--generation-scheduling",
-                           "static") as server:
+        with ServerProcess(
+            args.repository, "--generation-max-sequences", "16", "--generation-scheduling", "static"
+        ) as server:
             run_streams(server.address, requests(args.model, pick[:2], 4))
             point["static"] = run_streams(server.address, requests(args.model, pick, max_new))
         point["raw_loop_1"] = raw_loop(folder, [[s] for s in pick[:16]], max_new)
         point["raw_loop_16"] = raw_loop(folder, [pick[:16]], max_new)
         del point["streams_1"]["token_ids"]  # the results file keeps figures
         rounds.append(point)
-        print(f"round {r + 1}: " + ", ".join(f"{k} {v['tokens_per_s'] if isinstance(v, dict) else v:.0f} tokens/s"
-                                             for k, v in point.items()), flush=True)
+        print(
+            f"round {r + 1}: "
+            + ", ".join(
+                f"{k} {v['tokens_per_s'] if isinstance(v, dict) else v:.0f} tokens/s" for k, v in point.items()
+            ),
+            flush=True,
+        )
 
     def tps(point: dict, key: str) -> float:
         v = point[key]
@@ -144,17 +158,21 @@ def main() -> None:
     def ratio(a: str, b: str) -> dict:
         return summary([tps(p, a) / tps(p, b) for p in rounds])
 
-    figures = {"streams16_vs_1": ratio("streams_16", "streams_1"),
-               "continuous_vs_static": ratio("continuous", "static"),
-               "served_vs_raw_loop_batch1": ratio("streams_1", "raw_loop_1"),
-               "served_vs_raw_loop_batch16": ratio("streams_16", "raw_loop_16")}
+    figures = {
+        "streams16_vs_1": ratio("streams_16", "streams_1"),
+        "continuous_vs_static": ratio("continuous", "static"),
+        "served_vs_raw_loop_batch1": ratio("streams_1", "raw_loop_1"),
+        "served_vs_raw_loop_batch16": ratio("streams_16", "raw_loop_16"),
+    }
     parts = {f"batch {len(b[0])}": raw_loop_parts(folder, b, max_new) for b in ([[x] for x in pick[:16]], [pick[:16]])}
     print("\nwhere the raw loop's time goes (the last round's 16 sources):")
     for label, q in parts.items():
-        print(f"  {label}: encoder {q['encoder_ms']:.1f} ms ({q['encoded_tokens']} tokens encoded for "
-              f"{q['source_tokens']}), first decoder pass {q['first_decoder_pass_ms']:.1f} ms, decoder_with_past "
-              f"{q['decoder_with_past_ms']:.1f} ms ({q['decode_row_steps']} row-steps for "
-              f"{q['tokens_from_decode_steps']} tokens)")
+        print(
+            f"  {label}: encoder {q['encoder_ms']:.1f} ms ({q['encoded_tokens']} tokens encoded for "
+            f"{q['source_tokens']}), first decoder pass {q['first_decoder_pass_ms']:.1f} ms, decoder_with_past "
+            f"{q['decoder_with_past_ms']:.1f} ms ({q['decode_row_steps']} row-steps for "
+            f"{q['tokens_from_decode_steps']} tokens)"
+        )
     print(f"\n{args.model}, greedy on held-out functions, {args.rounds} rounds:")
     print(f"  16 streams ÷ 1 stream, tokens/s:                 {fmt(figures['streams16_vs_1'])}")
     print(f"  continuous ÷ static, 64 mixed requests, 16 slots: {fmt(figures['continuous_vs_static'])}")

@@ -59,8 +59,11 @@ def raw_ort(model: Path, length: int, cores: set[int], seconds: float) -> dict[i
         rng = np.random.default_rng(0)
         out = {}
         for b in BATCH_SIZES:
-            feeds = {"input_ids": rng.integers(0, 256, (b, length)), "attention_mask": np.ones((b, length), np.int64),
-                     "position_ids": np.tile(np.arange(length), (b, 1))}
+            feeds = {
+                "input_ids": rng.integers(0, 256, (b, length)),
+                "attention_mask": np.ones((b, length), np.int64),
+                "position_ids": np.tile(np.arange(length), (b, 1)),
+            }
             feeds.update({n: np.zeros((b, s[1], 0, s[3]), np.float32) for n, s in past.items()})
             session.run(["logits"], feeds)
             times = []
@@ -100,8 +103,16 @@ def server_stats(server: ServerProcess, model: str) -> tuple[int, int]:
     return s.inference_count, s.execution_count
 
 
-def measure(server: ServerProcess, pa: list[str], data: Path, model: str, concurrency: int, requests: int,
-            cores: set[int] | None, protocol: str = "grpc") -> dict:
+def measure(
+    server: ServerProcess,
+    pa: list[str],
+    data: Path,
+    model: str,
+    concurrency: int,
+    requests: int,
+    cores: set[int] | None,
+    protocol: str = "grpc",
+) -> dict:
     """One perf_analyzer point: windows of a fixed request count (not of time), and a stability
     bound wide enough that three windows always do: a busy machine slows a point, never fails it.
     (perf_analyzer's --request-count was not used: its throughput came out rounded to whole
@@ -109,10 +120,29 @@ def measure(server: ServerProcess, pa: list[str], data: Path, model: str, concur
     before = server_stats(server, model)
     with tempfile.NamedTemporaryFile(suffix=".csv") as report:
         url = server.address if protocol == "grpc" else server.http_address
-        cmd = [*pa, "-m", model, "-i", protocol, "-u", url, "--input-data", str(data),
-               "--concurrency-range", str(concurrency), "--measurement-mode", "count_windows",
-               "--measurement-request-count", str(max(requests, 4 * concurrency)), "--stability-percentage", "999",
-               "--max-trials", "3", "-f", report.name]
+        cmd = [
+            *pa,
+            "-m",
+            model,
+            "-i",
+            protocol,
+            "-u",
+            url,
+            "--input-data",
+            str(data),
+            "--concurrency-range",
+            str(concurrency),
+            "--measurement-mode",
+            "count_windows",
+            "--measurement-request-count",
+            str(max(requests, 4 * concurrency)),
+            "--stability-percentage",
+            "999",
+            "--max-trials",
+            "3",
+            "-f",
+            report.name,
+        ]
         if cores:  # taskset, not a preexec_fn: this process has ORT's threads, and a fork can deadlock in one
             cmd = ["taskset", "-c", ",".join(map(str, sorted(cores))), *cmd]
         try:
@@ -143,16 +173,19 @@ def profile(server: ServerProcess, pa: list[str], data: Path, model: str, reques
     common = [py_spy, "record", "--pid", str(server.proc.pid), "--rate", "250", "--duration", "6", "--nonblocking"]
     out = {}
     for fmt, path in (("raw", raw), ("flamegraph", svg)):
-        spy = subprocess.Popen([*common, "--format", fmt, "--output", str(path)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        spy = subprocess.Popen(
+            [*common, "--format", fmt, "--output", str(path)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         time.sleep(0.5)
         point = measure(server, pa, data, model, 16, requests, {CLIENT_CORE})
         _, err = spy.communicate(timeout=60)
         if spy.returncode != 0:
             return {"error": f"py-spy: {err.strip()[-300:]}"}
         out[fmt] = point
-    return {"breakdown": breakdown(raw.read_text()), "flamegraph": str(svg.relative_to(ROOT)),
-            "during": out["raw"]}
+    return {"breakdown": breakdown(raw.read_text()), "flamegraph": str(svg.relative_to(ROOT)), "during": out["raw"]}
 
 
 def summary(values: list[float]) -> dict:
@@ -170,6 +203,7 @@ def fmt(s: dict, unit: str = "x", digits: int = 2) -> str:
 
 def round_ratios(raw: dict, on: list[dict], off: list[dict]) -> dict:
     """The issue's figures from one round, or None where a point failed."""
+
     def point(rows, c):
         r = next(r for r in rows if r["concurrency"] == c)
         return None if "error" in r else r
@@ -203,8 +237,14 @@ def plot(results: dict, path: Path) -> None:
         for key, label in (("batching_on", "dynamic batching on"), ("batching_off", "batching off")):
             for i, rnd in enumerate(rounds):
                 rows = [r for r in rnd[key] if "error" not in r]
-                ax.plot([r["p99_ms"] for r in rows], [r["infer_per_s"] for r in rows], marker="o", alpha=0.8,
-                        color="C0" if key == "batching_on" else "C1", label=label if i == 0 else None)
+                ax.plot(
+                    [r["p99_ms"] for r in rows],
+                    [r["infer_per_s"] for r in rows],
+                    marker="o",
+                    alpha=0.8,
+                    color="C0" if key == "batching_on" else "C1",
+                    label=label if i == 0 else None,
+                )
         raw1 = statistics.median(rnd["raw"]["1"]["infer_per_s"] for rnd in rounds)
         ax.axhline(raw1, color="grey", linestyle="--", linewidth=1, label="raw ORT, batch 1")
         ax.set_xlabel("p99 latency (ms)")
@@ -213,7 +253,9 @@ def plot(results: dict, path: Path) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     axes[0].set_ylabel("throughput (inferences/s)")
-    fig.suptitle(f"tserve, {results['model']}, {results['length']} tokens/request, c = {', '.join(map(str, CONCURRENCY))}")
+    fig.suptitle(
+        f"tserve, {results['model']}, {results['length']} tokens/request, c = {', '.join(map(str, CONCURRENCY))}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -233,10 +275,18 @@ def main() -> None:
     pa = perf_analyzer.ensure()
     all_cores = os.sched_getaffinity(0)
     pinnable = len(all_cores) >= 2 and {SERVER_CORE, CLIENT_CORE} <= all_cores
-    plans = {"pinned": ({SERVER_CORE}, {CLIENT_CORE}), "unpinned": (None, None)} if pinnable else {"unpinned": (None, None)}
+    plans = (
+        {"pinned": ({SERVER_CORE}, {CLIENT_CORE}), "unpinned": (None, None)} if pinnable else {"unpinned": (None, None)}
+    )
     model_file = args.repository / args.model / "1" / "model.onnx"
-    results: dict = {"model": args.model, "length": args.length, "cores": len(all_cores), "rounds": args.rounds,
-                     "requests_per_point": args.requests, "server_args": args.server_args}
+    results: dict = {
+        "model": args.model,
+        "length": args.length,
+        "cores": len(all_cores),
+        "rounds": args.rounds,
+        "requests_per_point": args.requests,
+        "server_args": args.server_args,
+    }
     out_path = RESULTS / "serve.json"
 
     def save() -> None:
@@ -260,8 +310,12 @@ def main() -> None:
                     on, off = servers[pinning]
                     print(f"round {r + 1}/{args.rounds}, {pinning}:", flush=True)
                     raw = raw_ort(model_file, args.length, server_cores or all_cores, args.raw_seconds)
-                    print("  raw ORT: " + ", ".join(f"b{b} {v['infer_per_s']:.0f}/s" for b, v in raw.items())
-                          + f"; batch-1 p50 {raw[1]['p50_ms']:.2f} ms", flush=True)
+                    print(
+                        "  raw ORT: "
+                        + ", ".join(f"b{b} {v['infer_per_s']:.0f}/s" for b, v in raw.items())
+                        + f"; batch-1 p50 {raw[1]['p50_ms']:.2f} ms",
+                        flush=True,
+                    )
                     rnd = {"raw": {str(b): v for b, v in raw.items()}, "batching_on": [], "batching_off": []}
                     for c in CONCURRENCY:
                         for key, server in (("batching_on", on), ("batching_off", off)):
@@ -270,9 +324,12 @@ def main() -> None:
                             if "error" in point:
                                 print(f"  {key:>12} c={c:>2}: FAILED: {point['error']}", flush=True)
                             else:
-                                print(f"  {key:>12} c={c:>2}: {point['infer_per_s']:7.1f} infer/s, p50 "
-                                      f"{point['p50_ms']:6.2f} ms, p99 {point['p99_ms']:6.2f} ms, "
-                                      f"mean batch {point['mean_batch']:.2f}", flush=True)
+                                print(
+                                    f"  {key:>12} c={c:>2}: {point['infer_per_s']:7.1f} infer/s, p50 "
+                                    f"{point['p50_ms']:6.2f} ms, p99 {point['p99_ms']:6.2f} ms, "
+                                    f"mean batch {point['mean_batch']:.2f}",
+                                    flush=True,
+                                )
                     rnd["ratios"] = round_ratios(raw, rnd["batching_on"], rnd["batching_off"])
                     results[pinning]["rounds"].append(rnd)
                     save()
@@ -300,27 +357,39 @@ def report(results: dict) -> None:
         if pinning not in results or not results[pinning]["rounds"]:
             continue
         part = results[pinning]
-        print(f"\n## {pinning} ({'server on core 1, perf_analyzer on core 0, raw ORT on core 1' if pinning == 'pinned' else 'all on every core'})")
-        print("\n| concurrency | batching on: infer/s | p50 ms | p99 ms | mean batch | batching off: infer/s | p50 ms | p99 ms |")
+        print(
+            f"\n## {pinning} ({'server on core 1, perf_analyzer on core 0, raw ORT on core 1' if pinning == 'pinned' else 'all on every core'})"
+        )
+        print(
+            "\n| concurrency | batching on: infer/s | p50 ms | p99 ms | mean batch | batching off: infer/s | p50 ms | p99 ms |"
+        )
         print("|---|---|---|---|---|---|---|---|")
         for i, c in enumerate(CONCURRENCY):
+
             def med(key, field):
                 vals = [rnd[key][i][field] for rnd in part["rounds"] if "error" not in rnd[key][i]]
                 return f"{statistics.median(vals):.2f}" if vals else "failed"
-            print(f"| {c} | {med('batching_on', 'infer_per_s')} | {med('batching_on', 'p50_ms')} | "
-                  f"{med('batching_on', 'p99_ms')} | {med('batching_on', 'mean_batch')} | "
-                  f"{med('batching_off', 'infer_per_s')} | {med('batching_off', 'p50_ms')} | {med('batching_off', 'p99_ms')} |")
+
+            print(
+                f"| {c} | {med('batching_on', 'infer_per_s')} | {med('batching_on', 'p50_ms')} | "
+                f"{med('batching_on', 'p99_ms')} | {med('batching_on', 'mean_batch')} | "
+                f"{med('batching_off', 'infer_per_s')} | {med('batching_off', 'p50_ms')} | {med('batching_off', 'p99_ms')} |"
+            )
         raw1 = statistics.median(rnd["raw"]["1"]["infer_per_s"] for rnd in part["rounds"])
         raw1_p50 = statistics.median(rnd["raw"]["1"]["p50_ms"] for rnd in part["rounds"])
         s = part["summary"]
         print(f"\nbaseline (raw ORT in-process, batch 1, one stream): {raw1:.1f} infer/s, p50 {raw1_p50:.2f} ms")
-        print(f"concurrency 16, served / raw ORT at its best batch <= 16: {fmt(s['c16_served_vs_raw_best'])} (target >= 0.85x)")
+        print(
+            f"concurrency 16, served / raw ORT at its best batch <= 16: {fmt(s['c16_served_vs_raw_best'])} (target >= 0.85x)"
+        )
         print(f"concurrency 16, served / raw ORT at the same mean batch: {fmt(s['c16_served_vs_raw_same_batch'])}")
         print(f"concurrency 16, batching on / off: {fmt(s['c16_batching_on_vs_off'])} (target >= 1.5x)")
         print(f"concurrency 1, p50 overhead over raw ORT: {fmt(s['c1_p50_overhead_ms'], ' ms')} (target <= 0.5 ms)")
         print(f"mean batch at c=4: {fmt(s['c4_mean_batch'], '')}; at c=16: {fmt(s['c16_mean_batch'], '')}")
-        print(f"start-up to SERVING {part['startup_s']:.2f} s; RSS idle {part['rss_idle_mb']:.0f} MB, "
-              f"after the rounds {part.get('rss_after_mb', float('nan')):.0f} MB")
+        print(
+            f"start-up to SERVING {part['startup_s']:.2f} s; RSS idle {part['rss_idle_mb']:.0f} MB, "
+            f"after the rounds {part.get('rss_after_mb', float('nan')):.0f} MB"
+        )
     if "profile" in results:
         prof = results["profile"]
         if "error" in prof:

@@ -54,10 +54,17 @@ def main() -> None:
                     rate = [r["infer_per_s"] for r in runs]
                     p50 = [r["p50_ms"] for r in runs]
                     if rate:
-                        print(f"  {setting:<22} c={c:<3} {statistics.median(rate):6.1f} infer/s ({min(rate):.1f}-{max(rate):.1f}), "
-                              f"p50 {statistics.median(p50):6.2f} ms ({min(p50):.2f}-{max(p50):.2f})", flush=True)
-    (RESULTS / "server_options.json").write_text(json.dumps(
-        {k: {s: {str(c): v for c, v in by.items()} for s, by in d.items()} for k, d in results.items()}, indent=1) + "\n")
+                        print(
+                            f"  {setting:<22} c={c:<3} {statistics.median(rate):6.1f} infer/s ({min(rate):.1f}-{max(rate):.1f}), "
+                            f"p50 {statistics.median(p50):6.2f} ms ({min(p50):.2f}-{max(p50):.2f})",
+                            flush=True,
+                        )
+    (RESULTS / "server_options.json").write_text(
+        json.dumps(
+            {k: {s: {str(c): v for c, v in by.items()} for s, by in d.items()} for k, d in results.items()}, indent=1
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

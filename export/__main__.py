@@ -61,16 +61,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--name", default="bytegpt")
     p.add_argument("--eval-bytes", type=int, default=65_536, help="validation bytes scored in ONNX Runtime")
     p.add_argument("--skip-int8", action="store_true")
-    p.add_argument("--checkpoint-copy", type=Path, default=Path("model/checkpoints/bytegpt.pt"),
-                   help="where to keep the weights-only checkpoint the parity tests compare against")
+    p.add_argument(
+        "--checkpoint-copy",
+        type=Path,
+        default=Path("model/checkpoints/bytegpt.pt"),
+        help="where to keep the weights-only checkpoint the parity tests compare against",
+    )
     args = p.parse_args(argv)
 
     model, ckpt = load_checkpoint(str(args.checkpoint))
     tokenizer = from_checkpoint(ckpt)
     prompts = [tokenizer.encode(s) for s in SAMPLE_PROMPTS]
     tc = ckpt.get("train_config", {})
-    docs = load_documents([Path(d) for d in tc.get("data", [])] or None, seed=tc.get("seed", 0),
-                          max_bytes=tc.get("max_corpus_bytes"))
+    docs = load_documents(
+        [Path(d) for d in tc.get("data", [])] or None, seed=tc.get("seed", 0), max_bytes=tc.get("max_corpus_bytes")
+    )
     val, val_bytes = scored(eval_span(docs.val, args.eval_bytes), tokenizer)
     shipped = {} if tokenizer.to_str() is None else {"tokenizer.json": tokenizer.to_str()}
 
@@ -78,42 +83,60 @@ def main(argv: list[str] | None = None) -> None:
         fp32 = export_onnx(model, Path(tmp) / "fp32.onnx")
         print(f"exported {fp32.stat().st_size / 1e6:.2f} MB, opset {ONNX_OPSET}")
         parity = verify(model, fp32, prompts)
-        print(f"parity: max |logits diff| {parity['max_abs_logits_diff']:.2e}, "
-              f"greedy 64 tokens equal alone {parity['greedy_equal_alone']}, batched {parity['greedy_equal_batched']}")
+        print(
+            f"parity: max |logits diff| {parity['max_abs_logits_diff']:.2e}, "
+            f"greedy 64 tokens equal alone {parity['greedy_equal_alone']}, batched {parity['greedy_equal_batched']}"
+        )
         fusions = fusion_report(fp32)
         print(f"ONNX Runtime fusions: {fusions}")
         gqa = export_gqa(model, Path(tmp) / "gqa.onnx")
         gqa_parity = verify_gqa(model, gqa, prompts)
-        print(f"fused generation graph ({GQA_FILE}): max |logits diff| {gqa_parity['max_abs_logits_diff']:.2e}, "
-              f"greedy {gqa_parity['greedy_tokens']} tokens equal alone {gqa_parity['greedy_equal_alone']}")
+        print(
+            f"fused generation graph ({GQA_FILE}): max |logits diff| {gqa_parity['max_abs_logits_diff']:.2e}, "
+            f"greedy {gqa_parity['greedy_tokens']} tokens equal alone {gqa_parity['greedy_equal_alone']}"
+        )
         int8 = None if args.skip_int8 else quantize_int8(fp32, Path(tmp) / "int8.onnx")
         speed = speed_ratios(fp32, int8, model.cfg.vocab_size)
         print(f"speed: {speed}")
 
         fp32_session = cpu_session(fp32)
         fp32_bpb = onnx_bpb(fp32_session, model, val, val_bytes)
-        samples = {s: tokenizer.decode(model.generate(ids, 96, temperature=0.7, top_k=40, seed=0))
-                   for s, ids in zip(SAMPLE_PROMPTS, prompts)}
+        samples = {
+            s: tokenizer.decode(model.generate(ids, 96, temperature=0.7, top_k=40, seed=0))
+            for s, ids in zip(SAMPLE_PROMPTS, prompts)
+        }
         common = {
             "architecture": "decoder-with-past",
             "tokenizer": tokenizer.manifest_entry(),
             # the generation engine runs the fused graph (a shared KV buffer) where it matches
             # model.onnx at load; ModelInfer runs model.onnx
-            "generation": {"max_context": model.cfg.block_size, "eos_token_id": tokenizer.eot_id,
-                           "graph": GQA_FILE},
+            "generation": {"max_context": model.cfg.block_size, "eos_token_id": tokenizer.eot_id, "graph": GQA_FILE},
             "model_config": model.cfg.to_dict(),
             "parameters": model.num_parameters(),
             "training": {"config": tc, "metrics": ckpt.get("metrics", {})},
-            "export": {"opset": ONNX_OPSET, "torch": torch.__version__, "onnxruntime": ort.__version__,
-                       "parity": parity, "fusions": fusions, "speed": speed, "fused_graph_parity": gqa_parity},
+            "export": {
+                "opset": ONNX_OPSET,
+                "torch": torch.__version__,
+                "onnxruntime": ort.__version__,
+                "parity": parity,
+                "fusions": fusions,
+                "speed": speed,
+                "fused_graph_parity": gqa_parity,
+            },
             "samples": {"temperature": 0.7, "top_k": 40, "seed": 0, "completions": samples},
         }
         feeds = golden_feeds(model, tokenizer)
         scope = {"tokens": len(val), "bytes": val_bytes}
         entry = write_entry(
-            args.repository, args.name, fp32, decoder_config_pbtxt(args.name, model.cfg, tokenizer.eot_id),
-            {**common, "validation": {"onnx_bits_per_byte": fp32_bpb, **scope},
-             "golden": [golden_record(fp32_session, feeds, atol=1e-3)]},
+            args.repository,
+            args.name,
+            fp32,
+            decoder_config_pbtxt(args.name, model.cfg, tokenizer.eot_id),
+            {
+                **common,
+                "validation": {"onnx_bits_per_byte": fp32_bpb, **scope},
+                "golden": [golden_record(fp32_session, feeds, atol=1e-3)],
+            },
             extra_files={**shipped, GQA_FILE: gqa},
         )
         print(f"wrote {entry}: ONNX validation {fp32_bpb} bits/byte on {val_bytes:,} bytes")
@@ -121,29 +144,52 @@ def main(argv: list[str] | None = None) -> None:
             int8_session = cpu_session(int8)
             int8_bpb = onnx_bpb(int8_session, model, val, val_bytes)
             gqa_int8 = quantize_int8(gqa, Path(tmp) / "gqa_int8.onnx")
-            gqa_int8_diff = float(np.abs(cpu_session(gqa_int8).run(["logits"], feeds)[0]
-                                         - int8_session.run(["logits"], feeds)[0]).max())
+            gqa_int8_diff = float(
+                np.abs(cpu_session(gqa_int8).run(["logits"], feeds)[0] - int8_session.run(["logits"], feeds)[0]).max()
+            )
             print(f"int8 fused generation graph: max |logits diff| from the int8 model.onnx {gqa_int8_diff:.2e}")
             name = f"{args.name}_int8"
             entry = write_entry(
-                args.repository, name, int8, decoder_config_pbtxt(name, model.cfg, tokenizer.eot_id),
-                {**common, "quantization": {"method": "dynamic", "weight_type": "int8",
-                                            "bytes": int8.stat().st_size, "fp32_bytes": fp32.stat().st_size},
-                 "validation": {"onnx_bits_per_byte": int8_bpb, "fp32_onnx_bits_per_byte": fp32_bpb,
-                                "int8_over_fp32": round(int8_bpb / fp32_bpb, 4), **scope},
-                 "fused_graph_int8": {"max_abs_logits_diff_from_model_onnx": gqa_int8_diff},
-                 "golden": [golden_record(int8_session, feeds, atol=5e-2)]},
+                args.repository,
+                name,
+                int8,
+                decoder_config_pbtxt(name, model.cfg, tokenizer.eot_id),
+                {
+                    **common,
+                    "quantization": {
+                        "method": "dynamic",
+                        "weight_type": "int8",
+                        "bytes": int8.stat().st_size,
+                        "fp32_bytes": fp32.stat().st_size,
+                    },
+                    "validation": {
+                        "onnx_bits_per_byte": int8_bpb,
+                        "fp32_onnx_bits_per_byte": fp32_bpb,
+                        "int8_over_fp32": round(int8_bpb / fp32_bpb, 4),
+                        **scope,
+                    },
+                    "fused_graph_int8": {"max_abs_logits_diff_from_model_onnx": gqa_int8_diff},
+                    "golden": [golden_record(int8_session, feeds, atol=5e-2)],
+                },
                 extra_files={**shipped, GQA_FILE: gqa_int8},
             )
-            print(f"wrote {entry}: int8 {int8.stat().st_size / 1e6:.2f} MB, validation {int8_bpb} bits/byte "
-                  f"(fp32 {fp32_bpb}, ratio {int8_bpb / fp32_bpb:.4f}) on {val_bytes:,} bytes")
+            print(
+                f"wrote {entry}: int8 {int8.stat().st_size / 1e6:.2f} MB, validation {int8_bpb} bits/byte "
+                f"(fp32 {fp32_bpb}, ratio {int8_bpb / fp32_bpb:.4f}) on {val_bytes:,} bytes"
+            )
     slim = {k: ckpt[k] for k in ("config", "tokenizer", "model", "step", "train_config", "metrics") if k in ckpt}
     args.checkpoint_copy.parent.mkdir(parents=True, exist_ok=True)
     torch.save(slim, args.checkpoint_copy)  # no optimizer state: a third of the size
     for s, text in samples.items():
         print(f"--- {s!r}\n{s}{text}")
-    print(json.dumps({"val_bpb": ckpt.get("metrics", {}).get("val_bpb"),
-                      "ngram_val_bpb": ckpt.get("metrics", {}).get("ngram_val_bpb")}))
+    print(
+        json.dumps(
+            {
+                "val_bpb": ckpt.get("metrics", {}).get("val_bpb"),
+                "ngram_val_bpb": ckpt.get("metrics", {}).get("ngram_val_bpb"),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -56,26 +56,58 @@ def gqa_decoder(model: GPT) -> onnx.ModelProto:
         return node("Add", [y, const(f"{prefix}.bias", sd[f"{prefix}.bias"])], out)
 
     def layer_norm(x: str, prefix: str, out: str) -> str:
-        return node("LayerNormalization", [x, const(f"{prefix}.weight", sd[f"{prefix}.weight"]),
-                                           const(f"{prefix}.bias", sd[f"{prefix}.bias"])], out, axis=-1, epsilon=1e-5)
+        return node(
+            "LayerNormalization",
+            [x, const(f"{prefix}.weight", sd[f"{prefix}.weight"]), const(f"{prefix}.bias", sd[f"{prefix}.bias"])],
+            out,
+            axis=-1,
+            epsilon=1e-5,
+        )
 
     # lengths for the attention: every row's tokens are columns [0, sum(mask))
     lengths = node("ReduceSum", ["attention_mask", const("axis_1", np.array([1], np.int64))], "mask_sum", keepdims=0)
-    seqlens = node("Cast", [node("Sub", [lengths, const("one", np.array(1, np.int64))], "seqlens_k_64")],
-                   "seqlens_k", to=TensorProto.INT32)
-    total = node("Cast", [node("Gather", [node("Shape", ["attention_mask"], "mask_shape"),
-                                          const("index_1", np.array(1, np.int64))], "total_64", axis=0)],
-                 "total_sequence_length", to=TensorProto.INT32)
+    seqlens = node(
+        "Cast",
+        [node("Sub", [lengths, const("one", np.array(1, np.int64))], "seqlens_k_64")],
+        "seqlens_k",
+        to=TensorProto.INT32,
+    )
+    total = node(
+        "Cast",
+        [
+            node(
+                "Gather",
+                [node("Shape", ["attention_mask"], "mask_shape"), const("index_1", np.array(1, np.int64))],
+                "total_64",
+                axis=0,
+            )
+        ],
+        "total_sequence_length",
+        to=TensorProto.INT32,
+    )
 
     # input: embedding x sqrt(d) + sinusoidal encoding of position_ids (even channels sin, odd cos)
     emb = node("Gather", [const("tok_emb", sd["tok_emb.weight"]), "input_ids"], "embedding", axis=0)
     x = node("Mul", [emb, const("sqrt_d", np.array(math.sqrt(d), np.float32))], "embedding_scaled")
     inv_freq = np.exp(np.arange(0, d, 2, dtype=np.float32) * (-math.log(10000.0) / d)).astype(np.float32)
-    pos = node("Unsqueeze", [node("Cast", ["position_ids"], "positions_f", to=TensorProto.FLOAT),
-                             const("axis_last", np.array([-1], np.int64))], "positions_u")
+    pos = node(
+        "Unsqueeze",
+        [
+            node("Cast", ["position_ids"], "positions_f", to=TensorProto.FLOAT),
+            const("axis_last", np.array([-1], np.int64)),
+        ],
+        "positions_u",
+    )
     angles = node("Mul", [pos, const("inv_freq", inv_freq)], "angles")
-    pairs = node("Concat", [node("Unsqueeze", [node("Sin", [angles], "sin"), "axis_last"], "sin_u"),
-                            node("Unsqueeze", [node("Cos", [angles], "cos"), "axis_last"], "cos_u")], "sin_cos", axis=-1)
+    pairs = node(
+        "Concat",
+        [
+            node("Unsqueeze", [node("Sin", [angles], "sin"), "axis_last"], "sin_u"),
+            node("Unsqueeze", [node("Cos", [angles], "cos"), "axis_last"], "cos_u"),
+        ],
+        "sin_cos",
+        axis=-1,
+    )
     pe = node("Reshape", [pairs, const("shape_btd", np.array([0, 0, d], np.int64))], "positional_encoding")
     x = node("Add", [x, pe], "x0")
 
@@ -84,27 +116,45 @@ def gqa_decoder(model: GPT) -> onnx.ModelProto:
         # Q, K and V apart, as in the traced graph (not packed into one MatMul): the int8 variant
         # then quantizes the same weight matrices the same way, and matches its traced graph
         q, k, v = (linear(x, f"{p}.attn.{n}_proj", f"{p}/{n}") for n in "qkv")
-        nodes.append(helper.make_node(
-            "GroupQueryAttention", [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total],
-            [f"{p}/attention", f"present.{i}.key", f"present.{i}.value"], name=f"{p}/GroupQueryAttention", domain=MS,
-            num_heads=H, kv_num_heads=H, scale=1.0 / math.sqrt(hd), do_rotary=0))
+        nodes.append(
+            helper.make_node(
+                "GroupQueryAttention",
+                [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total],
+                [f"{p}/attention", f"present.{i}.key", f"present.{i}.value"],
+                name=f"{p}/GroupQueryAttention",
+                domain=MS,
+                num_heads=H,
+                kv_num_heads=H,
+                scale=1.0 / math.sqrt(hd),
+                do_rotary=0,
+            )
+        )
         a = linear(f"{p}/attention", f"{p}.attn.out_proj", f"{p}/attn_out")
         x = layer_norm(node("Add", [x, a], f"{p}/residual1"), f"{p}.norm1", f"{p}/norm1")
         h = node("Gelu", [linear(x, f"{p}.ff.fc1", f"{p}/fc1")], f"{p}/gelu", domain=MS)
-        x = layer_norm(node("Add", [x, linear(h, f"{p}.ff.fc2", f"{p}/fc2")], f"{p}/residual2"), f"{p}.norm2", f"{p}/norm2")
+        x = layer_norm(
+            node("Add", [x, linear(h, f"{p}.ff.fc2", f"{p}/fc2")], f"{p}/residual2"), f"{p}.norm2", f"{p}/norm2"
+        )
     node("MatMul", [x, const("lm_head.weight_t", sd["lm_head.weight"].T)], "logits")
 
     past = ["batch", H, "past_sequence", hd]
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
-              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence"]),
-              helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"])]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence"]),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"]),
+    ]
     inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, past) for n in input_names(cfg.n_layer)[3:]]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", cfg.vocab_size])]
-    outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", H, "present_sequence", hd])
-                for n in output_names(cfg.n_layer)[1:]]
+    outputs += [
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", H, "present_sequence", hd])
+        for n in output_names(cfg.n_layer)[1:]
+    ]
     graph = helper.make_graph(nodes, "gpt_gqa", inputs, outputs, inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET), helper.make_opsetid(MS, 1)],
-                              producer_name="tserve export/gqa_graph.py")
+    proto = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", ONNX_OPSET), helper.make_opsetid(MS, 1)],
+        producer_name="tserve export/gqa_graph.py",
+    )
     proto.ir_version = ONNX_IR_VERSION
     return proto
 
@@ -130,8 +180,12 @@ def verify_gqa(model: GPT, path: Path, real_prompts: list[list[int]], greedy_tok
         ids = np.array([p], np.int64)
         with torch.no_grad():
             want = model(torch.from_numpy(ids))[0].numpy()
-        got = session.run(["logits"], decoder_feeds(model.cfg.n_layer, ids, np.ones_like(ids),
-                                                     np.arange(len(p), dtype=np.int64)[None], empty_past(model, 1)))[0]
+        got = session.run(
+            ["logits"],
+            decoder_feeds(
+                model.cfg.n_layer, ids, np.ones_like(ids), np.arange(len(p), dtype=np.int64)[None], empty_past(model, 1)
+            ),
+        )[0]
         diff = max(diff, float(np.abs(got - want).max()))
     reference = [model.generate(p, greedy_tokens) for p in real_prompts]
     alone = [onnx_greedy(model, session, [p], greedy_tokens)[0] for p in real_prompts]

@@ -23,9 +23,20 @@ from export.verify import cpu_session
 
 # operator types ONNX Runtime's fusions produce (com.microsoft contrib ops and fused ONNX ops)
 FUSED_OPS = (
-    "Attention", "MultiHeadAttention", "GroupQueryAttention", "SkipLayerNormalization",
-    "LayerNormalization", "BiasGelu", "FastGelu", "Gelu", "FusedMatMul", "FusedGemm",
-    "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "BiasSoftmax", "QAttention",
+    "Attention",
+    "MultiHeadAttention",
+    "GroupQueryAttention",
+    "SkipLayerNormalization",
+    "LayerNormalization",
+    "BiasGelu",
+    "FastGelu",
+    "Gelu",
+    "FusedMatMul",
+    "FusedGemm",
+    "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul",
+    "BiasSoftmax",
+    "QAttention",
 )
 
 
@@ -106,8 +117,13 @@ def quantize_int8(fp32: Path, out: Path) -> Path:
         quant_pre_process(str(fp32), str(prepped), skip_symbolic_shape=True)
         # DefaultTensorType: shape inference cannot type what follows a contrib op (the fused
         # graph's GroupQueryAttention); every activation here is float
-        quantize_dynamic(str(prepped), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        quantize_dynamic(
+            str(prepped),
+            str(out),
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul", "Gemm"],
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
     proto = onnx.load(str(out))
     proto.ir_version = min(proto.ir_version, onnx.load(str(fp32)).ir_version)
     onnx.save(proto, str(out))

@@ -55,9 +55,7 @@ def decoder_config_pbtxt(name: str, cfg: GPTConfig, pad_token_id: int, max_batch
         "tserve.unpad_outputs": "logits",
     }
     inputs_text, outputs_text = ",\n".join(inputs), ",\n".join(outputs)
-    params_text = "\n".join(
-        f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in params.items()
-    )
+    params_text = "\n".join(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in params.items())
     return f"""name: "{name}"
 platform: "onnxruntime_onnx"
 max_batch_size: {max_batch_size}
@@ -84,8 +82,11 @@ def golden_record(session: ort.InferenceSession, feeds: dict[str, np.ndarray], a
 
     def tensor(a: np.ndarray) -> dict:
         dtype = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}[a.dtype]
-        return {"datatype": dtype, "shape": list(a.shape), "data": [float(f"{x:.7g}") for x in a.ravel()]
-                if a.dtype == np.float32 else a.ravel().tolist()}
+        return {
+            "datatype": dtype,
+            "shape": list(a.shape),
+            "data": [float(f"{x:.7g}") for x in a.ravel()] if a.dtype == np.float32 else a.ravel().tolist(),
+        }
 
     return {
         "inputs": {k: tensor(v) for k, v in feeds.items()},
@@ -95,7 +96,12 @@ def golden_record(session: ort.InferenceSession, feeds: dict[str, np.ndarray], a
 
 
 def write_entry(
-    repo: Path, name: str, onnx_file: Path, config_pbtxt: str, manifest: dict, version: int = 1,
+    repo: Path,
+    name: str,
+    onnx_file: Path,
+    config_pbtxt: str,
+    manifest: dict,
+    version: int = 1,
     extra_files: dict[str, str | Path] | None = None,
 ) -> Path:
     """extra_files: name -> text (tokenizer.json) or a file to copy (model_gqa.onnx), beside model.onnx."""

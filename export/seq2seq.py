@@ -78,8 +78,9 @@ class _DecoderWithPast(nn.Module):
         n = len(past_key_values) // 4
         past = [(past_key_values[4 * i], past_key_values[4 * i + 1]) for i in range(n)]
         cross = [(past_key_values[4 * i + 2], past_key_values[4 * i + 3]) for i in range(n)]
-        logits, presents, _ = self.model.decode(input_ids, encoder_attention_mask, past=past, cross=cross,
-                                                decoder_attention_mask=decoder_attention_mask)
+        logits, presents, _ = self.model.decode(
+            input_ids, encoder_attention_mask, past=past, cross=cross, decoder_attention_mask=decoder_attention_mask
+        )
         return (logits, *[t for kv in presents for t in kv])
 
 
@@ -116,18 +117,29 @@ def export_seq2seq(model: Seq2Seq, folder: Path, decoder_attention_mask: bool = 
     doc = f"encoder-decoder Transformer, {cfg.n_encoder_layers}+{cfg.n_decoder_layers} layers, d_model {C}"
     common = {"dynamo": True, "opset_version": ONNX_OPSET, "optimize": True, "verbose": False}
 
-    program = torch.onnx.export(_Encoder(model).eval(), (ids, mask), dynamic_shapes={"input_ids": {0: batch, 1: src},
-                                "attention_mask": {0: batch, 1: src}}, input_names=["input_ids", "attention_mask"],
-                                output_names=["last_hidden_state"], **common)
+    program = torch.onnx.export(
+        _Encoder(model).eval(),
+        (ids, mask),
+        dynamic_shapes={"input_ids": {0: batch, 1: src}, "attention_mask": {0: batch, 1: src}},
+        input_names=["input_ids", "attention_mask"],
+        output_names=["last_hidden_state"],
+        **common,
+    )
     _save(program, folder / ENCODER, doc + ": encoder")
 
     hidden = torch.randn(B, S, C)
     program = torch.onnx.export(
-        _Decoder(model).eval(), (torch.randint(0, 256, (B, T)), hidden, mask),
-        dynamic_shapes={"input_ids": {0: batch, 1: tgt}, "encoder_hidden_states": {0: batch, 1: src},
-                        "encoder_attention_mask": {0: batch, 1: src}},
+        _Decoder(model).eval(),
+        (torch.randint(0, 256, (B, T)), hidden, mask),
+        dynamic_shapes={
+            "input_ids": {0: batch, 1: tgt},
+            "encoder_hidden_states": {0: batch, 1: src},
+            "encoder_attention_mask": {0: batch, 1: src},
+        },
         input_names=["input_ids", "encoder_hidden_states", "encoder_attention_mask"],
-        output_names=["logits", *_kv_names("present", L, ("decoder", "encoder"))], **common)
+        output_names=["logits", *_kv_names("present", L, ("decoder", "encoder"))],
+        **common,
+    )
     _save(program, folder / DECODER, doc + ": decoder, first pass")
 
     kv = []
@@ -136,24 +148,43 @@ def export_seq2seq(model: Seq2Seq, folder: Path, decoder_attention_mask: bool = 
     past_shapes = tuple({0: batch, 2: past if j % 4 < 2 else src} for j in range(4 * L))
     past_names = _kv_names("past_key_values", L, ("decoder", "encoder"))
     if decoder_attention_mask:
-        module, args = _DecoderWithPast(model), (torch.randint(0, 256, (B, T)), mask,
-                                                 torch.ones(B, P + T, dtype=torch.int64), tuple(kv))
-        shapes = {"input_ids": {0: batch, 1: tgt}, "encoder_attention_mask": {0: batch, 1: src},
-                  "decoder_attention_mask": {0: batch, 1: total}, "past_key_values": past_shapes}
+        module, args = (
+            _DecoderWithPast(model),
+            (torch.randint(0, 256, (B, T)), mask, torch.ones(B, P + T, dtype=torch.int64), tuple(kv)),
+        )
+        shapes = {
+            "input_ids": {0: batch, 1: tgt},
+            "encoder_attention_mask": {0: batch, 1: src},
+            "decoder_attention_mask": {0: batch, 1: total},
+            "past_key_values": past_shapes,
+        }
         names = ["input_ids", "encoder_attention_mask", "decoder_attention_mask", *past_names]
     else:
         module, args = _DecoderWithPastNoMask(model), (torch.randint(0, 256, (B, T)), mask, tuple(kv))
-        shapes = {"input_ids": {0: batch, 1: tgt}, "encoder_attention_mask": {0: batch, 1: src},
-                  "past_key_values": past_shapes}
+        shapes = {
+            "input_ids": {0: batch, 1: tgt},
+            "encoder_attention_mask": {0: batch, 1: src},
+            "past_key_values": past_shapes,
+        }
         names = ["input_ids", "encoder_attention_mask", *past_names]
-    program = torch.onnx.export(module.eval(), args, dynamic_shapes=shapes, input_names=names,
-                                output_names=["logits", *_kv_names("present", L, ("decoder",))], **common)
+    program = torch.onnx.export(
+        module.eval(),
+        args,
+        dynamic_shapes=shapes,
+        input_names=names,
+        output_names=["logits", *_kv_names("present", L, ("decoder",))],
+        **common,
+    )
     _save(program, folder / DECODER_WITH_PAST, doc + ": decoder with past")
     return [folder / n for n in (ENCODER, DECODER, DECODER_WITH_PAST)]
 
 
-def onnx_greedy(folder: Path, sources: list[list[int]], max_new_tokens: int,
-                sessions: tuple[ort.InferenceSession, ...] | None = None) -> list[list[int]]:
+def onnx_greedy(
+    folder: Path,
+    sources: list[list[int]],
+    max_new_tokens: int,
+    sessions: tuple[ort.InferenceSession, ...] | None = None,
+) -> list[list[int]]:
     """Greedy decoding through the three graphs, a right-padded batch at once: the reference the
     server's engine is compared with, and itself compared with PyTorch."""
     enc, dec, dwp = sessions or load_sessions(folder)
@@ -162,11 +193,17 @@ def onnx_greedy(folder: Path, sources: list[list[int]], max_new_tokens: int,
     ids = np.full((len(sources), width), pad_id, np.int64)
     mask = np.zeros((len(sources), width), np.int64)
     for i, s in enumerate(sources):
-        ids[i, :len(s)], mask[i, :len(s)] = list(s), 1
+        ids[i, : len(s)], mask[i, : len(s)] = list(s), 1
     hidden = enc.run(None, {"input_ids": ids, "attention_mask": mask})[0]
     B = len(sources)
-    outs = dec.run(None, {"input_ids": np.full((B, 1), bos_id, np.int64), "encoder_hidden_states": hidden,
-                          "encoder_attention_mask": mask})
+    outs = dec.run(
+        None,
+        {
+            "input_ids": np.full((B, 1), bos_id, np.int64),
+            "encoder_hidden_states": hidden,
+            "encoder_attention_mask": mask,
+        },
+    )
     names = [o.name for o in dec.get_outputs()]
     cache = {n.replace("present", "past_key_values"): v for n, v in zip(names[1:], outs[1:])}
     logits, result, done = outs[0], [[] for _ in range(B)], [False] * B
@@ -199,12 +236,15 @@ def special_ids(folder: Path) -> tuple[int, int, int]:
 
 
 def load_sessions(folder: Path) -> tuple[ort.InferenceSession, ...]:
-    return tuple(ort.InferenceSession(str(folder / n), providers=["CPUExecutionProvider"])
-                 for n in (ENCODER, DECODER, DECODER_WITH_PAST))
+    return tuple(
+        ort.InferenceSession(str(folder / n), providers=["CPUExecutionProvider"])
+        for n in (ENCODER, DECODER, DECODER_WITH_PAST)
+    )
 
 
-def export_entry(checkpoint: Path, repository: Path, name: str = "namegen", samples: int = 8,
-                 decoder_attention_mask: bool = True) -> Path:
+def export_entry(
+    checkpoint: Path, repository: Path, name: str = "namegen", samples: int = 8, decoder_attention_mask: bool = True
+) -> Path:
     """An Optimum-layout folder as a repository entry: <repo>/<name>/1/ with the three graphs,
     config.json, generation_config.json and a manifest (tokenizer, metrics, parity, sha256)."""
     model, ckpt = load_seq2seq(str(checkpoint))
@@ -213,24 +253,51 @@ def export_entry(checkpoint: Path, repository: Path, name: str = "namegen", samp
     version = repository / name / "1"
     with tempfile.TemporaryDirectory() as tmp:
         files = export_seq2seq(model, Path(tmp), decoder_attention_mask)
-        (Path(tmp) / "config.json").write_text(json.dumps({
-            "model_type": "tserve-seq2seq", "is_encoder_decoder": True, "architectures": ["Seq2Seq"],
-            "vocab_size": cfg.vocab_size, "d_model": cfg.d_model, "encoder_layers": cfg.n_encoder_layers,
-            "decoder_layers": cfg.n_decoder_layers, "num_attention_heads": cfg.n_head,
-            "max_position_embeddings": cfg.max_source, "pad_token_id": cfg.pad_id, "bos_token_id": cfg.bos_id,
-            "eos_token_id": cfg.eos_id, "decoder_start_token_id": cfg.bos_id}, indent=2) + "\n")
-        (Path(tmp) / "generation_config.json").write_text(json.dumps({
-            "decoder_start_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id, "pad_token_id": cfg.pad_id,
-            "max_length": cfg.max_target}, indent=2) + "\n")
+        (Path(tmp) / "config.json").write_text(
+            json.dumps(
+                {
+                    "model_type": "tserve-seq2seq",
+                    "is_encoder_decoder": True,
+                    "architectures": ["Seq2Seq"],
+                    "vocab_size": cfg.vocab_size,
+                    "d_model": cfg.d_model,
+                    "encoder_layers": cfg.n_encoder_layers,
+                    "decoder_layers": cfg.n_decoder_layers,
+                    "num_attention_heads": cfg.n_head,
+                    "max_position_embeddings": cfg.max_source,
+                    "pad_token_id": cfg.pad_id,
+                    "bos_token_id": cfg.bos_id,
+                    "eos_token_id": cfg.eos_id,
+                    "decoder_start_token_id": cfg.bos_id,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        (Path(tmp) / "generation_config.json").write_text(
+            json.dumps(
+                {
+                    "decoder_start_token_id": cfg.bos_id,
+                    "eos_token_id": cfg.eos_id,
+                    "pad_token_id": cfg.pad_id,
+                    "max_length": cfg.max_target,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         files += [Path(tmp) / "config.json", Path(tmp) / "generation_config.json"]
         if tok.to_str() is not None:  # a BPE: the server reads it as any export's tokenizer.json
             (Path(tmp) / "tokenizer.json").write_text(tok.to_str())
             files.append(Path(tmp) / "tokenizer.json")
-        examples = [tok.encode(s["source"])[:cfg.max_source] for s in ckpt["metrics"].get("samples", [])][:samples] \
-            or [tok.encode("def _(self):\n    return self._items.pop()")]
+        examples = [tok.encode(s["source"])[: cfg.max_source] for s in ckpt["metrics"].get("samples", [])][
+            :samples
+        ] or [tok.encode("def _(self):\n    return self._items.pop()")]
         got = onnx_greedy(Path(tmp), examples, cfg.max_target - 2)
-        want = [model.generate(torch.tensor([list(s)]), torch.ones(1, len(s), dtype=torch.int64),
-                               cfg.max_target - 2)[0] for s in examples]
+        want = [
+            model.generate(torch.tensor([list(s)]), torch.ones(1, len(s), dtype=torch.int64), cfg.max_target - 2)[0]
+            for s in examples
+        ]
         if got != want:
             raise RuntimeError(f"ONNX greedy output differs from PyTorch's: {got[:2]} vs {want[:2]}")
         if version.exists():
@@ -238,17 +305,23 @@ def export_entry(checkpoint: Path, repository: Path, name: str = "namegen", samp
         version.mkdir(parents=True)
         for f in files:
             shutil.copy(f, version / f.name)
-    tokenizer = ({"type": "byte", "vocab_size": cfg.vocab_size, "eos_token_id": cfg.eos_id} if tok.bpe is None else
-                 {"type": "tokenizer.json", "vocab_size": cfg.vocab_size, "eos_token_id": cfg.eos_id})
+    tokenizer = (
+        {"type": "byte", "vocab_size": cfg.vocab_size, "eos_token_id": cfg.eos_id}
+        if tok.bpe is None
+        else {"type": "tokenizer.json", "vocab_size": cfg.vocab_size, "eos_token_id": cfg.eos_id}
+    )
     manifest = {
-        "format": "tserve.manifest/v1", "kind": "seq2seq",
+        "format": "tserve.manifest/v1",
+        "kind": "seq2seq",
         "tokenizer": tokenizer,
         "generation": {"eos_token_id": cfg.eos_id, "decoder_start_token_id": cfg.bos_id, "max_target": cfg.max_target},
-        "model": cfg.to_dict(), "metrics": {k: v for k, v in ckpt["metrics"].items() if k != "samples"},
+        "model": cfg.to_dict(),
+        "metrics": {k: v for k, v in ckpt["metrics"].items() if k != "samples"},
         "parity": {"greedy_equal": True, "examples": len(examples)},
         # the server re-runs these at load: greedy tokens, without end-of-sequence
-        "golden": [{"source_ids": list(s), "max_new_tokens": cfg.max_target - 2, "greedy": g}
-                   for s, g in zip(examples, got)],
+        "golden": [
+            {"source_ids": list(s), "max_new_tokens": cfg.max_target - 2, "greedy": g} for s, g in zip(examples, got)
+        ],
         "files": {f.name: {"sha256": sha256(f)} for f in sorted(version.iterdir())},
     }
     (version / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -260,8 +333,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", type=Path, default=Path("runs/naming/checkpoint.pt"))
     p.add_argument("--repository", type=Path, default=Path("model_repository"))
     p.add_argument("--name", default="namegen")
-    p.add_argument("--checkpoint-copy", type=Path, default=Path("model/checkpoints/namegen.pt"),
-                   help="where to keep the weights-only checkpoint the parity tests compare against")
+    p.add_argument(
+        "--checkpoint-copy",
+        type=Path,
+        default=Path("model/checkpoints/namegen.pt"),
+        help="where to keep the weights-only checkpoint the parity tests compare against",
+    )
     args = p.parse_args(argv)
     print(f"wrote {export_entry(args.checkpoint, args.repository, args.name)}")
     ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
@@ -270,8 +347,10 @@ def main(argv: list[str] | None = None) -> None:
     args.checkpoint_copy.parent.mkdir(parents=True, exist_ok=True)
     torch.save(slim, args.checkpoint_copy)  # no optimizer state
     metrics = ckpt["metrics"]
-    print(f"held-out ({metrics['held_out_examples']} functions): exact match {metrics['held_out']['exact_match']:.1%}, "
-          f"sub-token F1 {metrics['held_out']['subtoken_f1']:.3f}")
+    print(
+        f"held-out ({metrics['held_out_examples']} functions): exact match {metrics['held_out']['exact_match']:.1%}, "
+        f"sub-token F1 {metrics['held_out']['subtoken_f1']:.3f}"
+    )
     for name, b in metrics["baselines"].items():
         print(f"  baseline {name}: exact match {b['exact_match']:.1%}, sub-token F1 {b['subtoken_f1']:.3f}")
 

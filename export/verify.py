@@ -92,7 +92,10 @@ def logits_max_abs_diff(model: GPT, session: ort.InferenceSession, case: Case) -
     onnx_logits = session.run(["logits"], feeds)[0]
     past = [(torch.from_numpy(case.past[2 * i]), torch.from_numpy(case.past[2 * i + 1])) for i in range(c.n_layer)]
     ref, _ = model(
-        torch.from_numpy(case.input_ids), torch.from_numpy(case.attention_mask), torch.from_numpy(case.position_ids), past
+        torch.from_numpy(case.input_ids),
+        torch.from_numpy(case.attention_mask),
+        torch.from_numpy(case.position_ids),
+        past,
     )
     ref = ref.numpy()
     # rows of left padding are not outputs anyone reads; compare real positions only
@@ -103,7 +106,9 @@ def logits_max_abs_diff(model: GPT, session: ort.InferenceSession, case: Case) -
     return float(np.abs(onnx_logits - ref)[real].max())
 
 
-def onnx_greedy(model: GPT, session: ort.InferenceSession, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+def onnx_greedy(
+    model: GPT, session: ort.InferenceSession, prompts: list[list[int]], max_new_tokens: int
+) -> list[list[int]]:
     """Greedy decoding of a left-padded batch with the KV cache, entirely in ONNX Runtime.
     The caller keeps max(len(prompt)) + max_new_tokens within the model's context."""
     c = model.cfg

@@ -59,23 +59,29 @@ def _examples_in(text: str) -> list[Example]:
         if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
             continue
         name = fn.name
-        if name.startswith("__") or name.lower().startswith("test") or name in FIXTURES or fn.end_lineno - fn.lineno < 2:
+        if (
+            name.startswith("__")
+            or name.lower().startswith("test")
+            or name in FIXTURES
+            or fn.end_lineno - fn.lineno < 2
+        ):
             continue
-        body = lines[fn.lineno - 1:fn.end_lineno]
+        body = lines[fn.lineno - 1 : fn.end_lineno]
         first = fn.body[0]
         if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
             if len(fn.body) == 1:
                 continue  # a docstring and nothing else
             start, end = first.lineno - fn.lineno, first.end_lineno - fn.lineno
-            body = body[:start] + body[end + 1:]
+            body = body[:start] + body[end + 1 :]
         source = textwrap.dedent("\n".join(body))
         source = re.sub(rf"\b{re.escape(name)}\b", "_", source)
         out.append(Example(source, name, _first_call(fn)))
     return out
 
 
-def load_examples(sources: list[Path] | None = None, seed: int = 0,
-                  val_fraction: float = 0.05) -> tuple[list[Example], list[Example]]:
+def load_examples(
+    sources: list[Path] | None = None, seed: int = 0, val_fraction: float = 0.05
+) -> tuple[list[Example], list[Example]]:
     """(train, validation), split by file as model/data.py splits the corpus; duplicates dropped
     (a duplicate of a training example is dropped from validation too)."""
     split: dict[bool, list[Example]] = {False: [], True: []}
@@ -112,8 +118,10 @@ def subtoken_f1(predicted: str, actual: str) -> float:
 
 def score(predictions: list[str], examples: list[Example]) -> dict[str, float]:
     n = len(examples)
-    return {"exact_match": sum(p == e.name for p, e in zip(predictions, examples)) / n,
-            "subtoken_f1": sum(subtoken_f1(p, e.name) for p, e in zip(predictions, examples)) / n}
+    return {
+        "exact_match": sum(p == e.name for p, e in zip(predictions, examples)) / n,
+        "subtoken_f1": sum(subtoken_f1(p, e.name) for p, e in zip(predictions, examples)) / n,
+    }
 
 
 def baselines(train: list[Example], val: list[Example]) -> dict[str, dict[str, float]]:

@@ -117,7 +117,7 @@ def ngram_greedy(train_docs: list[str], order: int) -> tuple[str, Greedy]:
         ids = tok.encode(prompt)
         out: list[int] = []
         while len(out) < max_bytes:
-            out.append(int(np.argmax(ngram.next_probs(np.array(ids + out)[-(order - 1):]))))
+            out.append(int(np.argmax(ngram.next_probs(np.array(ids + out)[-(order - 1) :]))))
             if out[-1] == tok.eot_id or function_body(tok.decode(out))[1]:
                 break
         return tok.decode(out)
@@ -136,8 +136,13 @@ def parse_rate(complete: Greedy, headers: list[str], max_bytes: int) -> dict:
         ok += good
         if len(examples) < 3:
             examples[header] = {"completion": text, "parses": good}
-    return {"functions": len(headers), "parsed": ok, "parse_rate": round(ok / len(headers), 4),
-            "ended_within_budget": round(ended / len(headers), 4), "examples": examples}
+    return {
+        "functions": len(headers),
+        "parsed": ok,
+        "parse_rate": round(ok / len(headers), 4),
+        "ended_within_budget": round(ended / len(headers), 4),
+        "examples": examples,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -159,9 +164,12 @@ def main(argv: list[str] | None = None) -> None:
     for name, complete in models:
         t0 = time.monotonic()
         r = results[name] = parse_rate(complete, headers, args.max_bytes)
-        print(f"{name}: {r['parsed']}/{r['functions']} completions parse ({r['parse_rate']:.1%}), "
-              f"{r['ended_within_budget']:.1%} end the function within {args.max_bytes} bytes "
-              f"[{time.monotonic() - t0:.0f} s]", flush=True)
+        print(
+            f"{name}: {r['parsed']}/{r['functions']} completions parse ({r['parse_rate']:.1%}), "
+            f"{r['ended_within_budget']:.1%} end the function within {args.max_bytes} bytes "
+            f"[{time.monotonic() - t0:.0f} s]",
+            flush=True,
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")

@@ -60,8 +60,9 @@ class Seq2SeqConfig:
 
     def attention(self) -> GPTConfig:
         """The shape of one attention / feed-forward layer, in the decoder-only model's terms."""
-        return GPTConfig(vocab_size=self.vocab_size, n_head=self.n_head, d_model=self.d_model, d_ff=self.d_ff,
-                         dropout=self.dropout)
+        return GPTConfig(
+            vocab_size=self.vocab_size, n_head=self.n_head, d_model=self.d_model, d_ff=self.d_ff, dropout=self.dropout
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,8 +71,9 @@ class Seq2SeqConfig:
 class CrossAttention(MultiHeadAttention):
     """Queries from the decoder; keys and values from the encoder's output, projected once."""
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, memory: torch.Tensor | None = None,
-                cached: KV | None = None) -> tuple[torch.Tensor, KV]:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, memory: torch.Tensor | None = None, cached: KV | None = None
+    ) -> tuple[torch.Tensor, KV]:
         """x: (B, T, C); mask: (B, 1, 1, S) bool; memory: (B, S, C) the encoder's output, or
         cached: its projected (key, value), each (B, nh, S, hd)."""
         q = self._split_heads(self.q_proj(x))  # (B, nh, T, hd)
@@ -110,8 +112,15 @@ class DecoderBlock(nn.Module):
         self.ff = FeedForward(layer)
         self.norm3 = nn.LayerNorm(cfg.d_model)
 
-    def forward(self, x: torch.Tensor, self_mask: torch.Tensor, cross_mask: torch.Tensor, past: KV | None,
-                memory: torch.Tensor | None, cross: KV | None) -> tuple[torch.Tensor, KV, KV]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        self_mask: torch.Tensor,
+        cross_mask: torch.Tensor,
+        past: KV | None,
+        memory: torch.Tensor | None,
+        cross: KV | None,
+    ) -> tuple[torch.Tensor, KV, KV]:
         a, present = self.self_attn(x, self_mask, past)
         x = self.norm1(x + a)
         c, cross = self.cross_attn(x, cross_mask, memory, cross)
@@ -179,8 +188,14 @@ class Seq2Seq(nn.Module):
         cross_mask = padding_mask(encoder_attention_mask)
         presents, crosses = [], []
         for i, block in enumerate(self.decoder):
-            x, present, c = block(x, self_mask, cross_mask, None if past is None else past[i],
-                                  encoder_hidden_states, None if cross is None else cross[i])
+            x, present, c = block(
+                x,
+                self_mask,
+                cross_mask,
+                None if past is None else past[i],
+                encoder_hidden_states,
+                None if cross is None else cross[i],
+            )
             presents.append(present)
             crosses.append(c)
         return self.lm_head(x), presents, crosses
@@ -189,8 +204,9 @@ class Seq2Seq(nn.Module):
         """Teacher forcing: target_ids (B, T) = BOS, y1..yn, EOS, PAD...; predict each next one."""
         memory = self.encode(input_ids, attention_mask)
         logits, _, _ = self.decode(target_ids[:, :-1], attention_mask, memory)
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids[:, 1:].reshape(-1),
-                               ignore_index=self.cfg.pad_id)
+        return F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), target_ids[:, 1:].reshape(-1), ignore_index=self.cfg.pad_id
+        )
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> list[list[int]]:

@@ -54,8 +54,11 @@ def main(argv: list[str] | None = None) -> None:
         fp32 = tokens_per_s(cfg, args.batch_size, False, args.steps)
         bf16 = tokens_per_s(cfg, args.batch_size, True, args.steps)
         params = sum(p.numel() for p in GPT(cfg).parameters()) / 1e6
-        print(f"vocab {vocab:>5}, d_model {d}, {layers} layers ({params:.2f} M): fp32 {fp32:>7,.0f} tokens/s, "
-              f"bf16 {bf16:>7,.0f} tokens/s ({bf16 / fp32:.2f}x), bf16 {bf16 * bpt:>7,.0f} bytes/s", flush=True)
+        print(
+            f"vocab {vocab:>5}, d_model {d}, {layers} layers ({params:.2f} M): fp32 {fp32:>7,.0f} tokens/s, "
+            f"bf16 {bf16:>7,.0f} tokens/s ({bf16 / fp32:.2f}x), bf16 {bf16 * bpt:>7,.0f} bytes/s",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -85,7 +85,9 @@ class BPETokenizer:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=list(special_tokens), show_progress=False,
+            vocab_size=vocab_size,
+            special_tokens=list(special_tokens),
+            show_progress=False,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte, seen or not
         )
         tok.train_from_iterator(texts, trainer)
@@ -122,8 +124,13 @@ class BPETokenizer:
         return self._tok.to_str()
 
     def manifest_entry(self) -> dict:
-        return {"type": "tokenizer.json", "file": self.FILE, "vocab_size": self.vocab_size,
-                "eos_token_id": self.eot_id, "pad_token_id": self.eot_id}
+        return {
+            "type": "tokenizer.json",
+            "file": self.FILE,
+            "vocab_size": self.vocab_size,
+            "eos_token_id": self.eot_id,
+            "pad_token_id": self.eot_id,
+        }
 
 
 Tokenizer = ByteTokenizer | BPETokenizer

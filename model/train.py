@@ -56,8 +56,9 @@ def lr_at(step: int, tc: TrainConfig, minutes: float = 0.0) -> float:
     whichever is further along: a run cut by its time budget still ends annealed."""
     if step < tc.warmup_steps:
         return tc.lr * (step + 1) / tc.warmup_steps
-    progress = min(1.0, max((step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps),
-                            minutes / tc.max_minutes))
+    progress = min(
+        1.0, max((step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps), minutes / tc.max_minutes)
+    )
     return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -70,8 +71,9 @@ def batch_at(tokens: np.ndarray, step: int, tc: TrainConfig, block_size: int) ->
     return chunk[:, :-1], chunk[:, 1:]
 
 
-def save(path: Path, model: GPT, opt: torch.optim.Optimizer, step: int, tc: TrainConfig, metrics: dict,
-         tokenizer: Tokenizer) -> None:
+def save(
+    path: Path, model: GPT, opt: torch.optim.Optimizer, step: int, tc: TrainConfig, metrics: dict, tokenizer: Tokenizer
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(

@@ -92,18 +92,18 @@ def pad_sources(rows: list[list[int]], tok: NamingTokenizer) -> tuple[torch.Tens
     ids = torch.full((len(rows), width), tok.pad_id, dtype=torch.int64)
     mask = torch.zeros((len(rows), width), dtype=torch.int64)
     for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = 1
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
     return ids, mask
 
 
 def encode_targets(examples: list[Example], max_target: int, tok: NamingTokenizer) -> torch.Tensor:
     """BOS, the name's ids, EOS, right-padded: (B, T)."""
-    rows = [[tok.bos_id, *tok.encode(e.name)[:max_target - 2], tok.eos_id] for e in examples]
+    rows = [[tok.bos_id, *tok.encode(e.name)[: max_target - 2], tok.eos_id] for e in examples]
     width = max(len(r) for r in rows)
     out = torch.full((len(rows), width), tok.pad_id, dtype=torch.int64)
     for i, r in enumerate(rows):
-        out[i, :len(r)] = torch.tensor(r)
+        out[i, : len(r)] = torch.tensor(r)
     return out
 
 
@@ -111,7 +111,7 @@ def predict(model: Seq2Seq, examples: list[Example], tok: NamingTokenizer, batch
     model.eval()
     names = []
     for i in range(0, len(examples), batch):
-        ids, mask = encode_sources(examples[i:i + batch], model.cfg.max_source, tok)
+        ids, mask = encode_sources(examples[i : i + batch], model.cfg.max_source, tok)
         for tokens in model.generate(ids, mask, model.cfg.max_target - 2):
             names.append(tok.decode(tokens))
     model.train()
@@ -123,20 +123,36 @@ def held_out_loss(model: Seq2Seq, examples: list[Example], tok: NamingTokenizer,
     model.eval()
     losses = []
     for i in range(0, len(examples), batch):
-        chunk = examples[i:i + batch]
+        chunk = examples[i : i + batch]
         ids, mask = encode_sources(chunk, model.cfg.max_source, tok)
         losses.append(model.loss(ids, mask, encode_targets(chunk, model.cfg.max_target, tok)).item())
     model.train()
     return float(np.mean(losses))
 
 
-def save(path: Path, model: Seq2Seq, opt: torch.optim.Optimizer, step: int, tc: TrainConfig, metrics: dict,
-         tok: NamingTokenizer) -> None:
+def save(
+    path: Path,
+    model: Seq2Seq,
+    opt: torch.optim.Optimizer,
+    step: int,
+    tc: TrainConfig,
+    metrics: dict,
+    tok: NamingTokenizer,
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"config": model.cfg.to_dict(), "tokenizer": tok.to_str(), "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "step": step, "train_config": asdict(tc), "metrics": metrics}, tmp)
+    torch.save(
+        {
+            "config": model.cfg.to_dict(),
+            "tokenizer": tok.to_str(),
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "step": step,
+            "train_config": asdict(tc),
+            "metrics": metrics,
+        },
+        tmp,
+    )
     tmp.replace(path)
 
 
@@ -145,7 +161,7 @@ def train(tc: TrainConfig, mc: Seq2SeqConfig, resume: bool = False) -> dict:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
     train_set, val_set = load_examples([Path(p) for p in tc.data] or None, seed=tc.seed)
-    sample = [val_set[i] for i in np.random.default_rng(tc.seed).permutation(len(val_set))[:tc.eval_examples]]
+    sample = [val_set[i] for i in np.random.default_rng(tc.seed).permutation(len(val_set))[: tc.eval_examples]]
     ckpt_path = Path(tc.out) / "checkpoint.pt"
     ckpt = torch.load(ckpt_path, weights_only=False) if resume and ckpt_path.exists() else None
     if ckpt is not None:
@@ -164,9 +180,11 @@ def train(tc: TrainConfig, mc: Seq2SeqConfig, resume: bool = False) -> dict:
         step, metrics = ckpt["step"], ckpt["metrics"]
         print(f"resumed from {ckpt_path} at step {step}")
     mc = model.cfg
-    print(f"task: {len(train_set):,} training functions, {len(val_set):,} held-out; "
-          f"model: {model.num_parameters():,} parameters")
-    train_sources = [tok.encode(e.source)[:mc.max_source] for e in train_set]  # tokenized once, not every step
+    print(
+        f"task: {len(train_set):,} training functions, {len(val_set):,} held-out; "
+        f"model: {model.num_parameters():,} parameters"
+    )
+    train_sources = [tok.encode(e.source)[: mc.max_source] for e in train_set]  # tokenized once, not every step
     model.train()
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.bf16)
     started = time.monotonic() - metrics["train_seconds"]
@@ -192,13 +210,18 @@ def train(tc: TrainConfig, mc: Seq2SeqConfig, resume: bool = False) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{loss_ema:.3f}")
         if step % tc.eval_interval == 0 or step == tc.max_steps:
-            entry = {"step": step, "train_loss": round(loss_ema, 4),
-                     "val_loss": round(held_out_loss(model, sample, tok), 4),
-                     **{k: round(v, 4) for k, v in score(predict(model, sample, tok), sample).items()}}
+            entry = {
+                "step": step,
+                "train_loss": round(loss_ema, 4),
+                "val_loss": round(held_out_loss(model, sample, tok), 4),
+                **{k: round(v, 4) for k, v in score(predict(model, sample, tok), sample).items()},
+            }
             metrics["history"].append(entry)
             metrics["train_seconds"] = time.monotonic() - started
-            bar.write(f"step {step}: train loss {loss_ema:.3f}, held-out loss {entry['val_loss']:.3f}, "
-                      f"exact match {entry['exact_match']:.1%} on {len(sample)}")
+            bar.write(
+                f"step {step}: train loss {loss_ema:.3f}, held-out loss {entry['val_loss']:.3f}, "
+                f"exact match {entry['exact_match']:.1%} on {len(sample)}"
+            )
             save(ckpt_path, model, opt, step, tc, metrics, tok)
     bar.close()
     metrics["train_seconds"] = round(time.monotonic() - started, 1)
@@ -206,13 +229,18 @@ def train(tc: TrainConfig, mc: Seq2SeqConfig, resume: bool = False) -> dict:
     print(f"naming all {len(val_set)} held-out functions greedily")
     predictions = predict(model, val_set, tok)
     metrics["held_out"] = {k: round(v, 4) for k, v in score(predictions, val_set).items()}
-    metrics["baselines"] = {name: {k: round(v, 4) for k, v in s.items()} for name, s in baselines(train_set, val_set).items()}
+    metrics["baselines"] = {
+        name: {k: round(v, 4) for k, v in s.items()} for name, s in baselines(train_set, val_set).items()
+    }
     metrics["held_out_examples"] = len(val_set)
-    metrics["samples"] = [{"source": e.source[:400], "name": e.name, "predicted": p}
-                          for e, p in list(zip(val_set, predictions))[:40]]
+    metrics["samples"] = [
+        {"source": e.source[:400], "name": e.name, "predicted": p} for e, p in list(zip(val_set, predictions))[:40]
+    ]
     save(ckpt_path, model, opt, step, tc, metrics, tok)
-    print(f"done: {step} steps in {metrics['train_seconds'] / 60:.1f} min; held-out exact match "
-          f"{metrics['held_out']['exact_match']:.1%}, sub-token F1 {metrics['held_out']['subtoken_f1']:.3f}")
+    print(
+        f"done: {step} steps in {metrics['train_seconds'] / 60:.1f} min; held-out exact match "
+        f"{metrics['held_out']['exact_match']:.1%}, sub-token F1 {metrics['held_out']['subtoken_f1']:.3f}"
+    )
     for name, s in metrics["baselines"].items():
         print(f"  baseline {name}: exact match {s['exact_match']:.1%}, sub-token F1 {s['subtoken_f1']:.3f}")
     return metrics

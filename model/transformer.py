@@ -49,8 +49,7 @@ def sinusoidal_encoding(position_ids: torch.Tensor, d_model: int) -> torch.Tenso
     (whose positions start later) and any position up to the context get the paper's values.
     """
     inv_freq = torch.exp(
-        torch.arange(0, d_model, 2, dtype=torch.float32, device=position_ids.device)
-        * (-math.log(10000.0) / d_model)
+        torch.arange(0, d_model, 2, dtype=torch.float32, device=position_ids.device) * (-math.log(10000.0) / d_model)
     )  # (d/2,)
     angles = position_ids.to(torch.float32).unsqueeze(-1) * inv_freq  # (B, T, d/2)
     # interleave so even channels hold sin and odd channels hold cos

@@ -24,8 +24,11 @@ class TokenAuth:
         """None when no token is configured (authentication off)."""
         tokens = []
         if settings.auth_tokens_file is not None:
-            tokens += [line.strip() for line in settings.auth_tokens_file.read_text().splitlines()
-                       if line.strip() and not line.startswith("#")]
+            tokens += [
+                line.strip()
+                for line in settings.auth_tokens_file.read_text().splitlines()
+                if line.strip() and not line.startswith("#")
+            ]
             if not tokens:
                 raise ValueError(f"auth_tokens_file {str(settings.auth_tokens_file)!r} holds no token")
         if settings.auth_token is not None and settings.auth_token.get_secret_value():

@@ -73,7 +73,9 @@ class ArrivalRate:
     def arrived(self, now: float) -> None:
         if self._last is not None:
             gap = now - self._last
-            self.mean_gap_s = gap if self.mean_gap_s is None else self.mean_gap_s + self.weight * (gap - self.mean_gap_s)
+            self.mean_gap_s = (
+                gap if self.mean_gap_s is None else self.mean_gap_s + self.weight * (gap - self.mean_gap_s)
+            )
         self._last = now
 
 
@@ -90,8 +92,9 @@ class BatchPolicy:
         self.costs = CostModel()
         self.arrivals = ArrivalRate()
 
-    def decide(self, oldest_enqueued: float, rows: int, length: int | None, max_rows: int,
-               now: float | None = None) -> Decision:
+    def decide(
+        self, oldest_enqueued: float, rows: int, length: int | None, max_rows: int, now: float | None = None
+    ) -> Decision:
         """Whether a batch of `rows` (padded to `length`) whose oldest request arrived at
         `oldest_enqueued` should run now, or wait for how long for one more request."""
         now = time.monotonic() if now is None else now

@@ -50,8 +50,9 @@ class _Item:
 
 
 class DynamicBatcher:
-    def __init__(self, spec: ModelSpec, runtime: OrtRuntime, observer: ModelObserver,
-                 cost_seeds: list[tuple[float, float]] = ()) -> None:
+    def __init__(
+        self, spec: ModelSpec, runtime: OrtRuntime, observer: ModelObserver, cost_seeds: list[tuple[float, float]] = ()
+    ) -> None:
         self.spec = spec
         self.runtime = runtime
         self.observer = observer
@@ -91,7 +92,9 @@ class DynamicBatcher:
 
     async def submit(self, prepared: Prepared, deadline: float | None) -> tuple[dict[str, np.ndarray], Timing]:
         if self._queued >= self.max_queue:
-            raise QueueFull(f"model {self.spec.name!r} has {self._queued} requests queued (max_queue_size {self.max_queue})")
+            raise QueueFull(
+                f"model {self.spec.name!r} has {self._queued} requests queued (max_queue_size {self.max_queue})"
+            )
         item = _Item(prepared, deadline, asyncio.get_running_loop().create_future())
         self.policy.arrivals.arrived(item.enqueued)
         self._groups.setdefault(prepared.group, deque()).append(item)
@@ -194,7 +197,9 @@ class DynamicBatcher:
                 if it.future.done():  # cancelled while queued
                     continue
                 if it.deadline is not None and now >= it.deadline:
-                    it.future.set_exception(DeadlineExceeded(f"deadline passed after {now - it.enqueued:.3f}s in the queue"))
+                    it.future.set_exception(
+                        DeadlineExceeded(f"deadline passed after {now - it.enqueued:.3f}s in the queue")
+                    )
                     continue
                 live.append(it)
             if not live:
@@ -264,7 +269,8 @@ class DynamicBatcher:
                 value = spec.padding.pad_values[name]
                 parts = [
                     np.pad(p, [(0, pad) if a == axis else (0, 0) for a in range(p.ndim)], constant_values=value)
-                    if pad else p
+                    if pad
+                    else p
                     for p, pad in zip(parts, pads)
                 ]
             feeds[name] = np.concatenate(parts, axis=0)

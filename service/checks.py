@@ -70,20 +70,37 @@ def _compare_golden(i: int, golden: dict, names: list[str], outputs: list[np.nda
     for name, got in zip(names, outputs):
         want = _tensor(golden["outputs"][name])
         if got.shape != want.shape:
-            raise ModelLoadError(f"golden sample {i}: output {name!r} has shape {list(got.shape)}, expected {list(want.shape)}")
+            raise ModelLoadError(
+                f"golden sample {i}: output {name!r} has shape {list(got.shape)}, expected {list(want.shape)}"
+            )
         diff = float(np.abs(got - want).max()) if got.size else 0.0
         if not diff <= golden.get("atol", 1e-4):
-            raise ModelLoadError(f"golden sample {i}: output {name!r} differs by {diff:.3g} (atol {golden.get('atol', 1e-4)})")
+            raise ModelLoadError(
+                f"golden sample {i}: output {name!r} differs by {diff:.3g} (atol {golden.get('atol', 1e-4)})"
+            )
 
 
-def generate_greedy(make_cache: CacheFactory, jobs: list[tuple[list[int], int]], eos: frozenset[int] = frozenset(),
-                    record_logits: bool = False) -> list[Sequence]:
+def generate_greedy(
+    make_cache: CacheFactory,
+    jobs: list[tuple[list[int], int]],
+    eos: frozenset[int] = frozenset(),
+    record_logits: bool = False,
+) -> list[Sequence]:
     """Greedy generation of (prompt, max_new_tokens) jobs on an engine of its own, run on the
     calling thread, all at once (so batching is part of what is checked). A sequence that fails
     raises ModelLoadError with its error."""
     engine = GenerationEngine("load-check", make_cache, EngineLimits(max_sequences=max(1, len(jobs))))
-    seqs = [Sequence(f"load-check-{i}", list(prompt), SamplingParams(), max_new, eos_token_ids=eos,
-                     logits_seen=[] if record_logits else None) for i, (prompt, max_new) in enumerate(jobs)]
+    seqs = [
+        Sequence(
+            f"load-check-{i}",
+            list(prompt),
+            SamplingParams(),
+            max_new,
+            eos_token_ids=eos,
+            logits_seen=[] if record_logits else None,
+        )
+        for i, (prompt, max_new) in enumerate(jobs)
+    ]
     engine.run_here(seqs)
     for seq in seqs:
         if seq.finish_reason == FinishReason.ERROR:
@@ -107,24 +124,36 @@ def fused_mismatch(spec: ModelSpec, plain: OrtRuntime, fused: OrtRuntime, graph:
     if not graph.max_length:
         return "needs the model's context length for its KV buffer, and none is known"
     golden = (spec.manifest or {}).get("golden", [])
-    prompt = (_tensor(golden[0]["inputs"]["input_ids"])[0] if golden
-              else np.arange(1, 9, dtype=np.int64) % (spec.vocab_size or 2)).tolist()
+    prompt = (
+        _tensor(golden[0]["inputs"]["input_ids"])[0]
+        if golden
+        else np.arange(1, 9, dtype=np.int64) % (spec.vocab_size or 2)
+    ).tolist()
     steps = FUSED_CHECK_STEPS + 1
     want = generate_greedy(lambda limits: KVRows(spec.decoder, plain), [(prompt, steps)], record_logits=True)[0]
     diff, done = 0.0, 0  # logits compared so far
     while done < steps:
         # the fused graph from model.onnx's tokens so far: where the two chose differently (a
         # near tie), it goes on from model.onnx's choice, so every step is compared
-        got = generate_greedy(lambda limits: KVSlots(graph, fused, limits.max_sequences),
-                              [(prompt + want.generated[:done], steps - done)], record_logits=True)[0]
+        got = generate_greedy(
+            lambda limits: KVSlots(graph, fused, limits.max_sequences),
+            [(prompt + want.generated[:done], steps - done)],
+            record_logits=True,
+        )[0]
         for g, token in zip(got.logits_seen, got.generated):
             w = want.logits_seen[done]
             diff = max(diff, float(np.abs(g - w).max()) if g.shape == w.shape else float("inf"))
             done += 1
             if token != want.generated[done - 1]:
                 break
-    return None if diff <= FUSED_ATOL else (f"differs from model.onnx by {diff:.3g} on the golden prompt and "
-                                            f"{FUSED_CHECK_STEPS} decode steps (at most {FUSED_ATOL} allowed)")
+    return (
+        None
+        if diff <= FUSED_ATOL
+        else (
+            f"differs from model.onnx by {diff:.3g} on the golden prompt and "
+            f"{FUSED_CHECK_STEPS} decode steps (at most {FUSED_ATOL} allowed)"
+        )
+    )
 
 
 def check_seq2seq_golden(spec: ModelSpec, make_cache: CacheFactory) -> None:
@@ -137,8 +166,9 @@ def check_seq2seq_golden(spec: ModelSpec, make_cache: CacheFactory) -> None:
     for i, (g, seq) in enumerate(zip(golden, seqs)):
         got = seq.generated[:-1] if seq.finish_reason == FinishReason.EOS else seq.generated
         if got != g["greedy"]:
-            raise ModelLoadError(f"golden sample {i}: greedy tokens {got[:8]}... differ from the manifest's "
-                                 f"{g['greedy'][:8]}...")
+            raise ModelLoadError(
+                f"golden sample {i}: greedy tokens {got[:8]}... differ from the manifest's {g['greedy'][:8]}..."
+            )
 
 
 def warm_up_feeds(spec: ModelSpec, batch: int = 1, length: int = 1) -> dict[str, np.ndarray]:

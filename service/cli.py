@@ -58,8 +58,10 @@ def generate(args: argparse.Namespace) -> int:
         try:
             request.token_ids.ids.extend(int(t) for t in args.token_ids.split(",") if t.strip())
         except ValueError:
-            print(f"tserve generate: --token-ids takes integers separated by commas, not {args.token_ids!r}",
-                  file=sys.stderr)
+            print(
+                f"tserve generate: --token-ids takes integers separated by commas, not {args.token_ids!r}",
+                file=sys.stderr,
+            )
             return 2
     elif args.prompt is not None:
         request.text = args.prompt
@@ -84,9 +86,12 @@ def generate(args: argparse.Namespace) -> int:
             return 1
     if last is not None and not args.quiet:
         reason = gen.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower()
-        print(f"\n[{reason}: {last.usage.prompt_tokens} prompt + {last.usage.generated_tokens} generated tokens, "
-              f"first token {last.timings.time_to_first_token_seconds * 1e3:.1f} ms, "
-              f"total {last.timings.total_seconds * 1e3:.1f} ms]", file=sys.stderr)
+        print(
+            f"\n[{reason}: {last.usage.prompt_tokens} prompt + {last.usage.generated_tokens} generated tokens, "
+            f"first token {last.timings.time_to_first_token_seconds * 1e3:.1f} ms, "
+            f"total {last.timings.total_seconds * 1e3:.1f} ms]",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -99,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(func=serve)
     g = sub.add_parser("generate", help="stream a completion from a running server")
     g.add_argument("prompt", nargs="?", help="the prompt as text")
-    g.add_argument("--token-ids", help="the prompt as token ids, e.g. 1,2,3 (for models without a tokenizer); "
-                   "prints the generated ids")
+    g.add_argument(
+        "--token-ids",
+        help="the prompt as token ids, e.g. 1,2,3 (for models without a tokenizer); prints the generated ids",
+    )
     g.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC address")
     g.add_argument("--model", default="bytegpt")
     g.add_argument("--max-new-tokens", type=int, default=None)

@@ -64,8 +64,9 @@ class DataPlane:
     def ready(self) -> bool:
         """Server readiness: loading finished (and, with strict_readiness, every model is
         ready); not draining."""
-        return (self.loading_done and not self.draining
-                and (self.manager.all_ready or not self.settings.strict_readiness))
+        return (
+            self.loading_done and not self.draining and (self.manager.all_ready or not self.settings.strict_readiness)
+        )
 
     def model_ready(self, name: str, version: str = "") -> bool:
         return self.manager.get(name, version, ready=False).ready and not self.draining
@@ -99,10 +100,25 @@ class DataPlane:
             self._inflight -= 1
             observer.inflight(api, protocol, -1)
             duration = time.perf_counter() - started
-            observer.request_done(api, protocol, outcome.reason is None, outcome.reason or "", duration,
-                                  outcome.queue_s, outcome.compute_s)
-            log.debug("%s %s/%d answered in %.2f ms (%s; queue %.2f ms, compute %.2f ms)", api, mv.name, mv.version,
-                      duration * 1e3, outcome.reason or "success", outcome.queue_s * 1e3, outcome.compute_s * 1e3)
+            observer.request_done(
+                api,
+                protocol,
+                outcome.reason is None,
+                outcome.reason or "",
+                duration,
+                outcome.queue_s,
+                outcome.compute_s,
+            )
+            log.debug(
+                "%s %s/%d answered in %.2f ms (%s; queue %.2f ms, compute %.2f ms)",
+                api,
+                mv.name,
+                mv.version,
+                duration * 1e3,
+                outcome.reason or "success",
+                outcome.queue_s * 1e3,
+                outcome.compute_s * 1e3,
+            )
 
     async def infer(self, request: InferRequest, deadline: float | None = None, protocol: str = GRPC) -> InferResponse:
         self.admit()
@@ -130,8 +146,9 @@ class DataPlane:
             outcome.reason, outcome.compute_s = None, time.perf_counter() - started
             return InferResponse(mv.name, str(mv.version), request.id, dict(zip(names, outputs)))
 
-    async def generate(self, request: GenerateInput, deadline: float | None = None,
-                       protocol: str = GRPC) -> AsyncIterator[list[Event]]:
+    async def generate(
+        self, request: GenerateInput, deadline: float | None = None, protocol: str = GRPC
+    ) -> AsyncIterator[list[Event]]:
         """The sequence's events in chunks: everything produced since the last chunk. A reader
         keeping up gets one token per chunk; one that falls behind (or a server under load)
         gets fewer, larger chunks instead of a growing backlog. A failure of the sequence's own

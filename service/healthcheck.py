@@ -29,8 +29,9 @@ def channel(address: str) -> grpc.Channel:
     if not os.environ.get("TSERVE_TLS_CERT_FILE"):
         return grpc.insecure_channel(address)
     ca = _read("TSERVE_HEALTHCHECK_CA_FILE") or _read("TSERVE_TLS_CLIENT_CA_FILE") or _read("TSERVE_TLS_CERT_FILE")
-    credentials = grpc.ssl_channel_credentials(ca, _read("TSERVE_HEALTHCHECK_CLIENT_KEY_FILE"),
-                                               _read("TSERVE_HEALTHCHECK_CLIENT_CERT_FILE"))
+    credentials = grpc.ssl_channel_credentials(
+        ca, _read("TSERVE_HEALTHCHECK_CLIENT_KEY_FILE"), _read("TSERVE_HEALTHCHECK_CLIENT_CERT_FILE")
+    )
     name = os.environ.get("TSERVE_HEALTHCHECK_SERVER_NAME", "localhost")
     return grpc.secure_channel(address, credentials, options=[("grpc.ssl_target_name_override", name)])
 
@@ -41,8 +42,11 @@ def main() -> int:
     metadata = [("authorization", f"Bearer {token}")] if token else None
     try:
         with channel(address) as ch:
-            status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=3,
-                                                          metadata=metadata).status
+            status = (
+                health_pb2_grpc.HealthStub(ch)
+                .Check(health_pb2.HealthCheckRequest(), timeout=3, metadata=metadata)
+                .status
+            )
     except grpc.RpcError as e:
         print(f"unhealthy: {e.code().name}", file=sys.stderr)
         return 1

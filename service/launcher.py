@@ -20,9 +20,17 @@ DEFAULT_REPOSITORY = ROOT / "model_repository"
 
 
 class ServerProcess:
-    def __init__(self, repository: Path, *args: str, env: dict[str, str] | None = None,
-                 cores: set[int] | None = None, tls_ca: Path | None = None, tls_client=None,
-                 wait_token: str | None = None, root: Path = ROOT) -> None:
+    def __init__(
+        self,
+        repository: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        cores: set[int] | None = None,
+        tls_ca: Path | None = None,
+        tls_client=None,
+        wait_token: str | None = None,
+        root: Path = ROOT,
+    ) -> None:
         self.repository = repository
         self.root = root  # the checkout whose server runs (a benchmark may run an older one beside this)
         self.args = list(args)
@@ -55,8 +63,23 @@ class ServerProcess:
 
     def start(self, wait_serving: bool = True, timeout: float = 60.0) -> "ServerProcess":
         port_file = Path(self._dir.name) / "ports.json"
-        cmd = [sys.executable, "-m", "service", "serve", "--model-repository", str(self.repository),
-               "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0", "--port-file", str(port_file), *self.args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "service",
+            "serve",
+            "--model-repository",
+            str(self.repository),
+            "--grpc-port",
+            "0",
+            "--http-port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--port-file",
+            str(port_file),
+            *self.args,
+        ]
         self._log = open(self.log_path, "w")
         if self.cores:  # taskset, not a preexec_fn: Python code between fork and exec can deadlock
             cmd = ["taskset", "-c", ",".join(map(str, sorted(self.cores))), *cmd]  # in a process with threads
@@ -77,15 +100,24 @@ class ServerProcess:
     def health(self, service: str = "") -> int:
         with self.channel() as ch:
             metadata = [("authorization", f"Bearer {self.wait_token}")] if self.wait_token else None
-            return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=5,
-                                                        metadata=metadata).status
+            return (
+                health_pb2_grpc.HealthStub(ch)
+                .Check(health_pb2.HealthCheckRequest(service=service), timeout=5, metadata=metadata)
+                .status
+            )
 
     def channel(self) -> grpc.Channel:
         if self.tls_ca is None:
             return grpc.insecure_channel(self.address)
         pair = self.tls_client
-        return grpc.secure_channel(self.address, grpc.ssl_channel_credentials(
-            self.tls_ca.read_bytes(), pair.key.read_bytes() if pair else None, pair.cert.read_bytes() if pair else None))
+        return grpc.secure_channel(
+            self.address,
+            grpc.ssl_channel_credentials(
+                self.tls_ca.read_bytes(),
+                pair.key.read_bytes() if pair else None,
+                pair.cert.read_bytes() if pair else None,
+            ),
+        )
 
     def wait_health(self, status: int, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -136,5 +168,6 @@ def outcome_codes(futures) -> list[grpc.StatusCode]:
 
 def channel(address: str) -> grpc.Channel:
     """A client channel that accepts the large logits tensors some tests ask for."""
-    return grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20),
-                                                   ("grpc.max_send_message_length", 64 << 20)])
+    return grpc.insecure_channel(
+        address, options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+    )

@@ -28,82 +28,130 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.requests = Counter(
-            "tserve_requests", "Requests by API and outcome; reason is the status for failures.",
-            [*MODEL, API, PROTOCOL, "outcome", "reason"], registry=registry,
+            "tserve_requests",
+            "Requests by API and outcome; reason is the status for failures.",
+            [*MODEL, API, PROTOCOL, "outcome", "reason"],
+            registry=registry,
         )
         self.request_duration = Histogram(
-            "tserve_request_duration_seconds", "Time from a request's arrival to its answer (a stream's last message).",
-            [*MODEL, API, PROTOCOL], buckets=LATENCY_BUCKETS, registry=registry,
+            "tserve_request_duration_seconds",
+            "Time from a request's arrival to its answer (a stream's last message).",
+            [*MODEL, API, PROTOCOL],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.queue_duration = Histogram(
-            "tserve_queue_duration_seconds", "Time a request waited in the batcher's queue.",
-            MODEL, buckets=LATENCY_BUCKETS, registry=registry,
+            "tserve_queue_duration_seconds",
+            "Time a request waited in the batcher's queue.",
+            MODEL,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.compute_duration = Histogram(
-            "tserve_compute_duration_seconds", "ONNX Runtime run time of one executed batch.",
-            MODEL, buckets=LATENCY_BUCKETS, registry=registry,
+            "tserve_compute_duration_seconds",
+            "ONNX Runtime run time of one executed batch.",
+            MODEL,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.batch_size = Histogram(
-            "tserve_batch_size", "Rows in each executed batch.", MODEL, buckets=BATCH_BUCKETS, registry=registry,
+            "tserve_batch_size",
+            "Rows in each executed batch.",
+            MODEL,
+            buckets=BATCH_BUCKETS,
+            registry=registry,
         )
         self.batch_requests = Histogram(
-            "tserve_batch_requests", "Requests merged into each executed batch.", MODEL,
-            buckets=BATCH_BUCKETS, registry=registry,
+            "tserve_batch_requests",
+            "Requests merged into each executed batch.",
+            MODEL,
+            buckets=BATCH_BUCKETS,
+            registry=registry,
         )
         self.padding_efficiency = Histogram(
-            "tserve_batch_padding_efficiency", "Real tokens / padded tokens in each padded batch.",
-            MODEL, buckets=RATIO_BUCKETS, registry=registry,
+            "tserve_batch_padding_efficiency",
+            "Real tokens / padded tokens in each padded batch.",
+            MODEL,
+            buckets=RATIO_BUCKETS,
+            registry=registry,
         )
-        self.queue_depth = Gauge("tserve_queue_depth", "Requests waiting in the batcher's queue.", MODEL, registry=registry)
+        self.queue_depth = Gauge(
+            "tserve_queue_depth", "Requests waiting in the batcher's queue.", MODEL, registry=registry
+        )
         self.queue_capacity = Gauge(
-            "tserve_queue_capacity", "Most requests the batcher's queue holds (RESOURCE_EXHAUSTED beyond).",
-            MODEL, registry=registry,
+            "tserve_queue_capacity",
+            "Most requests the batcher's queue holds (RESOURCE_EXHAUSTED beyond).",
+            MODEL,
+            registry=registry,
         )
         self.inflight = Gauge(
-            "tserve_inflight_requests", "Requests received and not yet answered (streams until their last message).",
-            [*MODEL, API, PROTOCOL], registry=registry
+            "tserve_inflight_requests",
+            "Requests received and not yet answered (streams until their last message).",
+            [*MODEL, API, PROTOCOL],
+            registry=registry,
         )
         self.model_load_duration = Gauge(
-            "tserve_model_load_duration_seconds", "Time the last load of a model version took (with warm-up).",
-            MODEL, registry=registry,
+            "tserve_model_load_duration_seconds",
+            "Time the last load of a model version took (with warm-up).",
+            MODEL,
+            registry=registry,
         )
         self.model_state = Gauge(
-            "tserve_model_state", "1 for the state a model version is in (LOADING, READY, UNAVAILABLE, UNLOADED).",
-            [*MODEL, "state"], registry=registry,
+            "tserve_model_state",
+            "1 for the state a model version is in (LOADING, READY, UNAVAILABLE, UNLOADED).",
+            [*MODEL, "state"],
+            registry=registry,
         )
         self.execution_provider = Gauge(
-            "tserve_execution_provider", "1 for the ONNX Runtime execution provider a model version runs on.",
-            [*MODEL, "provider"], registry=registry,
+            "tserve_execution_provider",
+            "1 for the ONNX Runtime execution provider a model version runs on.",
+            [*MODEL, "provider"],
+            registry=registry,
         )
         self.generation_graph = Gauge(
-            "tserve_generation_graph", "1 for the graph a decoder generates with: fused (its manifest's fused graph, "
-            "checked against model.onnx at load) or plain (model.onnx).", [*MODEL, "graph"], registry=registry,
+            "tserve_generation_graph",
+            "1 for the graph a decoder generates with: fused (its manifest's fused graph, "
+            "checked against model.onnx at load) or plain (model.onnx).",
+            [*MODEL, "graph"],
+            registry=registry,
         )
         self.server_ready = Gauge("tserve_server_ready", "1 when the server reports SERVING.", registry=registry)
         # generation
         self.gen_ttft = Histogram(
-            "tserve_generation_time_to_first_token_seconds", "Time from a generation request's arrival to its first token.",
-            MODEL, buckets=LATENCY_BUCKETS, registry=registry,
+            "tserve_generation_time_to_first_token_seconds",
+            "Time from a generation request's arrival to its first token.",
+            MODEL,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.gen_itl = Histogram(
-            "tserve_generation_inter_token_latency_seconds", "Time between consecutive tokens of one sequence.",
-            MODEL, buckets=LATENCY_BUCKETS, registry=registry,
+            "tserve_generation_inter_token_latency_seconds",
+            "Time between consecutive tokens of one sequence.",
+            MODEL,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.gen_tokens = Counter("tserve_generation_tokens", "Tokens generated.", MODEL, registry=registry)
         self.gen_prompt_tokens = Counter(
             "tserve_generation_prompt_tokens", "Prompt tokens processed (prefill).", MODEL, registry=registry
         )
         self.gen_draft_tokens = Counter(
-            "tserve_generation_draft_tokens", "Speculative (prompt-lookup) tokens proposed and checked by the model.",
-            MODEL, registry=registry,
+            "tserve_generation_draft_tokens",
+            "Speculative (prompt-lookup) tokens proposed and checked by the model.",
+            MODEL,
+            registry=registry,
         )
         self.gen_accepted_tokens = Counter(
-            "tserve_generation_accepted_draft_tokens", "Speculative tokens kept: greedy decoding chose the same.",
-            MODEL, registry=registry,
+            "tserve_generation_accepted_draft_tokens",
+            "Speculative tokens kept: greedy decoding chose the same.",
+            MODEL,
+            registry=registry,
         )
         self.gen_finished = Counter(
-            "tserve_generation_finished", "Finished sequences by finish reason (length, stop, eos, cancelled).",
-            [*MODEL, "reason"], registry=registry,
+            "tserve_generation_finished",
+            "Finished sequences by finish reason (length, stop, eos, cancelled).",
+            [*MODEL, "reason"],
+            registry=registry,
         )
         self.gen_active = Gauge(
             "tserve_generation_active_sequences", "Sequences in prefill or decoding.", MODEL, registry=registry
@@ -116,8 +164,11 @@ class Metrics:
         )
         self.gen_steps = Counter("tserve_generation_steps", "Generation engine steps run.", MODEL, registry=registry)
         self.gen_decode_rows = Histogram(
-            "tserve_generation_decode_batch_size", "Rows in each batched decode run (holes included).",
-            MODEL, buckets=BATCH_BUCKETS, registry=registry,
+            "tserve_generation_decode_batch_size",
+            "Rows in each batched decode run (holes included).",
+            MODEL,
+            buckets=BATCH_BUCKETS,
+            registry=registry,
         )
 
 
@@ -188,8 +239,16 @@ class ModelObserver:
     def inflight(self, api: str, protocol: str, delta: int) -> None:
         self._series(self.metrics.inflight, api, protocol).inc(delta)
 
-    def request_done(self, api: str, protocol: str, ok: bool, reason: str, duration_s: float,
-                     queue_s: float = 0.0, compute_s: float = 0.0) -> None:
+    def request_done(
+        self,
+        api: str,
+        protocol: str,
+        ok: bool,
+        reason: str,
+        duration_s: float,
+        queue_s: float = 0.0,
+        compute_s: float = 0.0,
+    ) -> None:
         m = self.metrics
         if api == "infer":  # Triton's ModelStatistics count inference requests
             s = self.stats

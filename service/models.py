@@ -62,10 +62,17 @@ def decoder_cache(graph: DecoderGraph, runtime: OrtRuntime, limits: EngineLimits
 
 def seq2seq_cache(spec: ModelSpec, encoder, decoder, with_past, limits: EngineLimits) -> Seq2SeqCache:
     """An encoder-decoder's engine cache over its three graphs (or the merged decoder's branches)."""
-    return Seq2SeqCache(spec.seq2seq, encoder, decoder, with_past, spec.decoder_start_token_id,
-                        spec.padding.pad_values.get("input_ids", 0), limits.max_sequences,
-                        max_source=spec.max_sequence_length or 0, fill_holes=limits.scheduling != "static")
-
+    return Seq2SeqCache(
+        spec.seq2seq,
+        encoder,
+        decoder,
+        with_past,
+        spec.decoder_start_token_id,
+        spec.padding.pad_values.get("input_ids", 0),
+        limits.max_sequences,
+        max_source=spec.max_sequence_length or 0,
+        fill_holes=limits.scheduling != "static",
+    )
 
 
 @dataclass
@@ -97,8 +104,10 @@ class ModelVersion:
             if {a.name for a in runtime.graph_inputs} == inputs:
                 return runtime
         listed = "; ".join(f"{f}: {sorted(a.name for a in r.graph_inputs)[:4]}..." for f, r in self.graphs.items())
-        raise InvalidInput(f"model {self.name!r} is an encoder-decoder: a ModelInfer's inputs must be exactly "
-                           f"those of one of its graphs ({listed})")
+        raise InvalidInput(
+            f"model {self.name!r} is an encoder-decoder: a ModelInfer's inputs must be exactly "
+            f"those of one of its graphs ({listed})"
+        )
 
 
 class ModelManager:
@@ -113,8 +122,9 @@ class ModelManager:
     async def load_all(self) -> None:
         await asyncio.gather(*(self.load(name) for name in model_names(self.repo)))
 
-    def _runtime(self, path: Path, providers: list[str], entry, instances: int | None = None,
-                 spin: bool | None = None) -> OrtRuntime:
+    def _runtime(
+        self, path: Path, providers: list[str], entry, instances: int | None = None, spin: bool | None = None
+    ) -> OrtRuntime:
         opts = runtime_options(entry.config)  # the model's own config first, then the server's settings
         return OrtRuntime(
             path,
@@ -170,8 +180,9 @@ class ModelManager:
         runtime = self._runtime(model_file, providers, entry)
         mv.graphs = {model_file.name: runtime}
         try:
-            spec = build_spec(entry, runtime.graph_inputs, runtime.graph_outputs, manifest,
-                              self.settings.default_max_queue_size)
+            spec = build_spec(
+                entry, runtime.graph_inputs, runtime.graph_outputs, manifest, self.settings.default_max_queue_size
+            )
             if self.settings.verify_golden:
                 check_golden(spec, runtime)
             warm_up(spec, runtime)
@@ -185,8 +196,9 @@ class ModelManager:
             raise
         mv.spec, mv.runtime, mv.config = spec, runtime, completed_config(spec, entry.config)
 
-    def _generation_graph(self, mv: ModelVersion, entry, spec: ModelSpec, runtime: OrtRuntime,
-                          providers: list[str]) -> None:
+    def _generation_graph(
+        self, mv: ModelVersion, entry, spec: ModelSpec, runtime: OrtRuntime, providers: list[str]
+    ) -> None:
         """The graph and cache a decoder generates with. An onnxruntime-genai folder's one graph
         is itself fused (a shared KV buffer). A manifest may name a fused generation graph
         (generation.graph, written by export/gqa_graph.py: GroupQueryAttention over a shared KV
@@ -204,8 +216,13 @@ class ModelManager:
         try:
             fused = self._runtime(entry.path / name, providers, entry, instances=1)  # the engine runs one session
         except Exception as e:
-            log.warning("model %s version %d: the fused generation graph %s does not load (%s); generating with "
-                        "model.onnx", entry.name, entry.version, name, str(e)[:200])
+            log.warning(
+                "model %s version %d: the fused generation graph %s does not load (%s); generating with model.onnx",
+                entry.name,
+                entry.version,
+                name,
+                str(e)[:200],
+            )
         else:
             graph = dataclasses.replace(spec.decoder, shared_kv=True, max_length=spec.max_sequence_length or 0)
             try:
@@ -221,7 +238,9 @@ class ModelManager:
                 log.info("model %s version %d generates with %s (shared KV buffer)", entry.name, entry.version, name)
             else:
                 fused.close()
-                log.warning("model %s version %d: %s %s; generating with model.onnx", entry.name, entry.version, name, problem)
+                log.warning(
+                    "model %s version %d: %s %s; generating with model.onnx", entry.name, entry.version, name, problem
+                )
         mv.observer.generation_graph(kind)
 
     def _check_kv_reservation(self, graph: DecoderGraph) -> None:
@@ -234,7 +253,8 @@ class ModelManager:
             raise ModelLoadError(
                 f"its shared KV buffer needs {needed / 2**20:,.0f} MiB ({self.settings.generation_max_sequences} "
                 f"sequences x {graph.max_length} tokens), above generation_kv_buffer_max_bytes ({limit / 2**20:,.0f} MiB): "
-                "lower --generation-max-sequences or the context (tserve.max_sequence_length)")
+                "lower --generation-max-sequences or the context (tserve.max_sequence_length)"
+            )
 
     async def load(self, name: str) -> None:
         """(Re)load a model's versions. Raises ModelNotFound if the repository has no such model."""
@@ -273,8 +293,14 @@ class ModelManager:
                         mv.state = ModelState.READY
                         seconds = time.perf_counter() - started
                         mv.observer.loaded(seconds, mv.runtime.provider)
-                        log.info("model %s version %d ready on %s in %.2fs (%s)", name, entry.version,
-                                 mv.runtime.provider, seconds, mv.runtime.describe())
+                        log.info(
+                            "model %s version %d ready on %s in %.2fs (%s)",
+                            name,
+                            entry.version,
+                            mv.runtime.provider,
+                            seconds,
+                            mv.runtime.describe(),
+                        )
                 if mv.state == ModelState.UNAVAILABLE:
                     log.error("model %s version %d failed to load: %s", name, entry.version, mv.reason)
                 await self._changed(mv)
@@ -287,13 +313,16 @@ class ModelManager:
             mv.batcher = DynamicBatcher(mv.spec, mv.runtime, mv.observer, mv.cost_seeds)
             mv.batcher.start()
         if mv.make_cache is not None:
-            limits = EngineLimits(max_sequences=s.generation_max_sequences, max_queue=s.generation_max_queue,
-                                  token_budget=s.generation_token_budget,
-                                  encoder_token_budget=s.generation_encoder_token_budget,
-                                  scheduling=s.generation_scheduling,
-                                  speculative_tokens=s.generation_speculative_tokens,
-                                  prompt_lookup_max=s.generation_prompt_lookup_max,
-                                  stream_interval=s.generation_stream_interval)
+            limits = EngineLimits(
+                max_sequences=s.generation_max_sequences,
+                max_queue=s.generation_max_queue,
+                token_budget=s.generation_token_budget,
+                encoder_token_budget=s.generation_encoder_token_budget,
+                scheduling=s.generation_scheduling,
+                speculative_tokens=s.generation_speculative_tokens,
+                prompt_lookup_max=s.generation_prompt_lookup_max,
+                stream_interval=s.generation_stream_interval,
+            )
             mv.engine = GenerationEngine(mv.name, mv.make_cache, limits, mv.observer.generation_step)
             mv.engine.start()
 
@@ -348,9 +377,15 @@ class ModelManager:
             mv = versions[int(version)]
         else:
             ready_versions = [v for v in versions.values() if v.state == ModelState.READY]
-            mv = max(ready_versions, key=lambda v: v.version) if ready_versions else max(versions.values(), key=lambda v: v.version)
+            mv = (
+                max(ready_versions, key=lambda v: v.version)
+                if ready_versions
+                else max(versions.values(), key=lambda v: v.version)
+            )
         if ready and mv.state != ModelState.READY:
-            raise Unavailable(f"model {name!r} version {mv.version} is not ready: {mv.state}{': ' + mv.reason if mv.reason else ''}")
+            raise Unavailable(
+                f"model {name!r} version {mv.version} is not ready: {mv.state}{': ' + mv.reason if mv.reason else ''}"
+            )
         return mv
 
     def all(self) -> list[ModelVersion]:

@@ -130,8 +130,13 @@ def read_export_metadata(version_dir: Path) -> ExportMetadata:
     genai_model = genai.get("model") if isinstance(genai.get("model"), dict) else {}
     genai_decoder = genai_model.get("decoder") if isinstance(genai_model.get("decoder"), dict) else {}
     if genai_model:
-        config = {"vocab_size": genai_model.get("vocab_size"), "max_position_embeddings": genai_model.get("context_length"),
-                  "eos_token_id": genai_model.get("eos_token_id"), "pad_token_id": genai_model.get("pad_token_id"), **config}
+        config = {
+            "vocab_size": genai_model.get("vocab_size"),
+            "max_position_embeddings": genai_model.get("context_length"),
+            "eos_token_id": genai_model.get("eos_token_id"),
+            "pad_token_id": genai_model.get("pad_token_id"),
+            **config,
+        }
     vocab = config.get("vocab_size")
     positions = config.get("n_positions") or config.get("max_position_embeddings")
     eos = _ids(generation.get("eos_token_id", config.get("eos_token_id")))
@@ -146,8 +151,14 @@ def read_export_metadata(version_dir: Path) -> ExportMetadata:
         pad_token_id=config["pad_token_id"] if isinstance(config.get("pad_token_id"), int) else None,
         tokenizer_file=tokenizer if tokenizer.is_file() else None,
         chat_template=load_chat_template(version_dir),
-        decoder_start_token_id=next((v for v in (generation.get("decoder_start_token_id"),
-                                                 config.get("decoder_start_token_id")) if isinstance(v, int)), None),
+        decoder_start_token_id=next(
+            (
+                v
+                for v in (generation.get("decoder_start_token_id"), config.get("decoder_start_token_id"))
+                if isinstance(v, int)
+            ),
+            None,
+        ),
         max_length=generation.get("max_length") if isinstance(generation.get("max_length"), int) else None,
         # genai's graphs read each row's length from its mask (GroupQueryAttention): rows must
         # start at column 0, as KVSlots keeps them, whether or not genai itself shares the buffer
@@ -174,7 +185,9 @@ def _positive(params: dict[str, str], key: str, kind: type[int] | type[float]) -
         noun = "an integer" if kind is int else "a number"
         raise ModelLoadError(f"parameter {key} must be {noun}, not {params[key][:32]!r}") from None
     if not value > 0:
-        raise ModelLoadError(f"parameter {key} must be at least 1" if kind is int else f"parameter {key} must be above 0")
+        raise ModelLoadError(
+            f"parameter {key} must be at least 1" if kind is int else f"parameter {key} must be above 0"
+        )
     return value
 
 
@@ -265,10 +278,17 @@ def build_spec(
         rules = encoder.padding_rules([t.name for t in inputs], [t.name for t in outputs], export.pad_token_id or 0)
         if rules is not None:
             padding = PaddingRules(*rules)
-    vocab = (params.get("tserve.vocab_size") or (manifest or {}).get("tokenizer", {}).get("vocab_size")
-             or export.vocab_size or _logits_width(decoder, outputs))
-    max_len = (params.get("tserve.max_sequence_length") or (manifest or {}).get("generation", {}).get("max_context")
-               or export.max_positions)
+    vocab = (
+        params.get("tserve.vocab_size")
+        or (manifest or {}).get("tokenizer", {}).get("vocab_size")
+        or export.vocab_size
+        or _logits_width(decoder, outputs)
+    )
+    max_len = (
+        params.get("tserve.max_sequence_length")
+        or (manifest or {}).get("generation", {}).get("max_context")
+        or export.max_positions
+    )
     if decoder is not None and export.shared_kv:
         decoder = shared_kv_decoder(decoder, export, int(max_len) if max_len else None)
 
@@ -283,7 +303,9 @@ def build_spec(
         batching=batching,
         padding=padding,
         vocab_size=int(vocab) if vocab else None,
-        token_inputs=tuple(s.strip() for s in params.get("tserve.token_inputs", "input_ids" if vocab else "").split(",") if s.strip()),
+        token_inputs=tuple(
+            s.strip() for s in params.get("tserve.token_inputs", "input_ids" if vocab else "").split(",") if s.strip()
+        ),
         max_sequence_length=int(max_len) if max_len else None,
         manifest=manifest,
         decoder=decoder,
@@ -321,8 +343,9 @@ def completed_config(spec: ModelSpec, config: mc.ModelConfig) -> mc.ModelConfig:
     listed_in, listed_out = {t.name for t in out.input}, {t.name for t in out.output}
     for t in spec.inputs:
         if t.name not in listed_in:
-            out.input.add(name=t.name, data_type=mc.DataType.Value("TYPE_" + t.datatype), dims=list(t.dims),
-                          optional=t.optional)
+            out.input.add(
+                name=t.name, data_type=mc.DataType.Value("TYPE_" + t.datatype), dims=list(t.dims), optional=t.optional
+            )
     for t in spec.outputs:
         if t.name not in listed_out:
             out.output.add(name=t.name, data_type=mc.DataType.Value("TYPE_" + t.datatype), dims=list(t.dims))
@@ -331,7 +354,9 @@ def completed_config(spec: ModelSpec, config: mc.ModelConfig) -> mc.ModelConfig:
     return out
 
 
-def seq2seq_spec(entry: VersionEntry, decoder_outputs: list, with_past_inputs: list, manifest: dict | None) -> ModelSpec:
+def seq2seq_spec(
+    entry: VersionEntry, decoder_outputs: list, with_past_inputs: list, manifest: dict | None
+) -> ModelSpec:
     """The spec of an encoder-decoder export folder (three graphs, Optimum's seq2seq layout):
     token ids in, generation only. Vocabulary, special tokens and lengths come from the
     export's config.json / generation_config.json, then its logits' width."""
@@ -340,8 +365,11 @@ def seq2seq_spec(entry: VersionEntry, decoder_outputs: list, with_past_inputs: l
     if logits is None or logits.type not in DATATYPE_OF_ORT:
         raise ModelLoadError("decoder_model.onnx has no logits output of a type tserve serves")
     try:
-        graphs = Seq2SeqGraphs.from_outputs([a.name for a in decoder_outputs], [a.name for a in with_past_inputs],
-                                            DATATYPES[DATATYPE_OF_ORT[logits.type]])
+        graphs = Seq2SeqGraphs.from_outputs(
+            [a.name for a in decoder_outputs],
+            [a.name for a in with_past_inputs],
+            DATATYPES[DATATYPE_OF_ORT[logits.type]],
+        )
     except ValueError as e:
         raise ModelLoadError(str(e)) from e
     width = logits.shape[-1] if isinstance(logits.shape[-1], int) else None

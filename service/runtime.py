@@ -39,8 +39,9 @@ def classify(error: Exception) -> TServeError:
     if isinstance(error, _INPUT_ERRORS):
         return InvalidInput(f"ONNX Runtime rejected the input: {str(error)[:300]}")
     if isinstance(error, MemoryError) or any(s in str(error) for s in _OOM_SIGNS):
-        return OutOfMemory(f"the run could not allocate the memory it needs; send smaller requests "
-                           f"({str(error)[-160:]})")
+        return OutOfMemory(
+            f"the run could not allocate the memory it needs; send smaller requests ({str(error)[-160:]})"
+        )
     return InternalError(f"inference failed: {type(error).__name__}: {str(error)[:200]}")
 
 
@@ -51,7 +52,9 @@ def choose_providers(requested: str, fallback: str) -> list[str]:
     if want in available:
         return [want] if want == "CPUExecutionProvider" else [want, "CPUExecutionProvider"]
     if fallback == "fail":
-        raise ModelLoadError(f"execution provider {want} is not available (have {available}) and provider_fallback=fail")
+        raise ModelLoadError(
+            f"execution provider {want} is not available (have {available}) and provider_fallback=fail"
+        )
     log.warning("execution provider %s is not available (have %s); falling back to CPU", want, available)
     return ["CPUExecutionProvider"]
 

@@ -78,16 +78,18 @@ class TServe:
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.dataplane), server
-        )
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.dataplane), server)
         gen_grpc.add_TextGenerationServicer_to_server(GenerationServicer(self.dataplane), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         _register_in_pool(health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)
-        names = [INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                 GENERATION_SERVICE, reflection.SERVICE_NAME]
+        names = [
+            INFERENCE_SERVICE,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            GENERATION_SERVICE,
+            reflection.SERVICE_NAME,
+        ]
         reflection.enable_server_reflection(names, server, pool=POOL)
         return server
 
@@ -96,8 +98,11 @@ class TServe:
         if s.tls_cert_file is None:
             return None
         ca = s.tls_client_ca_file.read_bytes() if s.tls_client_ca_file else None
-        return grpc.ssl_server_credentials([(s.tls_key_file.read_bytes(), s.tls_cert_file.read_bytes())],
-                                           root_certificates=ca, require_client_auth=ca is not None)
+        return grpc.ssl_server_credentials(
+            [(s.tls_key_file.read_bytes(), s.tls_cert_file.read_bytes())],
+            root_certificates=ca,
+            require_client_auth=ca is not None,
+        )
 
     async def refresh_health(self) -> None:
         ready = self.dataplane.ready()
@@ -117,12 +122,15 @@ class TServe:
 
     async def start(self) -> None:
         started = time.perf_counter()
-        self._metrics_server, self.metrics_port = serve_metrics(self.registry, self.settings.host, self.settings.metrics_port)
+        self._metrics_server, self.metrics_port = serve_metrics(
+            self.registry, self.settings.host, self.settings.metrics_port
+        )
         self.server = self._build_server()
         address = f"{self.settings.host}:{self.settings.grpc_port}"
         credentials = self._tls_credentials()
-        self.grpc_port = (self.server.add_secure_port(address, credentials) if credentials
-                          else self.server.add_insecure_port(address))
+        self.grpc_port = (
+            self.server.add_secure_port(address, credentials) if credentials else self.server.add_insecure_port(address)
+        )
         if not self.grpc_port:
             raise OSError(f"could not bind gRPC to {self.settings.host}:{self.settings.grpc_port}")
         await self.server.start()
@@ -131,12 +139,18 @@ class TServe:
             self.http_port = await self.http.start()
         await self.refresh_health()  # NOT_SERVING while loading
         if self.settings.port_file:
-            self.settings.port_file.write_text(json.dumps({"grpc": self.grpc_port, "http": self.http_port,
-                                                           "metrics": self.metrics_port}))
-        log.info("listening: gRPC %s:%d, HTTP %s (%s), metrics %s:%d", self.settings.host, self.grpc_port,
-                 f"{self.settings.host}:{self.http_port}" if self.http else "off",
-                 "mutual TLS" if self.settings.tls_client_ca_file else "TLS" if credentials else "plaintext",
-                 self.settings.host, self.metrics_port)
+            self.settings.port_file.write_text(
+                json.dumps({"grpc": self.grpc_port, "http": self.http_port, "metrics": self.metrics_port})
+            )
+        log.info(
+            "listening: gRPC %s:%d, HTTP %s (%s), metrics %s:%d",
+            self.settings.host,
+            self.grpc_port,
+            f"{self.settings.host}:{self.http_port}" if self.http else "off",
+            "mutual TLS" if self.settings.tls_client_ca_file else "TLS" if credentials else "plaintext",
+            self.settings.host,
+            self.metrics_port,
+        )
         await self.manager.load_all()
         self.dataplane.loading_done = True
         self.manager.on_change.append(self._model_changed)
@@ -153,8 +167,10 @@ class TServe:
 
     async def drain(self) -> None:
         """NOT_SERVING, refuse new work, let in-flight requests finish within the grace."""
-        grace, intake = self.settings.drain_grace_seconds, min(self.settings.drain_intake_seconds,
-                                                               self.settings.drain_grace_seconds)
+        grace, intake = (
+            self.settings.drain_grace_seconds,
+            min(self.settings.drain_intake_seconds, self.settings.drain_grace_seconds),
+        )
         log.info("draining: %d requests in flight (both APIs), grace %.1fs", self.dataplane.inflight, grace)
         started = time.monotonic()
         self.dataplane.draining = True  # readiness off ...

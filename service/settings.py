@@ -29,19 +29,24 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="Address the gRPC, HTTP and metrics servers bind to.")
     grpc_port: int = Field(default=8001, ge=0, le=65535, description="gRPC port (0: pick a free one).")
     http_port: int = Field(
-        default=8000, ge=0, le=65535,
+        default=8000,
+        ge=0,
+        le=65535,
         description="HTTP port: KServe v2 (/v2/...) and the OpenAI-compatible API (/v1/...) (0: pick a free one).",
     )
     http: bool = Field(default=True, description="Serve HTTP beside gRPC (--no-http: gRPC only).")
-    metrics_port: int = Field(default=8002, ge=0, le=65535, description="Prometheus /metrics port (0: pick a free one).")
+    metrics_port: int = Field(
+        default=8002, ge=0, le=65535, description="Prometheus /metrics port (0: pick a free one)."
+    )
     execution_provider: Literal["cpu", "cuda"] = Field(default="cpu", description="ONNX Runtime execution provider.")
     provider_fallback: Literal["cpu", "fail"] = Field(
         default="cpu", description="When the requested provider is unavailable: run on CPU (logged), or fail the load."
     )
     intra_op_threads: int = Field(
-        default=0, ge=0,
+        default=0,
+        ge=0,
         description="ONNX Runtime intra-op threads per session, unless a model's config sets intra_op_thread_count; "
-        "0: the cores this process may use."
+        "0: the cores this process may use.",
     )
     ort_spinning: bool = Field(
         default=True, description="Let idle ONNX Runtime threads spin: lower latency alone, less CPU left to others."
@@ -51,10 +56,13 @@ class Settings(BaseSettings):
         default=0, ge=0, description="Sessions per model version; 0: the config's instance_group count (default 1)."
     )
     max_message_bytes: int = Field(
-        default=64 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent (RESOURCE_EXHAUSTED beyond)."
+        default=64 * 1024 * 1024,
+        ge=1024,
+        description="Largest gRPC message accepted or sent (RESOURCE_EXHAUSTED beyond).",
     )
     max_concurrent_rpcs: int = Field(
-        default=0, ge=0,
+        default=0,
+        ge=0,
         description="RPCs the server handles at once; beyond, gRPC answers RESOURCE_EXHAUSTED at once instead of "
         "queueing in its intake (0: no bound).",
     )
@@ -62,7 +70,8 @@ class Settings(BaseSettings):
         default=20.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
     )
     drain_intake_seconds: float = Field(
-        default=1.0, ge=0,
+        default=1.0,
+        ge=0,
         description="On SIGTERM, requests that reach the server within this window are still served (health is "
         "NOT_SERVING at once): they were sent before the signal and waited on the wire or in gRPC's intake. "
         "Later ones get UNAVAILABLE. Counted within drain_grace_seconds.",
@@ -84,14 +93,18 @@ class Settings(BaseSettings):
         default=256, ge=8, description="Tokens per engine step: decode tokens first, then prompt chunks of joiners."
     )
     generation_encoder_token_budget: int = Field(
-        default=2048, ge=1, description="Source tokens an encoder-decoder's engine step encodes (whole sources, at "
+        default=2048,
+        ge=1,
+        description="Source tokens an encoder-decoder's engine step encodes (whole sources, at "
         "least one a step), apart from the decoder's token budget (vLLM's max_num_encoder_input_tokens).",
     )
     generation_scheduling: Literal["continuous", "static"] = Field(
         default="continuous", description="continuous batching, or static (a benchmark baseline: no joins mid-batch)."
     )
     generation_speculative_tokens: int = Field(
-        default=0, ge=0, le=64,
+        default=0,
+        ge=0,
+        le=64,
         description="Prompt-lookup speculative decoding: up to this many draft tokens, copied from where the "
         "sequence's last tokens occurred before, checked in one run (greedy output unchanged). Applies to a "
         "fused (GroupQueryAttention) decoder generating one greedy sequence alone; 0: off.",
@@ -100,12 +113,15 @@ class Settings(BaseSettings):
         default=3, ge=1, le=8, description="Longest n-gram prompt lookup matches to find a draft."
     )
     generation_stream_interval: int = Field(
-        default=1, ge=1, le=256,
+        default=1,
+        ge=1,
+        le=256,
         description="Stream a sequence's tokens this many per message (its first token and its end at once): "
         "fewer messages cost the server and the client less CPU, at coarser inter-token timing.",
     )
     generation_kv_buffer_max_bytes: int = Field(
-        default=4 << 30, ge=1 << 20,
+        default=4 << 30,
+        ge=1 << 20,
         description="Largest shared KV buffer a fused (GroupQueryAttention) decoder may grow to: slots x context x "
         "layers; a model above it is UNAVAILABLE, with the figure (lower generation_max_sequences or the context).",
     )

@@ -31,9 +31,18 @@ DATATYPES: dict[str, np.dtype] = {
 DATATYPE_OF_NUMPY = {v: k for k, v in DATATYPES.items()}
 # ONNX Runtime's type strings, for specs auto-completed from the graph
 DATATYPE_OF_ORT = {
-    "tensor(bool)": "BOOL", "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16", "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64", "tensor(int8)": "INT8", "tensor(int16)": "INT16", "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64", "tensor(float16)": "FP16", "tensor(float)": "FP32", "tensor(double)": "FP64",
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
 }
 
 
@@ -44,6 +53,7 @@ class ModelState(enum.StrEnum):
     READY = "READY"
     UNAVAILABLE = "UNAVAILABLE"
     UNLOADED = "UNLOADED"
+
 
 @dataclass(frozen=True)
 class TensorSpec:

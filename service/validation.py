@@ -31,7 +31,9 @@ def _shape(a: np.ndarray) -> list[int]:
 
 def _check_tensor(spec: ModelSpec, t: TensorSpec, a: np.ndarray, allow_empty: bool) -> None:
     if a.dtype != t.dtype:
-        raise InvalidInput(f"input {t.name!r} has datatype {_dtname(a.dtype)}, model {spec.name!r} expects {t.datatype}")
+        raise InvalidInput(
+            f"input {t.name!r} has datatype {_dtname(a.dtype)}, model {spec.name!r} expects {t.datatype}"
+        )
     expected = ([-1] if spec.max_batch_size else []) + list(t.dims)
     if a.ndim != len(expected):
         raise InvalidInput(
@@ -67,7 +69,9 @@ def _check_tokens(spec: ModelSpec, name: str, a: np.ndarray) -> None:
     lo, hi = int(a.min()), int(a.max())
     if lo < 0 or hi >= spec.vocab_size:
         bad = lo if lo < 0 else hi
-        raise InvalidInput(f"input {name!r} holds token id {bad}, outside model {spec.name!r}'s vocabulary [0, {spec.vocab_size})")
+        raise InvalidInput(
+            f"input {name!r} holds token id {bad}, outside model {spec.name!r}'s vocabulary [0, {spec.vocab_size})"
+        )
 
 
 def prepare(spec: ModelSpec, request: InferRequest) -> Prepared:
@@ -82,7 +86,9 @@ def prepare(spec: ModelSpec, request: InferRequest) -> Prepared:
     names = {t.name for t in spec.outputs}
     for name in outputs:
         if name not in names:
-            raise InvalidInput(f"unknown output {short(name)} requested from model {spec.name!r}; it has {sorted(names)}")
+            raise InvalidInput(
+                f"unknown output {short(name)} requested from model {spec.name!r}; it has {sorted(names)}"
+            )
 
     inputs = dict(request.inputs)
     decoder = spec.decoder

@@ -11,7 +11,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REPOSITORY = ROOT / "model_repository"
 DEFAULT_CHECKPOINT = ROOT / "model" / "checkpoints" / "bytegpt.pt"
 # the shipped decoder's vocabulary: the width of its logits, one past its largest token id
-BYTEGPT_VOCAB = json.loads((DEFAULT_REPOSITORY / "bytegpt" / "1" / "manifest.json").read_text())["model_config"]["vocab_size"]
+BYTEGPT_VOCAB = json.loads((DEFAULT_REPOSITORY / "bytegpt" / "1" / "manifest.json").read_text())["model_config"][
+    "vocab_size"
+]
 
 
 def bytegpt_tokenizer():
@@ -29,11 +31,38 @@ def bytegpt_text(ids) -> str:
     decoder = bytegpt_tokenizer().decoder()
     return "".join(decoder.push(int(t)) for t in ids) + decoder.flush()
 
+
 TINY_TRAIN_ARGS = [
-    "--block-size", "96", "--d-model", "32", "--d-ff", "64", "--n-layer", "2", "--n-head", "2",
-    "--batch-size", "8", "--max-steps", "12", "--warmup-steps", "2", "--lr", "3e-3", "--eval-interval", "12",
-    "--eval-bytes", "4096", "--final-eval-bytes", "8192", "--max-corpus-bytes", "300000", "--ngram-order", "2",
-    "--bpe-vocab", "512",
+    "--block-size",
+    "96",
+    "--d-model",
+    "32",
+    "--d-ff",
+    "64",
+    "--n-layer",
+    "2",
+    "--n-head",
+    "2",
+    "--batch-size",
+    "8",
+    "--max-steps",
+    "12",
+    "--warmup-steps",
+    "2",
+    "--lr",
+    "3e-3",
+    "--eval-interval",
+    "12",
+    "--eval-bytes",
+    "4096",
+    "--final-eval-bytes",
+    "8192",
+    "--max-corpus-bytes",
+    "300000",
+    "--ngram-order",
+    "2",
+    "--bpe-vocab",
+    "512",
 ]
 
 
@@ -53,6 +82,16 @@ def tiny_repository(tiny_checkpoint, tmp_path_factory) -> Path:
     from export.__main__ import main as export_main
 
     repo = tmp_path_factory.mktemp("repo")
-    export_main(["--checkpoint", str(tiny_checkpoint), "--repository", str(repo), "--eval-bytes", "4096",
-                 "--checkpoint-copy", str(repo.parent / "tiny.pt")])
+    export_main(
+        [
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--repository",
+            str(repo),
+            "--eval-bytes",
+            "4096",
+            "--checkpoint-copy",
+            str(repo.parent / "tiny.pt"),
+        ]
+    )
     return repo

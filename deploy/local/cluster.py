@@ -89,7 +89,10 @@ def wait_serving(grpc_port: int, timeout: float = 120.0) -> None:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
                     return
             except grpc.RpcError:
                 pass
@@ -103,16 +106,34 @@ def up(replicas: int, port: int, prometheus_port: int, repository: Path, scrape_
     state: dict = {"replicas": [], "pids": []}
 
     def spawn(cmd: list[str], log: str) -> subprocess.Popen:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(STATE_DIR / log, "w"), stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=open(STATE_DIR / log, "w"), stderr=subprocess.STDOUT, start_new_session=True
+        )
         state["pids"].append(proc.pid)
         return proc
 
     for i in range(replicas):
         port_file = STATE_DIR / f"replica{i}.ports.json"
         port_file.unlink(missing_ok=True)
-        spawn([sys.executable, "-m", "service", "serve", "--model-repository", str(repository), "--grpc-port", "0",
-               "--http-port", "0", "--metrics-port", "0", "--port-file", str(port_file)], f"replica{i}.log")
+        spawn(
+            [
+                sys.executable,
+                "-m",
+                "service",
+                "serve",
+                "--model-repository",
+                str(repository),
+                "--grpc-port",
+                "0",
+                "--http-port",
+                "0",
+                "--metrics-port",
+                "0",
+                "--port-file",
+                str(port_file),
+            ],
+            f"replica{i}.log",
+        )
         deadline = time.monotonic() + 60
         while not (port_file.exists() and port_file.read_text()):
             if time.monotonic() > deadline:
@@ -130,9 +151,17 @@ def up(replicas: int, port: int, prometheus_port: int, repository: Path, scrape_
     targets = ", ".join(f'"127.0.0.1:{r["metrics"]}"' for r in state["replicas"])
     rules = ROOT / "deploy" / "prometheus" / "alerts.yml"
     (STATE_DIR / "prometheus.yml").write_text(
-        PROMETHEUS_CONF.format(interval=scrape_interval, rules=json.dumps(str(rules)), targets=targets))
-    spawn(["prometheus", f"--config.file={STATE_DIR / 'prometheus.yml'}", f"--storage.tsdb.path={STATE_DIR / 'tsdb'}",
-           f"--web.listen-address=127.0.0.1:{prometheus_port}"], "prometheus.log")
+        PROMETHEUS_CONF.format(interval=scrape_interval, rules=json.dumps(str(rules)), targets=targets)
+    )
+    spawn(
+        [
+            "prometheus",
+            f"--config.file={STATE_DIR / 'prometheus.yml'}",
+            f"--storage.tsdb.path={STATE_DIR / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{prometheus_port}",
+        ],
+        "prometheus.log",
+    )
     state.update(port=port, prometheus_port=prometheus_port)
     (STATE_DIR / "state.json").write_text(json.dumps(state, indent=1))
     wait_port(port)
@@ -185,8 +214,10 @@ def main() -> None:
     if args.command == "up":
         down()
         state = up(args.replicas, args.port, args.prometheus_port, args.repository)
-        print(f"{len(state['replicas'])} replicas behind nginx at 127.0.0.1:{state['port']}; "
-              f"Prometheus at http://127.0.0.1:{state['prometheus_port']}; `make cluster-down` stops them")
+        print(
+            f"{len(state['replicas'])} replicas behind nginx at 127.0.0.1:{state['port']}; "
+            f"Prometheus at http://127.0.0.1:{state['prometheus_port']}; `make cluster-down` stops them"
+        )
     else:
         down()
 

@@ -129,16 +129,22 @@ class DecoderGraph:
         if any(p.shape != pasts[0].shape for p in pasts):
             return "past_key_values inputs must all have the same shape"
         if mask.shape != (B, past_len + T):
-            return (f"input 'attention_mask' has shape {list(mask.shape)}; with input_ids {list(ids.shape)} and a past "
-                    f"of {past_len} it must be [{B}, {past_len + T}]")
+            return (
+                f"input 'attention_mask' has shape {list(mask.shape)}; with input_ids {list(ids.shape)} and a past "
+                f"of {past_len} it must be [{B}, {past_len + T}]"
+            )
         if POSITION_IDS in inputs and inputs[POSITION_IDS].shape != ids.shape:
-            return (f"input 'position_ids' has shape {list(inputs[POSITION_IDS].shape)}; "
-                    f"it must match input_ids {list(ids.shape)}")
+            return (
+                f"input 'position_ids' has shape {list(inputs[POSITION_IDS].shape)}; "
+                f"it must match input_ids {list(ids.shape)}"
+            )
         if max_length and past_len + T > max_length:
             return f"past ({past_len}) plus input_ids ({T}) is {past_len + T} tokens, above the maximum sequence length {max_length}"
         padded_left = (np.diff(mask, axis=1) > 0).any(axis=1) if self.shared_kv and mask.ndim == 2 else None
         if padded_left is not None and padded_left.any():
             row = int(np.argmax(padded_left))
-            return (f"input 'attention_mask' row {row} has padding before tokens: this model reads each row's length "
-                    "from its mask, so pad on the right (ones, then zeros)")
+            return (
+                f"input 'attention_mask' row {row} has padding before tokens: this model reads each row's length "
+                "from its mask, so pad on the right (ones, then zeros)"
+            )
         return None

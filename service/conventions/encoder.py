@@ -14,8 +14,9 @@ INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS = "input_ids", "attention_mask", "toke
 LAST_HIDDEN_STATE = "last_hidden_state"
 
 
-def padding_rules(inputs: Iterable[str], outputs: Iterable[str],
-                  pad_token_id: int = 0) -> tuple[dict[str, float], tuple[str, ...]] | None:
+def padding_rules(
+    inputs: Iterable[str], outputs: Iterable[str], pad_token_id: int = 0
+) -> tuple[dict[str, float], tuple[str, ...]] | None:
     """(pad value per input, outputs to cut back) if the graph follows the convention, else None."""
     names = set(inputs)
     if not ({INPUT_IDS, ATTENTION_MASK} <= names <= {INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS}):

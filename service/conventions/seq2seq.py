@@ -64,11 +64,18 @@ class MergedBranch:
         if USE_CACHE not in inputs:
             raise ValueError(f"{MERGED} has no {USE_CACHE} input")
         # the first decoder reads the encoder's output and no cache; the other, the cache only
-        own = (lambda n: not n.startswith("past_key_values.")) if not use_cache else (lambda n: n != "encoder_hidden_states")
-        self._filled = [(name, _dtype(a.type), a.shape) for name, a in inputs.items() if name != USE_CACHE and not own(name)]
+        own = (
+            (lambda n: not n.startswith("past_key_values."))
+            if not use_cache
+            else (lambda n: n != "encoder_hidden_states")
+        )
+        self._filled = [
+            (name, _dtype(a.type), a.shape) for name, a in inputs.items() if name != USE_CACHE and not own(name)
+        ]
         self.graph_inputs = [a for name, a in inputs.items() if name != USE_CACHE and own(name)]
-        self.graph_outputs = [a for a in runtime.graph_outputs
-                              if not (use_cache and ".encoder." in a.name)]  # the cache branch repeats no cross presents
+        self.graph_outputs = [
+            a for a in runtime.graph_outputs if not (use_cache and ".encoder." in a.name)
+        ]  # the cache branch repeats no cross presents
         self._flag = np.array([use_cache], dtype=bool)
 
     def feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -94,7 +101,8 @@ class MergedBranch:
 
 def _dtype(ort_type: str) -> np.dtype:
     return {"tensor(float16)": np.dtype(np.float16), "tensor(double)": np.dtype(np.float64)}.get(
-        ort_type, np.dtype(np.float32))
+        ort_type, np.dtype(np.float32)
+    )
 
 
 @dataclass(frozen=True)
@@ -118,11 +126,18 @@ class Seq2SeqGraphs:
         past = tuple(n for n in with_past_inputs if n.startswith("past_key_values."))
         if len(past) != 4 * n_layer:
             raise ValueError(f"decoder_with_past_model.onnx has {len(past)} past inputs for {n_layer} layers")
-        return cls(n_layer, self_names, cross_names, past, "decoder_attention_mask" in with_past_inputs,
-                   np.dtype(dtype))
+        return cls(
+            n_layer, self_names, cross_names, past, "decoder_attention_mask" in with_past_inputs, np.dtype(dtype)
+        )
 
-    def with_past_feeds(self, ids: np.ndarray, encoder_mask: np.ndarray, decoder_mask: np.ndarray,
-                        self_kv: list[np.ndarray], cross_kv: list[np.ndarray]) -> dict[str, np.ndarray]:
+    def with_past_feeds(
+        self,
+        ids: np.ndarray,
+        encoder_mask: np.ndarray,
+        decoder_mask: np.ndarray,
+        self_kv: list[np.ndarray],
+        cross_kv: list[np.ndarray],
+    ) -> dict[str, np.ndarray]:
         feeds = {"input_ids": ids, "encoder_attention_mask": encoder_mask}
         if self.decoder_mask:
             feeds["decoder_attention_mask"] = decoder_mask

@@ -98,8 +98,9 @@ class KVCache(Protocol):
         """Drop every running row (their sequences have ended); prefilling state stays."""
 
 
-def prefill_each(chunks: list[tuple[Sequence, int]],
-                 run: Callable[[Sequence, int], np.ndarray]) -> list[np.ndarray | TServeError]:
+def prefill_each(
+    chunks: list[tuple[Sequence, int]], run: Callable[[Sequence, int], np.ndarray]
+) -> list[np.ndarray | TServeError]:
     """`prefill` for a cache that runs each chunk on its own: one failure stays its chunk's."""
     results: list[np.ndarray | TServeError] = []
     for seq, n in chunks:

@@ -39,8 +39,9 @@ class ChatTemplate:
 
     def render(self, messages: list[dict[str, str]]) -> str:
         try:
-            return self._template.render(messages=messages, add_generation_prompt=True,
-                                         bos_token=self.bos_token, eos_token=self.eos_token)
+            return self._template.render(
+                messages=messages, add_generation_prompt=True, bos_token=self.bos_token, eos_token=self.eos_token
+            )
         except InvalidInput:
             raise
         except jinja2.TemplateError as e:

@@ -144,8 +144,10 @@ class GenerationEngine:
     def submit(self, seq: Sequence) -> None:
         with self._lock:
             if len(self.waiting) >= self.limits.max_queue:
-                raise QueueFull(f"model {self.name!r} has {len(self.waiting)} generation requests queued "
-                                f"(max {self.limits.max_queue})")
+                raise QueueFull(
+                    f"model {self.name!r} has {len(self.waiting)} generation requests queued "
+                    f"(max {self.limits.max_queue})"
+                )
             self.waiting.append(seq)
         self._wakeup.set()
 
@@ -187,7 +189,11 @@ class GenerationEngine:
                 stats = self.step()
             except Exception as e:  # a bug in the engine itself: end what runs, keep serving
                 log.exception("generation step failed for %s; ending its active sequences", self.name)
-                error, now, stats = InternalError(f"generation step failed: {type(e).__name__}"), time.monotonic(), StepStats()
+                error, now, stats = (
+                    InternalError(f"generation step failed: {type(e).__name__}"),
+                    time.monotonic(),
+                    StepStats(),
+                )
                 for seq in self.prefilling:
                     self._end(seq, FinishReason.ERROR, now, stats, error=error)
                     self.rows.release(seq)
@@ -325,13 +331,19 @@ class GenerationEngine:
                 log.warning("batched decode failed for %s (%s); running its rows apart", self.name, e.message)
                 results.decode, results.decode_failed = self.rows.decode_apart()
                 if plan.draft and not results.decode_failed:  # the row runs alone, not with a draft
-                    log.warning("a run with a speculative draft failed for %s where one token ran: speculative "
-                                "decoding is off for this model from now on", self.name)
+                    log.warning(
+                        "a run with a speculative draft failed for %s where one token ran: speculative "
+                        "decoding is off for this model from now on",
+                        self.name,
+                    )
                     self.speculative_tokens = 0
                 if results.decode is None:  # nothing ran alone either: every live row fails
                     results.decode = e
-                    results.decode_failed = {row: results.decode_failed.get(row, e)
-                                             for row, seq in enumerate(self.rows.seqs) if not seq.finished}
+                    results.decode_failed = {
+                        row: results.decode_failed.get(row, e)
+                        for row, seq in enumerate(self.rows.seqs)
+                        if not seq.finished
+                    }
         return results
 
     # -- update -----------------------------------------------------------------------------
@@ -423,12 +435,15 @@ class GenerationEngine:
         if seq.cancelled:
             self._end(seq, FinishReason.CANCELLED, now, stats)
         else:
-            error = DeadlineExceeded(f"the deadline passed after {now - seq.arrived:.3f}s, "
-                                     f"with {len(seq.generated)} of {seq.max_new_tokens} tokens generated")
+            error = DeadlineExceeded(
+                f"the deadline passed after {now - seq.arrived:.3f}s, "
+                f"with {len(seq.generated)} of {seq.max_new_tokens} tokens generated"
+            )
             self._end(seq, FinishReason.DEADLINE, now, stats, error=error)
 
-    def _end(self, seq: Sequence, reason: FinishReason, now: float, stats: StepStats,
-             error: TServeError | None = None) -> None:
+    def _end(
+        self, seq: Sequence, reason: FinishReason, now: float, stats: StepStats, error: TServeError | None = None
+    ) -> None:
         if seq.finish(reason, now, error=error):
             stats.finished.append(reason.value)
         self._touched[id(seq)] = seq

@@ -112,16 +112,20 @@ class KVRows:
                 continue
             one = slice(row, row + 1)
             try:
-                outs.append(self.runtime.run_sync(
-                    graph.feeds(ids[one], mask[one], positions[one], [p[one] for p in past]), graph.outputs))
+                outs.append(
+                    self.runtime.run_sync(
+                        graph.feeds(ids[one], mask[one], positions[one], [p[one] for p in past]), graph.outputs
+                    )
+                )
             except TServeError as e:
                 failed[row] = e
                 outs.append(None)
         ran = next((o for o in outs if o is not None), None)
         if ran is None:
             return None, failed
-        merged = [np.concatenate([o[k] if o is not None else np.zeros_like(ran[k]) for o in outs])
-                  for k in range(len(ran))]
+        merged = [
+            np.concatenate([o[k] if o is not None else np.zeros_like(ran[k]) for o in outs]) for k in range(len(ran))
+        ]
         self._advance(merged[1:], mask)
         return merged[0][:, -1], failed
 
@@ -173,10 +177,13 @@ class KVRows:
             self.seqs[hole] = seq
             return
         target = max(current, length)
-        self.past = [np.concatenate([_left_pad(p, target - current, 2), _left_pad(own, target - length, 2)])
-                     for p, own in zip(self.past, cache)]
-        self.mask = np.concatenate([_left_pad(self.mask, target - current, 1),
-                                    _left_pad(np.ones((1, length), np.int64), target - length, 1)])
+        self.past = [
+            np.concatenate([_left_pad(p, target - current, 2), _left_pad(own, target - length, 2)])
+            for p, own in zip(self.past, cache)
+        ]
+        self.mask = np.concatenate(
+            [_left_pad(self.mask, target - current, 1), _left_pad(np.ones((1, length), np.int64), target - length, 1)]
+        )
         self.positions = np.append(self.positions, length)
         self.next_ids = np.append(self.next_ids, token)
         self.seqs.append(seq)

@@ -68,8 +68,9 @@ class GenerationConfig:
         )
 
 
-def to_sequence(config: GenerationConfig, req: GenerateInput, default_max_new_tokens: int,
-                deadline: float | None) -> Sequence:
+def to_sequence(
+    config: GenerationConfig, req: GenerateInput, default_max_new_tokens: int, deadline: float | None
+) -> Sequence:
     """Check a request against its model; raises InvalidInput naming the problem."""
     if req.text is not None:
         if config.tokenizer is None:
@@ -90,8 +91,10 @@ def to_sequence(config: GenerationConfig, req: GenerateInput, default_max_new_to
             raise InvalidInput(f"the source is {len(prompt)} tokens; model {req.model!r} reads at most {context}")
         room = config.seq2seq_max_new
     elif len(prompt) >= context:
-        raise InvalidInput(f"the prompt is {len(prompt)} tokens; model {req.model!r}'s context is {context}, "
-                           "which leaves no room to generate")
+        raise InvalidInput(
+            f"the prompt is {len(prompt)} tokens; model {req.model!r}'s context is {context}, "
+            "which leaves no room to generate"
+        )
     else:
         room = context - len(prompt)
     if req.max_new_tokens is not None:
@@ -99,10 +102,13 @@ def to_sequence(config: GenerationConfig, req: GenerateInput, default_max_new_to
             raise InvalidInput("max_new_tokens must be at least 1")
         if req.max_new_tokens > room:
             if config.seq2seq_max_new is not None:
-                raise InvalidInput(f"max_new_tokens {req.max_new_tokens} exceeds model {req.model!r}'s longest "
-                                   f"output, {room} tokens")
-            raise InvalidInput(f"max_new_tokens {req.max_new_tokens} exceeds the {room} tokens the context "
-                               f"({context}) leaves after a {len(prompt)}-token prompt")
+                raise InvalidInput(
+                    f"max_new_tokens {req.max_new_tokens} exceeds model {req.model!r}'s longest output, {room} tokens"
+                )
+            raise InvalidInput(
+                f"max_new_tokens {req.max_new_tokens} exceeds the {room} tokens the context "
+                f"({context}) leaves after a {len(prompt)}-token prompt"
+            )
         max_new = req.max_new_tokens
     else:
         max_new = min(default_max_new_tokens, room)
@@ -130,5 +136,7 @@ def to_sequence(config: GenerationConfig, req: GenerateInput, default_max_new_to
         deadline=deadline,
         eos_token_ids=frozenset() if req.ignore_eos else config.eos_token_ids,
         # a continuation's text follows its prompt's; an encoder-decoder's output starts afresh
-        decoder=config.tokenizer.decoder(prompt if config.seq2seq_max_new is None else []) if config.tokenizer else None,
+        decoder=config.tokenizer.decoder(prompt if config.seq2seq_max_new is None else [])
+        if config.tokenizer
+        else None,
     )

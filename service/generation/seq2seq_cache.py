@@ -41,7 +41,9 @@ MIN_PADDING_EFFICIENCY = 0.8  # an encoder run's real tokens / its padded tokens
 
 
 def _width(columns: int, max_width: int) -> int:
-    return min(max_width, -(-columns // WIDTH_STEP) * WIDTH_STEP) if max_width else -(-columns // WIDTH_STEP) * WIDTH_STEP
+    return (
+        min(max_width, -(-columns // WIDTH_STEP) * WIDTH_STEP) if max_width else -(-columns // WIDTH_STEP) * WIDTH_STEP
+    )
 
 
 def _left_pad(a: np.ndarray, width: int) -> np.ndarray:
@@ -67,8 +69,18 @@ def length_groups(lengths: list[int], min_efficiency: float = MIN_PADDING_EFFICI
 class Seq2SeqCache(SlotTable):
     chunked_prefill = False
 
-    def __init__(self, graphs: Seq2SeqGraphs, encoder, decoder, with_past, decoder_start_token_id: int,
-                 pad_token_id: int, slots: int, max_source: int = 0, fill_holes: bool = True) -> None:
+    def __init__(
+        self,
+        graphs: Seq2SeqGraphs,
+        encoder,
+        decoder,
+        with_past,
+        decoder_start_token_id: int,
+        pad_token_id: int,
+        slots: int,
+        max_source: int = 0,
+        fill_holes: bool = True,
+    ) -> None:
         self.graphs = graphs
         self.encoder, self.decoder, self.with_past = encoder, decoder, with_past
         self.start_token, self.pad_token = decoder_start_token_id, pad_token_id
@@ -126,9 +138,14 @@ class Seq2SeqCache(SlotTable):
         for i, s in enumerate(seqs):
             ids[i, : len(s.prompt)], mask[i, : len(s.prompt)] = s.prompt, 1
         hidden = self.encoder.run_sync({"input_ids": ids, "attention_mask": mask}, ["last_hidden_state"])[0]
-        out = self.decoder.run_sync({"input_ids": np.full((len(seqs), 1), self.start_token, np.int64),
-                                     "encoder_hidden_states": hidden, "encoder_attention_mask": mask},
-                                    self._decoder_outputs)
+        out = self.decoder.run_sync(
+            {
+                "input_ids": np.full((len(seqs), 1), self.start_token, np.int64),
+                "encoder_hidden_states": hidden,
+                "encoder_attention_mask": mask,
+            },
+            self._decoder_outputs,
+        )
         n = 2 * self.graphs.n_layer
         logits, first_self, cross = out[0], out[1 : 1 + n], out[1 + n : 1 + 2 * n]
         if not self.cross:
@@ -149,8 +166,9 @@ class Seq2SeqCache(SlotTable):
     def join(self, seq: Sequence, token: int) -> None:
         first = self._first_self.pop(seq)
         row = self._join_slot(seq)
-        self.self_kv = ([np.concatenate([a, _left_pad(own, a.shape[2])]) for a, own in zip(self.self_kv, first)]
-                        if row else first)
+        self.self_kv = (
+            [np.concatenate([a, _left_pad(own, a.shape[2])]) for a, own in zip(self.self_kv, first)] if row else first
+        )
         self.lengths[row] = 1
         self.next_ids[row] = token
 
@@ -162,8 +180,9 @@ class Seq2SeqCache(SlotTable):
         rows = self.rows
         ids = self.next_ids[:rows, None]
         if self.graphs.decoder_mask:
-            out = self.with_past.run_sync(self._feeds(slice(0, rows), ids, self._decoder_mask(self.lengths[:rows])),
-                                          self._with_past_outputs)
+            out = self.with_past.run_sync(
+                self._feeds(slice(0, rows), ids, self._decoder_mask(self.lengths[:rows])), self._with_past_outputs
+            )
             logits, presents = out[0][:, -1], out[1:]
         else:
             logits, presents = self._decode_by_length(ids)
@@ -179,8 +198,10 @@ class Seq2SeqCache(SlotTable):
         logits, presents = None, [np.zeros(a.shape[:2] + (P + 1,) + a.shape[3:], a.dtype) for a in self.self_kv]
         for length in sorted(set(lengths.tolist())):
             group = np.flatnonzero(lengths == length)
-            out = self.with_past.run_sync(self._feeds(group, ids[group], np.ones((len(group), length + 1), np.int64),
-                                                      length), self._with_past_outputs)
+            out = self.with_past.run_sync(
+                self._feeds(group, ids[group], np.ones((len(group), length + 1), np.int64), length),
+                self._with_past_outputs,
+            )
             if logits is None:
                 logits = np.zeros((rows, out[0].shape[-1]), out[0].dtype)
             logits[group] = out[0][:, -1]
@@ -188,15 +209,17 @@ class Seq2SeqCache(SlotTable):
                 full[group, :, -(length + 1) :] = part
         return logits, presents
 
-    def _feeds(self, rows: slice | np.ndarray, ids: np.ndarray, decoder_mask: np.ndarray,
-               columns: int | None = None) -> dict[str, np.ndarray]:
+    def _feeds(
+        self, rows: slice | np.ndarray, ids: np.ndarray, decoder_mask: np.ndarray, columns: int | None = None
+    ) -> dict[str, np.ndarray]:
         """decoder_with_past's inputs for these rows: their last `columns` self-attention
         columns (all of them by default) and their cross caches."""
         self_kv = [a[rows] for a in self.self_kv]
         if columns is not None:
             self_kv = [a[:, :, a.shape[2] - columns :] for a in self_kv]
-        return self.graphs.with_past_feeds(ids, self.encoder_mask[rows], decoder_mask, self_kv,
-                                           [a[rows] for a in self.cross])
+        return self.graphs.with_past_feeds(
+            ids, self.encoder_mask[rows], decoder_mask, self_kv, [a[rows] for a in self.cross]
+        )
 
     def _decoder_mask(self, lengths: np.ndarray) -> np.ndarray:
         """[rows, P + 1]: 1 over each row's columns and its new token (rows are left-padded)."""
@@ -213,9 +236,10 @@ class Seq2SeqCache(SlotTable):
             length = int(self.lengths[row])
             one = slice(row, row + 1)
             try:
-                out = self.with_past.run_sync(self._feeds(one, self.next_ids[one, None],
-                                                          np.ones((1, length + 1), np.int64), length),
-                                              self._with_past_outputs)
+                out = self.with_past.run_sync(
+                    self._feeds(one, self.next_ids[one, None], np.ones((1, length + 1), np.int64), length),
+                    self._with_past_outputs,
+                )
             except TServeError as e:
                 failed[row] = e
                 continue
@@ -293,10 +317,13 @@ class Seq2SeqCache(SlotTable):
 
     def _resize(self, width: int) -> None:
         keep = min(width, self.width)
-        self.cross = [np.concatenate([a[:, :, :keep], np.zeros(a.shape[:2] + (width - keep,) + a.shape[3:], a.dtype)], 2)
-                      for a in self.cross]
+        self.cross = [
+            np.concatenate([a[:, :, :keep], np.zeros(a.shape[:2] + (width - keep,) + a.shape[3:], a.dtype)], 2)
+            for a in self.cross
+        ]
         self.encoder_mask = np.concatenate(
-            [self.encoder_mask[:, :keep], np.zeros((len(self.owner), width - keep), np.int64)], 1)
+            [self.encoder_mask[:, :keep], np.zeros((len(self.owner), width - keep), np.int64)], 1
+        )
 
     def _fit(self, columns: int) -> None:
         if columns > self.width:

@@ -64,7 +64,9 @@ class Sequence:
     emitted: int = 0  # characters of `text` already streamed
     prefilled: int = 0  # prompt tokens whose keys/values are cached (what each cache keeps is its own)
     lookup: PromptLookup | None = None  # its n-gram index, once it drafts (speculative decoding)
-    logits_seen: list[np.ndarray] | None = None  # when a list: each token's logits, as the model gave them (load-time checks)
+    logits_seen: list[np.ndarray] | None = (
+        None  # when a list: each token's logits, as the model gave them (load-time checks)
+    )
     arrived: float = field(default_factory=time.monotonic)
     admitted: float = 0.0
     first_token_at: float = 0.0
@@ -115,22 +117,25 @@ class Sequence:
         self.emitted = safe
         return None
 
-    def finish(self, reason: FinishReason, now: float, last_token: int | None = None,
-               error: TServeError | None = None) -> bool:
+    def finish(
+        self, reason: FinishReason, now: float, last_token: int | None = None, error: TServeError | None = None
+    ) -> bool:
         """End the sequence with its last event; False if it had already ended."""
         if self.finish_reason is not None:
             return False
         self.finish_reason = reason
-        self.outbox.append(Event(
-            text=self.text[self.emitted :],
-            token_ids=[] if last_token is None else [last_token],
-            finish_reason=reason,
-            error=error,
-            prompt_tokens=len(self.prompt),
-            generated_tokens=len(self.generated),
-            queue_s=(self.admitted or now) - self.arrived,
-            ttft_s=(self.first_token_at - self.arrived) if self.first_token_at else 0.0,
-            total_s=now - self.arrived,
-        ))
+        self.outbox.append(
+            Event(
+                text=self.text[self.emitted :],
+                token_ids=[] if last_token is None else [last_token],
+                finish_reason=reason,
+                error=error,
+                prompt_tokens=len(self.prompt),
+                generated_tokens=len(self.generated),
+                queue_s=(self.admitted or now) - self.arrived,
+                ttft_s=(self.first_token_at - self.arrived) if self.first_token_at else 0.0,
+                total_s=now - self.arrived,
+            )
+        )
         self.emitted = len(self.text)
         return True

@@ -42,7 +42,7 @@ class PromptLookup:
         if have < len(prompt):
             self.extend(prompt[have:])
             have = len(prompt)
-        self.extend(generated[have - len(prompt):])
+        self.extend(generated[have - len(prompt) :])
 
     def update(self, drafted: int, kept: int) -> None:
         """After a verified draft: lengthen the next after a whole one kept, shorten it after a miss."""

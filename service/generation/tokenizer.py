@@ -73,7 +73,7 @@ class HFStreamDecoder:
 
     def __init__(self, tokenizer: HFTokenizer, prompt: list[int] = ()) -> None:
         self._tokenizer = tokenizer
-        self._ids: list[int] = list(prompt[-self.CONTEXT:])
+        self._ids: list[int] = list(prompt[-self.CONTEXT :])
         self._prefix = 0  # ids before this are done
         self._read = len(self._ids)  # ids before this have been emitted as text
 

@@ -25,8 +25,15 @@ HTTP_STATUS = {
     errors.Unavailable: 503,
     errors.DeadlineExceeded: 504,
 }
-OPENAI_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               429: "rate_limit_error", 500: "server_error", 503: "service_unavailable", 504: "timeout"}
+OPENAI_TYPE = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable",
+    504: "timeout",
+}
 
 
 def status_of(error: errors.TServeError) -> int:
@@ -38,8 +45,9 @@ def kserve_body(status: int, message: str) -> dict:
 
 
 def openai_body(status: int, message: str, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": OPENAI_TYPE.get(status, "server_error"), "param": param,
-                      "code": status}}
+    return {
+        "error": {"message": message, "type": OPENAI_TYPE.get(status, "server_error"), "param": param, "code": status}
+    }
 
 
 def _answer(e: Exception, where: str, shape: Callable[[int, str], dict]) -> Response:

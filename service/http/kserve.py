@@ -27,8 +27,13 @@ from service.servicers import converters
 from service.servicers.inference import EXTENSIONS
 
 TIMEOUT_HEADER = "x-request-timeout"  # seconds; also Triton's `timeout` request parameter (microseconds)
-_INT64 = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
-          FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64}
+_INT64 = {
+    FieldDescriptor.TYPE_INT64,
+    FieldDescriptor.TYPE_UINT64,
+    FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_FIXED64,
+    FieldDescriptor.TYPE_SFIXED64,
+}
 
 kserve = handled(kserve_body)
 
@@ -37,8 +42,9 @@ def proto_json(message: Message) -> dict:
     """A message as Triton's HTTP endpoint writes it: field names as in the proto, fields at
     their defaults included, 64-bit integers as JSON numbers (protobuf's JSON mapping writes
     them as strings, which perf_analyzer cannot read)."""
-    doc = json_format.MessageToDict(message, preserving_proto_field_name=True,
-                                    always_print_fields_with_no_presence=True)
+    doc = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
     _numbers(message, doc)
     return doc
 
@@ -62,8 +68,11 @@ def _numbers(message: Message, doc: dict) -> None:
             else:
                 _numbers(value, doc[field.name])
         elif field.type in _INT64:
-            doc[field.name] = [int(v) for v in doc[field.name]] if field.label == FieldDescriptor.LABEL_REPEATED \
+            doc[field.name] = (
+                [int(v) for v in doc[field.name]]
+                if field.label == FieldDescriptor.LABEL_REPEATED
                 else int(doc[field.name])
+            )
 
 
 def deadline_of(request: Request, parameters_timeout_us: Any = None) -> float | None:
@@ -170,13 +179,17 @@ def routes(dp: DataPlane) -> list[Route]:
         Route("/v2/health/ready", ready, methods=["GET"]),
         Route("/v2", server_metadata, methods=["GET"]),
         Route("/v2/models/stats", model_stats, methods=["GET"]),
-        *[r for prefix in (model, versioned) for r in (
-            Route(prefix, model_metadata, methods=["GET"]),
-            Route(prefix + "/ready", model_ready, methods=["GET"]),
-            Route(prefix + "/config", model_config, methods=["GET"]),
-            Route(prefix + "/stats", model_stats, methods=["GET"]),
-            Route(prefix + "/infer", infer, methods=["POST"]),
-        )],
+        *[
+            r
+            for prefix in (model, versioned)
+            for r in (
+                Route(prefix, model_metadata, methods=["GET"]),
+                Route(prefix + "/ready", model_ready, methods=["GET"]),
+                Route(prefix + "/config", model_config, methods=["GET"]),
+                Route(prefix + "/stats", model_stats, methods=["GET"]),
+                Route(prefix + "/infer", infer, methods=["POST"]),
+            )
+        ],
         Route("/v2/repository/index", repository_index, methods=["POST"]),
         Route("/v2/repository/models/{model}/load", load, methods=["POST"]),
         Route("/v2/repository/models/{model}/unload", unload, methods=["POST"]),

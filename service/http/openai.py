@@ -33,10 +33,18 @@ openai = handled(openai_body)
 FINISH = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", FinishReason.EOS: "stop"}
 # OpenAI parameters tserve does not implement, with the values that ask for nothing (accepted)
 UNSUPPORTED: dict[str, tuple] = {
-    "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""),
-    "best_of": (None, 1), "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []),
-    "tool_choice": (None, "none"), "response_format": (None, {"type": "text"}),
-    "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "best_of": (None, 1),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "functions": (None, []),
+    "tool_choice": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
 }
 
 
@@ -64,13 +72,30 @@ class _Sampling(BaseModel):
             if key in UNSUPPORTED and value not in UNSUPPORTED[key]:
                 raise InvalidInput(f"parameter {key!r} is not supported by tserve (got {short(value)})")
 
-    def generate_input(self, request_id: str, text: str | None, token_ids: list[int] | None,
-                       max_tokens: int | None, add_special_tokens: bool = True) -> GenerateInput:
+    def generate_input(
+        self,
+        request_id: str,
+        text: str | None,
+        token_ids: list[int] | None,
+        max_tokens: int | None,
+        add_special_tokens: bool = True,
+    ) -> GenerateInput:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return GenerateInput(model=self.model, text=text, token_ids=token_ids, max_new_tokens=max_tokens,
-                             temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed,
-                             stop=stop, request_id=request_id, add_special_tokens=add_special_tokens,
-                             ignore_eos=self.ignore_eos, min_tokens=self.min_tokens)
+        return GenerateInput(
+            model=self.model,
+            text=text,
+            token_ids=token_ids,
+            max_new_tokens=max_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            seed=self.seed,
+            stop=stop,
+            request_id=request_id,
+            add_special_tokens=add_special_tokens,
+            ignore_eos=self.ignore_eos,
+            min_tokens=self.min_tokens,
+        )
 
 
 class CompletionRequest(_Sampling):
@@ -108,8 +133,11 @@ def _parse(model: type[BaseModel], body: bytes) -> Any:
 
 
 def _usage(last: Event) -> dict:
-    return {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.generated_tokens,
-            "total_tokens": last.prompt_tokens + last.generated_tokens}
+    return {
+        "prompt_tokens": last.prompt_tokens,
+        "completion_tokens": last.generated_tokens,
+        "total_tokens": last.prompt_tokens + last.generated_tokens,
+    }
 
 
 def _sse(doc: dict | str) -> bytes:
@@ -147,8 +175,9 @@ def routes(dp: DataPlane) -> list[Route]:
                     yield _sse(openai_body(status_of(e), e.message))
             yield _sse("[DONE]")
 
-        return StreamingResponse(body(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
     @openai
     async def models(request: Request) -> Response:
@@ -165,14 +194,29 @@ def routes(dp: DataPlane) -> list[Route]:
                 raise InvalidInput("prompt: one prompt per request (a list of strings must hold exactly one)")
             prompt = prompt[0]
         rid, created = request_id(request, "cmpl"), int(time.time())
-        gen = req.generate_input(rid, prompt if isinstance(prompt, str) else None,
-                                 prompt if isinstance(prompt, list) else None, req.max_tokens)
+        gen = req.generate_input(
+            rid,
+            prompt if isinstance(prompt, str) else None,
+            prompt if isinstance(prompt, list) else None,
+            req.max_tokens,
+        )
 
         def chunk(events: list[Event]) -> dict:
             last = events[-1]
-            doc = {"id": rid, "object": "text_completion", "created": created, "model": req.model,
-                   "choices": [{"index": 0, "text": "".join(e.text for e in events), "logprobs": None,
-                                "finish_reason": FINISH.get(last.finish_reason)}]}
+            doc = {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": req.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "text": "".join(e.text for e in events),
+                        "logprobs": None,
+                        "finish_reason": FINISH.get(last.finish_reason),
+                    }
+                ],
+            }
             if last.finish_reason is not None:
                 doc["usage"] = _usage(last)
             return doc
@@ -191,8 +235,10 @@ def routes(dp: DataPlane) -> list[Route]:
             raise FailedPrecondition(f"model {req.model!r} does not generate text")
         template = mv.generation.chat_template
         if template is None:
-            raise InvalidInput(f"model {req.model!r} has no chat template (its export's tokenizer_config.json has "
-                               "no chat_template); use /v1/completions with a prompt")
+            raise InvalidInput(
+                f"model {req.model!r} has no chat template (its export's tokenizer_config.json has "
+                "no chat_template); use /v1/completions with a prompt"
+            )
         text = template.render([{"role": m.role, "content": m.text()} for m in req.messages])
         rid, created = request_id(request, "chatcmpl"), int(time.time())
         gen = req.generate_input(rid, text, None, req.max_completion_tokens or req.max_tokens, add_special_tokens=False)
@@ -203,9 +249,15 @@ def routes(dp: DataPlane) -> list[Route]:
             delta: dict[str, str] = {"content": "".join(e.text for e in events)}
             if not opened[0]:
                 delta, opened[0] = {"role": "assistant", **delta}, True
-            doc = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
-                   "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                "finish_reason": FINISH.get(last.finish_reason)}]}
+            doc = {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": req.model,
+                "choices": [
+                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": FINISH.get(last.finish_reason)}
+                ],
+            }
             if last.finish_reason is not None:
                 doc["usage"] = _usage(last)
             return doc
@@ -213,10 +265,16 @@ def routes(dp: DataPlane) -> list[Route]:
         def whole(events: list[Event]) -> dict:
             last = events[-1]
             message = {"role": "assistant", "content": "".join(e.text for e in events)}
-            return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
-                    "choices": [{"index": 0, "message": message, "logprobs": None,
-                                 "finish_reason": FINISH.get(last.finish_reason)}],
-                    "usage": _usage(last)}
+            return {
+                "id": rid,
+                "object": "chat.completion",
+                "created": created,
+                "model": req.model,
+                "choices": [
+                    {"index": 0, "message": message, "logprobs": None, "finish_reason": FINISH.get(last.finish_reason)}
+                ],
+                "usage": _usage(last),
+            }
 
         return await run(gen, request, req.stream, chunk, whole)
 

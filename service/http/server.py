@@ -34,8 +34,14 @@ class HttpServer:
             if s.tls_client_ca_file is not None:
                 tls.update(ssl_ca_certs=str(s.tls_client_ca_file), ssl_cert_reqs=ssl.CERT_REQUIRED)
         config = uvicorn.Config(
-            build_app(dp, auth, s.auth_open_health), host=s.host, port=s.http_port, http="httptools",
-            lifespan="off", log_config=None, access_log=False, server_header=False,
+            build_app(dp, auth, s.auth_open_health),
+            host=s.host,
+            port=s.http_port,
+            http="httptools",
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            server_header=False,
             limit_concurrency=s.max_concurrent_rpcs or None,
             **tls,
         )

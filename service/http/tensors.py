@@ -106,9 +106,11 @@ def decode_infer(body: bytes, header_length: str | None, model: str, version: st
         size = _parameters(entry, f"input {short(name)}").get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
-                raise InvalidInput(f"input {short(name)}: binary_data_size {short(size)} runs past the "
-                                   f"{len(binary)} bytes of binary data")
-            inputs[name] = array_from_bytes(name, datatype, shape, binary[offset:offset + size], "binary data")
+                raise InvalidInput(
+                    f"input {short(name)}: binary_data_size {short(size)} runs past the "
+                    f"{len(binary)} bytes of binary data"
+                )
+            inputs[name] = array_from_bytes(name, datatype, shape, binary[offset : offset + size], "binary data")
             offset += size
         elif "data" in entry:
             inputs[name] = _json_tensor(name, datatype, shape, entry["data"])
@@ -130,8 +132,9 @@ def decode_infer(body: bytes, header_length: str | None, model: str, version: st
     timeout = params.get("timeout")
     if timeout is not None and (not isinstance(timeout, int) or isinstance(timeout, bool)):
         raise InvalidInput(f"parameter 'timeout' must be an integer (microseconds), got {short(timeout)}")
-    request = InferRequest(model_name=model, model_version=version, id=request_id, inputs=inputs,
-                           requested_outputs=tuple(outputs))
+    request = InferRequest(
+        model_name=model, model_version=version, id=request_id, inputs=inputs, requested_outputs=tuple(outputs)
+    )
     return DecodedInfer(request, outputs, binary_default, timeout)
 
 

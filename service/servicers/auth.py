@@ -37,8 +37,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             self.auth.check(authorization)
         except Unauthenticated as e:
             unary, streaming = _refuse(e.message)
-            args = {"request_deserializer": handler.request_deserializer,
-                    "response_serializer": handler.response_serializer}
+            args = {
+                "request_deserializer": handler.request_deserializer,
+                "response_serializer": handler.response_serializer,
+            }
             if handler.unary_unary:
                 return grpc.unary_unary_rpc_method_handler(unary, **args)
             if handler.unary_stream:

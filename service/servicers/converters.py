@@ -23,9 +23,17 @@ from service.wire import array_from_bytes, check_tensor_header, refuse_unsupport
 
 # typed `contents` field per datatype (FP16 and BF16 travel as raw bytes only, as in Triton)
 CONTENTS_FIELD = {
-    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
-    "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
-    "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents",
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
 }
 
 
@@ -97,8 +105,11 @@ def statistics_to_proto(models: list[ModelVersion]) -> pb.ModelStatisticsRespons
     for mv in models:
         s = mv.observer.stats
         entry = res.model_stats.add(
-            name=mv.name, version=str(mv.version), last_inference=s.last_inference_ms,
-            inference_count=s.inference_count, execution_count=s.execution_count,
+            name=mv.name,
+            version=str(mv.version),
+            last_inference=s.last_inference_ms,
+            inference_count=s.inference_count,
+            execution_count=s.execution_count,
         )
         st = entry.inference_stats
         st.success.CopyFrom(_duration(s.success))
@@ -118,12 +129,18 @@ def repository_index_to_proto(models: list[ModelVersion], ready_only: bool) -> p
     for mv in models:
         if ready_only and not mv.ready:
             continue
-        res.models.add(name=mv.name, version=str(mv.version) if mv.version else "", state=mv.state.value, reason=mv.reason)
+        res.models.add(
+            name=mv.name, version=str(mv.version) if mv.version else "", state=mv.state.value, reason=mv.reason
+        )
     return res
 
 
-FINISH = {FinishReason.LENGTH: gen.FINISH_REASON_LENGTH, FinishReason.STOP: gen.FINISH_REASON_STOP,
-          FinishReason.EOS: gen.FINISH_REASON_EOS, FinishReason.CANCELLED: gen.FINISH_REASON_CANCELLED}
+FINISH = {
+    FinishReason.LENGTH: gen.FINISH_REASON_LENGTH,
+    FinishReason.STOP: gen.FINISH_REASON_STOP,
+    FinishReason.EOS: gen.FINISH_REASON_EOS,
+    FinishReason.CANCELLED: gen.FINISH_REASON_CANCELLED,
+}
 
 
 def generate_input_from_proto(req: gen.GenerateRequest) -> GenerateInput:
@@ -149,19 +166,26 @@ def _finish_fields(event: Event) -> dict:
     return {
         "finish_reason": FINISH[event.finish_reason],
         "usage": gen.Usage(prompt_tokens=event.prompt_tokens, generated_tokens=event.generated_tokens),
-        "timings": gen.Timings(queue_seconds=event.queue_s, time_to_first_token_seconds=event.ttft_s,
-                               total_seconds=event.total_s),
+        "timings": gen.Timings(
+            queue_seconds=event.queue_s, time_to_first_token_seconds=event.ttft_s, total_seconds=event.total_s
+        ),
     }
 
 
 def stream_chunk_to_proto(events: list[Event]) -> gen.GenerateStreamResponse:
     last = events[-1]
     extra = _finish_fields(last) if last.finish_reason else {}
-    return gen.GenerateStreamResponse(text="".join(e.text for e in events),
-                                      token_ids=[t for e in events for t in e.token_ids], **extra)
+    return gen.GenerateStreamResponse(
+        text="".join(e.text for e in events), token_ids=[t for e in events for t in e.token_ids], **extra
+    )
 
 
 def generate_response_to_proto(model: str, request_id: str, events: list[Event]) -> gen.GenerateResponse:
     last = events[-1]
-    return gen.GenerateResponse(model=model, request_id=request_id, text="".join(e.text for e in events),
-                                token_ids=[t for e in events for t in e.token_ids], **_finish_fields(last))
+    return gen.GenerateResponse(
+        model=model,
+        request_id=request_id,
+        text="".join(e.text for e in events),
+        token_ids=[t for e in events for t in e.token_ids],
+        **_finish_fields(last),
+    )

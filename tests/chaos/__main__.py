@@ -1,6 +1,6 @@
 """make chaos: the long reliability suite against real servers; figures to bench/results/chaos.json.
 
-    python -m tests.chaos [--short]
+python -m tests.chaos [--short]
 """
 
 from __future__ import annotations
@@ -23,8 +23,11 @@ def main() -> int:
     size = SHORT if args.short else LONG
     started = time.monotonic()
     figures = run_all(size)
-    checks = {f"{name}: {what}": ok for name in figures
-              for what, ok in targets(name, figures[name], long=not args.short).items()}
+    checks = {
+        f"{name}: {what}": ok
+        for name in figures
+        for what, ok in targets(name, figures[name], long=not args.short).items()
+    }
     print(f"\nchaos suite ({'short' if args.short else 'long'}), {time.monotonic() - started:.0f} s")
     for name, ok in checks.items():
         print(f"  {'PASS' if ok else 'FAIL'}  {name}")

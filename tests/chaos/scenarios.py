@@ -32,10 +32,17 @@ from service.launcher import ServerProcess, channel
 
 VOCAB = BYTEGPT_VOCAB  # token ids 0..VOCAB-1 are valid for the shipped bytegpt
 # answers a decodable request may get; INTERNAL, UNKNOWN and UNAVAILABLE never
-EXPECTED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
-            grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED,
-            grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNIMPLEMENTED,
-            grpc.StatusCode.OUT_OF_RANGE}
+EXPECTED = {
+    grpc.StatusCode.OK,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.OUT_OF_RANGE,
+}
 HANG_S = 5.0
 
 
@@ -50,10 +57,10 @@ class Size:
     soak_s: float
 
 
-SHORT = Size(malformed=600, crosstalk_rounds=4, overload_waves=1, overload_burst=400, sigterms=2, kills=1,
-             soak_s=24.0)
-LONG = Size(malformed=20_000, crosstalk_rounds=40, overload_waves=3, overload_burst=2000, sigterms=20, kills=5,
-            soak_s=120.0)
+SHORT = Size(malformed=600, crosstalk_rounds=4, overload_waves=1, overload_burst=400, sigterms=2, kills=1, soak_s=24.0)
+LONG = Size(
+    malformed=20_000, crosstalk_rounds=40, overload_waves=3, overload_burst=2000, sigterms=20, kills=5, soak_s=120.0
+)
 
 
 def infer_request(ids: np.ndarray, model: str = "bytegpt") -> pb.ModelInferRequest:
@@ -71,10 +78,19 @@ def logits(res: pb.ModelInferResponse) -> np.ndarray:
 # -- structured fuzz -------------------------------------------------------------------------
 
 _DTYPES = ["INT64", "INT32", "FP32", "FP16", "BOOL", "BYTES", "UINT8", "", "int64", "x" * 300]
-_NAMES = ["input_ids", "input_ids", "input_ids", "attention_mask", "position_ids", "", "logits", "ids\x00",
-          "n" * 2000]
-_PARAMS = ["shared_memory_region", "shared_memory_byte_size", "binary_data", "priority", "timeout",
-           "sequence_id", "classification", "binary_data_size", "unknown_key", ""]
+_NAMES = ["input_ids", "input_ids", "input_ids", "attention_mask", "position_ids", "", "logits", "ids\x00", "n" * 2000]
+_PARAMS = [
+    "shared_memory_region",
+    "shared_memory_byte_size",
+    "binary_data",
+    "priority",
+    "timeout",
+    "sequence_id",
+    "classification",
+    "binary_data_size",
+    "unknown_key",
+    "",
+]
 
 
 def _dim(rng: random.Random) -> int:
@@ -100,8 +116,9 @@ def fuzz_infer(rng: random.Random) -> pb.ModelInferRequest:
             t.shape.extend(_dim(rng) for _ in range(rng.choice([0, 1, 2, 2, 3, 4])))
         elif kind == 4 and req.raw_input_contents:
             raw = req.raw_input_contents[0]
-            req.raw_input_contents[0] = rng.choice([b"", raw[:-1], raw + b"\x00" * 8, raw[: len(raw) // 2],
-                                                    bytes(rng.randrange(256) for _ in range(24))])
+            req.raw_input_contents[0] = rng.choice(
+                [b"", raw[:-1], raw + b"\x00" * 8, raw[: len(raw) // 2], bytes(rng.randrange(256) for _ in range(24))]
+            )
         elif kind == 5 and req.raw_input_contents:
             bad = ids.copy()
             bad.flat[rng.randrange(bad.size)] = rng.choice([-1, VOCAB, 1 << 40, -(1 << 63)])
@@ -109,8 +126,9 @@ def fuzz_infer(rng: random.Random) -> pb.ModelInferRequest:
         elif kind == 6 and t is not None:
             t.name = rng.choice(_NAMES)
         elif kind == 7:
-            extra = req.inputs.add(name=rng.choice(_NAMES), datatype=rng.choice(_DTYPES),
-                                   shape=[_dim(rng) for _ in range(2)])
+            extra = req.inputs.add(
+                name=rng.choice(_NAMES), datatype=rng.choice(_DTYPES), shape=[_dim(rng) for _ in range(2)]
+            )
             if rng.random() < 0.5:
                 req.raw_input_contents.append(b"\x01" * rng.choice([0, 8, 16, 64]))
             else:
@@ -121,11 +139,22 @@ def fuzz_infer(rng: random.Random) -> pb.ModelInferRequest:
                 req.ClearField("raw_input_contents")
         elif kind == 9:
             key = rng.choice(_PARAMS)
-            target = rng.choice([req.parameters, req.outputs[0].parameters if req.outputs else req.parameters,
-                                 t.parameters if t is not None else req.parameters])
+            target = rng.choice(
+                [
+                    req.parameters,
+                    req.outputs[0].parameters if req.outputs else req.parameters,
+                    t.parameters if t is not None else req.parameters,
+                ]
+            )
             p = target[key]
-            rng.choice([lambda: setattr(p, "string_param", "region0"), lambda: setattr(p, "int64_param", -7),
-                        lambda: setattr(p, "bool_param", True), lambda: setattr(p, "uint64_param", 1 << 62)])()
+            rng.choice(
+                [
+                    lambda: setattr(p, "string_param", "region0"),
+                    lambda: setattr(p, "int64_param", -7),
+                    lambda: setattr(p, "bool_param", True),
+                    lambda: setattr(p, "uint64_param", 1 << 62),
+                ]
+            )()
         elif kind == 10:
             del req.outputs[:]
             for name in rng.sample(["logits", "scores", "", "input_ids", "logits"], rng.randint(0, 2)):
@@ -222,12 +251,20 @@ def fuzz(size: int, seed: int = 0, workers: int = 8) -> dict:
             list(pool.map(one, range(total)))
         alive = server.proc.poll() is None and server.health() == 1
         ch.close()
-    return {"malformed": counts["sent"], "valid": counts["valid_sent"], "valid_failed": counts["valid_failed"],
-            "internal_or_unknown": counts["unexpected"], "hangs_over_5s": counts["hangs"],
-            "deaths": 0 if alive else 1, "codes": codes, "unexpected_examples": unexpected}
+    return {
+        "malformed": counts["sent"],
+        "valid": counts["valid_sent"],
+        "valid_failed": counts["valid_failed"],
+        "internal_or_unknown": counts["unexpected"],
+        "hangs_over_5s": counts["hangs"],
+        "deaths": 0 if alive else 1,
+        "codes": codes,
+        "unexpected_examples": unexpected,
+    }
 
 
 # -- crosstalk -------------------------------------------------------------------------------
+
 
 def crosstalk(rounds: int, clients: int = 64) -> dict:
     """64 callers with mixed lengths and batch sizes at once: every answer must be the caller's
@@ -261,6 +298,7 @@ def crosstalk(rounds: int, clients: int = 64) -> dict:
 
 
 # -- overload waves --------------------------------------------------------------------------
+
 
 def _probe(address: str, ready, stop, refusals, out) -> None:
     """Another caller arriving during the bursts: one small call at a time, its status and latency."""
@@ -350,14 +388,21 @@ def overload(waves: int, burst: int, bound: int = 64) -> dict:
                     other[code] = other.get(code, 0) + 1
             probe_refusals += [s for code, s in seen if code == "RESOURCE_EXHAUSTED"]
     ms = sorted(s * 1e3 for s in probe_refusals)
-    return {"sent": sent, "served": served, "served_wrong": wrong, "refused_resource_exhausted": refused,
-            "refused_otherwise": other, "probe_refusals": len(ms),
-            "probe_refuse_p50_ms": round(statistics.median(ms), 2) if ms else None,
-            "probe_refuse_p99_ms": round(ms[int(0.99 * (len(ms) - 1))], 2) if ms else None,
-            "recovery_s_max": round(max(recovery), 3)}
+    return {
+        "sent": sent,
+        "served": served,
+        "served_wrong": wrong,
+        "refused_resource_exhausted": refused,
+        "refused_otherwise": other,
+        "probe_refusals": len(ms),
+        "probe_refuse_p50_ms": round(statistics.median(ms), 2) if ms else None,
+        "probe_refuse_p99_ms": round(ms[int(0.99 * (len(ms) - 1))], 2) if ms else None,
+        "recovery_s_max": round(max(recovery), 3),
+    }
 
 
 # -- SIGTERM, kill -9 ------------------------------------------------------------------------
+
 
 def sigterms(rounds: int, calls: int = 80) -> dict:
     """SIGTERM with 80 ModelInfer calls and 2 generation streams sent just before: every one
@@ -370,8 +415,10 @@ def sigterms(rounds: int, calls: int = 80) -> dict:
         stub, gstub = pb_grpc.GRPCInferenceServiceStub(ch), gen_grpc.TextGenerationStub(ch)
         stub.ModelInfer(infer_request(ids[:1, :4]), timeout=30)  # connected
         futures = [stub.ModelInfer.future(infer_request(ids), timeout=60) for _ in range(calls)]
-        streams = [gstub.GenerateStream(gen.GenerateRequest(model="bytegpt", text="def f(x):", max_new_tokens=64),
-                                        timeout=60) for _ in range(2)]
+        streams = [
+            gstub.GenerateStream(gen.GenerateRequest(model="bytegpt", text="def f(x):", max_new_tokens=64), timeout=60)
+            for _ in range(2)
+        ]
         time.sleep(0.05)  # sent
         server.proc.send_signal(signal.SIGTERM)
         for f in futures:
@@ -393,8 +440,13 @@ def sigterms(rounds: int, calls: int = 80) -> dict:
         exits.append(server.proc.wait(60))
         ch.close()
         server.terminate()
-    return {"sigterms": rounds, "in_flight": rounds * (calls + 2), "in_flight_failed": failed,
-            "exit_codes": sorted(set(exits)), "after_window": late_codes}
+    return {
+        "sigterms": rounds,
+        "in_flight": rounds * (calls + 2),
+        "in_flight_failed": failed,
+        "exit_codes": sorted(set(exits)),
+        "after_window": late_codes,
+    }
 
 
 def kills(rounds: int) -> dict:
@@ -421,6 +473,7 @@ def kills(rounds: int) -> dict:
 
 # -- soak ------------------------------------------------------------------------------------
 
+
 def _rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -436,9 +489,19 @@ def _peak_load(stub, gstub) -> None:
     big = np.random.default_rng(9).integers(0, 256, (4, 199))
     with ThreadPoolExecutor(16) as ex:
         list(ex.map(lambda _: stub.ModelInfer(infer_request(big), timeout=60), range(32)))
-        list(ex.map(lambda i: list(gstub.GenerateStream(gen.GenerateRequest(
-            model="bytegpt", token_ids=gen.TokenIds(ids=list(range(1, 17))), max_new_tokens=32), timeout=60)),
-            range(16)))
+        list(
+            ex.map(
+                lambda i: list(
+                    gstub.GenerateStream(
+                        gen.GenerateRequest(
+                            model="bytegpt", token_ids=gen.TokenIds(ids=list(range(1, 17))), max_new_tokens=32
+                        ),
+                        timeout=60,
+                    )
+                ),
+                range(16),
+            )
+        )
 
 
 def soak(seconds: float, clients: int = 8) -> dict:
@@ -457,12 +520,21 @@ def soak(seconds: float, clients: int = 8) -> dict:
             while time.monotonic() < end:
                 try:
                     if c % 4 == 0:
-                        list(gstub.GenerateStream(gen.GenerateRequest(
-                            model="bytegpt", token_ids=gen.TokenIds(ids=r.integers(0, VOCAB, 16).tolist()),
-                            max_new_tokens=32), timeout=30))
+                        list(
+                            gstub.GenerateStream(
+                                gen.GenerateRequest(
+                                    model="bytegpt",
+                                    token_ids=gen.TokenIds(ids=r.integers(0, VOCAB, 16).tolist()),
+                                    max_new_tokens=32,
+                                ),
+                                timeout=30,
+                            )
+                        )
                     else:
-                        stub.ModelInfer(infer_request(r.integers(0, VOCAB, (int(r.integers(1, 5)), int(r.integers(1, 200))))),
-                                        timeout=30)
+                        stub.ModelInfer(
+                            infer_request(r.integers(0, VOCAB, (int(r.integers(1, 5)), int(r.integers(1, 200))))),
+                            timeout=30,
+                        )
                     ok = True
                 except grpc.RpcError:
                     ok = False
@@ -479,13 +551,20 @@ def soak(seconds: float, clients: int = 8) -> dict:
             time.sleep(0.5)
         for t in threads:
             t.join(60)
-    half = samples[len(samples) // 2:]
-    return {"seconds": seconds, "requests": requests, "failed": failures, "rss_mib_start": round(samples[0] / 1024, 1),
-            "rss_mib_mid": round(half[0] / 1024, 1), "rss_mib_end": round(samples[-1] / 1024, 1),
-            "rss_growth_second_half_pct": round(100 * (max(half) - half[0]) / half[0], 2)}
+    half = samples[len(samples) // 2 :]
+    return {
+        "seconds": seconds,
+        "requests": requests,
+        "failed": failures,
+        "rss_mib_start": round(samples[0] / 1024, 1),
+        "rss_mib_mid": round(half[0] / 1024, 1),
+        "rss_mib_end": round(samples[-1] / 1024, 1),
+        "rss_growth_second_half_pct": round(100 * (max(half) - half[0]) / half[0], 2),
+    }
 
 
 # -- auth ------------------------------------------------------------------------------------
+
 
 def auth(calls: int = 200) -> dict:
     """With a bearer token required: calls without it, with a wrong one or a malformed header,
@@ -495,23 +574,43 @@ def auth(calls: int = 200) -> dict:
     token = "chaos-" + "k" * 32
     bad = [None, "Bearer wrong", token, "Bearer " + token[:-1], "Basic " + token, "Bearer"]
     refused = other = 0
-    with ServerProcess(_repository(), "--log-level", "warning", "--no-auth-open-health",
-                       env={"TSERVE_AUTH_TOKEN": token}, wait_token=token) as server, channel(server.address) as ch:
+    with (
+        ServerProcess(
+            _repository(),
+            "--log-level",
+            "warning",
+            "--no-auth-open-health",
+            env={"TSERVE_AUTH_TOKEN": token},
+            wait_token=token,
+        ) as server,
+        channel(server.address) as ch,
+    ):
         stub, gstub = pb_grpc.GRPCInferenceServiceStub(ch), gen_grpc.TextGenerationStub(ch)
         grpc_calls = [
             lambda md: stub.ModelInfer(infer_request(np.ones((1, 4), np.int64)), timeout=10, metadata=md),
             lambda md: stub.ServerLive(pb.ServerLiveRequest(), timeout=10, metadata=md),
             lambda md: stub.ModelMetadata(pb.ModelMetadataRequest(name="bytegpt"), timeout=10, metadata=md),
-            lambda md: stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="bytegpt"), timeout=10,
-                                                  metadata=md),
-            lambda md: list(gstub.GenerateStream(gen.GenerateRequest(model="bytegpt", text="x", max_new_tokens=2),
-                                                 timeout=10, metadata=md)),
+            lambda md: stub.RepositoryModelUnload(
+                pb.RepositoryModelUnloadRequest(model_name="bytegpt"), timeout=10, metadata=md
+            ),
+            lambda md: list(
+                gstub.GenerateStream(
+                    gen.GenerateRequest(model="bytegpt", text="x", max_new_tokens=2), timeout=10, metadata=md
+                )
+            ),
         ]
-        http_calls = [("GET", "/v2/health/ready", None), ("GET", "/v2/models/bytegpt", None),
-                      ("POST", "/v2/models/bytegpt/infer", b'{"inputs": [{"name": "input_ids", "datatype": "INT64", '
-                                                           b'"shape": [1, 1], "data": [1]}]}'),
-                      ("POST", "/v2/repository/models/bytegpt/unload", b"{}"), ("GET", "/v1/models", None),
-                      ("POST", "/v1/completions", b'{"model": "bytegpt", "prompt": "x", "max_tokens": 2}')]
+        http_calls = [
+            ("GET", "/v2/health/ready", None),
+            ("GET", "/v2/models/bytegpt", None),
+            (
+                "POST",
+                "/v2/models/bytegpt/infer",
+                b'{"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 1], "data": [1]}]}',
+            ),
+            ("POST", "/v2/repository/models/bytegpt/unload", b"{}"),
+            ("GET", "/v1/models", None),
+            ("POST", "/v1/completions", b'{"model": "bytegpt", "prompt": "x", "max_tokens": 2}'),
+        ]
         for i in range(calls):
             header = bad[i % len(bad)]
             try:
@@ -527,14 +626,20 @@ def auth(calls: int = 200) -> dict:
             conn.close()
             refused += status == 401
             other += status != 401
-        good = stub.ModelInfer(infer_request(np.ones((1, 4), np.int64)), timeout=10,
-                               metadata=[("authorization", f"Bearer {token}")])
-    return {"unauthenticated_calls": 2 * calls, "refused_unauthenticated": refused, "answered_otherwise": other,
-            "with_token_served": good.outputs[0].name == "logits"}
+        good = stub.ModelInfer(
+            infer_request(np.ones((1, 4), np.int64)), timeout=10, metadata=[("authorization", f"Bearer {token}")]
+        )
+    return {
+        "unauthenticated_calls": 2 * calls,
+        "refused_unauthenticated": refused,
+        "answered_otherwise": other,
+        "with_token_served": good.outputs[0].name == "logits",
+    }
 
 
 def _repository() -> Path:
     from tests.conftest import DEFAULT_REPOSITORY
+
     return DEFAULT_REPOSITORY
 
 
@@ -544,22 +649,35 @@ def targets(name: str, f: dict, long: bool) -> dict[str, bool]:
     rss = 5 if long else 25
     return {
         "fuzz": lambda: {
-            "0 deaths, 0 hangs over 5 s, 0 INTERNAL/UNKNOWN": (f["deaths"], f["hangs_over_5s"],
-                                                            f["internal_or_unknown"]) == (0, 0, 0),
-            "0 valid requests failed beside malformed ones": f["valid_failed"] == 0},
+            "0 deaths, 0 hangs over 5 s, 0 INTERNAL/UNKNOWN": (
+                f["deaths"],
+                f["hangs_over_5s"],
+                f["internal_or_unknown"],
+            )
+            == (0, 0, 0),
+            "0 valid requests failed beside malformed ones": f["valid_failed"] == 0,
+        },
         "crosstalk": lambda: {"0 lost, 0 mismatched": (f["lost"], f["mismatched"]) == (0, 0)},
         "overload": lambda: {
-            "every refusal RESOURCE_EXHAUSTED, served answers whole": not f["refused_otherwise"] and not f["served_wrong"],
-            f"p50 time to refuse <= 10 ms, over >= {PROBE_SAMPLES} refusals":
-                f["probe_refusals"] >= PROBE_SAMPLES and f["probe_refuse_p50_ms"] <= 10},
-        "sigterm": lambda: {"0 in flight lost, exit 0, later calls UNAVAILABLE":
-                            f["in_flight_failed"] == 0 and f["exit_codes"] == [0]
-                            and set(f["after_window"]) == {"UNAVAILABLE"}},
+            "every refusal RESOURCE_EXHAUSTED, served answers whole": not f["refused_otherwise"]
+            and not f["served_wrong"],
+            f"p50 time to refuse <= 10 ms, over >= {PROBE_SAMPLES} refusals": f["probe_refusals"] >= PROBE_SAMPLES
+            and f["probe_refuse_p50_ms"] <= 10,
+        },
+        "sigterm": lambda: {
+            "0 in flight lost, exit 0, later calls UNAVAILABLE": f["in_flight_failed"] == 0
+            and f["exit_codes"] == [0]
+            and set(f["after_window"]) == {"UNAVAILABLE"}
+        },
         "kill9": lambda: {"every restart SERVING and serving": f["restarted_and_served"] == f["kills"]},
-        "soak": lambda: {f"0 failed, RSS growth over the second half <= {rss}%":
-                         f["failed"] == 0 and f["rss_growth_second_half_pct"] <= rss},
-        "auth": lambda: {"100% of unauthenticated calls refused":
-                         f["refused_unauthenticated"] == f["unauthenticated_calls"] and f["with_token_served"]},
+        "soak": lambda: {
+            f"0 failed, RSS growth over the second half <= {rss}%": f["failed"] == 0
+            and f["rss_growth_second_half_pct"] <= rss
+        },
+        "auth": lambda: {
+            "100% of unauthenticated calls refused": f["refused_unauthenticated"] == f["unauthenticated_calls"]
+            and f["with_token_served"]
+        },
     }[name]()
 
 

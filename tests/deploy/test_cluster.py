@@ -53,7 +53,9 @@ def test_load_through_nginx_reaches_every_replica_and_prometheus(running_cluster
 
     deadline = time.monotonic() + 30
     while True:
-        result = prometheus_query(state["prometheus_port"], 'sum by (instance) (tserve_requests_total{model="bytegpt",outcome="success"})')
+        result = prometheus_query(
+            state["prometheus_port"], 'sum by (instance) (tserve_requests_total{model="bytegpt",outcome="success"})'
+        )
         total = sum(float(r["value"][1]) for r in result)
         if len(result) == 2 and total >= 40:
             break

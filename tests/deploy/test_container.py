@@ -34,8 +34,12 @@ def podman(tmp_path_factory) -> list[str]:
     if not all(shutil.which(t) for t in ("podman", "runc", "debootstrap")):
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "podman", "buildah", "runc", "debootstrap"], check=True,
-                       env=env, capture_output=True)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "podman", "buildah", "runc", "debootstrap"],
+            check=True,
+            env=env,
+            capture_output=True,
+        )
     conf = tmp_path_factory.mktemp("podman") / "containers.conf"
     conf.write_text('[containers]\ndefault_ulimits = []\n[engine]\ncgroup_manager = "cgroupfs"\n')
     os.environ["CONTAINERS_CONF"] = str(conf)
@@ -53,14 +57,33 @@ def image(podman) -> str:
     if subprocess.run([*podman, "image", "exists", BASE]).returncode != 0:
         with tempfile.TemporaryDirectory() as tmp:
             rootfs = os.path.join(tmp, "rootfs")
-            run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates", "bookworm",
-                 rootfs, "http://deb.debian.org/debian"])
+            run(
+                [
+                    "debootstrap",
+                    "--variant=minbase",
+                    "--include=python3,python3-venv,ca-certificates",
+                    "bookworm",
+                    rootfs,
+                    "http://deb.debian.org/debian",
+                ]
+            )
             archive = os.path.join(tmp, "rootfs.tar")
             with tarfile.open(archive, "w") as tar:
                 tar.add(rootfs, arcname=".")
             run([*podman, "import", archive, BASE])
     # docker format: OCI images have no HEALTHCHECK
-    build = [*podman, "build", "--format", "docker", "--isolation=chroot", "--network=host", "--build-arg", f"BASE_IMAGE={BASE}", "-t", IMAGE]
+    build = [
+        *podman,
+        "build",
+        "--format",
+        "docker",
+        "--isolation=chroot",
+        "--network=host",
+        "--build-arg",
+        f"BASE_IMAGE={BASE}",
+        "-t",
+        IMAGE,
+    ]
     if os.path.exists(CERTS):  # where TLS is intercepted, pip in the build needs the host's CA bundle
         build += ["-v", "/etc/ssl/certs:/etc/ssl/certs:ro", "--build-arg", f"PIP_CERT={CERTS}"]
     run([*build, str(ROOT)])
@@ -71,8 +94,25 @@ def test_image_serves_checks_health_and_drains_on_sigterm(podman, image):
     grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
     name = f"tserve-test-{os.getpid()}"
     # ports through the environment, so the image's HEALTHCHECK probes the same one
-    run([*podman, "run", "-d", "--network=host", "--name", name, "-e", f"TSERVE_GRPC_PORT={grpc_port}",
-         "-e", f"TSERVE_HTTP_PORT={http_port}", "-e", f"TSERVE_METRICS_PORT={metrics_port}", "-e", "TSERVE_HOST=127.0.0.1", image])
+    run(
+        [
+            *podman,
+            "run",
+            "-d",
+            "--network=host",
+            "--name",
+            name,
+            "-e",
+            f"TSERVE_GRPC_PORT={grpc_port}",
+            "-e",
+            f"TSERVE_HTTP_PORT={http_port}",
+            "-e",
+            f"TSERVE_METRICS_PORT={metrics_port}",
+            "-e",
+            "TSERVE_HOST=127.0.0.1",
+            image,
+        ]
+    )
     try:
         client = tc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
         deadline = time.monotonic() + 60

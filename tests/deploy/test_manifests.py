@@ -24,7 +24,9 @@ def docs(path: Path) -> list[dict]:
 
 
 def validate(*files: Path) -> None:
-    res = subprocess.run([str(BIN / "kubernetes-validate"), "--strict", *map(str, files)], capture_output=True, text=True)
+    res = subprocess.run(
+        [str(BIN / "kubernetes-validate"), "--strict", *map(str, files)], capture_output=True, text=True
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "passed" in res.stdout + res.stderr
 
@@ -36,18 +38,29 @@ def base_resources() -> list[Path]:
 
 def test_base_manifests_validate_against_the_kubernetes_schemas():
     files = [f for f in base_resources() if all(d["kind"] not in CRD_KINDS for d in docs(f))]
-    assert {d["kind"] for f in files for d in docs(f)} == {"Deployment", "Service", "HorizontalPodAutoscaler",
-                                                            "PodDisruptionBudget"}
+    assert {d["kind"] for f in files for d in docs(f)} == {
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+    }
     validate(*files)
 
 
 def test_custom_resources_are_well_formed():
-    found = {d["kind"]: d for f in [*base_resources(), *(ROOT / "deploy" / "kserve").glob("*.yaml")] for d in docs(f)
-             if d["kind"] in CRD_KINDS}
+    found = {
+        d["kind"]: d
+        for f in [*base_resources(), *(ROOT / "deploy" / "kserve").glob("*.yaml")]
+        for d in docs(f)
+        if d["kind"] in CRD_KINDS
+    }
     assert set(found) == CRD_KINDS
     assert found["ServiceMonitor"]["spec"]["endpoints"][0]["port"] == "metrics"
     assert "grpc-v2" in found["ServingRuntime"]["spec"]["protocolVersions"]
-    assert found["InferenceService"]["spec"]["predictor"]["model"]["runtime"] == found["ServingRuntime"]["metadata"]["name"]
+    assert (
+        found["InferenceService"]["spec"]["predictor"]["model"]["runtime"]
+        == found["ServingRuntime"]["metadata"]["name"]
+    )
 
 
 def deployment() -> dict:
@@ -68,7 +81,9 @@ def test_gpu_overlay_renders_to_a_valid_deployment(tmp_path):
 
 def test_secure_overlay_mounts_the_secrets_and_probes_over_tls(tmp_path):
     overlay = yaml.safe_load((K8S / "overlays" / "secure" / "kustomization.yaml").read_text())
-    patch = jsonpatch.JsonPatch(yaml.safe_load((K8S / "overlays" / "secure" / overlay["patches"][0]["path"]).read_text()))
+    patch = jsonpatch.JsonPatch(
+        yaml.safe_load((K8S / "overlays" / "secure" / overlay["patches"][0]["path"]).read_text())
+    )
     rendered = patch.apply(copy.deepcopy(deployment()))
     spec = rendered["spec"]["template"]["spec"]
     container = spec["containers"][0]
@@ -103,15 +118,21 @@ def test_dockerfile_lints_clean_and_keeps_its_promises():
     assert res.returncode == 0, res.stdout + res.stderr
     text = (ROOT / "Dockerfile").read_text()
     assert "ARG BASE_IMAGE=" in text and "EXPOSE 8000 8001 8002" in text and "USER 10001" in text
-    assert 'HEALTHCHECK' in text and "service.healthcheck" in text and "torch" not in text.split("FROM")[-1]
+    assert "HEALTHCHECK" in text and "service.healthcheck" in text and "torch" not in text.split("FROM")[-1]
 
 
 def test_container_health_probe_against_a_real_server():
     with ServerProcess(DEFAULT_REPOSITORY) as server:
-        ok = subprocess.run([sys.executable, "-m", "service.healthcheck", server.address], cwd=ROOT,
-                            capture_output=True, text=True, timeout=30)
+        ok = subprocess.run(
+            [sys.executable, "-m", "service.healthcheck", server.address],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert ok.returncode == 0 and "SERVING" in ok.stdout
         address = server.address
-    down = subprocess.run([sys.executable, "-m", "service.healthcheck", address], cwd=ROOT,
-                          capture_output=True, text=True, timeout=30)
+    down = subprocess.run(
+        [sys.executable, "-m", "service.healthcheck", address], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
     assert down.returncode == 1 and "unhealthy" in down.stderr

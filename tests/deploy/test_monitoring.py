@@ -21,16 +21,24 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "tserve-dashboard.json"
 def test_promtool_checks_and_unit_tests_the_rules():
     check = subprocess.run(["promtool", "check", "rules", "alerts.yml"], cwd=PROMETHEUS, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
-    tests = subprocess.run(["promtool", "test", "rules", "alerts_test.yml"], cwd=PROMETHEUS, capture_output=True, text=True)
+    tests = subprocess.run(
+        ["promtool", "test", "rules", "alerts_test.yml"], cwd=PROMETHEUS, capture_output=True, text=True
+    )
     assert tests.returncode == 0, tests.stdout + tests.stderr
-    config = subprocess.run(["promtool", "check", "config", "prometheus.yml"], cwd=PROMETHEUS, capture_output=True, text=True)
+    config = subprocess.run(
+        ["promtool", "check", "config", "prometheus.yml"], cwd=PROMETHEUS, capture_output=True, text=True
+    )
     assert config.returncode == 0, config.stdout + config.stderr
 
 
 def exported_names(metrics_text: str) -> set[str]:
     """Every sample name tserve can expose, from its # TYPE lines (children or not)."""
-    suffixes = {"counter": ["_total", "_created"], "histogram": ["_bucket", "_sum", "_count", "_created"],
-                "gauge": [""], "summary": ["", "_sum", "_count"]}
+    suffixes = {
+        "counter": ["_total", "_created"],
+        "histogram": ["_bucket", "_sum", "_count", "_created"],
+        "gauge": [""],
+        "summary": ["", "_sum", "_count"],
+    }
     names = set()
     for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", metrics_text, flags=re.M):
         names.update(name.removesuffix("_total") + s for s in suffixes.get(kind, [""]))

@@ -28,8 +28,10 @@ def golden_reproduces(entry_version_dir) -> None:
         assert record["sha256"] == sha256(entry_version_dir / name)
     session = cpu_session(entry_version_dir / "model.onnx")
     for golden in manifest["golden"]:
-        feeds = {k: np.array(v["data"], {"INT64": np.int64, "FP32": np.float32}[v["datatype"]]).reshape(v["shape"])
-                 for k, v in golden["inputs"].items()}
+        feeds = {
+            k: np.array(v["data"], {"INT64": np.int64, "FP32": np.float32}[v["datatype"]]).reshape(v["shape"])
+            for k, v in golden["inputs"].items()
+        }
         expected = golden["outputs"]["logits"]
         got = session.run(["logits"], feeds)[0]
         assert list(got.shape) == expected["shape"]
@@ -41,7 +43,9 @@ def test_tiny_export_matches_pytorch(tiny_repository):
     report = verify(model, tiny_repository / "bytegpt" / "1" / "model.onnx", prompts(ckpt))
     assert report["max_abs_logits_diff"] <= 1e-4
     assert report["greedy_equal_alone"] and report["greedy_equal_batched"]
-    assert {"batch1_seq1_empty_past", "batch1_long", "batch2_seq1_past17", "real_prompts_left_padded"} <= set(report["cases"])
+    assert {"batch1_seq1_empty_past", "batch1_long", "batch2_seq1_past17", "real_prompts_left_padded"} <= set(
+        report["cases"]
+    )
 
 
 def test_the_fused_generation_graph_matches_pytorch(tiny_repository):

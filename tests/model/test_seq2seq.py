@@ -9,8 +9,9 @@ import torch
 from model.naming import _examples_in, subtoken_f1
 from model.seq2seq import BOS_ID, PAD_ID, Seq2Seq, Seq2SeqConfig
 
-CFG = Seq2SeqConfig(d_model=32, d_ff=64, n_encoder_layers=2, n_decoder_layers=2, n_head=2, max_source=32,
-                    max_target=10, dropout=0.0)
+CFG = Seq2SeqConfig(
+    d_model=32, d_ff=64, n_encoder_layers=2, n_decoder_layers=2, n_head=2, max_source=32, max_target=10, dropout=0.0
+)
 
 
 def model() -> Seq2Seq:
@@ -44,7 +45,7 @@ def test_decoder_is_causal_and_the_caches_give_the_full_pass():
         logits, past, cross = m.decode(tgt[:, :2], mask, memory)
         steps = [logits]
         for t in range(2, 5):
-            logits, past, cross = m.decode(tgt[:, t:t + 1], mask, past=past, cross=cross)
+            logits, past, cross = m.decode(tgt[:, t : t + 1], mask, past=past, cross=cross)
             steps.append(logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
 
@@ -56,8 +57,9 @@ def test_left_padded_targets_in_a_batch_match_each_alone():
     with torch.no_grad():
         memory = m.encode(src, mask)
         alone, _, _ = m.decode(torch.tensor([[BOS_ID, 7]]), mask, memory)
-        padded, _, _ = m.decode(torch.tensor([[PAD_ID, BOS_ID, 7]]), mask, memory,
-                                decoder_attention_mask=torch.tensor([[0, 1, 1]]))
+        padded, _, _ = m.decode(
+            torch.tensor([[PAD_ID, BOS_ID, 7]]), mask, memory, decoder_attention_mask=torch.tensor([[0, 1, 1]])
+        )
     torch.testing.assert_close(padded[:, 1:], alone, rtol=1e-5, atol=1e-5)
 
 
@@ -81,10 +83,40 @@ def test_train_seq2seq_on_a_bpe_checkpoints_and_resumes(tmp_path):
     from model.train_seq2seq import NamingTokenizer, parse_args, train
 
     email = str(Path(sysconfig.get_paths()["stdlib"]) / "email")  # 29 files, 2 of them held out
-    tc, mc, _ = parse_args(["--out", str(tmp_path), "--data", email, "--bpe-vocab", "300", "--batch-size", "8",
-                            "--max-steps", "12", "--warmup-steps", "2", "--eval-interval", "6", "--eval-examples", "8",
-                            "--d-model", "32", "--d-ff", "64", "--n-encoder-layers", "1", "--n-decoder-layers", "1",
-                            "--n-head", "2", "--max-source", "48", "--max-target", "12"])
+    tc, mc, _ = parse_args(
+        [
+            "--out",
+            str(tmp_path),
+            "--data",
+            email,
+            "--bpe-vocab",
+            "300",
+            "--batch-size",
+            "8",
+            "--max-steps",
+            "12",
+            "--warmup-steps",
+            "2",
+            "--eval-interval",
+            "6",
+            "--eval-examples",
+            "8",
+            "--d-model",
+            "32",
+            "--d-ff",
+            "64",
+            "--n-encoder-layers",
+            "1",
+            "--n-decoder-layers",
+            "1",
+            "--n-head",
+            "2",
+            "--max-source",
+            "48",
+            "--max-target",
+            "12",
+        ]
+    )
     tc.max_steps = 6
     train(tc, mc)
     first = torch.load(tmp_path / "checkpoint.pt", weights_only=False)

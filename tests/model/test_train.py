@@ -9,9 +9,34 @@ from model.tokenizer import from_checkpoint
 from model.train import parse_args, train
 from model.transformer import load_checkpoint
 
-TINY = ["--block-size", "32", "--d-model", "32", "--d-ff", "64", "--n-layer", "2", "--n-head", "2",
-        "--batch-size", "8", "--warmup-steps", "2", "--lr", "3e-3", "--eval-interval", "10",
-        "--eval-bytes", "4096", "--final-eval-bytes", "8192", "--max-corpus-bytes", "400000", "--ngram-order", "3"]
+TINY = [
+    "--block-size",
+    "32",
+    "--d-model",
+    "32",
+    "--d-ff",
+    "64",
+    "--n-layer",
+    "2",
+    "--n-head",
+    "2",
+    "--batch-size",
+    "8",
+    "--warmup-steps",
+    "2",
+    "--lr",
+    "3e-3",
+    "--eval-interval",
+    "10",
+    "--eval-bytes",
+    "4096",
+    "--final-eval-bytes",
+    "8192",
+    "--max-corpus-bytes",
+    "400000",
+    "--ngram-order",
+    "3",
+]
 
 
 @pytest.mark.parametrize("bpe_vocab", [0, 512])

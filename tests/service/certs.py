@@ -27,20 +27,29 @@ def _name(common: str) -> x509.Name:
 def _write(path: Path, cert: x509.Certificate, key) -> Pair:
     cert_path, key_path = path.with_suffix(".crt"), path.with_suffix(".key")
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return Pair(cert_path, key_path)
 
 
 def _certificate(subject: str, key, issuer: x509.Name, issuer_key, ca: bool, server: bool = False):
     now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(issuer)
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
     if server:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
     if not ca:
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
         builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
@@ -58,9 +67,12 @@ def make_certificates(folder: Path) -> dict[str, Pair]:
     out = {"ca": ca}
     for name, server in (("server", True), ("client", False)):
         key = ec.generate_private_key(ec.SECP256R1())
-        out[name] = _write(folder / name, _certificate(name, key, ca_cert.subject, ca_key, ca=False, server=server), key)
+        out[name] = _write(
+            folder / name, _certificate(name, key, ca_cert.subject, ca_key, ca=False, server=server), key
+        )
     _, rogue_cert, rogue_key = _ca(folder, "rogue_ca")
     key = ec.generate_private_key(ec.SECP256R1())
-    out["rogue_client"] = _write(folder / "rogue_client",
-                                 _certificate("rogue", key, rogue_cert.subject, rogue_key, ca=False), key)
+    out["rogue_client"] = _write(
+        folder / "rogue_client", _certificate("rogue", key, rogue_cert.subject, rogue_key, ca=False), key
+    )
     return out

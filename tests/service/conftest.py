@@ -58,13 +58,23 @@ def export_encoder(path: Path) -> Path:
     torch.manual_seed(0)
     model = TinyEncoder().eval()
     B, T = 2, 5
-    example = (torch.randint(0, ENCODER_VOCAB, (B, T)), torch.ones(B, T, dtype=torch.int64), torch.zeros(B, T, dtype=torch.int64))
+    example = (
+        torch.randint(0, ENCODER_VOCAB, (B, T)),
+        torch.ones(B, T, dtype=torch.int64),
+        torch.zeros(B, T, dtype=torch.int64),
+    )
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
     shapes = {n: {0: batch, 1: seq} for n in ("input_ids", "attention_mask", "token_type_ids")}
     path.parent.mkdir(parents=True, exist_ok=True)
-    program = torch.onnx.export(model, example, dynamo=True, dynamic_shapes=shapes,
-                                input_names=["input_ids", "attention_mask", "token_type_ids"],
-                                output_names=["last_hidden_state"], opset_version=18)
+    program = torch.onnx.export(
+        model,
+        example,
+        dynamo=True,
+        dynamic_shapes=shapes,
+        input_names=["input_ids", "attention_mask", "token_type_ids"],
+        output_names=["last_hidden_state"],
+        opset_version=18,
+    )
     proto = program.model_proto
     proto.ir_version = 10
     import onnx
@@ -94,8 +104,9 @@ def repository(tmp_path_factory, encoder_onnx) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repository):
-    with ServerProcess(repository, "--max-message-bytes", str(1 << 20), "--log-format", "json",
-                       "--log-level", "debug") as s:
+    with ServerProcess(
+        repository, "--max-message-bytes", str(1 << 20), "--log-format", "json", "--log-level", "debug"
+    ) as s:
         yield s
 
 

@@ -15,7 +15,9 @@ from tests.conftest import BYTEGPT_VOCAB
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
-def request(model: str = "bytegpt", inputs: dict | None = None, version: str = "", outputs=("logits",)) -> pb.ModelInferRequest:
+def request(
+    model: str = "bytegpt", inputs: dict | None = None, version: str = "", outputs=("logits",)
+) -> pb.ModelInferRequest:
     inputs = {"input_ids": np.ones((1, 4), np.int64)} if inputs is None else inputs
     req = pb.ModelInferRequest(model_name=model, model_version=version)
     for name, a in inputs.items():
@@ -56,26 +58,53 @@ CASES = {
     "unknown model": (lambda: request(model="nope"), grpc.StatusCode.NOT_FOUND, ["nope"]),
     "unknown version": (lambda: request(version="7"), grpc.StatusCode.NOT_FOUND, ["version"]),
     "bad version string": (lambda: request(version="latest"), grpc.StatusCode.NOT_FOUND, ["version"]),
-    "unknown input": (lambda: request(inputs={"input_ids": np.ones((1, 2), np.int64), "tokens": np.ones((1, 2), np.int64)}),
-                      INVALID, ["'tokens'"]),
+    "unknown input": (
+        lambda: request(inputs={"input_ids": np.ones((1, 2), np.int64), "tokens": np.ones((1, 2), np.int64)}),
+        INVALID,
+        ["'tokens'"],
+    ),
     "missing input": (lambda: request(inputs={"attention_mask": np.ones((1, 2), np.int64)}), INVALID, ["input_ids"]),
-    "wrong dtype": (lambda: request(inputs={"input_ids": np.ones((1, 2), np.int32)}), INVALID, ["input_ids", "INT32", "INT64"]),
+    "wrong dtype": (
+        lambda: request(inputs={"input_ids": np.ones((1, 2), np.int32)}),
+        INVALID,
+        ["input_ids", "INT32", "INT64"],
+    ),
     "wrong rank": (lambda: request(inputs={"input_ids": np.ones((4,), np.int64)}), INVALID, ["input_ids", "rank"]),
     "byte length": (lambda: with_raw(request(), 0, b"\x00" * 12), INVALID, ["input_ids", "12 bytes", "needs 32"]),
-    "zero-size dim": (lambda: request(inputs={"input_ids": np.ones((1, 0), np.int64)}), INVALID, ["input_ids", "zero-size"]),
-    "token id above vocab": (lambda: request(inputs={"input_ids": np.array([[1, BYTEGPT_VOCAB]], np.int64)}), INVALID,
-                             ["input_ids", str(BYTEGPT_VOCAB), "vocabulary"]),
+    "zero-size dim": (
+        lambda: request(inputs={"input_ids": np.ones((1, 0), np.int64)}),
+        INVALID,
+        ["input_ids", "zero-size"],
+    ),
+    "token id above vocab": (
+        lambda: request(inputs={"input_ids": np.array([[1, BYTEGPT_VOCAB]], np.int64)}),
+        INVALID,
+        ["input_ids", str(BYTEGPT_VOCAB), "vocabulary"],
+    ),
     "negative token id": (lambda: request(inputs={"input_ids": np.array([[-3, 1]], np.int64)}), INVALID, ["-3"]),
-    "batch above max": (lambda: request(inputs={"input_ids": np.ones((33, 2), np.int64)}), INVALID,
-                        ["input_ids", "33", "max_batch_size"]),
-    "sequence above max": (lambda: request(inputs={"input_ids": np.ones((1, 300), np.int64)}), INVALID,
-                           ["input_ids", "300", "maximum sequence length"]),
-    "mask length": (lambda: request(inputs={"input_ids": np.ones((1, 3), np.int64), "attention_mask": np.ones((1, 5), np.int64)}),
-                    INVALID, ["attention_mask", "[1, 3]"]),
+    "batch above max": (
+        lambda: request(inputs={"input_ids": np.ones((33, 2), np.int64)}),
+        INVALID,
+        ["input_ids", "33", "max_batch_size"],
+    ),
+    "sequence above max": (
+        lambda: request(inputs={"input_ids": np.ones((1, 300), np.int64)}),
+        INVALID,
+        ["input_ids", "300", "maximum sequence length"],
+    ),
+    "mask length": (
+        lambda: request(inputs={"input_ids": np.ones((1, 3), np.int64), "attention_mask": np.ones((1, 5), np.int64)}),
+        INVALID,
+        ["attention_mask", "[1, 3]"],
+    ),
     "unknown output": (lambda: request(outputs=("scores",)), INVALID, ["scores"]),
     "unsupported datatype": (lambda: _datatype("BYTES"), INVALID, ["BYTES"]),
     "garbage datatype": (lambda: _datatype("x" * 500), INVALID, ["..."]),
-    "long input name is quoted short": (lambda: request(inputs={"n" * 5000: np.ones((1, 2), np.int64)}), INVALID, ["..."]),
+    "long input name is quoted short": (
+        lambda: request(inputs={"n" * 5000: np.ones((1, 2), np.int64)}),
+        INVALID,
+        ["..."],
+    ),
 }
 
 
@@ -112,8 +141,10 @@ def test_bad_requests_never_harm_requests_batched_with_them(server, stub):
     """Good and bad requests sent together: every good one gets its correct result."""
     rng = np.random.default_rng(7)
     good = [rng.integers(0, BYTEGPT_VOCAB, (1, int(rng.integers(2, 20))), dtype=np.int64) for _ in range(24)]
-    reference = [np.frombuffer(stub.ModelInfer(request(inputs={"input_ids": g}), timeout=30).raw_output_contents[0],
-                               np.float32) for g in good]
+    reference = [
+        np.frombuffer(stub.ModelInfer(request(inputs={"input_ids": g}), timeout=30).raw_output_contents[0], np.float32)
+        for g in good
+    ]
     bad = [np.array([[5, BYTEGPT_VOCAB + 1]], np.int64), np.ones((1, 300), np.int64), np.ones((1, 0), np.int64)]
     results: dict[int, np.ndarray] = {}
     codes: list[grpc.StatusCode] = []

@@ -36,8 +36,9 @@ def test_arrival_gap_is_a_moving_mean():
     assert rate.mean_gap_s == pytest.approx(0.006)
 
 
-def policy(gap: float | None, fixed: float, per_token: float = 1e-5, max_delay: float = 0.005,
-           target: float | None = None) -> BatchPolicy:
+def policy(
+    gap: float | None, fixed: float, per_token: float = 1e-5, max_delay: float = 0.005, target: float | None = None
+) -> BatchPolicy:
     p = BatchPolicy(max_delay, target)
     for tokens in (16, 512):
         p.costs.observe(tokens, fixed + per_token * tokens)

@@ -50,8 +50,12 @@ def runtime(tmp_path_factory):
 
 def spec(max_queue: int = 1024) -> ModelSpec:
     return ModelSpec(
-        name="lookup", version=1, platform="onnxruntime_onnx", model_path=Path("model.onnx"),
-        inputs=(TensorSpec("input_ids", "INT64", (-1,)),), outputs=(TensorSpec("y", "FP32", (-1, 2)),),
+        name="lookup",
+        version=1,
+        platform="onnxruntime_onnx",
+        model_path=Path("model.onnx"),
+        inputs=(TensorSpec("input_ids", "INT64", (-1,)),),
+        outputs=(TensorSpec("y", "FP32", (-1, 2)),),
         max_batch_size=8,
         batching=BatchingPolicy(enabled=True, max_batch_size=8, max_queue_delay_s=0.002, max_queue_size=max_queue),
         padding=PaddingRules(pad_values={"input_ids": 0}, unpad_outputs=("y",)),
@@ -95,8 +99,9 @@ def test_a_request_that_fails_in_a_batch_fails_alone(runtime):
     bad = np.array([[1, 2, VOCAB + 1000, 3, 4, 5]])  # ONNX Runtime's Gather refuses it
 
     async def body(s, batcher, _observer):
-        return await asyncio.gather(*(submit(s, batcher, ids) for ids in [*good[:3], bad, *good[3:]]),
-                                    return_exceptions=True)
+        return await asyncio.gather(
+            *(submit(s, batcher, ids) for ids in [*good[:3], bad, *good[3:]]), return_exceptions=True
+        )
 
     results = asyncio.run(with_batcher(runtime, body))
     assert isinstance(results[3], TServeError), results[3]
@@ -106,8 +111,9 @@ def test_a_request_that_fails_in_a_batch_fails_alone(runtime):
 
 def test_queue_bound_refuses_at_once(runtime):
     async def body(s, batcher, _observer):
-        return await asyncio.gather(*(submit(s, batcher, np.ones((1, 3), np.int64)) for _ in range(10)),
-                                    return_exceptions=True)
+        return await asyncio.gather(
+            *(submit(s, batcher, np.ones((1, 3), np.int64)) for _ in range(10)), return_exceptions=True
+        )
 
     results = asyncio.run(with_batcher(runtime, body, max_queue=4))
     refused = [r for r in results if isinstance(r, QueueFull)]

@@ -49,14 +49,19 @@ def test_typed_contents_decode(datatype):
     assert got.dtype == a.dtype and np.array_equal(got, a)
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda r: r.raw_input_contents.__setitem__(0, b"\0" * 7), "holds 7 bytes"),
-    (lambda r: r.inputs[0].shape.__setitem__(0, -1), "negative dimension"),
-    (lambda r: setattr(r.inputs[0], "datatype", "BF17"), "unsupported datatype"),
-    (lambda r: r.raw_input_contents.append(b""), "2 entries for 1 inputs"),
-    (lambda r: (r.inputs.add(name="t", datatype="INT64", shape=[1]), r.raw_input_contents.append(b"\0" * 8)),
-     "appears twice"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda r: r.raw_input_contents.__setitem__(0, b"\0" * 7), "holds 7 bytes"),
+        (lambda r: r.inputs[0].shape.__setitem__(0, -1), "negative dimension"),
+        (lambda r: setattr(r.inputs[0], "datatype", "BF17"), "unsupported datatype"),
+        (lambda r: r.raw_input_contents.append(b""), "2 entries for 1 inputs"),
+        (
+            lambda r: (r.inputs.add(name="t", datatype="INT64", shape=[1]), r.raw_input_contents.append(b"\0" * 8)),
+            "appears twice",
+        ),
+    ],
+)
 def test_malformed_requests_are_refused(mutate, message):
     req = pb.ModelInferRequest(model_name="m")
     req.inputs.add(name="t", datatype="INT64", shape=[1, 2])
@@ -72,8 +77,14 @@ def test_requested_outputs_come_back_in_the_order_asked():
 
 
 def test_generate_request_round_trip():
-    req = gen.GenerateRequest(model="m", text="hi", max_new_tokens=5, stop=["\n"], request_id="r",
-                              sampling=gen.SamplingParameters(temperature=0.5, top_k=3, seed=9))
+    req = gen.GenerateRequest(
+        model="m",
+        text="hi",
+        max_new_tokens=5,
+        stop=["\n"],
+        request_id="r",
+        sampling=gen.SamplingParameters(temperature=0.5, top_k=3, seed=9),
+    )
     got = converters.generate_input_from_proto(req)
     assert (got.model, got.text, got.token_ids, got.max_new_tokens, got.stop) == ("m", "hi", None, 5, ["\n"])
     assert (got.temperature, got.top_k, got.top_p, got.seed) == (0.5, 3, None, 9)
@@ -89,7 +100,8 @@ def test_ignore_eos_reaches_the_sequence():
     config = GenerationConfig(tokenizer=None, eos_token_ids=frozenset({0}), max_context=64, vocab_size=10)
     for flag, eos in ((False, {0}), (True, set())):
         req = converters.generate_input_from_proto(
-            gen.GenerateRequest(model="m", token_ids=gen.TokenIds(ids=[1, 2]), max_new_tokens=5, ignore_eos=flag))
+            gen.GenerateRequest(model="m", token_ids=gen.TokenIds(ids=[1, 2]), max_new_tokens=5, ignore_eos=flag)
+        )
         seq = to_sequence(config, req, default_max_new_tokens=8, deadline=None)
         assert req.ignore_eos == flag and seq.eos_token_ids == eos and seq.max_new_tokens == 5
 
@@ -98,8 +110,9 @@ def test_min_tokens_reaches_the_sequence_within_max_new_tokens():
     config = GenerationConfig(tokenizer=None, eos_token_ids=frozenset({0}), max_context=64, vocab_size=10)
 
     def sequence(min_tokens: int):
-        req = converters.generate_input_from_proto(gen.GenerateRequest(
-            model="m", token_ids=gen.TokenIds(ids=[1, 2]), max_new_tokens=5, min_tokens=min_tokens))
+        req = converters.generate_input_from_proto(
+            gen.GenerateRequest(model="m", token_ids=gen.TokenIds(ids=[1, 2]), max_new_tokens=5, min_tokens=min_tokens)
+        )
         return to_sequence(config, req, default_max_new_tokens=8, deadline=None)
 
     assert sequence(5).min_tokens == 5 and sequence(0).min_tokens == 0
@@ -108,8 +121,11 @@ def test_min_tokens_reaches_the_sequence_within_max_new_tokens():
 
 
 def test_stream_chunks_and_the_final_response():
-    events = [Event("a", [97]), Event("b", [98]),
-              Event("c", [99], FinishReason.LENGTH, prompt_tokens=2, generated_tokens=3, ttft_s=0.5, total_s=1.0)]
+    events = [
+        Event("a", [97]),
+        Event("b", [98]),
+        Event("c", [99], FinishReason.LENGTH, prompt_tokens=2, generated_tokens=3, ttft_s=0.5, total_s=1.0),
+    ]
     chunk = converters.stream_chunk_to_proto(events[:2])
     assert chunk.text == "ab" and list(chunk.token_ids) == [97, 98] and chunk.finish_reason == 0
     last = converters.stream_chunk_to_proto(events[2:])

@@ -48,8 +48,18 @@ def value(dp, name: str, **labels) -> float:
 
 
 def generate_input(n: int = 20, **kw) -> GenerateInput:
-    fields = dict(model="bytegpt", text="def f(x):", token_ids=None, max_new_tokens=n, temperature=None,
-                  top_k=None, top_p=None, seed=None, stop=[], request_id="g1")
+    fields = dict(
+        model="bytegpt",
+        text="def f(x):",
+        token_ids=None,
+        max_new_tokens=n,
+        temperature=None,
+        top_k=None,
+        top_p=None,
+        seed=None,
+        stop=[],
+        request_id="g1",
+    )
     return GenerateInput(**{**fields, **kw})
 
 

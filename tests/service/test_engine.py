@@ -30,8 +30,14 @@ from tests.conftest import DEFAULT_REPOSITORY
 
 pytestmark = pytest.mark.unit  # in-process, no servers or exports: make test-unit
 
-TEXTS = ("def fibonacci(n):", "import os\n", "class Stack:\n    def push(self, x):", "for i in range(10):", "x",
-         "return self._data[key]")
+TEXTS = (
+    "def fibonacci(n):",
+    "import os\n",
+    "class Stack:\n    def push(self, x):",
+    "for i in range(10):",
+    "x",
+    "return self._data[key]",
+)
 LENGTHS = [38, 7, 25, 3, 33, 12]  # within namegen's longest output (39)
 
 
@@ -88,11 +94,19 @@ def fused_model(manager) -> Model:
 
 def seq2seq_model(manager) -> Model:
     mv = manager.get("namegen")
-    return Model(mv.name, partial(seq2seq_cache, mv.spec), tuple(mv.graphs[f] for f in (ENCODER, DECODER, DECODER_WITH_PAST)),
-                 mv.generation.tokenizer)
+    return Model(
+        mv.name,
+        partial(seq2seq_cache, mv.spec),
+        tuple(mv.graphs[f] for f in (ENCODER, DECODER, DECODER_WITH_PAST)),
+        mv.generation.tokenizer,
+    )
 
 
-CACHES = {"KVRows": (traced_model, KVRows), "KVSlots": (fused_model, KVSlots), "Seq2SeqCache": (seq2seq_model, Seq2SeqCache)}
+CACHES = {
+    "KVRows": (traced_model, KVRows),
+    "KVSlots": (fused_model, KVSlots),
+    "Seq2SeqCache": (seq2seq_model, Seq2SeqCache),
+}
 
 
 @pytest.fixture(scope="module", params=list(CACHES))
@@ -111,13 +125,22 @@ async def drain(seq: Sequence) -> list:
     return events
 
 
-def run(m: Model, jobs: list[Sequence], limits: EngineLimits, steps: list | None = None, during=None,
-        engines: list | None = None, wrap=lambda runtime: runtime) -> list[list]:
+def run(
+    m: Model,
+    jobs: list[Sequence],
+    limits: EngineLimits,
+    steps: list | None = None,
+    during=None,
+    engines: list | None = None,
+    wrap=lambda runtime: runtime,
+) -> list[list]:
     """Submit every job at once; returns each job's events (and appends the closed engine to
     `engines`, for a look at its state)."""
 
     async def main():
-        engine = GenerationEngine(m.name, m.make_cache(wrap), limits, on_step=steps.append if steps is not None else None)
+        engine = GenerationEngine(
+            m.name, m.make_cache(wrap), limits, on_step=steps.append if steps is not None else None
+        )
         if engines is not None:
             engines.append(engine)
         engine.start()
@@ -144,7 +167,9 @@ def tokens(events: list) -> list[int]:
 @pytest.fixture(scope="module")
 def alone(model) -> list[list[int]]:
     """Each prompt generated on its own: the reference for every batched run."""
-    return [tokens(run(model, [greedy(p, n)], EngineLimits(max_sequences=1))[0]) for p, n in zip(model.prompts, LENGTHS)]
+    return [
+        tokens(run(model, [greedy(p, n)], EngineLimits(max_sequences=1))[0]) for p, n in zip(model.prompts, LENGTHS)
+    ]
 
 
 def test_a_busy_batch_gives_each_sequence_its_tokens_alone(model, alone):
@@ -152,8 +177,12 @@ def test_a_busy_batch_gives_each_sequence_its_tokens_alone(model, alone):
     in chunks, finished rows become holes that joiners fill, and the batch never grows past the
     slots."""
     steps = []
-    results = run(model, [greedy(p, n) for p, n in zip(model.prompts, LENGTHS)],
-                  EngineLimits(max_sequences=3, token_budget=8), steps)
+    results = run(
+        model,
+        [greedy(p, n) for p, n in zip(model.prompts, LENGTHS)],
+        EngineLimits(max_sequences=3, token_budget=8),
+        steps,
+    )
     assert [tokens(r) for r in results] == alone
     assert all(r[-1].finish_reason == FinishReason.LENGTH for r in results)
     assert [r[-1].generated_tokens for r in results] == LENGTHS
@@ -166,8 +195,11 @@ def test_a_busy_batch_gives_each_sequence_its_tokens_alone(model, alone):
 def test_static_batching_gives_the_same_tokens(model, alone):
     """A small token budget: a batch starts decoding while later members still prefill, and
     ends while they do; the next batch's members must not take their slots."""
-    results = run(model, [greedy(p, n) for p, n in zip(model.prompts, LENGTHS)],
-                  EngineLimits(max_sequences=4, token_budget=8, scheduling="static"))
+    results = run(
+        model,
+        [greedy(p, n) for p, n in zip(model.prompts, LENGTHS)],
+        EngineLimits(max_sequences=4, token_budget=8, scheduling="static"),
+    )
     assert [tokens(r) for r in results] == alone
 
 
@@ -175,12 +207,16 @@ def test_static_batching_keeps_a_prefilling_sequence_whole(model):
     """Two one-token prompts join and end while a long prompt is still being prefilled in
     chunks; the batch is cleared and two newcomers are admitted beside it. Every sequence still
     gets its tokens alone (the newcomers must not take the long prompt's cache slot)."""
-    long = model.tokenizer.encode("class Stack:\n    def push(self, x):\n        self.items.append(x)\n"
-                                      "    def pop(self):\n        return self.items.pop()\n")
+    long = model.tokenizer.encode(
+        "class Stack:\n    def push(self, x):\n        self.items.append(x)\n"
+        "    def pop(self):\n        return self.items.pop()\n"
+    )
     jobs = [(model.prompts[4], 2), (model.prompts[4], 2), (long, 5), (model.prompts[0], 6), (model.prompts[1], 6)]
     assert len(long) > 16 and len(model.prompts[4]) == 1
     want = [tokens(run(model, [greedy(p, n)], EngineLimits(max_sequences=1))[0]) for p, n in jobs]
-    got = run(model, [greedy(p, n) for p, n in jobs], EngineLimits(max_sequences=3, token_budget=8, scheduling="static"))
+    got = run(
+        model, [greedy(p, n) for p, n in jobs], EngineLimits(max_sequences=3, token_budget=8, scheduling="static")
+    )
     assert [tokens(r) for r in got] == want
 
 
@@ -284,13 +320,19 @@ def test_a_failing_decode_row_is_found_and_ends_alone(model, alone):
     """The batched decode fails; the engine re-runs the rows apart, ends only the culprit with
     the error, and every other sequence goes on with exactly its tokens alone."""
     culprit, k, poison = next(
-        (i, k, t) for i, ref in enumerate(alone) for k, t in enumerate(ref[:-1]) if k >= 1 and t not in ref[:k]
+        (i, k, t)
+        for i, ref in enumerate(alone)
+        for k, t in enumerate(ref[:-1])
+        if k >= 1
+        and t not in ref[:k]
         and all(t not in other_prompt for other_prompt in model.prompts)
-        and all(t not in other for j, other in enumerate(alone) if j != i))
+        and all(t not in other for j, other in enumerate(alone) if j != i)
+    )
 
     async def main():
-        engine = GenerationEngine(model.name, model.make_cache(lambda r: PoisonedRuntime(r, poison)),
-                                  EngineLimits(max_sequences=8))
+        engine = GenerationEngine(
+            model.name, model.make_cache(lambda r: PoisonedRuntime(r, poison)), EngineLimits(max_sequences=8)
+        )
         engine.start()
         try:
             seqs = [greedy(p, n) for p, n in zip(model.prompts, LENGTHS)]
@@ -304,7 +346,9 @@ def test_a_failing_decode_row_is_found_and_ends_alone(model, alone):
     failed = results[culprit][-1]
     assert failed.finish_reason == FinishReason.ERROR and "poisoned" in failed.error.message
     assert tokens(results[culprit]) == alone[culprit][: k + 1]  # it got every token up to the poisoned one
-    assert [tokens(r) for i, r in enumerate(results) if i != culprit] == [a for i, a in enumerate(alone) if i != culprit]
+    assert [tokens(r) for i, r in enumerate(results) if i != culprit] == [
+        a for i, a in enumerate(alone) if i != culprit
+    ]
 
 
 def test_a_step_that_fails_while_joining_leaves_no_sequence_unanswered(model):
@@ -349,8 +393,10 @@ def traced(manager) -> Model:
 
 def test_the_fused_graph_generates_the_traced_graphs_tokens(traced, fused):
     """The two graphs, each sequence alone: the same greedy tokens."""
-    plain, fast = ([tokens(run(g, [greedy(p, n)], EngineLimits(max_sequences=1))[0]) for p, n in zip(fused.prompts, LENGTHS)]
-                   for g in (traced, fused))
+    plain, fast = (
+        [tokens(run(g, [greedy(p, n)], EngineLimits(max_sequences=1))[0]) for p, n in zip(fused.prompts, LENGTHS)]
+        for g in (traced, fused)
+    )
     assert fast == plain
 
 
@@ -378,15 +424,18 @@ def test_speculation_ends_where_one_at_a_time_ends(fused):
     and text as decoding a token a run, in fewer steps."""
     reference = tokens(run(fused, [greedy(fused.prompts[1], 12)], EngineLimits())[0])
     assert fused.text(reference).startswith("import os\nimport os\n")
-    endings = [lambda: greedy(fused.prompts[1], 120, eos_token_ids=frozenset({reference[2]})),
-               lambda: greedy(fused.prompts[1], 120, stop=("s\nimp",), decoder=fused.tokenizer.decoder()),
-               lambda: greedy(fused.prompts[1], 37)]
+    endings = [
+        lambda: greedy(fused.prompts[1], 120, eos_token_ids=frozenset({reference[2]})),
+        lambda: greedy(fused.prompts[1], 120, stop=("s\nimp",), decoder=fused.tokenizer.decoder()),
+        lambda: greedy(fused.prompts[1], 37),
+    ]
     for job in endings:
         plain_steps, steps = [], []
         plain = run(fused, [job()], EngineLimits(), plain_steps)[0]
         drafted = run(fused, [job()], SPECULATIVE, steps)[0]
-        assert [(e.text, e.token_ids, e.finish_reason) for e in drafted] == \
-               [(e.text, e.token_ids, e.finish_reason) for e in plain]
+        assert [(e.text, e.token_ids, e.finish_reason) for e in drafted] == [
+            (e.text, e.token_ids, e.finish_reason) for e in plain
+        ]
         assert len(steps) < len(plain_steps) and sum(s.accepted_tokens for s in steps) > 0
 
 
@@ -394,13 +443,16 @@ def test_speculation_drafts_only_for_a_greedy_sequence_alone(fused, traced):
     """Two rows at once (ONNX Runtime's CPU GroupQueryAttention checks several tokens over a
     cache only at batch one), a sampled sequence, and the traced graph: no drafts, and the same
     tokens as without speculation."""
-    cases = [(fused, lambda: [greedy(fused.prompts[0], 60), greedy(fused.prompts[2], 60)]),
-             (fused, lambda: [Sequence("r", list(fused.prompts[0]), SamplingParams(temperature=1.0, seed=7), 60)]),
-             (traced, lambda: [greedy(fused.prompts[0], 60)])]
+    cases = [
+        (fused, lambda: [greedy(fused.prompts[0], 60), greedy(fused.prompts[2], 60)]),
+        (fused, lambda: [Sequence("r", list(fused.prompts[0]), SamplingParams(temperature=1.0, seed=7), 60)]),
+        (traced, lambda: [greedy(fused.prompts[0], 60)]),
+    ]
     for graph, jobs in cases:
         steps = []
-        assert [tokens(e) for e in run(graph, jobs(), SPECULATIVE, steps)] == \
-               [tokens(e) for e in run(graph, jobs(), EngineLimits(max_sequences=4))]
+        assert [tokens(e) for e in run(graph, jobs(), SPECULATIVE, steps)] == [
+            tokens(e) for e in run(graph, jobs(), EngineLimits(max_sequences=4))
+        ]
         assert sum(s.draft_tokens for s in steps) == 0
 
 
@@ -424,7 +476,9 @@ def test_min_tokens_keeps_eos_away_until_then(model, alone):
     eos = frozenset({reference[k]})
     got = tokens(run(model, [greedy(model.prompts[5], 12, eos_token_ids=eos, min_tokens=k + 2)], EngineLimits())[0])
     assert got[:k] == reference[:k] and reference[k] not in got[: k + 2] and len(got) >= k + 2
-    assert tokens(run(model, [greedy(model.prompts[5], 12, eos_token_ids=eos)], EngineLimits())[0]) == reference[: k + 1]
+    assert (
+        tokens(run(model, [greedy(model.prompts[5], 12, eos_token_ids=eos)], EngineLimits())[0]) == reference[: k + 1]
+    )
     drafted = tokens(run(model, [greedy(model.prompts[5], 12, eos_token_ids=eos, min_tokens=k + 2)], SPECULATIVE)[0])
     assert drafted == got
 
@@ -448,7 +502,9 @@ class RefusingDrafts:
 
 def test_a_failing_draft_run_turns_speculation_off_and_loses_nothing(fused):
     engines, steps = [], []
-    got = tokens(run(fused, [greedy(fused.prompts[1], 40)], SPECULATIVE, steps, engines=engines, wrap=RefusingDrafts)[0])
+    got = tokens(
+        run(fused, [greedy(fused.prompts[1], 40)], SPECULATIVE, steps, engines=engines, wrap=RefusingDrafts)[0]
+    )
     assert got == tokens(run(fused, [greedy(fused.prompts[1], 40)], EngineLimits())[0])
     assert engines[0].speculative_tokens == 0 and sum(s.draft_tokens for s in steps) == 0
 

@@ -53,15 +53,33 @@ def genai_config(cfg: GPTConfig) -> dict:
     """What onnxruntime-genai's builder writes beside its graph, for this model."""
     names = {"past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
     return {
-        "model": {"type": "gpt", "context_length": cfg.block_size, "vocab_size": cfg.vocab_size, "eos_token_id": 0,
-                  "pad_token_id": 0, "bos_token_id": 0,
-                  "decoder": {"filename": "model.onnx", "head_size": cfg.head_dim, "hidden_size": cfg.d_model,
-                              "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_head,
-                              "num_hidden_layers": cfg.n_layer,
-                              "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                                         "position_ids": "position_ids", **names},
-                              "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
-                                          "present_value_names": "present.%d.value"}}},
+        "model": {
+            "type": "gpt",
+            "context_length": cfg.block_size,
+            "vocab_size": cfg.vocab_size,
+            "eos_token_id": 0,
+            "pad_token_id": 0,
+            "bos_token_id": 0,
+            "decoder": {
+                "filename": "model.onnx",
+                "head_size": cfg.head_dim,
+                "hidden_size": cfg.d_model,
+                "num_attention_heads": cfg.n_head,
+                "num_key_value_heads": cfg.n_head,
+                "num_hidden_layers": cfg.n_layer,
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    **names,
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+            },
+        },
         "search": {"do_sample": False, "max_length": cfg.block_size, "past_present_share_buffer": True},
     }
 
@@ -74,8 +92,13 @@ def test_a_genai_folder_serves_concurrent_streams_with_the_models_tokens(tiny, t
     want = [tiny.generate(p, n) for p, n in zip(PROMPTS, LENGTHS)]
 
     def stream(stub, i: int) -> list[int]:
-        request = gen.GenerateRequest(model="gpt_genai", token_ids=gen.TokenIds(ids=PROMPTS[i]), max_new_tokens=LENGTHS[i],
-                                      ignore_eos=True, sampling=gen.SamplingParameters(temperature=0.0))
+        request = gen.GenerateRequest(
+            model="gpt_genai",
+            token_ids=gen.TokenIds(ids=PROMPTS[i]),
+            max_new_tokens=LENGTHS[i],
+            ignore_eos=True,
+            sampling=gen.SamplingParameters(temperature=0.0),
+        )
         return [t for m in stub.GenerateStream(request, timeout=60) for t in m.token_ids]
 
     def infer(client, mask: list[int]):
@@ -158,8 +181,11 @@ def test_rows_of_mixed_lengths_share_one_buffer_exactly(tiny, tmp_path):
     values = {n: ort.OrtValue.ortvalue_from_numpy(b) for n, b in buffers.items()}
     # prefill all but each row's last token into the buffer, one row at a time
     for r, p in enumerate(rows):
-        feeds = {"input_ids": np.array([p[:-1]], np.int64), "attention_mask": np.ones((1, len(p) - 1), np.int64),
-                 "position_ids": np.arange(len(p) - 1, dtype=np.int64)[None]}
+        feeds = {
+            "input_ids": np.array([p[:-1]], np.int64),
+            "attention_mask": np.ones((1, len(p) - 1), np.int64),
+            "position_ids": np.arange(len(p) - 1, dtype=np.int64)[None],
+        }
         feeds.update({n: np.zeros((1, H, 0, D), np.float32) for n in names})
         presents = session.run([n.replace("past_key_values", "present") for n in names], feeds)
         for n, present in zip(names, presents):
@@ -188,7 +214,9 @@ def test_a_shared_buffer_above_the_limit_is_refused_with_the_figure(tiny, tmp_pa
     (folder / "genai_config.json").write_text(json.dumps(genai_config(CONFIG)))
 
     async def main():
-        settings = Settings(model_repository=tmp_path, generation_max_sequences=64, generation_kv_buffer_max_bytes=1 << 20)
+        settings = Settings(
+            model_repository=tmp_path, generation_max_sequences=64, generation_kv_buffer_max_bytes=1 << 20
+        )
         manager = ModelManager(settings, Metrics(CollectorRegistry()))
         await manager.load("gpt_genai")
         mv = manager._models["gpt_genai"][1]

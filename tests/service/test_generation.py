@@ -55,8 +55,13 @@ def test_stream_is_ordered_and_complete(stub):
     assert [m.finish_reason for m in messages[:-1]] == [gen.FINISH_REASON_UNSPECIFIED] * (len(messages) - 1)
     last = messages[-1]
     assert last.finish_reason == gen.FINISH_REASON_LENGTH
-    assert last.usage.prompt_tokens == len(bytegpt_tokenizer().encode(PROMPT)) and last.usage.generated_tokens == 40 == sum(len(m.token_ids) for m in messages)
-    assert last.timings.time_to_first_token_seconds > 0 and last.timings.total_seconds >= last.timings.time_to_first_token_seconds
+    assert last.usage.prompt_tokens == len(
+        bytegpt_tokenizer().encode(PROMPT)
+    ) and last.usage.generated_tokens == 40 == sum(len(m.token_ids) for m in messages)
+    assert (
+        last.timings.time_to_first_token_seconds > 0
+        and last.timings.total_seconds >= last.timings.time_to_first_token_seconds
+    )
     unary = stub.Generate(make(max_new_tokens=40, temperature=0.8, seed=3), timeout=60)
     assert [t for m in messages for t in m.token_ids] == list(unary.token_ids)
     assert "".join(m.text for m in messages) == unary.text
@@ -92,7 +97,8 @@ def test_seeded_request_is_identical_alone_and_in_a_busy_batch(server, stub):
     for i in range(12):  # each ran to its own length, or ended on the end-of-text token
         r = results[i]
         assert (r.finish_reason, len(r.token_ids)) == (gen.FINISH_REASON_LENGTH, 60 - i) or (
-            r.finish_reason == gen.FINISH_REASON_EOS and r.token_ids[-1] == 256)
+            r.finish_reason == gen.FINISH_REASON_EOS and r.token_ids[-1] == 256
+        )
 
 
 def test_32_concurrent_streams_finish_with_the_right_lengths(server, stub):
@@ -102,8 +108,11 @@ def test_32_concurrent_streams_finish_with_the_right_lengths(server, stub):
 
     def call(i):
         try:
-            msgs = list(stub.GenerateStream(make(f"# {i}\n", max_new_tokens=lengths[i], temperature=0.7, top_k=40, seed=i),
-                                            timeout=120))
+            msgs = list(
+                stub.GenerateStream(
+                    make(f"# {i}\n", max_new_tokens=lengths[i], temperature=0.7, top_k=40, seed=i), timeout=120
+                )
+            )
             tokens = [t for m in msgs for t in m.token_ids]
             assert msgs[-1].usage.generated_tokens == len(tokens)
             if msgs[-1].finish_reason == gen.FINISH_REASON_EOS:  # sampled <|endoftext|>: shorter, ends on it
@@ -178,10 +187,16 @@ BAD = {
     "top_p zero": (make(top_p=0.0), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
     "top_p above one": (make(top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
     "negative top_k": (make(top_k=-1), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
-    "min_tokens above max_new_tokens": (make(max_new_tokens=4, min_tokens=5), grpc.StatusCode.INVALID_ARGUMENT,
-                                        "min_tokens"),
-    "token id outside the vocabulary": (make([1, 2, BYTEGPT_VOCAB + 7]), grpc.StatusCode.INVALID_ARGUMENT,
-                                        str(BYTEGPT_VOCAB + 7)),
+    "min_tokens above max_new_tokens": (
+        make(max_new_tokens=4, min_tokens=5),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "min_tokens",
+    ),
+    "token id outside the vocabulary": (
+        make([1, 2, BYTEGPT_VOCAB + 7]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        str(BYTEGPT_VOCAB + 7),
+    ),
     "unknown model": (make(model="nope"), grpc.StatusCode.NOT_FOUND, "nope"),
     "not a decoder": (make(model="encoder"), grpc.StatusCode.FAILED_PRECONDITION, "decoder"),
 }
@@ -201,19 +216,43 @@ def test_generation_queue_bound(tmp_path):
     with ServerProcess(DEFAULT_REPOSITORY, "--generation-max-sequences", "1", "--generation-max-queue", "1") as server:
         with grpc.insecure_channel(server.address) as ch:
             stub = gen_grpc.TextGenerationStub(ch)
-            calls = [stub.Generate.future(make(max_new_tokens=200, temperature=0.5, seed=i), timeout=60) for i in range(4)]
+            calls = [
+                stub.Generate.future(make(max_new_tokens=200, temperature=0.5, seed=i), timeout=60) for i in range(4)
+            ]
             codes = outcome_codes(calls)
             assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes
 
 
 def test_cli_streams_a_completion(server):
-    res = subprocess.run([sys.executable, "-m", "service", "generate", PROMPT, "--url", server.address,
-                          "--max-new-tokens", "12", "--seed", "0"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "generate",
+            PROMPT,
+            "--url",
+            server.address,
+            "--max-new-tokens",
+            "12",
+            "--seed",
+            "0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith(PROMPT) and len(res.stdout.encode()) > len(PROMPT)
     assert f"length: {len(bytegpt_tokenizer().encode(PROMPT))} prompt + 12 generated tokens" in res.stderr
-    res = subprocess.run([sys.executable, "-m", "service", "generate", "", "--url", server.address],
-                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-m", "service", "generate", "", "--url", server.address],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 1 and "INVALID_ARGUMENT" in res.stderr
 
 
@@ -227,10 +266,13 @@ def test_speculative_decoding_serves_greedys_tokens_several_a_message():
             stub = gen_grpc.TextGenerationStub(channel)
             for prompt in (PROMPT, "import os\n", "class Stack:"):
                 messages = list(stub.GenerateStream(make(prompt, max_new_tokens=64, ignore_eos=True), timeout=60))
-                assert [t for m in messages for t in m.token_ids] == model.generate(bytegpt_tokenizer().encode(prompt), 64)
+                assert [t for m in messages for t in m.token_ids] == model.generate(
+                    bytegpt_tokenizer().encode(prompt), 64
+                )
                 assert max(len(m.token_ids) for m in messages) > 1, prompt
-        kept, proposed = (metric(server, f"tserve_generation_{name}_total")
-                          for name in ("accepted_draft_tokens", "draft_tokens"))
+        kept, proposed = (
+            metric(server, f"tserve_generation_{name}_total") for name in ("accepted_draft_tokens", "draft_tokens")
+        )
         assert 0 < kept <= proposed
 
 

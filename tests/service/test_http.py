@@ -23,8 +23,10 @@ from service.generated import generation_pb2_grpc as gen_grpc
 from tests.conftest import BYTEGPT_VOCAB, DEFAULT_REPOSITORY, bytegpt_tokenizer
 from service.launcher import ServerProcess
 
-CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +72,7 @@ def infer_input(name: str, array: np.ndarray, binary: bool = True) -> tch.InferI
 
 # -- KServe v2 -------------------------------------------------------------------------------
 
+
 def test_health_metadata_config_and_repository_with_tritonclient_http(triton):
     assert triton.is_server_live() and triton.is_server_ready() and triton.is_model_ready("bytegpt")
     assert not triton.is_model_ready("nope")
@@ -90,8 +93,12 @@ def test_infer_with_binary_and_json_tensors_equals_grpc(http_server, triton):
     g.close()
     for binary_in in (True, False):
         for binary_out in (True, False):
-            res = triton.infer("bytegpt", [infer_input("input_ids", ids, binary_in)],
-                               outputs=[tch.InferRequestedOutput("logits", binary_data=binary_out)], request_id="r1")
+            res = triton.infer(
+                "bytegpt",
+                [infer_input("input_ids", ids, binary_in)],
+                outputs=[tch.InferRequestedOutput("logits", binary_data=binary_out)],
+                request_id="r1",
+            )
             got = res.as_numpy("logits")
             assert got.shape == (2, 11, BYTEGPT_VOCAB) and res.get_response()["id"] == "r1"
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -104,35 +111,90 @@ def _grpc_input(ids: np.ndarray) -> tcg.InferInput:
 
 
 def test_raw_json_infer_and_statistics(http_server, triton):
-    body = json.dumps({"id": "j1", "inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 3],
-                                               "data": [[1, 2, 3]]}],
-                       "outputs": [{"name": "logits"}]}).encode()
+    body = json.dumps(
+        {
+            "id": "j1",
+            "inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 3], "data": [[1, 2, 3]]}],
+            "outputs": [{"name": "logits"}],
+        }
+    ).encode()
     status, headers, data = request(http_server, "POST", "/v2/models/bytegpt/versions/1/infer", body)
     doc = json.loads(data)
     assert status == 200 and headers["content-type"] == "application/json"
-    assert doc["id"] == "j1" and doc["outputs"][0]["shape"] == [1, 3, BYTEGPT_VOCAB] and len(doc["outputs"][0]["data"]) == 3 * BYTEGPT_VOCAB
+    assert (
+        doc["id"] == "j1"
+        and doc["outputs"][0]["shape"] == [1, 3, BYTEGPT_VOCAB]
+        and len(doc["outputs"][0]["data"]) == 3 * BYTEGPT_VOCAB
+    )
     stats = triton.get_inference_statistics("bytegpt")["model_stats"][0]
     assert stats["inference_stats"]["success"]["count"] >= 1 and isinstance(stats["inference_count"], int)
 
 
-@pytest.mark.parametrize("body, status, words", [
-    (b"{not json", 400, ["not valid JSON"]),
-    (json.dumps({"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 3], "data": [1, 2]}]}), 400,
-     ["input_ids", "2 values", "needs 3"]),
-    (json.dumps({"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 2], "data": [1, BYTEGPT_VOCAB]}]}), 400,
-     ["input_ids", str(BYTEGPT_VOCAB), "vocabulary"]),
-    (json.dumps({"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 2], "data": [1, 2.5]}]}), 400,
-     ["integers"]),
-    (json.dumps({"inputs": [{"name": "input_ids", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}), 400,
-     ["BYTES"]),
-    (json.dumps({"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 2], "data": [1, 2],
-                             "parameters": {"shared_memory_region": "r"}}]}), 400, ["shared_memory_region"]),
-    (json.dumps({"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 2],
-                             "parameters": {"binary_data_size": 16}}]}), 400, ["binary_data_size"]),
-])
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        (b"{not json", 400, ["not valid JSON"]),
+        (
+            json.dumps({"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 3], "data": [1, 2]}]}),
+            400,
+            ["input_ids", "2 values", "needs 3"],
+        ),
+        (
+            json.dumps(
+                {"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 2], "data": [1, BYTEGPT_VOCAB]}]}
+            ),
+            400,
+            ["input_ids", str(BYTEGPT_VOCAB), "vocabulary"],
+        ),
+        (
+            json.dumps({"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 2], "data": [1, 2.5]}]}),
+            400,
+            ["integers"],
+        ),
+        (
+            json.dumps({"inputs": [{"name": "input_ids", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}),
+            400,
+            ["BYTES"],
+        ),
+        (
+            json.dumps(
+                {
+                    "inputs": [
+                        {
+                            "name": "input_ids",
+                            "datatype": "INT64",
+                            "shape": [1, 2],
+                            "data": [1, 2],
+                            "parameters": {"shared_memory_region": "r"},
+                        }
+                    ]
+                }
+            ),
+            400,
+            ["shared_memory_region"],
+        ),
+        (
+            json.dumps(
+                {
+                    "inputs": [
+                        {
+                            "name": "input_ids",
+                            "datatype": "INT64",
+                            "shape": [1, 2],
+                            "parameters": {"binary_data_size": 16},
+                        }
+                    ]
+                }
+            ),
+            400,
+            ["binary_data_size"],
+        ),
+    ],
+)
 def test_bad_infer_bodies_get_400_naming_the_problem(http_server, body, status, words):
-    code, _, data = request(http_server, "POST", "/v2/models/bytegpt/infer", body if isinstance(body, bytes)
-                            else body.encode())
+    code, _, data = request(
+        http_server, "POST", "/v2/models/bytegpt/infer", body if isinstance(body, bytes) else body.encode()
+    )
     message = json.loads(data)["error"]
     assert code == status and all(w in message for w in words), message
 
@@ -145,21 +207,34 @@ def test_the_same_message_over_http_as_over_grpc(http_server, triton):
     with pytest.raises(InferenceServerException) as over_grpc:
         g.infer("bytegpt", [_grpc_input(ids)])
     g.close()
-    assert over_http.value.message() == over_grpc.value.message() and str(BYTEGPT_VOCAB + 43) in over_http.value.message()
+    assert (
+        over_http.value.message() == over_grpc.value.message() and str(BYTEGPT_VOCAB + 43) in over_http.value.message()
+    )
     status, _, data = request(http_server, "GET", "/v2/models/nope")
     assert status == 404 and "nope" in json.loads(data)["error"]
 
 
 def test_binary_header_length_mismatch_is_refused(http_server):
     ids = np.ones((1, 2), np.int64)
-    header = json.dumps({"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 2],
-                                     "parameters": {"binary_data_size": 16}}]}).encode()
-    status, _, data = request(http_server, "POST", "/v2/models/bytegpt/infer", header + ids.tobytes() + b"xx",
-                              {"Inference-Header-Content-Length": str(len(header))})
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "input_ids", "datatype": "INT64", "shape": [1, 2], "parameters": {"binary_data_size": 16}}
+            ]
+        }
+    ).encode()
+    status, _, data = request(
+        http_server,
+        "POST",
+        "/v2/models/bytegpt/infer",
+        header + ids.tobytes() + b"xx",
+        {"Inference-Header-Content-Length": str(len(header))},
+    )
     assert status == 400 and "2 bytes of binary data no input claims" in json.loads(data)["error"]
 
 
 # -- OpenAI ----------------------------------------------------------------------------------
+
 
 def test_openai_models_and_completion(oai):
     assert {"bytegpt", "bytegpt_chat"} <= {m.id for m in oai.models.list().data}
@@ -174,21 +249,35 @@ def test_openai_models_and_completion(oai):
 def test_openai_completion_equals_grpc_generation(http_server, oai):
     res = oai.completions.create(model="bytegpt", prompt=[100, 101, 102], max_tokens=10, temperature=0.7, seed=3)
     with grpc.insecure_channel(http_server.address) as ch:
-        g = gen_grpc.TextGenerationStub(ch).Generate(gen.GenerateRequest(
-            model="bytegpt", token_ids=gen.TokenIds(ids=[100, 101, 102]), max_new_tokens=10,
-            sampling=gen.SamplingParameters(temperature=0.7, seed=3)), timeout=30)
+        g = gen_grpc.TextGenerationStub(ch).Generate(
+            gen.GenerateRequest(
+                model="bytegpt",
+                token_ids=gen.TokenIds(ids=[100, 101, 102]),
+                max_new_tokens=10,
+                sampling=gen.SamplingParameters(temperature=0.7, seed=3),
+            ),
+            timeout=30,
+        )
     assert res.choices[0].text == g.text
 
 
 def test_openai_min_tokens_as_vllm_takes_it(http_server, oai):
     """`min_tokens` (vLLM's extra parameter) reaches the engine as the gRPC field does: the same
     text, and above max_tokens a 400 naming it."""
-    res = oai.completions.create(model="bytegpt", prompt="x = 1\n", max_tokens=12, temperature=0,
-                                 extra_body={"min_tokens": 12})
+    res = oai.completions.create(
+        model="bytegpt", prompt="x = 1\n", max_tokens=12, temperature=0, extra_body={"min_tokens": 12}
+    )
     with grpc.insecure_channel(http_server.address) as ch:
-        g = gen_grpc.TextGenerationStub(ch).Generate(gen.GenerateRequest(
-            model="bytegpt", text="x = 1\n", max_new_tokens=12, min_tokens=12,
-            sampling=gen.SamplingParameters(temperature=0)), timeout=30)
+        g = gen_grpc.TextGenerationStub(ch).Generate(
+            gen.GenerateRequest(
+                model="bytegpt",
+                text="x = 1\n",
+                max_new_tokens=12,
+                min_tokens=12,
+                sampling=gen.SamplingParameters(temperature=0),
+            ),
+            timeout=30,
+        )
     assert res.choices[0].text == g.text and res.usage.completion_tokens == g.usage.generated_tokens == 12
     with pytest.raises(openai.BadRequestError) as too_many:
         oai.completions.create(model="bytegpt", prompt="x", max_tokens=2, extra_body={"min_tokens": 3})
@@ -197,8 +286,9 @@ def test_openai_min_tokens_as_vllm_takes_it(http_server, oai):
 
 def test_openai_streaming_matches_the_whole_answer(oai):
     whole = oai.completions.create(model="bytegpt", prompt="import os\n", max_tokens=24, temperature=0)
-    chunks = list(oai.completions.create(model="bytegpt", prompt="import os\n", max_tokens=24, temperature=0,
-                                         stream=True))
+    chunks = list(
+        oai.completions.create(model="bytegpt", prompt="import os\n", max_tokens=24, temperature=0, stream=True)
+    )
     assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
     assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == 24
     assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
@@ -208,11 +298,15 @@ def test_openai_chat_uses_the_model_chat_template(oai):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     res = oai.chat.completions.create(model="bytegpt_chat", messages=messages, max_tokens=6, temperature=0)
     rendered = "<system>be brief\n<user>hi\n<assistant>"
-    assert res.usage.prompt_tokens == len(bytegpt_tokenizer().encode(rendered)) and res.choices[0].message.role == "assistant"
+    assert (
+        res.usage.prompt_tokens == len(bytegpt_tokenizer().encode(rendered))
+        and res.choices[0].message.role == "assistant"
+    )
     plain = oai.completions.create(model="bytegpt", prompt=rendered, max_tokens=6, temperature=0)
     assert res.choices[0].message.content == plain.choices[0].text
-    stream = list(oai.chat.completions.create(model="bytegpt_chat", messages=messages, max_tokens=6, temperature=0,
-                                              stream=True))
+    stream = list(
+        oai.chat.completions.create(model="bytegpt_chat", messages=messages, max_tokens=6, temperature=0, stream=True)
+    )
     assert stream[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in stream) == res.choices[0].message.content
 
@@ -233,8 +327,9 @@ def test_openai_errors_have_openai_shape_and_status(http_server, oai):
     with pytest.raises(openai.BadRequestError) as long_prompt:
         oai.completions.create(model="bytegpt", prompt=[1] * 300, max_tokens=2)  # the context is 256 tokens
     assert "context" in long_prompt.value.body["message"]
-    status, _, data = request(http_server, "POST", "/v1/completions", b'{"model": "bytegpt", "prompt": "x", '
-                              b'"logprobs": 3}')
+    status, _, data = request(
+        http_server, "POST", "/v1/completions", b'{"model": "bytegpt", "prompt": "x", "logprobs": 3}'
+    )
     assert status == 400 and json.loads(data)["error"]["type"] == "invalid_request_error"
 
 
@@ -260,8 +355,11 @@ def _metric(server, name: str, **labels) -> float:
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(http_server):
     before = _metric(http_server, "tserve_requests_total", api="generate", protocol="openai", reason="cancelled")
     conn = http.client.HTTPConnection("127.0.0.1", http_server.http_port, timeout=30)
-    conn.request("POST", "/v1/completions", body=json.dumps({"model": "bytegpt", "prompt": "def", "max_tokens": 200,
-                                                             "stream": True}).encode())
+    conn.request(
+        "POST",
+        "/v1/completions",
+        body=json.dumps({"model": "bytegpt", "prompt": "def", "max_tokens": 200, "stream": True}).encode(),
+    )
     res = conn.getresponse()
     assert res.status == 200 and res.readline().startswith(b"data: ")
     conn.sock.close()  # gone mid-stream
@@ -270,8 +368,10 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(http_server):
     while _metric(http_server, "tserve_inflight_requests", api="generate", protocol="openai") > 0:
         assert time.monotonic() < deadline, "the stream was never cancelled"
         time.sleep(0.02)
-    assert _metric(http_server, "tserve_requests_total", api="generate", protocol="openai",
-                   reason="cancelled") == before + 1
+    assert (
+        _metric(http_server, "tserve_requests_total", api="generate", protocol="openai", reason="cancelled")
+        == before + 1
+    )
     assert _metric(http_server, "tserve_generation_active_sequences", model="bytegpt") == 0
 
 
@@ -297,8 +397,13 @@ def test_http_needs_the_bearer_token_when_auth_is_on(tmp_path):
 def test_sigterm_lets_an_http_stream_finish_and_refuses_new_ones(tmp_path):
     server = ServerProcess(DEFAULT_REPOSITORY, "--drain-intake-seconds", "0").start()
     conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=60)
-    conn.request("POST", "/v1/completions", body=json.dumps({"model": "bytegpt", "prompt": "def", "max_tokens": 150,
-                                                             "stream": True, "temperature": 0}).encode())
+    conn.request(
+        "POST",
+        "/v1/completions",
+        body=json.dumps(
+            {"model": "bytegpt", "prompt": "def", "max_tokens": 150, "stream": True, "temperature": 0}
+        ).encode(),
+    )
     res = conn.getresponse()
     assert res.readline().startswith(b"data: ")
     server.proc.send_signal(15)

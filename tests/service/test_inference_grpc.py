@@ -30,8 +30,11 @@ def session_of(repository, name: str) -> ort.InferenceSession:
 def decoder_feeds(session: ort.InferenceSession, ids: np.ndarray) -> dict:
     """A prompt pass (empty cache) for any decoder-with-past graph."""
     B, T = ids.shape
-    feeds = {"input_ids": ids, "attention_mask": np.ones((B, T), np.int64),
-             "position_ids": np.tile(np.arange(T, dtype=np.int64), (B, 1))}
+    feeds = {
+        "input_ids": ids,
+        "attention_mask": np.ones((B, T), np.int64),
+        "position_ids": np.tile(np.arange(T, dtype=np.int64), (B, 1)),
+    }
     for inp in session.get_inputs():
         if inp.name.startswith("past_key_values."):
             feeds[inp.name] = np.zeros((B, inp.shape[1], 0, inp.shape[3]), np.float32)
@@ -78,8 +81,9 @@ def test_autocompleted_model_without_config(client):
 
 def test_decoder_infer_equals_direct_onnx_runtime(client, repository):
     ids = random_ids(np.random.default_rng(0), 3, 17, BYTEGPT_VOCAB)
-    res = client.infer("bytegpt", [infer_input("input_ids", ids)], request_id="req-1",
-                       outputs=[tc.InferRequestedOutput("logits")])
+    res = client.infer(
+        "bytegpt", [infer_input("input_ids", ids)], request_id="req-1", outputs=[tc.InferRequestedOutput("logits")]
+    )
     assert res.get_response().id == "req-1"
     session = session_of(repository, "bytegpt")
     (want,) = session.run(["logits"], decoder_feeds(session, ids))
@@ -169,8 +173,10 @@ def test_repository_index_load_and_unload(server, client):
     assert server.health("encoder_auto") == NOT_SERVING and server.health("bytegpt") == SERVING
     with pytest.raises(InferenceServerException, match="UNAVAILABLE"):
         ids = np.ones((1, 3), np.int64)
-        client.infer("encoder_auto", [infer_input("input_ids", ids), infer_input("attention_mask", ids),
-                                      infer_input("token_type_ids", ids * 0)])
+        client.infer(
+            "encoder_auto",
+            [infer_input("input_ids", ids), infer_input("attention_mask", ids), infer_input("token_type_ids", ids * 0)],
+        )
     client.load_model("encoder_auto")
     assert client.is_model_ready("encoder_auto") and server.health("encoder_auto") == SERVING
     with pytest.raises(InferenceServerException, match="NOT_FOUND"):
@@ -189,7 +195,9 @@ def test_stream_infer_answers_each_request(server):
 
     c.start_stream(callback)
     c.async_stream_infer("bytegpt", [infer_input("input_ids", np.ones((1, 3), np.int64))], request_id="s1")
-    c.async_stream_infer("bytegpt", [infer_input("input_ids", np.full((1, 3), BYTEGPT_VOCAB, np.int64))], request_id="s2")
+    c.async_stream_infer(
+        "bytegpt", [infer_input("input_ids", np.full((1, 3), BYTEGPT_VOCAB, np.int64))], request_id="s2"
+    )
     assert done.wait(30)
     c.stop_stream()
     c.close()
@@ -211,10 +219,20 @@ def test_reflection_lists_the_services(server):
 def test_metrics_endpoint_exports_the_documented_series(server, client):
     client.infer("bytegpt", [infer_input("input_ids", np.ones((1, 2), np.int64))])
     text = urllib.request.urlopen(server.metrics_url).read().decode()
-    for name in ("tserve_requests_total", "tserve_request_duration_seconds_bucket", "tserve_queue_duration_seconds_bucket",
-                 "tserve_compute_duration_seconds_bucket", "tserve_batch_size_bucket", "tserve_queue_depth", "tserve_queue_capacity",
-                 "tserve_inflight_requests", "tserve_model_load_duration_seconds", "tserve_model_state",
-                 "tserve_execution_provider", "tserve_server_ready"):
+    for name in (
+        "tserve_requests_total",
+        "tserve_request_duration_seconds_bucket",
+        "tserve_queue_duration_seconds_bucket",
+        "tserve_compute_duration_seconds_bucket",
+        "tserve_batch_size_bucket",
+        "tserve_queue_depth",
+        "tserve_queue_capacity",
+        "tserve_inflight_requests",
+        "tserve_model_load_duration_seconds",
+        "tserve_model_state",
+        "tserve_execution_provider",
+        "tserve_server_ready",
+    ):
         assert f"\n{name}" in text, name
     assert 'tserve_execution_provider{model="bytegpt",provider="CPUExecutionProvider",version="1"} 1.0' in text
     assert 'tserve_model_state{model="bytegpt",state="READY",version="1"} 1.0' in text

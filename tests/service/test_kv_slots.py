@@ -15,9 +15,15 @@ import pytest
 
 pytestmark = pytest.mark.unit  # in-process, no servers or exports: make test-unit
 
-GRAPH = DecoderGraph((KVInput("past_key_values.0.key", 2, 3, np.dtype(np.float32)),
-                      KVInput("past_key_values.0.value", 2, 3, np.dtype(np.float32))),
-                     has_position_ids=True, shared_kv=True, max_length=16)
+GRAPH = DecoderGraph(
+    (
+        KVInput("past_key_values.0.key", 2, 3, np.dtype(np.float32)),
+        KVInput("past_key_values.0.value", 2, 3, np.dtype(np.float32)),
+    ),
+    has_position_ids=True,
+    shared_kv=True,
+    max_length=16,
+)
 
 
 def prefilled(slots: KVSlots, name: str, slot: int, length: int) -> Sequence:

@@ -114,7 +114,9 @@ def test_strict_readiness_stays_not_serving_while_a_model_is_broken(broken_repos
         deadline = time.monotonic() + 30
         with channel(server.address) as ch:
             stub = pb_grpc.GRPCInferenceServiceStub(ch)
-            while not any(m.state == "READY" for m in stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=5).models):
+            while not any(
+                m.state == "READY" for m in stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=5).models
+            ):
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
             time.sleep(0.2)
@@ -194,8 +196,9 @@ def test_sigterm_lets_generation_streams_finish(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
     copy_model(repo, "bytegpt")
-    server = ServerProcess(repo, "--drain-grace-seconds", "60", "--drain-intake-seconds", "0",
-                           "--generation-max-sequences", "1").start()
+    server = ServerProcess(
+        repo, "--drain-grace-seconds", "60", "--drain-intake-seconds", "0", "--generation-max-sequences", "1"
+    ).start()
     n, new_tokens = 4, 200
     request = gen.GenerateRequest(model="bytegpt", text="def f(x):", max_new_tokens=new_tokens)
     with channel(server.address) as ch:
@@ -230,8 +233,7 @@ def _wait_inflight(server: ServerProcess, n: int, timeout: float = 20, api: str 
     while time.monotonic() < deadline:
         text = urllib.request.urlopen(server.metrics_url).read().decode()
         for line in text.splitlines():
-            if (line.startswith("tserve_inflight_requests{") and f'api="{api}"' in line
-                    and float(line.split()[-1]) >= n):
+            if line.startswith("tserve_inflight_requests{") and f'api="{api}"' in line and float(line.split()[-1]) >= n:
                 return
         time.sleep(0.01)
     raise TimeoutError("no request in flight")
@@ -272,7 +274,9 @@ def test_queue_bound_answers_resource_exhausted_at_once(tmp_path):
     big = np.random.default_rng(2).integers(0, 256, (32, 128))
     with ServerProcess(repo) as server, channel(server.address) as ch:
         stub = pb_grpc.GRPCInferenceServiceStub(ch)
-        futures = [stub.ModelInfer.future(infer_request(big, "small_queue", output=BIG_OUTPUT), timeout=120) for _ in range(12)]
+        futures = [
+            stub.ModelInfer.future(infer_request(big, "small_queue", output=BIG_OUTPUT), timeout=120) for _ in range(12)
+        ]
         codes = outcome_codes(futures)
         assert all("max_queue_size 2" in f.exception().details() for f in futures if f.exception())
         assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes
@@ -298,7 +302,11 @@ def test_concurrent_rpc_bound_refuses_at_the_door(tmp_path):
         deadline = time.monotonic() + 10  # normal service once the burst has drained
         while True:
             try:
-                assert stub.ModelInfer(infer_request(np.ones((1, 2))), timeout=30).outputs[0].shape == [1, 2, BYTEGPT_VOCAB]
+                assert stub.ModelInfer(infer_request(np.ones((1, 2))), timeout=30).outputs[0].shape == [
+                    1,
+                    2,
+                    BYTEGPT_VOCAB,
+                ]
                 break
             except grpc.RpcError as e:
                 assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
@@ -328,8 +336,14 @@ def test_expired_requests_are_dropped_before_compute(tmp_path):
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "service", "serve", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "service", "serve", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_wrong_settings_fail_at_startup_naming_the_setting(tmp_path):
@@ -363,7 +377,9 @@ def test_settings_file_and_environment_are_applied(tmp_path):
     server = ServerProcess(DEFAULT_REPOSITORY, "--settings-file", str(settings), env={"TSERVE_LOG_LEVEL": "debug"})
     # the CLI's --model-repository (DEFAULT_REPOSITORY) outranks the file's
     with server, channel(server.address) as ch:
-        names = {m.name for m in pb_grpc.GRPCInferenceServiceStub(ch).RepositoryIndex(pb.RepositoryIndexRequest()).models}
+        names = {
+            m.name for m in pb_grpc.GRPCInferenceServiceStub(ch).RepositoryIndex(pb.RepositoryIndexRequest()).models
+        }
         assert names == {p.name for p in DEFAULT_REPOSITORY.iterdir() if p.is_dir()} != {"bytegpt_int8"}
         assert server.log().lstrip().startswith("{")  # json from the file
         assert '"level": "debug"' in server.log()  # debug from the environment
@@ -376,7 +392,9 @@ def test_execution_provider_fallback_policy(tmp_path):
     copy_model(repo, "bytegpt_int8")
     with ServerProcess(repo, "--execution-provider", "cuda", "--provider-fallback", "cpu") as server:
         metrics = urllib.request.urlopen(server.metrics_url).read().decode()
-        assert 'tserve_execution_provider{model="bytegpt_int8",provider="CPUExecutionProvider",version="1"} 1.0' in metrics
+        assert (
+            'tserve_execution_provider{model="bytegpt_int8",provider="CPUExecutionProvider",version="1"} 1.0' in metrics
+        )
         assert "CUDAExecutionProvider is not available" in server.log() and "falling back to CPU" in server.log()
     with ServerProcess(repo, "--execution-provider", "cuda", "--provider-fallback", "fail") as server:
         with channel(server.address) as ch:
@@ -390,20 +408,32 @@ def test_model_config_sets_its_own_sessions(tmp_path):
     repo.mkdir()
     copy_model(repo, "bytegpt_int8", "tuned")
     config = repo / "tuned" / "config.pbtxt"
-    config.write_text(config.read_text().replace("instance_group [ { count: 1 kind: KIND_CPU } ]",
-                                                 "instance_group [ { count: 2 kind: KIND_CPU } ]")
-                      + 'parameters { key: "intra_op_thread_count" value: { string_value: "1" } }\n'
-                      + 'parameters { key: "tserve.latency_target_ms" value: { string_value: "20" } }\n')
+    config.write_text(
+        config.read_text().replace(
+            "instance_group [ { count: 1 kind: KIND_CPU } ]", "instance_group [ { count: 2 kind: KIND_CPU } ]"
+        )
+        + 'parameters { key: "intra_op_thread_count" value: { string_value: "1" } }\n'
+        + 'parameters { key: "tserve.latency_target_ms" value: { string_value: "20" } }\n'
+    )
     copy_model(repo, "bytegpt_int8", "bad_target")
     config = repo / "bad_target" / "config.pbtxt"
-    config.write_text(config.read_text() + 'parameters { key: "tserve.latency_target_ms" value: { string_value: "-5" } }\n')
+    config.write_text(
+        config.read_text() + 'parameters { key: "tserve.latency_target_ms" value: { string_value: "-5" } }\n'
+    )
     copy_model(repo, "bytegpt_int8", "bad_threads")
     config = repo / "bad_threads" / "config.pbtxt"
-    config.write_text(config.read_text() + 'parameters { key: "intra_op_thread_count" value: { string_value: "two" } }\n')
+    config.write_text(
+        config.read_text() + 'parameters { key: "intra_op_thread_count" value: { string_value: "two" } }\n'
+    )
     with ServerProcess(repo, "--intra-op-threads", "2") as server, channel(server.address) as ch:
         assert "model tuned version 1 ready" in server.log()
         assert "2 instance(s), 1 intra-op / 1 inter-op thread(s) each" in server.log()
-        index = {m.name: m for m in pb_grpc.GRPCInferenceServiceStub(ch).RepositoryIndex(pb.RepositoryIndexRequest()).models}
+        index = {
+            m.name: m for m in pb_grpc.GRPCInferenceServiceStub(ch).RepositoryIndex(pb.RepositoryIndexRequest()).models
+        }
         assert index["tuned"].state == "READY"
         assert index["bad_threads"].state == "UNAVAILABLE" and "intra_op_thread_count" in index["bad_threads"].reason
-        assert index["bad_target"].state == "UNAVAILABLE" and "latency_target_ms must be above 0" in index["bad_target"].reason
+        assert (
+            index["bad_target"].state == "UNAVAILABLE"
+            and "latency_target_ms must be above 0" in index["bad_target"].reason
+        )

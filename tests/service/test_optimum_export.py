@@ -39,13 +39,26 @@ def export(tmp_path_factory) -> tuple[Path, Path]:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train([str(p) for p in sorted((ROOT / "model").glob("*.py"))],
-                    trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"], show_progress=False,
-                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.train(
+        [str(p) for p in sorted((ROOT / "model").glob("*.py"))],
+        trainers.BpeTrainer(
+            vocab_size=VOCAB,
+            special_tokens=["<|endoftext|>"],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=tokenizer.get_vocab_size(), n_positions=POSITIONS, n_embd=32, n_layer=2, n_head=2,
-                        bos_token_id=fast.eos_token_id, eos_token_id=fast.eos_token_id)
+    config = GPT2Config(
+        vocab_size=tokenizer.get_vocab_size(),
+        n_positions=POSITIONS,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=fast.eos_token_id,
+        eos_token_id=fast.eos_token_id,
+    )
     GPT2LMHeadModel(config).eval().save_pretrained(source)
     fast.save_pretrained(source)
     return source, optimum_export(source, "text-generation-with-past", exported)
@@ -53,8 +66,23 @@ def export(tmp_path_factory) -> tuple[Path, Path]:
 
 def optimum_export(source: Path, task: str, out: Path) -> Path:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0"}
-    res = subprocess.run([sys.executable, "-m", "optimum.commands.optimum_cli", "export", "onnx", "--model", str(source),
-                          "--task", task, str(out)], capture_output=True, text=True, env=env)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "optimum.commands.optimum_cli",
+            "export",
+            "onnx",
+            "--model",
+            str(source),
+            "--task",
+            task,
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     return out
 
@@ -66,8 +94,16 @@ def bert(tmp_path_factory) -> tuple[object, Path]:
 
     root = tmp_path_factory.mktemp("bert")
     torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                 intermediate_size=64, max_position_embeddings=64)).eval()
+    model = BertModel(
+        BertConfig(
+            vocab_size=100,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+    ).eval()
     model.save_pretrained(root / "source")
     return model, optimum_export(root / "source", "feature-extraction", root / "onnx")
 
@@ -80,9 +116,17 @@ def llama(export, tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("llama")
     tokenizer = AutoTokenizer.from_pretrained(export[0])
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=POSITIONS,
-                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=POSITIONS,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     LlamaForCausalLM(config).eval().save_pretrained(root / "source")
     tokenizer.save_pretrained(root / "source")
     return root / "source", optimum_export(root / "source", "text-generation-with-past", root / "onnx")
@@ -92,8 +136,10 @@ def llama(export, tmp_path_factory) -> tuple[Path, Path]:
 def references(export, llama) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return {name: (AutoModelForCausalLM.from_pretrained(source).eval(), AutoTokenizer.from_pretrained(source))
-            for name, source in (("gpt2", export[0]), ("llama", llama[0]))}
+    return {
+        name: (AutoModelForCausalLM.from_pretrained(source).eval(), AutoTokenizer.from_pretrained(source))
+        for name, source in (("gpt2", export[0]), ("llama", llama[0]))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -121,9 +167,14 @@ def expected(reference, prompt: str, n: int) -> list[int]:
     model, tokenizer = reference
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                             pad_token_id=tokenizer.eos_token_id)
-    return out[0, ids.shape[1]:].tolist()
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            do_sample=False,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+    return out[0, ids.shape[1] :].tolist()
 
 
 def generate(prompt: str | list[int], n: int, model: str = "gpt2") -> gen.GenerateRequest:
@@ -145,8 +196,10 @@ def test_greedy_generation_equals_transformers_alone_and_in_a_busy_batch(stub, r
         together = list(pool.map(lambda p: stub.Generate(generate(p, 24, model), timeout=60), PROMPTS * 4))
     matched_alone = sum(list(r.token_ids) == w for r, w in zip(alone, want))
     matched_batch = sum(list(r.token_ids) == w for r, w in zip(together, want * 4))
-    print(f"{model}: greedy ids equal transformers' generate: {matched_alone}/{len(want)} alone, "
-          f"{matched_batch}/{len(together)} in a busy batch")
+    print(
+        f"{model}: greedy ids equal transformers' generate: {matched_alone}/{len(want)} alone, "
+        f"{matched_batch}/{len(together)} in a busy batch"
+    )
     assert matched_alone == len(want) and matched_batch == len(together)
     assert [r.text for r in alone] == [tokenizer.decode(ids, skip_special_tokens=True) for ids in want]
     streamed = list(stub.GenerateStream(generate(PROMPTS[0], 24, model), timeout=60))
@@ -186,8 +239,10 @@ def test_limits_come_from_the_export_and_bad_requests_harm_no_one(server, stub, 
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in info.value.details()
         assert [list(f.result().token_ids) for f in good] == want
     client = tc.InferenceServerClient(server.address)
-    for ids, message in ((np.full((1, POSITIONS + 1), 7, np.int64), "maximum sequence length 128"),
-                         (np.array([[3, VOCAB + 1]], np.int64), "vocabulary [0, 300)")):
+    for ids, message in (
+        (np.full((1, POSITIONS + 1), 7, np.int64), "maximum sequence length 128"),
+        (np.array([[3, VOCAB + 1]], np.int64), "vocabulary [0, 300)"),
+    ):
         x = tc.InferInput("input_ids", list(ids.shape), "INT64")
         x.set_data_from_numpy(ids)
         with pytest.raises(InferenceServerException, match="INVALID_ARGUMENT") as info:
@@ -198,9 +253,28 @@ def test_limits_come_from_the_export_and_bad_requests_harm_no_one(server, stub, 
 def test_cli_takes_token_ids_and_prints_ids(server, reference):
     _, tokenizer = reference
     ids = tokenizer(PROMPTS[1]).input_ids
-    res = subprocess.run([sys.executable, "-m", "service", "generate", "--token-ids", ",".join(map(str, ids)),
-                          "--model", "gpt2", "--url", server.address, "--max-new-tokens", "6", "--temperature", "0"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "generate",
+            "--token-ids",
+            ",".join(map(str, ids)),
+            "--model",
+            "gpt2",
+            "--url",
+            server.address,
+            "--max-new-tokens",
+            "6",
+            "--temperature",
+            "0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0, res.stderr
     assert [int(t) for t in res.stdout.strip().strip(",").split(",")] == expected(reference, PROMPTS[1], 6)
 

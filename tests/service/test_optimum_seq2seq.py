@@ -39,14 +39,43 @@ def models(tmp_path_factory) -> dict[str, tuple[object, Path]]:
 
     out = {}
     torch.manual_seed(0)
-    bart = _wide(BartForConditionalGeneration(BartConfig(
-        vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
-        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None)))
+    bart = _wide(
+        BartForConditionalGeneration(
+            BartConfig(
+                vocab_size=VOCAB,
+                d_model=32,
+                encoder_layers=2,
+                decoder_layers=2,
+                encoder_attention_heads=2,
+                decoder_attention_heads=2,
+                encoder_ffn_dim=64,
+                decoder_ffn_dim=64,
+                max_position_embeddings=64,
+                pad_token_id=1,
+                bos_token_id=0,
+                eos_token_id=2,
+                decoder_start_token_id=2,
+                forced_eos_token_id=None,
+            )
+        )
+    )
     torch.manual_seed(0)
-    t5 = _wide(T5ForConditionalGeneration(T5Config(
-        vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2,
-        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)))
+    t5 = _wide(
+        T5ForConditionalGeneration(
+            T5Config(
+                vocab_size=VOCAB,
+                d_model=32,
+                d_kv=16,
+                d_ff=64,
+                num_layers=2,
+                num_decoder_layers=2,
+                num_heads=2,
+                pad_token_id=0,
+                eos_token_id=1,
+                decoder_start_token_id=0,
+            )
+        )
+    )
     for name, model in (("bart", bart), ("t5", t5)):
         root = tmp_path_factory.mktemp(name)
         model.save_pretrained(root / "source")
@@ -71,8 +100,9 @@ def server(models, tmp_path_factory):
 def transformers_greedy(model, source: list[int], n: int) -> list[int]:
     ids = torch.tensor([source])
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                             num_beams=1, min_length=0)
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, num_beams=1, min_length=0
+        )
     return out[0, 1:].tolist()  # without the decoder start token
 
 
@@ -89,8 +119,12 @@ def test_greedy_generation_equals_transformers_alone_and_batched(models, server,
 
         def run(job):
             i, n = job
-            return list(stub.Generate(gen.GenerateRequest(model=name, token_ids=gen.TokenIds(ids=sources[i]),
-                                                          max_new_tokens=n), timeout=60).token_ids)
+            return list(
+                stub.Generate(
+                    gen.GenerateRequest(model=name, token_ids=gen.TokenIds(ids=sources[i]), max_new_tokens=n),
+                    timeout=60,
+                ).token_ids
+            )
 
         alone = run(jobs[0])
         with ThreadPoolExecutor(6) as ex:

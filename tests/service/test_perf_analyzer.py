@@ -36,9 +36,26 @@ def test_perf_analyzer_measures_the_shipped_model(server, perf_analyzer_cmd, tmp
     data = perf_analyzer.token_input_file(tmp_path / "input.json", 16)
     before = successes(server)
     url = server.address if protocol == "grpc" else server.http_address
-    res = subprocess.run([*perf_analyzer_cmd, "-m", "bytegpt", "-i", protocol, "-u", url, "--input-data",
-                          str(data), "--concurrency-range", "2", "--request-count", str(REQUESTS)],
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            *perf_analyzer_cmd,
+            "-m",
+            "bytegpt",
+            "-i",
+            protocol,
+            "-u",
+            url,
+            "--input-data",
+            str(data),
+            "--concurrency-range",
+            "2",
+            "--request-count",
+            str(REQUESTS),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     throughputs = [float(x) for x in re.findall(r"Concurrency: \d+, throughput: ([\d.]+) infer/sec", res.stdout)]
     assert len(throughputs) == 1 and throughputs[0] > 0, res.stdout
@@ -50,8 +67,24 @@ def test_perf_analyzer_measures_the_shipped_model(server, perf_analyzer_cmd, tmp
 def test_out_of_range_token_ids_are_refused_not_crashing(server, perf_analyzer_cmd, tmp_path):
     data = tmp_path / "bad.json"
     data.write_text(json.dumps({"data": [{"input_ids": {"content": [1, 70000, 3], "shape": [3]}}]}))
-    res = subprocess.run([*perf_analyzer_cmd, "-m", "bytegpt", "-i", "grpc", "-u", server.address, "--input-data",
-                          str(data), "--request-count", "10"], capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            *perf_analyzer_cmd,
+            "-m",
+            "bytegpt",
+            "-i",
+            "grpc",
+            "-u",
+            server.address,
+            "--input-data",
+            str(data),
+            "--request-count",
+            "10",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode != 0
     assert "vocabulary" in res.stdout + res.stderr
     assert server.health() == 1  # still SERVING

@@ -17,8 +17,11 @@ def config(text: str) -> mc.ModelConfig:
 
 
 def test_thread_counts_come_from_triton_parameters():
-    opts = runtime_options(config('parameters { key: "intra_op_thread_count" value: { string_value: "3" } }\n'
-                                  'instance_group [ { count: 2 } ]'))
+    opts = runtime_options(
+        config(
+            'parameters { key: "intra_op_thread_count" value: { string_value: "3" } }\ninstance_group [ { count: 2 } ]'
+        )
+    )
     assert (opts.instances, opts.intra_op_threads, opts.inter_op_threads) == (2, 3, None)
 
 

@@ -29,8 +29,10 @@ def logits() -> np.ndarray:
 
 def test_greedy_is_argmax(logits):
     batch = np.stack([logits, -logits])
-    assert choose_tokens(batch, [seq(SamplingParams()), seq(SamplingParams())]) == [int(np.argmax(logits)),
-                                                                                    int(np.argmax(-logits))]
+    assert choose_tokens(batch, [seq(SamplingParams()), seq(SamplingParams())]) == [
+        int(np.argmax(logits)),
+        int(np.argmax(-logits)),
+    ]
 
 
 def test_the_same_seed_gives_the_same_tokens(logits):
@@ -45,13 +47,22 @@ def test_a_rows_tokens_do_not_depend_on_the_other_rows(logits):
     params = SamplingParams(temperature=0.8, top_k=50, top_p=0.9, seed=5)
     alone = draws(logits, params, 50)
     s = seq(params)
-    others = [seq(SamplingParams()), seq(SamplingParams(temperature=1.5, seed=1)),
-              seq(SamplingParams(temperature=0.5, top_p=0.3, seed=2))]
+    others = [
+        seq(SamplingParams()),
+        seq(SamplingParams(temperature=1.5, seed=1)),
+        seq(SamplingParams(temperature=0.5, top_p=0.3, seed=2)),
+    ]
     rng = np.random.default_rng(9)
     crowd = []
     for _ in range(50):
-        batch = np.stack([rng.normal(size=257).astype(np.float32), logits, rng.normal(size=257).astype(np.float32),
-                          rng.normal(size=257).astype(np.float32)])
+        batch = np.stack(
+            [
+                rng.normal(size=257).astype(np.float32),
+                logits,
+                rng.normal(size=257).astype(np.float32),
+                rng.normal(size=257).astype(np.float32),
+            ]
+        )
         crowd.append(choose_tokens(batch, [others[0], s, others[1], others[2]])[1])
     assert crowd == alone.tolist()
 

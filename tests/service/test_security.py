@@ -55,9 +55,18 @@ def ids_input() -> tc.InferInput:
 def tls_server(repository, certs, tmp_path_factory):
     tokens = tmp_path_factory.mktemp("tokens") / "tokens"
     tokens.write_text(f"# one per line\n{TOKEN}\n")
-    with ServerProcess(repository, "--tls-cert-file", str(certs["server"].cert), "--tls-key-file",
-                       str(certs["server"].key), "--auth-tokens-file", str(tokens), "--log-level", "debug",
-                       tls_ca=certs["ca"].cert) as server:
+    with ServerProcess(
+        repository,
+        "--tls-cert-file",
+        str(certs["server"].cert),
+        "--tls-key-file",
+        str(certs["server"].key),
+        "--auth-tokens-file",
+        str(tokens),
+        "--log-level",
+        "debug",
+        tls_ca=certs["ca"].cert,
+    ) as server:
         yield server
 
 
@@ -68,8 +77,11 @@ def test_tls_with_a_bearer_token_serves_tritonclient_and_generation(tls_server, 
     logits = client.infer("bytegpt", [ids_input()], headers=headers).as_numpy("logits")
     assert logits.shape == (1, 4, BYTEGPT_VOCAB)
     with secure_channel(tls_server.address, certs, token=TOKEN) as channel:
-        stream = list(gen_grpc.TextGenerationStub(channel).GenerateStream(
-            gen.GenerateRequest(model="bytegpt", text="def f(", max_new_tokens=8), timeout=30))
+        stream = list(
+            gen_grpc.TextGenerationStub(channel).GenerateStream(
+                gen.GenerateRequest(model="bytegpt", text="def f(", max_new_tokens=8), timeout=30
+            )
+        )
     assert stream[-1].usage.generated_tokens == 8
 
 
@@ -77,16 +89,21 @@ def test_tls_with_a_bearer_token_serves_tritonclient_and_generation(tls_server, 
 def test_calls_without_an_accepted_token_are_refused(tls_server, certs, token, message):
     client = tc.InferenceServerClient(tls_server.address, ssl=True, root_certificates=str(certs["ca"].cert))
     headers = {"authorization": f"Bearer {token}"} if token else None
-    for call in (lambda: client.infer("bytegpt", [ids_input()], headers=headers),
-                 lambda: client.get_model_metadata("bytegpt", headers=headers),
-                 lambda: client.get_model_repository_index(headers=headers)):
+    for call in (
+        lambda: client.infer("bytegpt", [ids_input()], headers=headers),
+        lambda: client.get_model_metadata("bytegpt", headers=headers),
+        lambda: client.get_model_repository_index(headers=headers),
+    ):
         with pytest.raises(InferenceServerException, match="UNAUTHENTICATED") as info:
             call()
         assert message in str(info.value)
     with secure_channel(tls_server.address, certs, token=token) as channel:
         with pytest.raises(grpc.RpcError) as info:
-            list(gen_grpc.TextGenerationStub(channel).GenerateStream(
-                gen.GenerateRequest(model="bytegpt", text="x", max_new_tokens=2), timeout=10))
+            list(
+                gen_grpc.TextGenerationStub(channel).GenerateStream(
+                    gen.GenerateRequest(model="bytegpt", text="x", max_new_tokens=2), timeout=10
+                )
+            )
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert TOKEN not in tls_server.log()  # tokens are never logged
 
@@ -102,12 +119,24 @@ def test_health_stays_open_for_probes_and_plaintext_is_refused(tls_server, certs
 
 
 def test_mutual_tls_refuses_clients_without_a_trusted_certificate(repository, certs):
-    with ServerProcess(repository, "--tls-cert-file", str(certs["server"].cert), "--tls-key-file",
-                       str(certs["server"].key), "--tls-client-ca-file", str(certs["ca"].cert),
-                       tls_ca=certs["ca"].cert, tls_client=certs["client"]) as server:
-        trusted = tc.InferenceServerClient(server.address, ssl=True, root_certificates=str(certs["ca"].cert),
-                                           private_key=str(certs["client"].key),
-                                           certificate_chain=str(certs["client"].cert))
+    with ServerProcess(
+        repository,
+        "--tls-cert-file",
+        str(certs["server"].cert),
+        "--tls-key-file",
+        str(certs["server"].key),
+        "--tls-client-ca-file",
+        str(certs["ca"].cert),
+        tls_ca=certs["ca"].cert,
+        tls_client=certs["client"],
+    ) as server:
+        trusted = tc.InferenceServerClient(
+            server.address,
+            ssl=True,
+            root_certificates=str(certs["ca"].cert),
+            private_key=str(certs["client"].key),
+            certificate_chain=str(certs["client"].cert),
+        )
         assert trusted.infer("bytegpt", [ids_input()]).as_numpy("logits").shape == (1, 4, BYTEGPT_VOCAB)
         for client in (None, "rogue_client"):
             with secure_channel(server.address, certs, client=client) as channel:
@@ -122,21 +151,39 @@ def test_tls_settings_are_checked_at_start(repository, certs):
 
     from tests.conftest import ROOT
 
-    res = subprocess.run([sys.executable, "-m", "service", "serve", "--model-repository", str(repository),
-                          "--tls-cert-file", str(certs["server"].cert)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=60)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "serve",
+            "--model-repository",
+            str(repository),
+            "--tls-cert-file",
+            str(certs["server"].cert),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 2 and "tls_cert_file and tls_key_file go together" in res.stderr
 
 
 def test_health_can_require_the_token_too(repository):
-    with ServerProcess(repository, "--no-auth-open-health", env={"TSERVE_AUTH_TOKEN": TOKEN},
-                       wait_token=TOKEN) as server, grpc.insecure_channel(server.address) as channel:
+    with (
+        ServerProcess(
+            repository, "--no-auth-open-health", env={"TSERVE_AUTH_TOKEN": TOKEN}, wait_token=TOKEN
+        ) as server,
+        grpc.insecure_channel(server.address) as channel,
+    ):
         health = health_pb2_grpc.HealthStub(channel)
         with pytest.raises(grpc.RpcError) as info:
             health.Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        status = health.Check(health_pb2.HealthCheckRequest(), timeout=5,
-                              metadata=[("authorization", f"Bearer {TOKEN}")]).status
+        status = health.Check(
+            health_pb2.HealthCheckRequest(), timeout=5, metadata=[("authorization", f"Bearer {TOKEN}")]
+        ).status
         assert status == health_pb2.HealthCheckResponse.SERVING
 
 
@@ -147,8 +194,17 @@ def test_the_container_healthcheck_speaks_tls(tls_server, certs):
 
     from tests.conftest import ROOT
 
-    env = {**os.environ, "TSERVE_TLS_CERT_FILE": str(certs["server"].cert),
-           "TSERVE_HEALTHCHECK_CA_FILE": str(certs["ca"].cert)}
-    res = subprocess.run([sys.executable, "-m", "service.healthcheck", tls_server.address], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=30)
+    env = {
+        **os.environ,
+        "TSERVE_TLS_CERT_FILE": str(certs["server"].cert),
+        "TSERVE_HEALTHCHECK_CA_FILE": str(certs["ca"].cert),
+    }
+    res = subprocess.run(
+        [sys.executable, "-m", "service.healthcheck", tls_server.address],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert res.returncode == 0 and "SERVING" in res.stdout, res.stderr

@@ -27,10 +27,17 @@ from service.generated import generation_pb2 as gen
 from service.generated import generation_pb2_grpc as gen_grpc
 from service.launcher import ServerProcess
 
-CFG = Seq2SeqConfig(d_model=32, d_ff=64, n_encoder_layers=2, n_decoder_layers=2, n_head=2, max_source=64,
-                    max_target=14, dropout=0.0)
-SOURCES = [b"def _(x):\n    return x + 1", b"def _(self):\n  pass", b"x", b"def _(a, b):\n    return a * b\n" * 2,
-           b"class A:\n  def _(self): return self.items.pop()", b"def _(path):\n    return open(path).read()"]
+CFG = Seq2SeqConfig(
+    d_model=32, d_ff=64, n_encoder_layers=2, n_decoder_layers=2, n_head=2, max_source=64, max_target=14, dropout=0.0
+)
+SOURCES = [
+    b"def _(x):\n    return x + 1",
+    b"def _(self):\n  pass",
+    b"x",
+    b"def _(a, b):\n    return a * b\n" * 2,
+    b"class A:\n  def _(self): return self.items.pop()",
+    b"def _(path):\n    return open(path).read()",
+]
 NEW = CFG.max_target - 2
 
 
@@ -45,8 +52,14 @@ def seq2seq_repository(tmp_path_factory) -> Path:
                 p.normal_(0.0, 0.4)
     tmp = tmp_path_factory.mktemp("s2s")
     ckpt = tmp / "model.pt"
-    torch.save({"config": CFG.to_dict(), "model": model.state_dict(),
-                "metrics": {"samples": [{"source": s.decode()} for s in SOURCES]}}, ckpt)
+    torch.save(
+        {
+            "config": CFG.to_dict(),
+            "model": model.state_dict(),
+            "metrics": {"samples": [{"source": s.decode()} for s in SOURCES]},
+        },
+        ckpt,
+    )
     repo = tmp / "repo"
     export_entry(ckpt, repo, "namegen")
     export_entry(ckpt, repo, "namegen_optimum", decoder_attention_mask=False)
@@ -59,8 +72,15 @@ def seq2seq_repository(tmp_path_factory) -> Path:
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0.0, 0.4)
-    torch.save({"config": model.cfg.to_dict(), "tokenizer": tok.to_str(), "model": model.state_dict(),
-                "metrics": {"samples": [{"source": s.decode()} for s in SOURCES]}}, tmp / "bpe.pt")
+    torch.save(
+        {
+            "config": model.cfg.to_dict(),
+            "tokenizer": tok.to_str(),
+            "model": model.state_dict(),
+            "metrics": {"samples": [{"source": s.decode()} for s in SOURCES]},
+        },
+        tmp / "bpe.pt",
+    )
     export_entry(tmp / "bpe.pt", repo, "namegen_bpe")
     return repo
 
@@ -93,8 +113,12 @@ def test_continuous_batching_gives_every_request_its_own_greedy_answer(seq2seq_r
 
         def run(job):
             i, n = job
-            return list(stub.Generate(gen.GenerateRequest(model=model, token_ids=gen.TokenIds(ids=list(SOURCES[i])),
-                                                          max_new_tokens=n), timeout=60).token_ids)
+            return list(
+                stub.Generate(
+                    gen.GenerateRequest(model=model, token_ids=gen.TokenIds(ids=list(SOURCES[i])), max_new_tokens=n),
+                    timeout=60,
+                ).token_ids
+            )
 
         with ThreadPoolExecutor(8) as ex:
             got = list(ex.map(run, jobs))
@@ -105,7 +129,9 @@ def test_continuous_batching_gives_every_request_its_own_greedy_answer(seq2seq_r
 def test_text_through_the_openai_api(s2s_server, seq2seq_repository):
     want = references(seq2seq_repository, "namegen")[0]
     body = json.dumps({"model": "namegen", "prompt": SOURCES[0].decode(), "max_tokens": NEW, "temperature": 0}).encode()
-    doc = json.loads(urllib.request.urlopen(urllib.request.Request(s2s_server.http_url + "/v1/completions", body)).read())
+    doc = json.loads(
+        urllib.request.urlopen(urllib.request.Request(s2s_server.http_url + "/v1/completions", body)).read()
+    )
     assert doc["usage"]["prompt_tokens"] == len(SOURCES[0])  # the byte tokenizer: one token a byte
     assert doc["choices"][0]["text"] == bytes(t for t in want if t < 256).decode("utf-8", "replace")
     assert doc["choices"][0]["finish_reason"] == ("length" if len(want) == NEW else "stop")
@@ -120,8 +146,9 @@ def test_a_bpe_model_reads_and_writes_text_with_its_tokenizer_json(s2s_server, s
         for source in SOURCES:
             ids = tok.encode(source.decode())
             want = onnx_greedy(seq2seq_repository / "namegen_bpe" / "1", [ids], NEW)[0]
-            got = stub.Generate(gen.GenerateRequest(model="namegen_bpe", text=source.decode(), max_new_tokens=NEW),
-                                timeout=60)
+            got = stub.Generate(
+                gen.GenerateRequest(model="namegen_bpe", text=source.decode(), max_new_tokens=NEW), timeout=60
+            )
             assert list(got.token_ids) == want and got.text == tok.decode(want)
             answers.add(got.text)
     assert len(answers) >= 3  # the answers depend on the source
@@ -160,13 +187,20 @@ def test_model_infer_drives_each_graph_for_a_client_that_loops_itself(s2s_server
     ids = np.array([list(SOURCES[0])], np.int64)
     mask = np.ones_like(ids)
     client = tc.InferenceServerClient(s2s_server.address)
-    hidden = client.infer("namegen", [infer_input("input_ids", ids), infer_input("attention_mask", mask)]
-                          ).as_numpy("last_hidden_state")
+    hidden = client.infer("namegen", [infer_input("input_ids", ids), infer_input("attention_mask", mask)]).as_numpy(
+        "last_hidden_state"
+    )
     assert hidden.shape == (1, ids.shape[1], CFG.d_model)
     start = np.full((1, 1), 257, np.int64)  # BOS, the decoder start token
-    first = client.infer("namegen", [infer_input("input_ids", start), infer_input("encoder_hidden_states", hidden),
-                                     infer_input("encoder_attention_mask", mask)],
-                         outputs=[tc.InferRequestedOutput("logits")]).as_numpy("logits")
+    first = client.infer(
+        "namegen",
+        [
+            infer_input("input_ids", start),
+            infer_input("encoder_hidden_states", hidden),
+            infer_input("encoder_attention_mask", mask),
+        ],
+        outputs=[tc.InferRequestedOutput("logits")],
+    ).as_numpy("logits")
     client.close()
     assert int(first[0, -1].argmax()) == want[0]
 

@@ -15,14 +15,21 @@ import pytest
 
 pytestmark = pytest.mark.unit  # in-process, no servers or exports: make test-unit
 
-GRAPHS = Seq2SeqGraphs(1, ("present.0.decoder.key", "present.0.decoder.value"),
-                       ("present.0.encoder.key", "present.0.encoder.value"), (), True, np.dtype(np.float32))
+GRAPHS = Seq2SeqGraphs(
+    1,
+    ("present.0.decoder.key", "present.0.decoder.value"),
+    ("present.0.encoder.key", "present.0.encoder.value"),
+    (),
+    True,
+    np.dtype(np.float32),
+)
 HEADS, DIM = 2, 3
 
 
 def cache(slots: int = 4, width: int = 32, max_source: int = 192) -> Seq2SeqCache:
-    c = Seq2SeqCache(GRAPHS, None, None, None, decoder_start_token_id=1, pad_token_id=0, slots=slots,
-                     max_source=max_source)
+    c = Seq2SeqCache(
+        GRAPHS, None, None, None, decoder_start_token_id=1, pad_token_id=0, slots=slots, max_source=max_source
+    )
     c.cross = [np.zeros((slots, HEADS, 0, DIM), np.float32) for _ in range(2)]
     c._fit(width)
     return c

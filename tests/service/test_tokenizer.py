@@ -39,8 +39,10 @@ def test_byte_level_text_streams_whole_characters(tmp_path):
     tokenizer.decoder = decoders.ByteLevel()
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("café naïve 東京 " * 20)
-    tokenizer.train([str(corpus)], trainers.BpeTrainer(vocab_size=260, show_progress=False,
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.train(
+        [str(corpus)],
+        trainers.BpeTrainer(vocab_size=260, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
     tokenizer.save(str(tmp_path / "tokenizer.json"))
     tok = HFTokenizer(tmp_path / "tokenizer.json")
     ids = tok.encode("東京 café")
