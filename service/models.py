@@ -153,10 +153,16 @@ class ModelManager:
                 decoders = (runtimes[1], runtimes[2])
             mv.spec = seq2seq_spec(entry, decoders[0].graph_outputs, decoders[1].graph_inputs, manifest)
             mv.make_cache = partial(seq2seq_cache, mv.spec, runtimes[0], *decoders)
-            generate_greedy(mv.make_cache, [([0, 0], 2)])  # warm-up: every graph once, through the engine
+            mv.generation = GenerationConfig.from_spec(mv.spec)
+            warm = mv.make_cache(EngineLimits(max_sequences=1))
+            generate_greedy(lambda limits: warm, [([0, 0], 2)])  # warm-up: every graph once, through the engine
+            self._check_reservation(  # the cross-attention buffers grow to slots x the longest source
+                self.settings.generation_max_sequences * mv.generation.max_context * warm.cross_column_bytes,
+                "its cross-attention buffers need",
+                f"{mv.generation.max_context} source tokens",
+            )
             if self.settings.verify_golden:
                 check_seq2seq_golden(mv.spec, mv.make_cache)
-            mv.generation = GenerationConfig.from_spec(mv.spec)
         except ValueError as e:
             for r in runtimes:
                 r.close()
@@ -245,15 +251,18 @@ class ModelManager:
 
     def _check_kv_reservation(self, graph: DecoderGraph) -> None:
         """A shared KV buffer may grow to slots x context: refuse one that would exceed the setting."""
-        if not graph.shared_kv:
-            return
-        needed = KVSlots.reserved_bytes(graph, self.settings.generation_max_sequences)
-        limit = self.settings.generation_kv_buffer_max_bytes
+        if graph.shared_kv:
+            needed = KVSlots.reserved_bytes(graph, self.settings.generation_max_sequences)
+            self._check_reservation(needed, "its shared KV buffer needs", f"{graph.max_length} tokens")
+
+    def _check_reservation(self, needed: int, what: str, per_slot: str) -> None:
+        """Refuse a model whose engine buffers may grow past generation_kv_buffer_max_bytes."""
+        limit, slots = self.settings.generation_kv_buffer_max_bytes, self.settings.generation_max_sequences
         if needed > limit:
             raise ModelLoadError(
-                f"its shared KV buffer needs {needed / 2**20:,.0f} MiB ({self.settings.generation_max_sequences} "
-                f"sequences x {graph.max_length} tokens), above generation_kv_buffer_max_bytes ({limit / 2**20:,.0f} MiB): "
-                "lower --generation-max-sequences or the context (tserve.max_sequence_length)"
+                f"{what} {needed / 2**20:,.0f} MiB ({slots} sequences x {per_slot}), above "
+                f"generation_kv_buffer_max_bytes ({limit / 2**20:,.0f} MiB): lower --generation-max-sequences or the "
+                "context (tserve.max_sequence_length)"
             )
 
     async def load(self, name: str) -> None:

@@ -122,8 +122,9 @@ class Settings(BaseSettings):
     generation_kv_buffer_max_bytes: int = Field(
         default=4 << 30,
         ge=1 << 20,
-        description="Largest shared KV buffer a fused (GroupQueryAttention) decoder may grow to: slots x context x "
-        "layers; a model above it is UNAVAILABLE, with the figure (lower generation_max_sequences or the context).",
+        description="Largest KV buffers a model's engine may grow to: a fused (GroupQueryAttention) decoder's shared "
+        "buffer (slots x context x layers) or an encoder-decoder's cross-attention buffers (slots x longest source "
+        "x layers); a model above it is UNAVAILABLE, with the figure (lower generation_max_sequences or the context).",
     )
     generation_default_max_new_tokens: int = Field(
         default=64, ge=1, description="max_new_tokens when a request leaves it out (capped by the context left)."

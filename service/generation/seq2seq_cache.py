@@ -105,8 +105,14 @@ class Seq2SeqCache(SlotTable):
         return self.encoder_mask.shape[1]
 
     @property
+    def cross_column_bytes(self) -> int:
+        """One source token's cross-attention keys and values, every layer (known after the first
+        encoder run)."""
+        return sum(a.shape[1] * a.shape[3] * a.itemsize for a in self.cross)
+
+    @property
     def nbytes(self) -> int:
-        cross = int(self.source_len.sum()) * sum(a.shape[1] * a.shape[3] * a.itemsize for a in self.cross)
+        cross = int(self.source_len.sum()) * self.cross_column_bytes
         own = sum(a.nbytes for first in self._first_self.values() for a in first)
         return cross + own + sum(a.nbytes for a in self.self_kv)
 

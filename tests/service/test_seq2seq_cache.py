@@ -141,3 +141,32 @@ def test_sources_are_grouped_by_length_with_little_padding():
         real, padded = sum(lengths[i] for i in g), len(g) * max(lengths[i] for i in g)
         assert real >= 0.8 * padded
     assert [sorted(lengths[i] for i in g) for g in groups] == [[10, 11, 12], [50], [95, 100], [190]]
+
+
+def test_an_encoder_decoder_whose_cross_buffers_could_pass_the_limit_is_refused_with_the_figure():
+    """namegen's cross-attention caches take 2 layers x (key, value) x 4 heads x 32 dims x 4 bytes
+    = 2 KiB a source token; 64 slots of its 192-token sources could reach 24 MiB, above a 1 MiB
+    limit: UNAVAILABLE, saying what it needs and what to lower."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+
+    from service.metrics import Metrics
+    from service.models import ModelManager
+    from service.settings import Settings
+    from tests.conftest import DEFAULT_REPOSITORY
+
+    async def load(limit: int):
+        settings = Settings(
+            model_repository=DEFAULT_REPOSITORY, generation_max_sequences=64, generation_kv_buffer_max_bytes=limit
+        )
+        manager = ModelManager(settings, Metrics(CollectorRegistry()))
+        await manager.load("namegen")
+        mv = manager.get("namegen", ready=False)
+        state = (mv.ready, mv.reason)
+        await manager.close()
+        return state
+
+    ready, reason = asyncio.run(load(1 << 20))
+    assert not ready and "cross-attention buffers need 24 MiB" in reason and "--generation-max-sequences" in reason
+    assert asyncio.run(load(1 << 30))[0]
