@@ -142,7 +142,8 @@ def main() -> None:
             print(
                 f"round {k + 1}: "
                 + ", ".join(
-                    f"{name} new/old 1 stream {v['new']['1'] / v['old']['1']:.2f}x, 16 {v['new']['16'] / v['old']['16']:.2f}x"
+                    f"{name} new/old 1 stream {v['new']['1'] / v['old']['1']:.2f}x, 16 "
+                    f"{v['new']['16'] / v['old']['16']:.2f}x"
                     for name, v in r.items()
                 ),
                 flush=True,

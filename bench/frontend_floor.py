@@ -143,7 +143,8 @@ def main() -> None:
         f"presents {presents:,})"
     )
     print(
-        f"pinned: server on core {SERVER_CORE}, perf_analyzer on core {CLIENT_CORE}; median (range) over {len(done)} rounds"
+        f"pinned: server on core {SERVER_CORE}, perf_analyzer on core {CLIENT_CORE}; median (range) over "
+        f"{len(done)} rounds"
     )
     print(
         f"  hollow model, c=1 p50: {med([r['hollow_c1']['p50_ms'] for r in done])} ms "

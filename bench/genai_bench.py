@@ -308,7 +308,8 @@ def main() -> None:
         f"{med['raw_shared_16']:.0f} | | |"
     )
     print(
-        f"| tserve engine in-process, genai's graph | {med['engine_shared_1']:.0f} | {med['engine_shared_16']:.0f} | | |"
+        f"| tserve engine in-process, genai's graph | {med['engine_shared_1']:.0f} | "
+        f"{med['engine_shared_16']:.0f} | | |"
     )
     print(
         f"| **tserve, gRPC streams, genai's graph** | {med['tserve_shared_1']:.0f} | {med['tserve_shared_16']:.0f} | "
@@ -318,11 +319,13 @@ def main() -> None:
         f"| tserve engine in-process, genai's graph, prompt lookup ({SPECULATIVE}) | {med['engine_spec_1']:.0f} | | | |"
     )
     print(
-        f"| **tserve, gRPC streams, genai's graph, tuned: prompt lookup ({SPECULATIVE}), stream interval ({INTERVAL})** | {med['tserve_spec_1']:.0f} | "
+        f"| **tserve, gRPC streams, genai's graph, tuned: prompt lookup ({SPECULATIVE}), stream interval "
+        f"({INTERVAL})** | {med['tserve_spec_1']:.0f} | "
         f"{med['tserve_spec_16']:.0f} | {med['tserve_spec_ttft_1_ms']:.1f} | {med['tserve_spec_ttft_16_ms']:.1f} |"
     )
     print(
-        f"| raw ORT loop, Optimum's graph (numpy, present fed back) | {med['raw_loop_1']:.0f} | {med['raw_loop_16']:.0f} | | |"
+        f"| raw ORT loop, Optimum's graph (numpy, present fed back) | {med['raw_loop_1']:.0f} | "
+        f"{med['raw_loop_16']:.0f} | | |"
     )
     print(f"| tserve engine in-process, Optimum's graph | {med['engine_1']:.0f} | {med['engine_16']:.0f} | | |")
     print(

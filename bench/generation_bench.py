@@ -371,7 +371,8 @@ def main() -> None:
             sweep.append(r)
             print(
                 f"  {n:>2} streams: {r['tokens_per_s']:7.1f} tokens/s, TTFT p50 {r['ttft_p50_ms']:6.1f} ms "
-                f"p99 {r['ttft_p99_ms']:6.1f} ms, inter-token p50 {r['itl_p50_ms']:5.1f} ms p99 {r['itl_p99_ms']:6.1f} ms",
+                f"p99 {r['ttft_p99_ms']:6.1f} ms, inter-token p50 {r['itl_p50_ms']:5.1f} ms p99 "
+                f"{r['itl_p99_ms']:6.1f} ms",
                 flush=True,
             )
 
@@ -538,16 +539,19 @@ def main() -> None:
     )
     print(
         f"tserve over gRPC / raw ORT greedy loop, same graph (model_gqa.onnx), prompts and batch: default "
-        f"{ratios['served_default_vs_raw_loop_batch1']:.2f}x at 1 stream, {ratios['served_default_vs_raw_loop_batch16']:.2f}x "
+        f"{ratios['served_default_vs_raw_loop_batch1']:.2f}x at 1 stream, "
+        f"{ratios['served_default_vs_raw_loop_batch16']:.2f}x "
         f"at 16; tuned (prompt lookup 8, stream interval 8) {ratios['served_tuned_vs_raw_loop_batch1']:.2f}x at 1, "
         f"{ratios['served_tuned_vs_raw_loop_batch16']:.2f}x at 16"
     )
     print(
-        f"raw loops, model_gqa.onnx (shared buffer) / model.onnx: batch 1 {ratios['fused_vs_traced_raw_loop_batch1']:.2f}x, "
+        "raw loops, model_gqa.onnx (shared buffer) / model.onnx: batch 1 "
+        f"{ratios['fused_vs_traced_raw_loop_batch1']:.2f}x, "
         f"batch 16 {ratios['fused_vs_traced_raw_loop_batch16']:.2f}x"
     )
     print(
-        f"decode step (raw ORT) at position 90: batch 16 {step_ms[(16, 90)]:.2f} ms, batch 1 {step_ms[(1, 90)]:.2f} ms: "
+        f"decode step (raw ORT) at position 90: batch 16 {step_ms[(16, 90)]:.2f} ms, batch 1 "
+        f"{step_ms[(1, 90)]:.2f} ms: "
         f"16 rows cost {ratios['step_batch16_vs_batch1']:.2f}x one row"
     )
     print(

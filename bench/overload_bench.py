@@ -101,7 +101,8 @@ def main() -> None:
                 print(
                     f"{name} round {r + 1}: {out['codes']}, served complete {out['served_complete']}, "
                     f"refused p50 {out['refuse_p50_ms'] or float('nan'):.1f} ms p99 "
-                    f"{out['refuse_p99_ms'] or float('nan'):.1f} ms, served p50 {out['served_p50_ms'] or float('nan'):.0f} ms, "
+                    f"{out['refuse_p99_ms'] or float('nan'):.1f} ms, served p50 "
+                    f"{out['served_p50_ms'] or float('nan'):.0f} ms, "
                     f"burst {out['burst_s']:.2f} s, normal service {out['recovery_ms']:.1f} ms after",
                     flush=True,
                 )

@@ -43,6 +43,7 @@ RESULTS = ROOT / "bench" / "results"
 CONCURRENCY = (1, 4, 16, 64)
 BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 SERVER_CORE, CLIENT_CORE = 1, 0
+PINNED_CORES = f"server on core {SERVER_CORE}, perf_analyzer on core {CLIENT_CORE}, raw ORT on core {SERVER_CORE}"
 
 
 def raw_ort(model: Path, length: int, cores: set[int], seconds: float) -> dict[int, dict]:
@@ -357,11 +358,10 @@ def report(results: dict) -> None:
         if pinning not in results or not results[pinning]["rounds"]:
             continue
         part = results[pinning]
+        print(f"\n## {pinning} ({PINNED_CORES if pinning == 'pinned' else 'all on every core'})")
         print(
-            f"\n## {pinning} ({'server on core 1, perf_analyzer on core 0, raw ORT on core 1' if pinning == 'pinned' else 'all on every core'})"
-        )
-        print(
-            "\n| concurrency | batching on: infer/s | p50 ms | p99 ms | mean batch | batching off: infer/s | p50 ms | p99 ms |"
+            "\n| concurrency | batching on: infer/s | p50 ms | p99 ms | mean batch | batching off: infer/s | "
+            "p50 ms | p99 ms |"
         )
         print("|---|---|---|---|---|---|---|---|")
         for i, c in enumerate(CONCURRENCY):
@@ -373,14 +373,16 @@ def report(results: dict) -> None:
             print(
                 f"| {c} | {med('batching_on', 'infer_per_s')} | {med('batching_on', 'p50_ms')} | "
                 f"{med('batching_on', 'p99_ms')} | {med('batching_on', 'mean_batch')} | "
-                f"{med('batching_off', 'infer_per_s')} | {med('batching_off', 'p50_ms')} | {med('batching_off', 'p99_ms')} |"
+                f"{med('batching_off', 'infer_per_s')} | {med('batching_off', 'p50_ms')} | "
+                f"{med('batching_off', 'p99_ms')} |"
             )
         raw1 = statistics.median(rnd["raw"]["1"]["infer_per_s"] for rnd in part["rounds"])
         raw1_p50 = statistics.median(rnd["raw"]["1"]["p50_ms"] for rnd in part["rounds"])
         s = part["summary"]
         print(f"\nbaseline (raw ORT in-process, batch 1, one stream): {raw1:.1f} infer/s, p50 {raw1_p50:.2f} ms")
         print(
-            f"concurrency 16, served / raw ORT at its best batch <= 16: {fmt(s['c16_served_vs_raw_best'])} (target >= 0.85x)"
+            f"concurrency 16, served / raw ORT at its best batch <= 16: {fmt(s['c16_served_vs_raw_best'])} "
+            "(target >= 0.85x)"
         )
         print(f"concurrency 16, served / raw ORT at the same mean batch: {fmt(s['c16_served_vs_raw_same_batch'])}")
         print(f"concurrency 16, batching on / off: {fmt(s['c16_batching_on_vs_off'])} (target >= 1.5x)")

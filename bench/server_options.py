@@ -55,7 +55,8 @@ def main() -> None:
                     p50 = [r["p50_ms"] for r in runs]
                     if rate:
                         print(
-                            f"  {setting:<22} c={c:<3} {statistics.median(rate):6.1f} infer/s ({min(rate):.1f}-{max(rate):.1f}), "
+                            f"  {setting:<22} c={c:<3} {statistics.median(rate):6.1f} infer/s "
+                            f"({min(rate):.1f}-{max(rate):.1f}), "
                             f"p50 {statistics.median(p50):6.2f} ms ({min(p50):.2f}-{max(p50):.2f})",
                             flush=True,
                         )

@@ -7,8 +7,9 @@ judges an answer at a glance: `def _(self, key): return self._data.pop(key, None
 
 Each example is a function (methods and nested ones too) with its docstring removed and its
 name replaced by `_` (in the `def` line and wherever the body calls itself); the target is the
-name. Dunder methods, `test*` functions and unittest fixtures (`setUp`, ...) are left out (their names say nothing about the
-body's skill), and so are duplicates. The source is cut to the model's longest source.
+name. Dunder methods, `test*` functions and unittest fixtures (`setUp`, ...) are left out (their
+names say nothing about the body's skill), and so are duplicates. The source is cut to the
+model's longest source.
 
 Metrics, on the held-out files: exact match, and sub-token F1 (names split at `_`, as
 `get_item` -> {get, item}), against two baselines on the same split: the most frequent name in

@@ -8,9 +8,9 @@ Functions come from the validation files (the split bits per byte is measured on
 line, as a user types it (no newline: a BPE's tokens join a newline with the indentation after
 it, so a prompt ending in a bare newline would ask for a column-0 line); the completion is
 greedy, until it has --max-bytes bytes for every model (a BPE's last token may pass that by a
-few; never past a model's context), and is cut at the function's end: the first non-blank line indented less than the body's first, or,
-when the budget runs out first, the last complete line. It counts when header + body parses
-with `ast` and the body holds a statement. The smoothed byte
+few; never past a model's context), and is cut at the function's end: the first non-blank line
+indented less than the body's first, or, when the budget runs out first, the last complete line.
+It counts when header + body parses with `ast` and the body holds a statement. The smoothed byte
 n-gram, fitted on the training files, decodes greedily under the same rules.
 """
 

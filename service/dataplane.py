@@ -6,9 +6,9 @@
                generation: check the request -> the model's generation engine -> events
     record     one outcome per request (success, or the failure's reason) and its duration
 
-Front ends (gRPC servicers, the KServe v2 HTTP routes, the OpenAI routes) convert wire messages to the domain objects here and
-back; nothing here knows protobuf or grpc. The server's drain waits on `inflight`, so it
-covers both APIs by construction.
+Front ends (gRPC servicers, the KServe v2 HTTP routes, the OpenAI routes) convert wire messages
+to the domain objects here and back; nothing here knows protobuf or grpc. The server's drain
+waits on `inflight`, so it covers both APIs by construction.
 """
 
 from __future__ import annotations

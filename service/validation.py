@@ -47,7 +47,8 @@ def _check_tensor(spec: ModelSpec, t: TensorSpec, a: np.ndarray, allow_empty: bo
             raise InvalidInput(f"input {t.name!r} has shape {_shape(a)}: dimension {axis} is zero-size")
     if spec.max_batch_size and a.shape[0] > spec.max_batch_size:
         raise InvalidInput(
-            f"input {t.name!r} has batch size {a.shape[0]}, above model {spec.name!r}'s max_batch_size {spec.max_batch_size}"
+            f"input {t.name!r} has batch size {a.shape[0]}, above model {spec.name!r}'s max_batch_size "
+            f"{spec.max_batch_size}"
         )
     if spec.max_sequence_length:
         first = 1 if spec.max_batch_size else 0

@@ -139,7 +139,10 @@ class DecoderGraph:
                 f"it must match input_ids {list(ids.shape)}"
             )
         if max_length and past_len + T > max_length:
-            return f"past ({past_len}) plus input_ids ({T}) is {past_len + T} tokens, above the maximum sequence length {max_length}"
+            return (
+                f"past ({past_len}) plus input_ids ({T}) is {past_len + T} tokens, above the maximum sequence "
+                f"length {max_length}"
+            )
         padded_left = (np.diff(mask, axis=1) > 0).any(axis=1) if self.shared_kv and mask.ndim == 2 else None
         if padded_left is not None and padded_left.any():
             row = int(np.argmax(padded_left))

@@ -64,7 +64,10 @@ def test_left_padded_targets_in_a_batch_match_each_alone():
 
 
 def test_examples_mask_the_name_and_drop_the_docstring():
-    text = 'class A:\n    def get_item(self, key):\n        """Get it."""\n        return self.get_item(key) or self._d[key]\n'
+    text = (
+        'class A:\n    def get_item(self, key):\n        """Get it."""\n'
+        "        return self.get_item(key) or self._d[key]\n"
+    )
     [ex] = _examples_in(text)
     assert ex.name == "get_item" and "get_item" not in ex.source and "Get it" not in ex.source
     assert ex.source.startswith("def _(self, key):") and "self._(key)" in ex.source
