@@ -36,7 +36,11 @@ MS = "com.microsoft"
 GQA_FILE = "model_gqa.onnx"  # its name beside model.onnx in a repository entry
 
 
-def gqa_decoder(model: GPT) -> onnx.ModelProto:
+def gqa_decoder(model: GPT, tied: bool = True) -> onnx.ModelProto:
+    """The graph; with `tied`, a model whose output projection is its embedding stores that
+    matrix once and transposes it in the graph (ONNX Runtime folds the Transpose at load).
+    Without, the projection is its own initializer, as int8 quantization needs it (it quantizes
+    a MatMul's weight only when it is an initializer)."""
     cfg = model.cfg
     d, H, hd = cfg.d_model, cfg.n_head, cfg.head_dim
     sd = {k: v.detach().to(torch.float32).numpy() for k, v in model.state_dict().items()}
@@ -135,7 +139,11 @@ def gqa_decoder(model: GPT) -> onnx.ModelProto:
         x = layer_norm(
             node("Add", [x, linear(h, f"{p}.ff.fc2", f"{p}/fc2")], f"{p}/residual2"), f"{p}.norm2", f"{p}/norm2"
         )
-    node("MatMul", [x, const("lm_head.weight_t", sd["lm_head.weight"].T)], "logits")
+    if tied and model.lm_head.weight is model.tok_emb.weight:
+        lm_head = node("Transpose", ["tok_emb"], "lm_head.weight_t", perm=[1, 0])
+    else:
+        lm_head = const("lm_head.weight_t", sd["lm_head.weight"].T)
+    node("MatMul", [x, lm_head], "logits")
 
     past = ["batch", H, "past_sequence", hd]
     inputs = [
@@ -159,8 +167,8 @@ def gqa_decoder(model: GPT) -> onnx.ModelProto:
     return proto
 
 
-def export_gqa(model: GPT, path: Path) -> Path:
-    proto = gqa_decoder(model)
+def export_gqa(model: GPT, path: Path, tied: bool = True) -> Path:
+    proto = gqa_decoder(model, tied)
     onnx.checker.check_model(proto)  # the standard parts; contrib ops are ONNX Runtime's to check
     onnx.save(proto, str(path))
     return path
