@@ -103,6 +103,7 @@ class GenerationEngine:
         self.on_step = on_step
         self.waiting: deque[Sequence] = deque()  # shared with the loop thread: under _lock
         self.prefilling: list[Sequence] = []  # the rest is the engine thread's own
+        self._make_cache = make_cache
         self.rows: KVCache = make_cache(limits)  # the running batch's cache; it runs the graphs
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
@@ -189,18 +190,27 @@ class GenerationEngine:
                 stats = self.step()
             except Exception as e:  # a bug in the engine itself: end what runs, keep serving
                 log.exception("generation step failed for %s; ending its active sequences", self.name)
-                error, now, stats = (
-                    InternalError(f"generation step failed: {type(e).__name__}"),
-                    time.monotonic(),
-                    StepStats(),
-                )
-                for seq in self.prefilling:
-                    self._end(seq, FinishReason.ERROR, now, stats, error=error)
-                    self.rows.release(seq)
-                self.prefilling.clear()
-                self._end_running(error, stats)
+                stats = self._recover(InternalError(f"generation step failed: {type(e).__name__}"))
             self._gauges(stats)
             self._post(stats)
+
+    def _recover(self, error: TServeError) -> StepStats:
+        """After a failed step: end every sequence the step held with `error`. If the cache cannot
+        be cleared either (a failure in the middle of its own bookkeeping), it is replaced by a
+        new one, so the engine never stops serving the queue."""
+        now, stats = time.monotonic(), StepStats()
+        held = [*self.prefilling, *(s for s in self.rows.seqs if s is not None)]
+        try:
+            for seq in self.prefilling:
+                self.rows.release(seq)
+            self.rows.clear()
+        except Exception:
+            log.exception("the generation cache of %s could not be cleared; starting a new one", self.name)
+            self.rows = self._make_cache(self.limits)
+        self.prefilling.clear()
+        for seq in held:
+            self._end(seq, FinishReason.ERROR, now, stats, error=error)
+        return stats
 
     def _post(self, stats: StepStats) -> None:
         """Hand the step's events and stats to the event loop. One wake-up carries every step
@@ -447,9 +457,3 @@ class GenerationEngine:
         if seq.finish(reason, now, error=error):
             stats.finished.append(reason.value)
         self._touched[id(seq)] = seq
-
-    def _end_running(self, error: TServeError, stats: StepStats) -> None:
-        now = time.monotonic()
-        for seq in self.rows.seqs:
-            self._end(seq, FinishReason.ERROR, now, stats, error=error)
-        self.rows.clear()

@@ -381,6 +381,36 @@ def test_a_step_that_fails_while_joining_leaves_no_sequence_unanswered(model):
     assert any(e.finish_reason == FinishReason.ERROR and "generation step failed" in e.error.message for e in ends)
 
 
+def test_a_cache_that_cannot_even_be_cleared_is_replaced_and_the_engine_serves_on(model, alone):
+    """A failed step whose cache then fails to clear (a fault inside its own bookkeeping): every
+    sequence the step held is answered, and the next request gets its tokens alone from a new
+    cache."""
+
+    async def main():
+        engine = GenerationEngine(model.name, model.make_cache(), EngineLimits(max_sequences=8))
+        broken = engine.rows
+
+        def fail(*args):
+            raise MemoryError("simulated: the cache's bookkeeping broke")
+
+        broken.join = broken.clear = fail
+        engine.start()
+        try:
+            first = [greedy(p, 30) for p in model.prompts[:3]]
+            for seq in first:
+                engine.submit(seq)
+            ends = [r[-1] for r in await asyncio.wait_for(asyncio.gather(*(drain(s) for s in first)), timeout=30)]
+            later = greedy(model.prompts[1], LENGTHS[1])
+            engine.submit(later)
+            return ends, await asyncio.wait_for(drain(later), timeout=30), engine.rows is broken
+        finally:
+            await engine.close()
+
+    ends, later, same_cache = LOOP.run_until_complete(main())
+    assert all(e.finish_reason == FinishReason.ERROR and "generation step failed" in e.error.message for e in ends)
+    assert not same_cache and tokens(later) == alone[1]
+
+
 @pytest.fixture(scope="module")
 def fused(manager) -> Model:
     return fused_model(manager)
