@@ -11,9 +11,9 @@
 3. Decode step latency in raw ONNX Runtime at position 16 vs 240 (one token, batch 1), and
    what a batch of 16 costs against batch 1 at position 90 (the ceiling on batching's gain).
 4. The same stream counts and scheduling comparison on the engine alone, in-process (no gRPC,
-   no client): what the scheduler does, apart from what the transport costs; and plain greedy
-   loops in raw ONNX Runtime over the same prompts (over model_gqa.onnx with a shared buffer, and
-   model.onnx), against which the engine and two servers are set: one as shipped, one tuned
+   no client): what the scheduler does, apart from what the transport costs; and a plain greedy
+   loop in raw ONNX Runtime over the same prompts and graph (model.onnx, the fused graph, with
+   a shared buffer), against which the engine and two servers are set: one as shipped, one tuned
    (prompt-lookup speculation, 8 draft tokens; 8 tokens a stream message), one stream (8 prompts
    one after another) and 16 at once.
 
@@ -451,8 +451,7 @@ def main() -> None:
         args.repository, {"streams_1": ("continuous", 1, jobs(8, args.new_tokens))}, speculative_tokens=8
     )["streams_1"]
     print("engine alone, in-process: " + ", ".join(f"{k} {v:.0f} tokens/s" for k, v in alone.items()), flush=True)
-    model_file = args.repository / "bytegpt" / "1" / "model.onnx"
-    fused_file = args.repository / "bytegpt" / "1" / "model_gqa.onnx"
+    fused_file = args.repository / "bytegpt" / "1" / "model.onnx"  # the fused graph, shipped alone
     manifest = json.loads((args.repository / "bytegpt" / "1" / "manifest.json").read_text())
     context, head_dim = (
         manifest["model_config"]["block_size"],
@@ -461,10 +460,6 @@ def main() -> None:
     threads = available_cores()
     one_by_one = [p for p, _ in jobs(8, args.new_tokens)]
     # one timed pass each (after an untimed warm-up run), as the engine's
-    loop = {
-        1: len(one_by_one) / sum(1 / raw_loop(model_file, [p], args.new_tokens, threads, rounds=1) for p in one_by_one),
-        16: raw_loop(model_file, [p for p, _ in jobs(16, args.new_tokens)], args.new_tokens, threads, rounds=1),
-    }
     shared = {
         1: len(one_by_one)
         / sum(
@@ -476,8 +471,8 @@ def main() -> None:
         ),
     }
     print(
-        f"raw ORT greedy loop, model.onnx: batch 1 {loop[1]:.0f} tokens/s, batch 16 {loop[16]:.0f} tokens/s; "
-        f"model_gqa.onnx (shared buffer): batch 1 {shared[1]:.0f}, batch 16 {shared[16]:.0f}",
+        f"raw ORT greedy loop, model.onnx (shared buffer): batch 1 {shared[1]:.0f} tokens/s, "
+        f"batch 16 {shared[16]:.0f} tokens/s",
         flush=True,
     )
     base = sweep[0]["tokens_per_s"]
@@ -497,13 +492,10 @@ def main() -> None:
     for name, rates in through_grpc.items():
         for n in (1, 16):
             ratios[f"served_{name}_vs_raw_loop_batch{n}"] = rates[n] / shared[n]
-    ratios["fused_vs_traced_raw_loop_batch1"] = shared[1] / loop[1]
-    ratios["fused_vs_traced_raw_loop_batch16"] = shared[16] / loop[16]
     results = {
         "streams": sweep,
         "scheduling": scheduling,
         "engine_alone_tokens_per_s": alone,
-        "raw_loop_tokens_per_s": {str(k): v for k, v in loop.items()},
         "raw_shared_loop_tokens_per_s": {str(k): v for k, v in shared.items()},
         "decode_step_ms": {str(k): v for k, v in steps.items()},
         "served_tokens_per_s": {k: {str(n): v for n, v in rates.items()} for k, rates in through_grpc.items()},
@@ -532,22 +524,17 @@ def main() -> None:
         f"continuous / static {ratios['engine_alone_continuous_vs_static']:.2f}x"
     )
     print(
-        f"engine alone / raw ORT greedy loop, same graph (model_gqa.onnx) and batch: batch 1 "
+        f"engine alone / raw ORT greedy loop, same graph (model.onnx) and batch: batch 1 "
         f"{ratios['engine_alone_vs_raw_loop_batch1']:.2f}x, batch 16 {ratios['engine_alone_vs_raw_loop_batch16']:.2f}x "
         f"(target >= 0.9x); with prompt lookup (8 draft tokens), batch 1 "
         f"{ratios['engine_alone_speculative_vs_raw_loop_batch1']:.2f}x"
     )
     print(
-        f"tserve over gRPC / raw ORT greedy loop, same graph (model_gqa.onnx), prompts and batch: default "
+        f"tserve over gRPC / raw ORT greedy loop, same graph (model.onnx), prompts and batch: default "
         f"{ratios['served_default_vs_raw_loop_batch1']:.2f}x at 1 stream, "
         f"{ratios['served_default_vs_raw_loop_batch16']:.2f}x "
         f"at 16; tuned (prompt lookup 8, stream interval 8) {ratios['served_tuned_vs_raw_loop_batch1']:.2f}x at 1, "
         f"{ratios['served_tuned_vs_raw_loop_batch16']:.2f}x at 16"
-    )
-    print(
-        "raw loops, model_gqa.onnx (shared buffer) / model.onnx: batch 1 "
-        f"{ratios['fused_vs_traced_raw_loop_batch1']:.2f}x, "
-        f"batch 16 {ratios['fused_vs_traced_raw_loop_batch16']:.2f}x"
     )
     print(
         f"decode step (raw ORT) at position 90: batch 16 {step_ms[(16, 90)]:.2f} ms, batch 1 "

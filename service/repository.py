@@ -289,7 +289,9 @@ def build_spec(
         or (manifest or {}).get("generation", {}).get("max_context")
         or export.max_positions
     )
-    if decoder is not None and export.shared_kv:
+    # a genai folder's graph, or one whose manifest says so (tserve's own export), reads each
+    # row's length from its attention mask
+    if decoder is not None and (export.shared_kv or (manifest or {}).get("generation", {}).get("shared_kv")):
         decoder = shared_kv_decoder(decoder, export, int(max_len) if max_len else None)
 
     return ModelSpec(
@@ -316,11 +318,15 @@ def build_spec(
 
 
 def shared_kv_decoder(decoder: DecoderGraph, export: ExportMetadata, context: int | None) -> DecoderGraph:
-    """An onnxruntime-genai graph (GroupQueryAttention): generation keeps its cache in one
-    buffer per past input, up to `context` columns wide, shared with the present (KVSlots). Its
-    head size is dynamic in the graph and read from genai_config.json."""
+    """A graph that reads row lengths from its mask (GroupQueryAttention: an onnxruntime-genai
+    folder's, or export/gqa_graph.py's): generation keeps its cache in one buffer per past
+    input, up to `context` columns wide, shared with the present (KVSlots). A genai graph's head
+    size is dynamic and read from genai_config.json."""
     if not context:
-        raise ModelLoadError("genai_config.json gives no model.context_length: the shared KV buffer needs one")
+        raise ModelLoadError(
+            "no context length (genai_config.json's model.context_length, tserve.max_sequence_length or the "
+            "manifest's generation.max_context): the shared KV buffer needs one"
+        )
     past = decoder.past
     if export.head_size:
         past = tuple(dataclasses.replace(p, head_dim=export.head_size) for p in past)

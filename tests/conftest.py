@@ -67,6 +67,24 @@ TINY_TRAIN_ARGS = [
 
 
 @pytest.fixture(scope="session")
+def traced_bytegpt(request) -> Path:
+    """The shipped bytegpt's weights as torch.onnx traces them (plain attention over a
+    concatenated, left-padded cache), the graph an Optimum-style decoder export has. The
+    repository ships only the fused graph; this one is exported once per checkpoint and kept in
+    pytest's cache, so a rerun costs nothing."""
+    from export.onnx_export import export_onnx
+    from export.repository import sha256
+    from model.transformer import load_checkpoint
+
+    path = request.config.cache.mkdir("traced") / f"bytegpt-{sha256(DEFAULT_CHECKPOINT)[:16]}.onnx"
+    if not path.is_file():
+        model, _ = load_checkpoint(str(DEFAULT_CHECKPOINT))
+        export_onnx(model, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").rename(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     from model.train import parse_args, train
 

@@ -1,12 +1,14 @@
-"""The generation engine, in-process, on every cache it runs (real ONNX graphs): the shipped
-bytegpt's traced graph (KVRows: numpy caches, left-padded rows), its fused GroupQueryAttention
-graph (KVSlots: a shared KV buffer) and the shipped encoder-decoder namegen (Seq2SeqCache):
+"""The generation engine, in-process, on every cache it runs (real ONNX graphs): bytegpt's
+weights as torch.onnx traces them (KVRows: numpy caches, left-padded rows), the shipped
+bytegpt's fused GroupQueryAttention graph (KVSlots: a shared KV buffer) and the shipped
+encoder-decoder namegen (Seq2SeqCache):
 joins, holes, compaction, chunked prefill, cancel, deadlines and failure isolation. Tests of
 one cache's own feature (drafts, a widening buffer) run on that cache."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from service.generation.seq2seq_cache import Seq2SeqCache
 from service.generation.sequence import FinishReason, Sequence
 from service.metrics import Metrics
 from service.models import ModelManager, decoder_cache, seq2seq_cache
+from service.runtime import OrtRuntime
 from service.settings import Settings
 from tests.conftest import DEFAULT_REPOSITORY
 
@@ -80,19 +83,27 @@ def manager():
     LOOP.run_until_complete(manager.close())
 
 
-def traced_model(manager) -> Model:
-    mv = manager.get("bytegpt")
-    return Model(mv.name, partial(decoder_cache, mv.spec.decoder), (mv.graphs["model.onnx"],), mv.generation.tokenizer)
+@pytest.fixture(scope="module")
+def traced_runtime(traced_bytegpt):
+    runtime = OrtRuntime(traced_bytegpt, ["CPUExecutionProvider"])
+    yield runtime
+    runtime.close()
 
 
-def fused_model(manager) -> Model:
+def traced_model(manager, traced_runtime) -> Model:
     mv = manager.get("bytegpt")
-    graph, runtime = mv.make_cache.args  # the fused graph the server checked against the traced one at load
-    assert graph.shared_kv and runtime is mv.graphs["model_gqa.onnx"]
+    graph = dataclasses.replace(mv.spec.decoder, shared_kv=False)  # the same inputs and outputs, left-padded
+    return Model(mv.name, partial(decoder_cache, graph), (traced_runtime,), mv.generation.tokenizer)
+
+
+def fused_model(manager, traced_runtime=None) -> Model:
+    mv = manager.get("bytegpt")
+    graph, runtime = mv.make_cache.args  # the shipped graph, which reads row lengths from its mask
+    assert graph.shared_kv and runtime is mv.graphs["model.onnx"]
     return Model(mv.name, partial(decoder_cache, graph), (runtime,), mv.generation.tokenizer)
 
 
-def seq2seq_model(manager) -> Model:
+def seq2seq_model(manager, traced_runtime=None) -> Model:
     mv = manager.get("namegen")
     return Model(
         mv.name,
@@ -110,10 +121,10 @@ CACHES = {
 
 
 @pytest.fixture(scope="module", params=list(CACHES))
-def model(request, manager) -> Model:
+def model(request, manager, traced_runtime) -> Model:
     """Every engine test runs on each cache."""
     build, kind = CACHES[request.param]
-    m = build(manager)
+    m = build(manager, traced_runtime)
     assert isinstance(m.make_cache()(EngineLimits()), kind)
     return m
 
@@ -417,8 +428,8 @@ def fused(manager) -> Model:
 
 
 @pytest.fixture(scope="module")
-def traced(manager) -> Model:
-    return traced_model(manager)
+def traced(manager, traced_runtime) -> Model:
+    return traced_model(manager, traced_runtime)
 
 
 def test_the_fused_graph_generates_the_traced_graphs_tokens(traced, fused):

@@ -6,15 +6,16 @@
   left-padded mask, which such a graph would misread. The folder's graph is export/gqa_graph.py's, written
   from a tiny GPT after a fixed seed, with the genai_config.json the builder writes for it;
   genai's own builder needs a second environment (bench/genai_bench.py runs it).
-- A fused generation graph named by a manifest is used only if it matches model.onnx at load:
-  a wrong one is refused, the engine generates with model.onnx, the metric says so.
+- A fused generation graph named by a manifest beside a plain model.onnx is used only if it
+  matches model.onnx at load: a wrong one is refused, the engine generates with model.onnx, the
+  metric says so. (tserve's own bytegpt ships the fused graph alone, as model.onnx.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -26,7 +27,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from tritonclient.utils import InferenceServerException
 
 from export.gqa_graph import GQA_FILE, export_gqa
-from export.repository import sha256
+from export.onnx_export import export_onnx
 from model.transformer import GPT, GPTConfig
 from service.generated import generation_pb2 as gen
 from service.generated import generation_pb2_grpc as gen_grpc
@@ -138,30 +139,27 @@ def load(repository, name: str):
     return asyncio.run(main())
 
 
-def test_a_fused_graph_that_differs_from_model_onnx_is_not_used(tiny_repository, tmp_path):
-    """The exported entry's fused graph is used; one written from other weights (a wrong
-    export, its sha256 in the manifest as if shipped so) is refused at load, and the model
-    generates with model.onnx."""
-    cache, metrics = load(tiny_repository, "bytegpt")
+def test_a_fused_graph_that_differs_from_model_onnx_is_not_used(tiny, tmp_path):
+    """A plain decoder (torch.onnx's graph) whose manifest names a fused generation graph
+    beside it: the fused graph is used when, driven by the engine, it gives model.onnx's logits;
+    one written from other weights is refused at load, and the model generates with model.onnx."""
+    version = tmp_path / "repo" / "gpt" / "1"
+    export_onnx(tiny, version / "model.onnx")
+    export_gqa(tiny, version / GQA_FILE)
+    manifest = {"generation": {"max_context": CONFIG.block_size, "eos_token_id": 0, "graph": GQA_FILE}}
+    (version / "manifest.json").write_text(json.dumps(manifest))
+    cache, metrics = load(tmp_path / "repo", "gpt")
     assert isinstance(cache, KVSlots) and cache.graph.shared_kv
-    assert 'tserve_generation_graph{graph="fused",model="bytegpt",version="1"} 1.0' in metrics
+    assert 'tserve_generation_graph{graph="fused",model="gpt",version="1"} 1.0' in metrics
 
-    repo = tmp_path / "repo"
-    shutil.copytree(tiny_repository / "bytegpt", repo / "bytegpt")
-    version = repo / "bytegpt" / "1"
-    from model.transformer import load_checkpoint
-
-    other, _ = load_checkpoint(str(tiny_repository.parent / "tiny.pt"))
+    other = copy.deepcopy(tiny)
     with torch.no_grad():
         other.blocks[0].attn.v_proj.bias.add_(0.5)
     export_gqa(other, version / GQA_FILE)
-    manifest = json.loads((version / "manifest.json").read_text())
-    manifest["files"][GQA_FILE]["sha256"] = sha256(version / GQA_FILE)
-    (version / "manifest.json").write_text(json.dumps(manifest))
-    cache, metrics = load(repo, "bytegpt")
+    cache, metrics = load(tmp_path / "repo", "gpt")
     assert isinstance(cache, KVRows)
-    assert 'tserve_generation_graph{graph="plain",model="bytegpt",version="1"} 1.0' in metrics
-    assert 'tserve_generation_graph{graph="fused",model="bytegpt",version="1"} 0.0' in metrics
+    assert 'tserve_generation_graph{graph="plain",model="gpt",version="1"} 1.0' in metrics
+    assert 'tserve_generation_graph{graph="fused",model="gpt",version="1"} 0.0' in metrics
 
 
 def test_rows_of_mixed_lengths_share_one_buffer_exactly(tiny, tmp_path):
