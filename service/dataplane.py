@@ -161,7 +161,9 @@ class DataPlane:
                 "outputs); it cannot generate"
             )
         with self._request(mv, GENERATE, protocol, request.request_id) as outcome:
-            seq = to_sequence(mv.generation, request, self.settings.generation_default_max_new_tokens, deadline)
+            args = (mv.generation, request, self.settings.generation_default_max_new_tokens, deadline)
+            # a grammar compiles off the event loop (a large schema takes a while)
+            seq = await asyncio.to_thread(to_sequence, *args) if request.constraint else to_sequence(*args)
             mv.engine.submit(seq)
             try:
                 while True:

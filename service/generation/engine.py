@@ -39,7 +39,7 @@ import numpy as np
 
 from service.errors import DeadlineExceeded, InternalError, QueueFull, TServeError, Unavailable
 from service.generation.cache import KVCache
-from service.generation.sampling import choose_tokens
+from service.generation.sampling import TokenLogprob, choose_tokens, prompt_logprobs
 from service.generation.sequence import FinishReason, Sequence
 from service.generation.speculation import PromptLookup, accepted
 from service.stats import StepStats
@@ -314,7 +314,7 @@ class GenerationEngine:
         if room <= 0:
             return None
         seq = rows.seqs[0]
-        if seq.finished or not seq.params.greedy:
+        if seq.finished or not seq.params.greedy or seq.params.penalized or seq.grammar is not None:
             return None
         if seq.lookup is None:
             seq.lookup = PromptLookup(self.limits.prompt_lookup_max, k)
@@ -381,15 +381,18 @@ class GenerationEngine:
                 self.rows.release(seq)
                 self._end(seq, FinishReason.ERROR, now, stats, error=out)
                 continue
+            if seq.prompt_logprobs is not None:  # echo: each prompt token's log-probability
+                following = seq.prompt[seq.prefilled + 1 : seq.prefilled + n + 1]
+                seq.prompt_records.extend(prompt_logprobs(out, following, seq.prompt_logprobs))
             seq.prefilled += n
             stats.prefill_tokens += n
             if seq.prefilled == len(seq.prompt):
                 done.append((seq, out[-1]))
         starting = [(seq, logits) for seq, logits in done if not seq.finished]  # not cancelled meanwhile
         if starting:
-            firsts = choose_tokens(np.stack([logits for _, logits in starting]), [seq for seq, _ in starting])
-            for (seq, _), token in zip(starting, firsts):
-                if not self._emit(seq, token, now, stats):
+            firsts, logprobs = choose_tokens(np.stack([logits for _, logits in starting]), [seq for seq, _ in starting])
+            for i, ((seq, _), token) in enumerate(zip(starting, firsts)):
+                if not self._emit(seq, token, now, stats, logprobs and logprobs[i]):
                     self.rows.join(seq, token)
         for seq, _ in done:
             # only now: until it is in the rows or finished, a failure handler must find it here
@@ -403,10 +406,10 @@ class GenerationEngine:
         running = [(row, seq) for row, seq in enumerate(rows.seqs) if not seq.finished]
         if len(running) < len(rows):
             logits = logits[[row for row, _ in running]]
-        tokens = choose_tokens(logits, [seq for _, seq in running])
-        for (row, seq), token in zip(running, tokens):
+        tokens, logprobs = choose_tokens(logits, [seq for _, seq in running])
+        for i, ((row, seq), token) in enumerate(zip(running, tokens)):
             rows.feed(row, token)
-            if self._emit(seq, token, now, stats) and not self.static:
+            if self._emit(seq, token, now, stats, logprobs and logprobs[i]) and not self.static:
                 rows.finish(row)  # static batching keeps computing it, as static batching does
         if self.static and rows.live == 0:
             rows.clear()
@@ -415,27 +418,30 @@ class GenerationEngine:
         """The one row's verified draft: greedy's tokens, as many as the draft got right plus one
         (row j of the logits chooses the token j after the row's next one)."""
         rows, seq = self.rows, self.rows.seqs[0]
-        tokens = accepted(choose_tokens(logits, [seq] * len(logits), range(len(logits))), draft)
+        chosen, logprobs = choose_tokens(logits, [seq] * len(logits), range(len(logits)))
+        tokens = accepted(chosen, draft)
         seq.lookup.update(len(draft), len(tokens) - 1)
         stats.draft_tokens += len(draft)
         for i, token in enumerate(tokens):
             rows.feed(0, token)
             if i < len(tokens) - 1:
                 stats.accepted_tokens += 1  # a draft token kept (and streamed: counted as it goes)
-            if self._emit(seq, token, now, stats):
+            if self._emit(seq, token, now, stats, logprobs and logprobs[i]):
                 rows.finish(0)
                 return
         rows.accept(0, len(tokens) - 1)  # the kept draft tokens' columns; the last token feeds next
 
-    def _emit(self, seq: Sequence, token: int, now: float, stats: StepStats) -> bool:
-        """Hand a token to its sequence; True if that ended it."""
+    def _emit(
+        self, seq: Sequence, token: int, now: float, stats: StepStats, logprob: TokenLogprob | None = None
+    ) -> bool:
+        """Hand a token (and its log-probability, if asked for) to its sequence; True if that ended it."""
         if seq.generated:
             stats.inter_token_s.append(now - seq.last_token_at)
         else:
             stats.time_to_first_token_s.append(now - seq.arrived)
         stats.tokens += 1
         self._touched[id(seq)] = seq
-        reason = seq.append(token, now)
+        reason = seq.append(token, now, logprob)
         if reason is not None:
             stats.finished.append(reason.value)
         return reason is not None

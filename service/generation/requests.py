@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 from service.errors import InvalidInput, short
 from service.generation.chat import ChatTemplate
-from service.generation.sampling import SamplingParams
+from service.generation.grammar import Constraint, GrammarCompiler
+from service.generation.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from service.generation.sequence import Sequence
-from service.generation.tokenizer import Tokenizer, load_tokenizer
+from service.generation.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 from service.types import ModelSpec
 
 DEFAULT_CONTEXT = 1024  # when neither the config nor the manifest says
@@ -31,6 +32,14 @@ class GenerateInput:
     add_special_tokens: bool = True  # False when the text is a rendered chat template, which has them
     ignore_eos: bool = False  # generate max_new_tokens whatever comes (benchmarks)
     min_tokens: int = 0  # no end-of-sequence token or stop sequence before this many tokens
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[int, float] | None = None
+    logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely
+    prompt_logprobs: int | None = None  # None: none; k: the same for each prompt token (echo)
+    constraint: Constraint | None = None  # structured output
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,7 @@ class GenerationConfig:
     vocab_size: int | None
     chat_template: ChatTemplate | None = None
     seq2seq_max_new: int | None = None  # encoder-decoders: max_context bounds the source, this the output
+    grammar: GrammarCompiler | None = None  # structured output, for a model with a tokenizer.json
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> GenerationConfig:
@@ -58,13 +68,17 @@ class GenerationConfig:
             eos = set(spec.eos_token_ids)
         else:
             eos = {tokenizer.eos_token_id} if tokenizer is not None and tokenizer.eos_token_id is not None else set()
+        eos_ids = frozenset(e for e in eos if e is not None)
         return cls(
             tokenizer=tokenizer,
-            eos_token_ids=frozenset(e for e in eos if e is not None),
+            eos_token_ids=eos_ids,
             max_context=spec.max_sequence_length or DEFAULT_CONTEXT,  # the repository folds in the manifest's
             vocab_size=spec.vocab_size,
             chat_template=spec.chat_template,
             seq2seq_max_new=spec.max_new_tokens if spec.seq2seq is not None else None,
+            grammar=GrammarCompiler(spec.tokenizer_file, spec.vocab_size, eos_ids)
+            if isinstance(tokenizer, HFTokenizer)
+            else None,
         )
 
 
@@ -123,20 +137,77 @@ def to_sequence(
     top_p = 1.0 if req.top_p is None else req.top_p
     if not 0 < top_p <= 1:
         raise InvalidInput(f"top_p must be in (0, 1] (got {top_p})")
+    params = sampling_params(config, req, temperature, top_k, top_p)
+    if req.prompt_logprobs is not None and config.seq2seq_max_new is not None:
+        raise InvalidInput(
+            f"model {req.model!r} is an encoder-decoder: its prompt is a source, which has no log-probabilities"
+        )
+    grammar = None
+    if req.constraint is not None:
+        if config.grammar is None:
+            raise InvalidInput(
+                f"{req.constraint.where}: model {req.model!r} has no tokenizer.json, which structured output needs"
+            )
+        grammar = config.grammar.compile(req.constraint)
     stops = tuple(s for s in req.stop if s)
     if any(len(s) > 256 for s in stops) or len(stops) > 16:
         raise InvalidInput(f"at most 16 stop sequences of at most 256 characters ({short(stops[:2])})")
     return Sequence(
         request_id=req.request_id,
         prompt=prompt,
-        params=SamplingParams(temperature, top_k, top_p, req.seed),
+        params=params,
         max_new_tokens=max_new,
         min_tokens=req.min_tokens,
         stop=stops,
         deadline=deadline,
         eos_token_ids=frozenset() if req.ignore_eos else config.eos_token_ids,
+        prompt_logprobs=req.prompt_logprobs,
+        grammar=grammar,
         # a continuation's text follows its prompt's; an encoder-decoder's output starts afresh
         decoder=config.tokenizer.decoder(prompt if config.seq2seq_max_new is None else [])
         if config.tokenizer
         else None,
+    )
+
+
+def sampling_params(
+    config: GenerationConfig, req: GenerateInput, temperature: float, top_k: int, top_p: float
+) -> SamplingParams:
+    """The processors' parameters, each checked (OpenAI's and vLLM's ranges)."""
+    min_p = 0.0 if req.min_p is None else req.min_p
+    if not 0 <= min_p <= 1:
+        raise InvalidInput(f"min_p must be in [0, 1] (got {min_p})")
+    penalties = {}
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(req, name)
+        value = 0.0 if value is None else value
+        if not -2 <= value <= 2:
+            raise InvalidInput(f"{name} must be in [-2, 2] (got {value})")
+        penalties[name] = float(value)
+    repetition = 1.0 if req.repetition_penalty is None else req.repetition_penalty
+    if not 0 < repetition <= 2:  # vLLM's upper bound; 1 is none
+        raise InvalidInput(f"repetition_penalty must be in (0, 2] (got {repetition})")
+    bias = req.logit_bias or {}
+    if len(bias) > 1024:
+        raise InvalidInput(f"logit_bias names {len(bias)} tokens; at most 1024")
+    vocab = config.vocab_size
+    for token, value in bias.items():
+        if not 0 <= token < (vocab if vocab is not None else 1 << 62):
+            raise InvalidInput(f"logit_bias token id {token} is outside model {req.model!r}'s vocabulary [0, {vocab})")
+        if not -100 <= value <= 100:
+            raise InvalidInput(f"logit_bias for token {token} must be in [-100, 100] (got {value})")
+    for name in ("logprobs", "prompt_logprobs"):
+        k = getattr(req, name)
+        if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
+            raise InvalidInput(f"{name} must be between 0 and {MAX_TOP_LOGPROBS} (got {k})")
+    return SamplingParams(
+        temperature,
+        top_k,
+        top_p,
+        req.seed,
+        min_p=float(min_p),
+        repetition_penalty=float(repetition),
+        logit_bias=tuple(sorted((int(t), float(v)) for t, v in bias.items())),
+        logprobs=req.logprobs,
+        **penalties,
     )

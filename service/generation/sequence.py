@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.errors import TServeError
-from service.generation.sampling import SamplingParams
+from service.errors import InternalError, TServeError
+from service.generation.sampling import SamplingParams, TokenLogprob
+from service.generation.grammar import Grammar
 from service.generation.speculation import PromptLookup
 from service.generation.tokenizer import StreamDecoder
 
@@ -44,6 +45,8 @@ class Event:
     queue_s: float = 0.0
     ttft_s: float = 0.0
     total_s: float = 0.0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token id, when asked for
+    prompt_logprobs: list[TokenLogprob] | None = None  # the first event's, when asked for (echo)
 
 
 @dataclass(eq=False)
@@ -63,6 +66,9 @@ class Sequence:
     text: str = ""
     emitted: int = 0  # characters of `text` already streamed
     prefilled: int = 0  # prompt tokens whose keys/values are cached (what each cache keeps is its own)
+    prompt_logprobs: int | None = None  # k: each prompt token's log-probability and the k most likely (echo)
+    prompt_records: list[TokenLogprob] = field(default_factory=list)  # filled while prefilling
+    grammar: Grammar | None = None  # structured output: the grammar its tokens stay in
     lookup: PromptLookup | None = None  # its n-gram index, once it drafts (speculative decoding)
     logits_seen: list[np.ndarray] | None = (
         None  # when a list: each token's logits, as the model gave them (load-time checks)
@@ -76,6 +82,10 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.params.seed)
+        self._logprob: TokenLogprob | None = None  # the token being appended's
+        self._prompt_sent = False  # the prompt's log-probabilities ride on the first event
+        if self.prompt_logprobs is not None and self.prompt and not self.prompt_records:
+            self.prompt_records.append(TokenLogprob(self.prompt[0], None))
 
     @property
     def finished(self) -> bool:
@@ -87,9 +97,10 @@ class Sequence:
     def past_deadline(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
 
-    def append(self, token: int, now: float) -> FinishReason | None:
+    def append(self, token: int, now: float, logprob: TokenLogprob | None = None) -> FinishReason | None:
         """Record a token and stream it; on the sequence's last token, finish it and return why."""
         first = not self.generated
+        self._logprob = logprob
         self.last_token_at = now
         if first:
             self.first_token_at = now
@@ -97,6 +108,13 @@ class Sequence:
         reason = FinishReason.EOS if token in self.eos_token_ids else None
         if self.decoder is not None:
             self.text += self.decoder.push(token)
+        if self.grammar is not None and reason is None:
+            if self.grammar.error:  # cannot happen with the mask applied; answered, never raised in the step
+                self.generated.pop()
+                self.finish(FinishReason.ERROR, now, error=InternalError(f"structured output: {self.grammar.error}"))
+                return FinishReason.ERROR
+            if self.grammar.finished:  # the output is complete: nothing but end-of-sequence could follow
+                reason = FinishReason.EOS
         if reason is None and self.stop and len(self.generated) >= self.min_tokens:
             for stop in self.stop:
                 at = self.text.find(stop, max(0, self.emitted - len(stop)))
@@ -113,9 +131,21 @@ class Sequence:
         # hold back text that could be the start of a stop sequence
         hold = max((len(s) - 1 for s in self.stop), default=0)
         safe = max(self.emitted, len(self.text) - hold)
-        self.outbox.append(Event(self.text[self.emitted : safe], [token]))
+        self.outbox.append(self._event(self.text[self.emitted : safe], token))
         self.emitted = safe
         return None
+
+    def _event(self, text: str, token: int | None, **last) -> Event:
+        """The event of a token (with its log-probability, and on the first the prompt's)."""
+        logprob, self._logprob = self._logprob, None
+        prompt, self._prompt_sent = (None if self._prompt_sent else self.prompt_records), True
+        return Event(
+            text,
+            [] if token is None else [token],
+            logprobs=[logprob] if logprob is not None and token is not None else [],
+            prompt_logprobs=prompt if self.prompt_logprobs is not None else None,
+            **last,
+        )
 
     def finish(
         self, reason: FinishReason, now: float, last_token: int | None = None, error: TServeError | None = None
@@ -125,9 +155,9 @@ class Sequence:
             return False
         self.finish_reason = reason
         self.outbox.append(
-            Event(
-                text=self.text[self.emitted :],
-                token_ids=[] if last_token is None else [last_token],
+            self._event(
+                self.text[self.emitted :],
+                last_token,
                 finish_reason=reason,
                 error=error,
                 prompt_tokens=len(self.prompt),

@@ -28,6 +28,12 @@ class ByteTokenizer:
     def decoder(self, prompt: list[int] = ()) -> "ByteStreamDecoder":
         return ByteStreamDecoder()
 
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return bytes([token_id]) if 0 <= token_id < 256 else b""
+
 
 class ByteStreamDecoder:
     """Holds back a multi-byte character until it is complete; invalid bytes become U+FFFD."""
@@ -58,6 +64,26 @@ class HFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (OpenAI's logprobs `bytes`): a byte-level BPE's token
+        through its byte alphabet, a SentencePiece byte-fallback piece `<0xNN>` as that byte,
+        `▁` as a space; a special token as its own text."""
+        piece = self._tokenizer.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if self._byte_level:
+            if all(c in _UNICODE_TO_BYTE for c in piece):
+                return bytes(_UNICODE_TO_BYTE[c] for c in piece)
+            return piece.encode()
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode()
+
+    @property
+    def _byte_level(self) -> bool:
+        decoder = self._tokenizer.decoder
+        return decoder is not None and type(decoder).__name__ == "ByteLevel"
 
     def decoder(self, prompt: list[int] = ()) -> "HFStreamDecoder":
         return HFStreamDecoder(self, prompt)
@@ -94,6 +120,23 @@ class HFStreamDecoder:
 
 
 Tokenizer = ByteTokenizer | HFTokenizer
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the printable character each byte is written as
+    in a byte-level BPE's vocabulary -> that byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_UNICODE_TO_BYTE = _byte_alphabet()
 
 
 def load_tokenizer(manifest_entry: dict | None, tokenizer_file: Path | None) -> Tokenizer | None:

@@ -24,7 +24,9 @@ from starlette.routing import Route
 
 from service.dataplane import OPENAI, DataPlane
 from service.errors import FailedPrecondition, InvalidInput, TServeError, short
+from service.generation.grammar import Constraint
 from service.generation.requests import GenerateInput
+from service.generation.sampling import MAX_TOP_LOGPROBS, TokenLogprob
 from service.generation.sequence import Event, FinishReason
 from service.http.errors import handled, openai_body, status_of
 from service.http.kserve import deadline_of
@@ -33,19 +35,21 @@ openai = handled(openai_body)
 FINISH = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", FinishReason.EOS: "stop"}
 # OpenAI parameters tserve does not implement, with the values that ask for nothing (accepted)
 UNSUPPORTED: dict[str, tuple] = {
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
-    "echo": (None, False),
     "suffix": (None, ""),
     "best_of": (None, 1),
-    "logit_bias": (None, {}),
     "tools": (None, []),
     "functions": (None, []),
+    "function_call": (None, "none"),
     "tool_choice": (None, "none"),
-    "response_format": (None, {"type": "text"}),
-    "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0),
 }
+WHY = {"best_of": "ask for n choices with logprobs and rank them yourself (vLLM dropped best_of too)"}
+NO_LOGPROB = -9999.0  # what OpenAI reports for a token no distribution allows
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: bool = False  # a last chunk with no choices and the usage
 
 
 class _Sampling(BaseModel):
@@ -61,16 +65,94 @@ class _Sampling(BaseModel):
     seed: int | None = Field(default=None, ge=0, lt=1 << 64)
     stop: str | list[str] | None = None
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
+    stream_options: StreamOptions | None = None
     n: int = 1
     user: str | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=2)  # beyond OpenAI, as vLLM accepts it
+    min_p: float | None = Field(default=None, ge=0, le=1)  # beyond OpenAI, as vLLM accepts it
+    logit_bias: dict[str, float] | None = None  # token id (as a string, OpenAI's JSON) -> bias
+    response_format: dict[str, Any] | None = None
+    # vLLM's structured outputs: the current form, and the guided_* parameters before it
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def constraint(self) -> Constraint | None:
+        """What the output is constrained to, from whichever parameter asks (at most one)."""
+        asked: list[Constraint] = []
+        rf = self.response_format
+        if rf is not None:
+            kind = rf.get("type")
+            if kind == "json_object":
+                asked.append(Constraint("json_object"))
+            elif kind == "json_schema":
+                spec = rf.get("json_schema")
+                if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+                    raise InvalidInput("response_format.json_schema: an object with a 'schema' object")
+                asked.append(Constraint("json_schema", spec.get("schema", {}), "response_format.json_schema.schema"))
+            elif kind != "text":
+                raise InvalidInput(f"response_format.type: 'text', 'json_object' or 'json_schema' (got {short(kind)})")
+        guided = {
+            "json": self.guided_json,
+            "regex": self.guided_regex,
+            "choice": self.guided_choice,
+            "grammar": self.guided_grammar,
+        }
+        for key, value in (self.structured_outputs or {}).items():
+            if key in guided and value is not None:
+                guided[key] = value
+            elif key == "json_object" and value:
+                asked.append(Constraint("json_object", where="structured_outputs.json_object"))
+            elif key not in {"whitespace_pattern", "disable_any_whitespace", "disable_additional_properties"}:
+                raise InvalidInput(
+                    f"structured_outputs.{key}: not a constraint tserve knows (json, regex, choice, grammar)"
+                )
+        for key, value in guided.items():
+            if value is None:
+                continue
+            where = f"structured_outputs.{key}"
+            if key == "json":
+                try:
+                    schema = json.loads(value) if isinstance(value, str) else value
+                except json.JSONDecodeError as e:
+                    raise InvalidInput(f"{where}: not JSON ({e})") from None
+                asked.append(Constraint("json_schema", schema, where))
+            else:
+                asked.append(Constraint(key, value, where))
+        if len(asked) > 1:
+            raise InvalidInput(f"{', '.join(c.where for c in asked)}: one constraint per request")
+        return asked[0] if asked else None
 
     def refuse_unsupported(self) -> None:
         if self.n != 1:
             raise InvalidInput("n must be 1: tserve returns one choice per request")
         for key, value in (self.model_extra or {}).items():
             if key in UNSUPPORTED and value not in UNSUPPORTED[key]:
-                raise InvalidInput(f"parameter {key!r} is not supported by tserve (got {short(value)})")
+                why = WHY.get(key, "")
+                raise InvalidInput(
+                    f"parameter {key!r} is not supported by tserve (got {short(value)})" + (f": {why}" if why else "")
+                )
+        if self.stream_options is not None and not self.stream:
+            raise InvalidInput("stream_options: only allowed when stream is true")
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def token_bias(self) -> dict[int, float] | None:
+        if not self.logit_bias:
+            return None
+        bias = {}
+        for key, value in self.logit_bias.items():
+            try:
+                bias[int(key)] = value
+            except ValueError:
+                raise InvalidInput(f"logit_bias: key {short(key)} is not a token id") from None
+        return bias
 
     def generate_input(
         self,
@@ -79,6 +161,8 @@ class _Sampling(BaseModel):
         token_ids: list[int] | None,
         max_tokens: int | None,
         add_special_tokens: bool = True,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
     ) -> GenerateInput:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return GenerateInput(
@@ -95,12 +179,22 @@ class _Sampling(BaseModel):
             add_special_tokens=add_special_tokens,
             ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens,
+            min_p=self.min_p,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            logit_bias=self.token_bias(),
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            constraint=self.constraint(),
         )
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str]
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # the legacy shape: top k
+    echo: bool = False
 
 
 class ChatMessage(BaseModel):
@@ -121,6 +215,13 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def logprobs_k(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidInput("top_logprobs: only allowed when logprobs is true")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def _parse(model: type[BaseModel], body: bytes) -> Any:
@@ -138,6 +239,50 @@ def _usage(last: Event) -> dict:
         "completion_tokens": last.generated_tokens,
         "total_tokens": last.prompt_tokens + last.generated_tokens,
     }
+
+
+def _logprob(value: float) -> float:
+    return value if value > NO_LOGPROB else NO_LOGPROB
+
+
+class TokenTexts:
+    """Each token's text and bytes, for log-probabilities: from the model's tokenizer, else
+    `token_id:<id>` (vLLM's form for a model without one)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def bytes(self, token: int) -> bytes:
+        return self.tokenizer.token_bytes(token) if self.tokenizer is not None else f"token_id:{token}".encode()
+
+    def text(self, token: int) -> str:
+        return self.bytes(token).decode("utf-8", errors="replace")
+
+    def chat(self, records: list[TokenLogprob]) -> list[dict]:
+        """Chat's `logprobs.content` entries."""
+
+        def entry(token: int, logprob: float) -> dict:
+            raw = self.bytes(token)
+            return {"token": raw.decode("utf-8", errors="replace"), "logprob": _logprob(logprob), "bytes": list(raw)}
+
+        return [{**entry(r.token, r.logprob), "top_logprobs": [entry(t, lp) for t, lp in r.top]} for r in records]
+
+    def legacy(self, records: list[TokenLogprob], offset: int) -> dict:
+        """Completions' legacy `logprobs`: tokens, token_logprobs, top_logprobs, text_offset
+        (each token's character offset in the choice's text, from `offset`)."""
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for r in records:
+            text = self.text(r.token)
+            out["tokens"].append(text)
+            out["text_offset"].append(offset)
+            offset += len(text)
+            if r.logprob is None:  # a prompt's first token (echo): nothing predicts it
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+            else:
+                out["token_logprobs"].append(_logprob(r.logprob))
+                out["top_logprobs"].append({self.text(t): _logprob(lp) for t, lp in r.top})
+        return out
 
 
 def _sse(doc: dict | str) -> bytes:
@@ -158,9 +303,11 @@ def routes(dp: DataPlane) -> list[Route]:
             await chunks.aclose()
             raise
 
-    async def run(gen: GenerateInput, request: Request, stream: bool, shape_chunk, shape_whole) -> Response:
+    async def run(
+        gen: GenerateInput, request: Request, req: _Sampling, shape_chunk, shape_whole, shape_usage
+    ) -> Response:
         chunks, first = await first_chunk(gen, request)
-        if not stream:
+        if not req.stream:
             async with aclosing(chunks):
                 events = first + [e async for chunk in chunks for e in chunk]
             return JSONResponse(shape_whole(events))
@@ -168,9 +315,13 @@ def routes(dp: DataPlane) -> list[Route]:
         async def body() -> AsyncIterator[bytes]:
             async with aclosing(chunks):
                 try:
+                    last = first[-1]
                     yield _sse(shape_chunk(first))
                     async for chunk in chunks:
+                        last = chunk[-1]
                         yield _sse(shape_chunk(chunk))
+                    if req.include_usage:  # OpenAI's last chunk: no choices, the usage
+                        yield _sse({**shape_usage(), "choices": [], "usage": _usage(last)})
                 except TServeError as e:  # after the stream opened: an error event, as OpenAI sends one
                     yield _sse(openai_body(status_of(e), e.message))
             yield _sse("[DONE]")
@@ -184,6 +335,12 @@ def routes(dp: DataPlane) -> list[Route]:
         data = [{"id": mv.name, "object": "model", "created": 0, "owned_by": "tserve"} for mv in dp.generators()]
         return JSONResponse({"object": "list", "data": data})
 
+    def generator(name: str):
+        mv = dp.model(name, ready=True)
+        if mv.generation is None:
+            raise FailedPrecondition(f"model {name!r} does not generate text")
+        return mv.generation
+
     @openai
     async def completions(request: Request) -> Response:
         req = _parse(CompletionRequest, await request.body())
@@ -194,89 +351,98 @@ def routes(dp: DataPlane) -> list[Route]:
                 raise InvalidInput("prompt: one prompt per request (a list of strings must hold exactly one)")
             prompt = prompt[0]
         rid, created = request_id(request, "cmpl"), int(time.time())
+        config = generator(req.model)
+        texts = TokenTexts(config.tokenizer)
+        echo_logprobs = req.echo and req.logprobs is not None
         gen = req.generate_input(
             rid,
             prompt if isinstance(prompt, str) else None,
             prompt if isinstance(prompt, list) else None,
             req.max_tokens,
+            logprobs=req.logprobs,
+            prompt_logprobs=req.logprobs if echo_logprobs else None,
         )
+        echoed = ""
+        if req.echo:
+            echoed = (
+                prompt if isinstance(prompt, str) else (config.tokenizer.decode(prompt) if config.tokenizer else "")
+            )
+        sent = {"chars": 0, "echoed": False}  # the choice's text so far (text_offset counts from it)
 
-        def chunk(events: list[Event]) -> dict:
-            last = events[-1]
-            doc = {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": req.model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "text": "".join(e.text for e in events),
-                        "logprobs": None,
-                        "finish_reason": FINISH.get(last.finish_reason),
-                    }
-                ],
+        def choice(events: list[Event]) -> dict:
+            text = "".join(e.text for e in events)
+            records = [r for e in events for r in e.logprobs]
+            if req.echo and not sent["echoed"]:
+                sent["echoed"], text = True, echoed + text
+                if echo_logprobs:
+                    records = (events[0].prompt_logprobs or []) + records
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = texts.legacy(records, sent["chars"])
+            sent["chars"] += len(text)
+            return {
+                "index": 0,
+                "text": text,
+                "logprobs": logprobs,
+                "finish_reason": FINISH.get(events[-1].finish_reason),
             }
-            if last.finish_reason is not None:
-                doc["usage"] = _usage(last)
-            return doc
+
+        def head() -> dict:
+            return {"id": rid, "object": "text_completion", "created": created, "model": req.model}
 
         def whole(events: list[Event]) -> dict:
-            return {**chunk(events), "usage": _usage(events[-1])}
+            return {**head(), "choices": [choice(events)], "usage": _usage(events[-1])}
 
-        return await run(gen, request, req.stream, chunk, whole)
+        return await run(gen, request, req, lambda events: {**head(), "choices": [choice(events)]}, whole, head)
 
     @openai
     async def chat_completions(request: Request) -> Response:
         req = _parse(ChatRequest, await request.body())
         req.refuse_unsupported()
-        mv = dp.model(req.model, ready=True)
-        if mv.generation is None:
-            raise FailedPrecondition(f"model {req.model!r} does not generate text")
-        template = mv.generation.chat_template
+        config = generator(req.model)
+        template = config.chat_template
         if template is None:
             raise InvalidInput(
                 f"model {req.model!r} has no chat template (its export's tokenizer_config.json has "
                 "no chat_template); use /v1/completions with a prompt"
             )
+        k = req.logprobs_k()
+        texts = TokenTexts(config.tokenizer)
         text = template.render([{"role": m.role, "content": m.text()} for m in req.messages])
         rid, created = request_id(request, "chatcmpl"), int(time.time())
-        gen = req.generate_input(rid, text, None, req.max_completion_tokens or req.max_tokens, add_special_tokens=False)
+        gen = req.generate_input(
+            rid, text, None, req.max_completion_tokens or req.max_tokens, add_special_tokens=False, logprobs=k
+        )
         opened = [False]
 
+        def logprobs(events: list[Event]) -> dict | None:
+            if k is None:
+                return None
+            return {"content": texts.chat([r for e in events for r in e.logprobs]), "refusal": None}
+
+        def head(kind: str = "chat.completion.chunk") -> dict:
+            return {"id": rid, "object": kind, "created": created, "model": req.model}
+
         def chunk(events: list[Event]) -> dict:
-            last = events[-1]
             delta: dict[str, str] = {"content": "".join(e.text for e in events)}
             if not opened[0]:
                 delta, opened[0] = {"role": "assistant", **delta}, True
-            doc = {
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": req.model,
-                "choices": [
-                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": FINISH.get(last.finish_reason)}
-                ],
+            finish = FINISH.get(events[-1].finish_reason)
+            return {
+                **head(),
+                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs(events), "finish_reason": finish}],
             }
-            if last.finish_reason is not None:
-                doc["usage"] = _usage(last)
-            return doc
 
         def whole(events: list[Event]) -> dict:
-            last = events[-1]
             message = {"role": "assistant", "content": "".join(e.text for e in events)}
+            finish = FINISH.get(events[-1].finish_reason)
             return {
-                "id": rid,
-                "object": "chat.completion",
-                "created": created,
-                "model": req.model,
-                "choices": [
-                    {"index": 0, "message": message, "logprobs": None, "finish_reason": FINISH.get(last.finish_reason)}
-                ],
-                "usage": _usage(last),
+                **head("chat.completion"),
+                "choices": [{"index": 0, "message": message, "logprobs": logprobs(events), "finish_reason": finish}],
+                "usage": _usage(events[-1]),
             }
 
-        return await run(gen, request, req.stream, chunk, whole)
+        return await run(gen, request, req, chunk, whole, head)
 
     return [
         Route("/v1/models", models, methods=["GET"]),

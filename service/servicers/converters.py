@@ -7,6 +7,7 @@ is allocated from a client-supplied shape.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -14,6 +15,7 @@ import numpy as np
 from service.errors import InvalidInput, short
 from service.generated import generation_pb2 as gen
 from service.generated import grpc_service_pb2 as pb
+from service.generation.grammar import Constraint
 from service.generation.requests import GenerateInput
 from service.generation.sequence import Event, FinishReason
 from service.models import ModelVersion
@@ -159,7 +161,52 @@ def generate_input_from_proto(req: gen.GenerateRequest) -> GenerateInput:
         request_id=req.request_id,
         ignore_eos=req.ignore_eos,
         min_tokens=req.min_tokens,
+        min_p=s.min_p if s.HasField("min_p") else None,
+        presence_penalty=s.presence_penalty if s.HasField("presence_penalty") else None,
+        frequency_penalty=s.frequency_penalty if s.HasField("frequency_penalty") else None,
+        repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else None,
+        logit_bias=dict(s.logit_bias) or None,
+        logprobs=req.logprobs if req.HasField("logprobs") else None,
+        prompt_logprobs=req.prompt_logprobs if req.HasField("prompt_logprobs") else None,
+        constraint=_constraint(req.structured_output) if req.HasField("structured_output") else None,
     )
+
+
+def _constraint(so: gen.StructuredOutput) -> Constraint | None:
+    kind = so.WhichOneof("kind")
+    where = f"structured_output.{kind}"
+    if kind is None or (kind == "json_object" and not so.json_object):
+        return None
+    if kind == "json_schema":
+        try:
+            return Constraint("json_schema", json.loads(so.json_schema), where)
+        except json.JSONDecodeError as e:
+            raise InvalidInput(f"{where}: not JSON ({e})") from None
+    if kind == "choice":
+        return Constraint("choice", list(so.choice.choices), where)
+    return Constraint(kind, None if kind == "json_object" else getattr(so, kind), where)
+
+
+def _logprobs(records) -> list[gen.TokenLogprob]:
+    return [
+        gen.TokenLogprob(
+            token_id=r.token,
+            top=[gen.TopLogprob(token_id=t, logprob=lp) for t, lp in r.top],
+            **({} if r.logprob is None else {"logprob": r.logprob}),
+        )
+        for r in records
+    ]
+
+
+def _logprob_fields(events: list[Event]) -> dict:
+    fields = {}
+    records = [r for e in events for r in e.logprobs]
+    if records:
+        fields["logprobs"] = _logprobs(records)
+    prompt = next((e.prompt_logprobs for e in events if e.prompt_logprobs), None)
+    if prompt:
+        fields["prompt_logprobs"] = _logprobs(prompt)
+    return fields
 
 
 def _finish_fields(event: Event) -> dict:
@@ -176,7 +223,10 @@ def stream_chunk_to_proto(events: list[Event]) -> gen.GenerateStreamResponse:
     last = events[-1]
     extra = _finish_fields(last) if last.finish_reason else {}
     return gen.GenerateStreamResponse(
-        text="".join(e.text for e in events), token_ids=[t for e in events for t in e.token_ids], **extra
+        text="".join(e.text for e in events),
+        token_ids=[t for e in events for t in e.token_ids],
+        **extra,
+        **_logprob_fields(events),
     )
 
 
@@ -188,4 +238,5 @@ def generate_response_to_proto(model: str, request_id: str, events: list[Event])
         text="".join(e.text for e in events),
         token_ids=[t for e in events for t in e.token_ids],
         **_finish_fields(last),
+        **_logprob_fields(events),
     )

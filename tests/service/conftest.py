@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +14,7 @@ import torch
 from torch import nn
 
 from model.transformer import GPTConfig, MultiHeadAttention
-from tests.conftest import DEFAULT_REPOSITORY
+from tests.conftest import DEFAULT_REPOSITORY, ROOT
 from service.launcher import ServerProcess
 
 ENCODER_VOCAB = 100
@@ -112,3 +115,107 @@ def server(repository):
 
 def random_ids(rng: np.random.Generator, batch: int, length: int, vocab: int) -> np.ndarray:
     return rng.integers(0, vocab, (batch, length), dtype=np.int64)
+
+
+# -- third-party decoders, built from a config after a fixed seed and exported by Optimum -----
+
+POSITIONS, VOCAB = 128, 300
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def export(tmp_path_factory) -> tuple[Path, Path]:
+    """(the saved transformers model and tokenizer, the Optimum export folder)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("gpt2")
+    source, exported = root / "source", root / "onnx"
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train(
+        [str(p) for p in sorted((ROOT / "model").glob("*.py"))],
+        trainers.BpeTrainer(
+            vocab_size=VOCAB,
+            special_tokens=["<|endoftext|>"],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=tokenizer.get_vocab_size(),
+        n_positions=POSITIONS,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=fast.eos_token_id,
+        eos_token_id=fast.eos_token_id,
+    )
+    GPT2LMHeadModel(config).eval().save_pretrained(source)
+    fast.save_pretrained(source)
+    return source, optimum_export(source, "text-generation-with-past", exported)
+
+
+def optimum_export(source: Path, task: str, out: Path) -> Path:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0"}
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "optimum.commands.optimum_cli",
+            "export",
+            "onnx",
+            "--model",
+            str(source),
+            "--task",
+            task,
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def llama(export, tmp_path_factory) -> tuple[Path, Path]:
+    """A Llama-style decoder (rotary positions, grouped-query attention) with the same tokenizer and a
+    chat template."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("llama")
+    tokenizer = AutoTokenizer.from_pretrained(export[0])
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=POSITIONS,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).eval().save_pretrained(root / "source")
+    tokenizer.chat_template = CHAT_TEMPLATE  # Optimum copies it into the export's tokenizer_config.json
+    tokenizer.save_pretrained(root / "source")
+    return root / "source", optimum_export(root / "source", "text-generation-with-past", root / "onnx")
+
+
+@pytest.fixture(scope="session")
+def references(export, llama) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return {
+        name: (AutoModelForCausalLM.from_pretrained(source).eval(), AutoTokenizer.from_pretrained(source))
+        for name, source in (("gpt2", export[0]), ("llama", llama[0]))
+    }

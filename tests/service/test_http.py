@@ -290,8 +290,21 @@ def test_openai_streaming_matches_the_whole_answer(oai):
         oai.completions.create(model="bytegpt", prompt="import os\n", max_tokens=24, temperature=0, stream=True)
     )
     assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
-    assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == 24
+    assert chunks[-1].choices[0].finish_reason == "length" and all(c.usage is None for c in chunks)
     assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+    # stream_options.include_usage: one more chunk, with no choices and the usage, as OpenAI sends it
+    counted = list(
+        oai.completions.create(
+            model="bytegpt",
+            prompt="import os\n",
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert counted[-1].choices == [] and counted[-1].usage.completion_tokens == 24
+    assert all(c.usage is None for c in counted[:-1]) and counted[-2].choices[0].finish_reason == "length"
 
 
 def test_openai_chat_uses_the_model_chat_template(oai):
@@ -328,13 +341,169 @@ def test_openai_errors_have_openai_shape_and_status(http_server, oai):
         oai.completions.create(model="bytegpt", prompt=[1] * 300, max_tokens=2)  # the context is 256 tokens
     assert "context" in long_prompt.value.body["message"]
     status, _, data = request(
-        http_server, "POST", "/v1/completions", b'{"model": "bytegpt", "prompt": "x", "logprobs": 3}'
+        http_server, "POST", "/v1/completions", b'{"model": "bytegpt", "prompt": "x", "best_of": 3}'
     )
-    assert status == 400 and json.loads(data)["error"]["type"] == "invalid_request_error"
+    error = json.loads(data)["error"]
+    assert status == 400 and error["type"] == "invalid_request_error" and "logprobs" in error["message"]
+
+
+def model_logits(triton, ids: list[int]) -> np.ndarray:
+    """The served graph's own logits [T, vocab] for these tokens, one ModelInfer."""
+    x = np.array([ids], np.int64)
+    res = triton.infer("bytegpt", [infer_input("input_ids", x)], outputs=[tch.InferRequestedOutput("logits")])
+    return res.as_numpy("logits")[0].astype(np.float64)
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_openai_completion_logprobs_and_echo_are_the_models(oai, triton):
+    """logprobs: 3 with echo (OpenAI's legacy shape): every prompt token after the first and
+    every generated one carries log_softmax of the model's logits at the position before it
+    (ModelInfer on the same server, within 1e-4), the top 3 best first, text offsets that walk
+    the echoed text; the first prompt token has none."""
+    prompt = "def fibonacci(n):"
+    res = oai.completions.create(model="bytegpt", prompt=prompt, max_tokens=8, temperature=0, logprobs=3, echo=True)
+    choice, lp = res.choices[0], res.choices[0].logprobs
+    ids = bytegpt_tokenizer().encode(prompt) + bytegpt_tokenizer().encode(choice.text[len(prompt) :], False)
+    assert choice.text.startswith(prompt) and len(lp.tokens) == len(ids) == res.usage.prompt_tokens + 8
+    assert "".join(lp.tokens) == choice.text  # ASCII text: each token's own text
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    want = log_softmax(model_logits(triton, ids))
+    got = np.array(lp.token_logprobs[1:])
+    np.testing.assert_allclose(got, want[np.arange(len(ids) - 1), ids[1:]], atol=1e-4)
+    generated = res.usage.prompt_tokens
+    for pos in range(generated, len(ids)):  # greedy: the chosen token is the most likely
+        top = lp.top_logprobs[pos]
+        assert len(top) == 3 and list(top.values()) == sorted(top.values(), reverse=True)
+        assert max(top.values()) == pytest.approx(lp.token_logprobs[pos], abs=1e-6)
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(ids))]
+    # unechoed and streamed: the same log-probabilities for the generated tokens
+    chunks = list(
+        oai.completions.create(model="bytegpt", prompt=prompt, max_tokens=8, temperature=0, logprobs=3, stream=True)
+    )
+    streamed = [x for c in chunks for x in c.choices[0].logprobs.token_logprobs]
+    np.testing.assert_allclose(streamed, lp.token_logprobs[generated:], atol=1e-6)
+    offsets = [x for c in chunks for x in c.choices[0].logprobs.text_offset]
+    assert offsets == [o - len(prompt) for o in lp.text_offset[generated:]]
+
+
+def test_openai_chat_logprobs_carry_bytes_and_alternatives(oai):
+    """Chat's logprobs.content: one entry per token, whose bytes join to the message's text,
+    with top_logprobs alternatives; the stream carries the same entries."""
+    messages = [{"role": "user", "content": "héllo wörld"}]
+    kw = {"model": "bytegpt_chat", "messages": messages, "max_tokens": 10, "temperature": 0, "logprobs": True}
+    res = oai.chat.completions.create(**kw, top_logprobs=2)
+    content = res.choices[0].logprobs.content
+    assert len(content) == res.usage.completion_tokens == 10
+    assert bytes(b for e in content for b in e.bytes).decode() == res.choices[0].message.content
+    assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob == pytest.approx(e.logprob) for e in content)
+    stream = list(oai.chat.completions.create(**kw, top_logprobs=2, stream=True))
+    entries = [e for c in stream if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.bytes) for e in entries] == [(e.token, e.bytes) for e in content]
+    np.testing.assert_allclose([e.logprob for e in entries], [e.logprob for e in content], atol=1e-6)
+    plain = oai.chat.completions.create(**{**kw, "logprobs": False})
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == res.choices[0].message.content
+
+
+def test_openai_penalties_and_logit_bias_give_the_reference_tokens(oai, triton):
+    """Greedy with logit_bias, repetition_penalty, frequency_penalty and presence_penalty: each
+    token is the argmax of the model's logits (ModelInfer) after those processors as the docs
+    give them, recomputed here step by step; the log-probabilities are those of the processed
+    distribution."""
+    tok = bytegpt_tokenizer()
+    prompt = tok.encode("class Stack:\n    def push(self, x):")
+    banned = int(np.argmax(model_logits(triton, prompt)[-1]))  # what greedy would pick first
+    bias = {banned: -100.0, 7: 3.0}
+    kw = {"repetition_penalty": 1.3, "frequency_penalty": 0.6, "presence_penalty": 0.4}
+    res = oai.completions.create(
+        model="bytegpt",
+        prompt=prompt,
+        max_tokens=12,
+        temperature=0,
+        logprobs=0,
+        logit_bias={str(k): v for k, v in bias.items()},
+        extra_body={"repetition_penalty": kw["repetition_penalty"], "ignore_eos": True},
+        frequency_penalty=kw["frequency_penalty"],
+        presence_penalty=kw["presence_penalty"],
+    )
+    got = tok.encode(res.choices[0].text, False)
+    generated, logprobs = [], []
+    for _ in range(12):
+        z = model_logits(triton, prompt + generated)[-1].astype(np.float32)
+        for t, b in bias.items():
+            z[t] += b
+        seen = np.zeros(len(z), bool)
+        seen[prompt + generated] = True
+        z = np.where(seen, np.where(z > 0, z / 1.3, z * 1.3), z)
+        counts = np.bincount(generated, minlength=len(z)).astype(np.float32)
+        z -= counts * 0.6 + (counts > 0) * 0.4
+        generated.append(int(np.argmax(z)))
+        logprobs.append(float(log_softmax(z.astype(np.float64))[generated[-1]]))
+    assert got == generated and banned not in got
+    np.testing.assert_allclose(res.choices[0].logprobs.token_logprobs, logprobs, atol=1e-4)
+    plain = oai.completions.create(model="bytegpt", prompt=prompt, max_tokens=12, temperature=0)
+    assert tok.encode(plain.choices[0].text, False)[0] == banned  # the bias changed something
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"logit_bias": {"4096": 1}}, ["logit_bias", "4096", "vocabulary"]),
+        ({"logit_bias": {"5": 101}}, ["logit_bias", "[-100, 100]"]),
+        ({"logit_bias": {"five": 1}}, ["logit_bias", "token id"]),
+        ({"logprobs": 21}, ["logprobs"]),
+        ({"presence_penalty": 2.5}, ["presence_penalty"]),
+        ({"repetition_penalty": 0}, ["repetition_penalty"]),
+        ({"min_p": 1.5}, ["min_p"]),
+        ({"stream_options": {"include_usage": True}}, ["stream_options", "stream"]),
+    ],
+)
+def test_openai_sampling_parameters_out_of_range_are_refused_by_name(http_server, body, words):
+    status, _, data = request(
+        http_server, "POST", "/v1/completions", json.dumps({"model": "bytegpt", "prompt": "x", **body}).encode()
+    )
+    message = json.loads(data)["error"]["message"]
+    assert status == 400 and all(w in message for w in words), message
+
+
+def test_openai_chat_top_logprobs_needs_logprobs(oai):
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.chat.completions.create(model="bytegpt_chat", messages=[{"role": "user", "content": "x"}], top_logprobs=2)
+    assert "top_logprobs" in e.value.body["message"] and "logprobs" in e.value.body["message"]
+
+
+def test_grpc_generation_logprobs_equal_openais(http_server, oai):
+    """The gRPC API's logprobs and prompt_logprobs: the same figures as the OpenAI API's."""
+    prompt = "import os\n"
+    res = oai.completions.create(model="bytegpt", prompt=prompt, max_tokens=6, temperature=0, logprobs=2, echo=True)
+    with grpc.insecure_channel(http_server.address) as channel:
+        g = gen_grpc.TextGenerationStub(channel).Generate(
+            gen.GenerateRequest(
+                model="bytegpt", text=prompt, max_new_tokens=6, logprobs=2, prompt_logprobs=2, request_id="lp"
+            ),
+            timeout=30,
+        )
+    lp = res.choices[0].logprobs
+    n = len(g.prompt_logprobs)
+    assert n == res.usage.prompt_tokens and not g.prompt_logprobs[0].HasField("logprob")
+    assert [r.token_id for r in g.logprobs] == list(g.token_ids) and all(len(r.top) == 2 for r in g.logprobs)
+    grpc_lps = [r.logprob for r in list(g.prompt_logprobs)[1:] + list(g.logprobs)]
+    np.testing.assert_allclose(grpc_lps, lp.token_logprobs[1:], atol=1e-5)
 
 
 def test_server_sent_events_framing(http_server):
-    body = json.dumps({"model": "bytegpt", "prompt": "def", "max_tokens": 5, "stream": True}).encode()
+    body = json.dumps(
+        {
+            "model": "bytegpt",
+            "prompt": "def",
+            "max_tokens": 5,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    ).encode()
     status, headers, data = request(http_server, "POST", "/v1/completions", body)
     assert status == 200 and headers["content-type"].startswith("text/event-stream")
     events = data.decode().split("\n\n")
@@ -401,7 +570,14 @@ def test_sigterm_lets_an_http_stream_finish_and_refuses_new_ones(tmp_path):
         "POST",
         "/v1/completions",
         body=json.dumps(
-            {"model": "bytegpt", "prompt": "def", "max_tokens": 150, "stream": True, "temperature": 0}
+            {
+                "model": "bytegpt",
+                "prompt": "def",
+                "max_tokens": 150,
+                "stream": True,
+                "temperature": 0,
+                "stream_options": {"include_usage": True},
+            }
         ).encode(),
     )
     res = conn.getresponse()

@@ -1,0 +1,232 @@
+"""The generation API users expect, on third-party decoders with random weights (Optimum exports
+of a GPT-2 and a Llama built from a config after a fixed seed; the Llama's tokenizer_config.json
+has a chat template), through a real server and the real `openai` client: log-probabilities
+against transformers' own logits, penalties against transformers' generate, and structured
+output that parses and validates on every sampled request."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import jsonschema
+import numpy as np
+import openai
+import pytest
+import torch
+from pydantic import BaseModel, Field
+
+from service.generated import generation_pb2 as gen
+from service.generated import generation_pb2_grpc as gen_grpc
+from service.launcher import ServerProcess
+
+PROMPT = "def forward(self, x):"
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "role": {"enum": ["admin", "user", "guest"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3},
+        "active": {"type": "boolean"},
+    },
+    "required": ["name", "age", "role", "tags", "active"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def server(export, llama, tmp_path_factory):
+    repo = tmp_path_factory.mktemp("api_repo")
+    shutil.copytree(export[1], repo / "gpt2" / "1")
+    shutil.copytree(llama[1], repo / "llama" / "1")
+    with ServerProcess(repo, "--generation-max-sequences", "8") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    with grpc.insecure_channel(server.address) as channel:
+        yield gen_grpc.TextGenerationStub(channel)
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    return openai.OpenAI(base_url=server.http_url + "/v1", api_key="none", max_retries=0)
+
+
+def log_softmax(logits: torch.Tensor) -> np.ndarray:
+    return torch.log_softmax(logits.double(), -1).numpy()
+
+
+@pytest.mark.parametrize("model", ["gpt2", "llama"])
+def test_logprobs_equal_transformers_log_softmax(stub, references, model):
+    """Greedy with logprobs 3 and prompt_logprobs 3 over gRPC: each token's log-probability
+    and its top 3 are transformers' log_softmax at that position, within 1e-4."""
+    hf, tokenizer = references[model]
+    res = stub.Generate(
+        gen.GenerateRequest(
+            model=model, text=PROMPT, max_new_tokens=12, ignore_eos=True, logprobs=3, prompt_logprobs=3
+        ),
+        timeout=60,
+    )
+    prompt = tokenizer(PROMPT).input_ids
+    ids = prompt + list(res.token_ids)
+    with torch.no_grad():
+        want = log_softmax(hf(torch.tensor([ids])).logits[0])
+    records = list(res.prompt_logprobs) + list(res.logprobs)
+    assert [r.token_id for r in records] == ids and not records[0].HasField("logprob")
+    got = np.array([r.logprob for r in records[1:]])
+    reference = want[np.arange(len(ids) - 1), ids[1:]]
+    np.testing.assert_allclose(got, reference, atol=1e-4)
+    for pos, r in enumerate(records[1:]):
+        order = np.argsort(-want[pos], kind="stable")[:3]
+        np.testing.assert_allclose([t.logprob for t in r.top], want[pos][order], atol=1e-4)
+        assert r.top[0].token_id == order[0]
+    print(f"{model}: logprobs vs transformers' log_softmax, max abs diff {np.abs(got - reference).max():.1e}")
+
+
+@pytest.mark.parametrize("model", ["gpt2", "llama"])
+def test_repetition_penalty_gives_transformers_tokens(stub, references, model):
+    """Greedy with repetition_penalty 1.5: transformers' generate(repetition_penalty=1.5)."""
+    hf, tokenizer = references[model]
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=24,
+            do_sample=False,
+            repetition_penalty=1.5,
+            pad_token_id=tokenizer.eos_token_id,
+        )[0, ids.shape[1] :].tolist()
+        plain = hf.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False, pad_token_id=0
+        )[0, ids.shape[1] :].tolist()
+    sampling = gen.SamplingParameters(temperature=0, repetition_penalty=1.5)
+    res = stub.Generate(gen.GenerateRequest(model=model, text=PROMPT, max_new_tokens=24, sampling=sampling), timeout=60)
+    assert list(res.token_ids) == want[: len(res.token_ids)] and want != plain
+
+
+def test_openai_client_parses_a_pydantic_model_from_a_random_model(oai):
+    """client.chat.completions.parse with a pydantic response_format: the random-weight Llama's
+    answer parses into the model, sampled with 8 seeds, alone and all at once."""
+
+    class Person(BaseModel):
+        name: str = Field(max_length=10)
+        age: int = Field(ge=0, le=120)
+        admin: bool
+
+    def ask(seed: int):
+        return oai.chat.completions.parse(
+            model="llama",
+            messages=[{"role": "user", "content": "Who are you?"}],
+            response_format=Person,
+            max_tokens=80,
+            temperature=1.0,
+            seed=seed,
+        )
+
+    alone = [ask(seed) for seed in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(ask, range(8)))
+    for res in alone:
+        person = res.choices[0].message.parsed
+        assert isinstance(person, Person) and res.choices[0].finish_reason == "stop"
+    assert [r.choices[0].message.content for r in together] == [r.choices[0].message.content for r in alone]
+    assert len({r.choices[0].message.content for r in alone}) > 1  # sampled: not one fixed answer
+
+
+@pytest.mark.parametrize("model", ["gpt2", "llama"])
+def test_every_sampled_output_validates_against_its_schema(stub, model):
+    """40 sampled requests per model with a JSON schema (strings, bounded integers, an enum, an
+    array, a boolean), 16 at a time beside 8 unconstrained streams: every output parses and
+    validates with jsonschema; the unconstrained ones get what they get alone."""
+    constrained = gen.StructuredOutput(json_schema=json.dumps(PERSON))
+
+    def ask(seed: int, structured: bool = True) -> gen.GenerateResponse:
+        return stub.Generate(
+            gen.GenerateRequest(
+                model=model,
+                text=PROMPT,
+                max_new_tokens=100,
+                sampling=gen.SamplingParameters(temperature=1.0, seed=seed),
+                structured_output=constrained if structured else None,
+            ),
+            timeout=120,
+        )
+
+    free_alone = [list(ask(seed, False).token_ids) for seed in range(8)]
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(ask, seed) for seed in range(40)]
+        free = [pool.submit(ask, seed, False) for seed in range(8)]
+        outputs = [f.result() for f in futures]
+    valid = 0
+    for res in outputs:
+        jsonschema.validate(json.loads(res.text), PERSON)
+        valid += res.finish_reason == gen.FINISH_REASON_EOS
+    print(f"{model}: {len(outputs)}/{len(outputs)} outputs validate, {valid} ended by the grammar")
+    assert valid == len(outputs)
+    assert [list(f.result().token_ids) for f in free] == free_alone
+
+
+def test_regex_choice_and_grammar_constraints(oai):
+    """vLLM's structured_outputs extras: a regex, a choice, a Lark grammar."""
+    regex = oai.completions.create(
+        model="gpt2",
+        prompt=PROMPT,
+        max_tokens=20,
+        temperature=1.0,
+        seed=1,
+        extra_body={"structured_outputs": {"regex": r"[0-9]{3}-[A-Z]{2}"}},
+    )
+    assert len(regex.choices[0].text) == 6 and regex.choices[0].text[3] == "-"
+    for seed in range(5):
+        choice = oai.completions.create(
+            model="gpt2",
+            prompt=PROMPT,
+            max_tokens=20,
+            temperature=1.0,
+            seed=seed,
+            extra_body={"guided_choice": ["positive", "negative", "neutral"]},
+        )
+        assert choice.choices[0].text in {"positive", "negative", "neutral"}
+    lark = 'start: "(" num ("+" num)* ")"\nnum: /[1-9][0-9]?/'
+    expr = oai.completions.create(
+        model="gpt2", prompt=PROMPT, max_tokens=30, temperature=0, extra_body={"structured_outputs": {"grammar": lark}}
+    )
+    text = expr.choices[0].text
+    assert expr.choices[0].finish_reason in {"stop", "length"} and text.startswith("(")
+    if expr.choices[0].finish_reason == "stop":
+        assert text.endswith(")") and all(p.isdigit() for p in text[1:-1].split("+"))
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
+            ["schema", "nope"],
+        ),
+        ({"response_format": {"type": "xml"}}, ["response_format.type"]),
+        ({"structured_outputs": {"regex": "(unclosed"}}, ["structured_outputs.regex"]),
+        ({"structured_outputs": {"choice": []}}, ["structured_outputs.choice"]),
+        ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, ["one constraint"]),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"enum": ["a" * 70000]}},
+                }
+            },
+            ["bytes"],
+        ),
+    ],
+)
+def test_a_constraint_that_does_not_compile_is_refused_naming_it(oai, body, words):
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(model="gpt2", prompt="x", max_tokens=4, extra_body=body)
+    message = e.value.body["message"]
+    assert all(w in message for w in words), message
