@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 SYSTEM  := $(VENV)/.system-tools
 REPO    ?= model_repository
 
-.PHONY: install install-serve check-serve-install serve test test-unit lint chaos container-test train parse-rate export protos check-protos bench-serve bench-frontend bench-options bench-http bench-generation bench-engine-ab bench-genai bench-seq2seq train-seq2seq export-seq2seq cluster-up cluster-down clean
+.PHONY: install install-serve check-serve-install serve test test-unit lint chaos container-test train parse-rate export protos check-protos bench-serve bench-frontend bench-options bench-http bench-generation bench-structured bench-engine-ab bench-genai bench-seq2seq train-seq2seq export-seq2seq cluster-up cluster-down clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -104,6 +104,10 @@ bench-seq2seq: $(STAMP)
 
 bench-generation: $(STAMP)
 	$(PYTHON) -m bench.generation_bench
+
+# structured output and log-probabilities on the SmolLM-135M-shaped Llama (built on first run)
+bench-structured: $(STAMP)
+	$(PYTHON) -m bench.structured_bench
 
 # This checkout's generation against an earlier commit's (BASE=...), both served in one run
 BASE ?= HEAD~1

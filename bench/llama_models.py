@@ -1,6 +1,12 @@
-"""The tiny Llama the generation-peer benchmark runs, built from a config and exported twice.
+"""The Llamas the generation benchmarks run, built from a config after seed 0 and exported.
 
     python -m bench.llama_models --out runs/llama        (bench/genai_bench.py calls build())
+    python -m bench.llama_models --shape smol --out runs/smol   (bench/structured_bench.py)
+
+The tiny one (4 M parameters, a decode step under a millisecond) measures per-call overhead;
+`smol` is shaped like SmolLM-135M (hidden 576, MLP 1536, 30 layers, 9 heads, 3 KV heads,
+vocabulary 8,192 with a byte-level BPE trained on the Python standard library; ~111 M
+parameters, random weights, fp32), what measuring serving needs. Optimum export only.
 
     source/    LlamaForCausalLM (hidden 256, 4 layers, 4 heads, vocabulary 512) after seed 0, with
                a byte-level BPE trained on this repository's model/*.py (no Hub anywhere)
@@ -34,7 +40,25 @@ CONFIG = dict(
 )
 
 
-def build_source(out: Path) -> Path:
+SMOL = dict(
+    vocab_size=8192,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=2048,
+    tie_word_embeddings=True,
+)
+
+
+def stdlib_files(limit: int = 400) -> list[str]:
+    import sysconfig
+
+    return [str(p) for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:limit]]
+
+
+def build_source(out: Path, config: dict = CONFIG, texts: list[str] | None = None) -> Path:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -46,9 +70,9 @@ def build_source(out: Path) -> Path:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.train(
-        [str(p) for p in sorted((ROOT / "model").glob("*.py"))],
+        texts or [str(p) for p in sorted((ROOT / "model").glob("*.py"))],
         trainers.BpeTrainer(
-            vocab_size=CONFIG["vocab_size"],
+            vocab_size=config["vocab_size"],
             special_tokens=["<|endoftext|>"],
             show_progress=False,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -56,8 +80,8 @@ def build_source(out: Path) -> Path:
     )
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
     torch.manual_seed(0)
-    config = LlamaConfig(**CONFIG, bos_token_id=fast.eos_token_id, eos_token_id=fast.eos_token_id)
-    LlamaForCausalLM(config).eval().save_pretrained(source)
+    llama = LlamaConfig(**config, bos_token_id=fast.eos_token_id, eos_token_id=fast.eos_token_id)
+    LlamaForCausalLM(llama).eval().save_pretrained(source)
     fast.save_pretrained(source)
     return source
 
@@ -122,7 +146,19 @@ def build(out: Path) -> tuple[Path, Path, Path]:
     return source, export_optimum(source, out), export_genai(source, out)
 
 
+def build_smol(out: Path) -> tuple[Path, Path]:
+    """(transformers source, Optimum export) of the SmolLM-135M-shaped Llama, each built once."""
+    out.mkdir(parents=True, exist_ok=True)
+    source = build_source(out, SMOL, stdlib_files())
+    return source, export_optimum(source, out)
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=ROOT / "runs" / "llama")
-    print(*build(p.parse_args().out), sep="\n")
+    p.add_argument("--shape", choices=["tiny", "smol"], default="tiny")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    if args.shape == "smol":
+        print(*build_smol(args.out or ROOT / "runs" / "smol"), sep="\n")
+    else:
+        print(*build(args.out or ROOT / "runs" / "llama"), sep="\n")

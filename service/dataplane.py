@@ -149,7 +149,8 @@ class DataPlane:
     async def generate(
         self, request: GenerateInput, deadline: float | None = None, protocol: str = GRPC
     ) -> AsyncIterator[list[Event]]:
-        """The sequence's events in chunks: everything produced since the last chunk. A reader
+        """The sequence's events in chunks (with n > 1, every choice's, each event naming its
+        choice): everything produced since the last chunk. A reader
         keeping up gets one token per chunk; one that falls behind (or a server under load)
         gets fewer, larger chunks instead of a growing backlog. A failure of the sequence's own
         run is raised as its error; a reader that goes away stops the sequence within one step."""
@@ -165,20 +166,24 @@ class DataPlane:
             # a grammar compiles off the event loop (a large schema takes a while)
             seq = await asyncio.to_thread(to_sequence, *args) if request.constraint else to_sequence(*args)
             mv.engine.submit(seq)
+            running = len(seq.group)  # n > 1: the choices share one events queue; each event has its index
             try:
                 while True:
                     chunk = [await seq.events.get()]
-                    while chunk[-1].finish_reason is None and not seq.events.empty():
+                    while not seq.events.empty():
                         chunk.append(seq.events.get_nowait())
-                    last = chunk[-1]
-                    if last.error is not None:
-                        raise last.error
-                    if last.finish_reason is not None:
+                    for event in chunk:
+                        if event.error is not None:
+                            raise event.error
+                    finished = [e for e in chunk if e.finish_reason is not None]
+                    running -= len(finished)
+                    if running == 0:
+                        last = finished[-1]
                         outcome.reason = "cancelled" if last.finish_reason == FinishReason.CANCELLED else None
                         outcome.queue_s = last.queue_s
                         outcome.answered = True
                     yield chunk
-                    if last.finish_reason is not None:
+                    if running == 0:
                         return
             finally:
                 mv.engine.cancel(seq)  # a no-op when finished; frees the slot on cancel or disconnect

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x10generation.proto\x12\x14tserve.generation.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xd5\x03\n\x12SamplingParameters\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12K\n\nlogit_bias\x18\t \x03(\x0b\x32\x37.tserve.generation.v1.SamplingParameters.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seedB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penalty\"\xbe\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x33\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x1e.tserve.generation.v1.TokenIdsH\x00\x12\x1b\n\x0emax_new_tokens\x18\x04 \x01(\rH\x01\x88\x01\x01\x12:\n\x08sampling\x18\x05 \x01(\x0b\x32(.tserve.generation.v1.SamplingParameters\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x12\n\nmin_tokens\x18\t \x01(\r\x12\x15\n\x08logprobs\x18\n \x01(\rH\x02\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x0b \x01(\rH\x03\x88\x01\x01\x12\x41\n\x11structured_output\x18\x0c \x01(\x0b\x32&.tserve.generation.v1.StructuredOutputB\x08\n\x06promptB\x11\n\x0f_max_new_tokensB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\xca\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12@\n\x06\x63hoice\x18\x04 \x01(\x0b\x32..tserve.generation.v1.StructuredOutput.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x1a\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\tB\x06\n\x04kind\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"q\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x14\n\x07logprob\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12-\n\x03top\x18\x03 \x03(\x0b\x32 .tserve.generation.v1.TopLogprobB\n\n\x08_logprob\"8\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\"\\\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xe0\x02\n\x10GenerateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x03\x12\x39\n\rfinish_reason\x18\x05 \x01(\x0e\x32\".tserve.generation.v1.FinishReason\x12*\n\x05usage\x18\x06 \x01(\x0b\x32\x1b.tserve.generation.v1.Usage\x12.\n\x07timings\x18\x07 \x01(\x0b\x32\x1d.tserve.generation.v1.Timings\x12\x34\n\x08logprobs\x18\x08 \x03(\x0b\x32\".tserve.generation.v1.TokenLogprob\x12;\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\".tserve.generation.v1.TokenLogprob\"\xc3\x02\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x39\n\rfinish_reason\x18\x03 \x01(\x0e\x32\".tserve.generation.v1.FinishReason\x12*\n\x05usage\x18\x04 \x01(\x0b\x32\x1b.tserve.generation.v1.Usage\x12.\n\x07timings\x18\x05 \x01(\x0b\x32\x1d.tserve.generation.v1.Timings\x12\x34\n\x08logprobs\x18\x06 \x03(\x0b\x32\".tserve.generation.v1.TokenLogprob\x12;\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\".tserve.generation.v1.TokenLogprob*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xd8\x01\n\x0eTextGeneration\x12[\n\x08Generate\x12%.tserve.generation.v1.GenerateRequest\x1a&.tserve.generation.v1.GenerateResponse\"\x00\x12i\n\x0eGenerateStream\x12%.tserve.generation.v1.GenerateRequest\x1a,.tserve.generation.v1.GenerateStreamResponse\"\x00\x30\x01\x62\x06proto3')
+DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x10generation.proto\x12\x14tserve.generation.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xd5\x03\n\x12SamplingParameters\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12K\n\nlogit_bias\x18\t \x03(\x0b\x32\x37.tserve.generation.v1.SamplingParameters.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seedB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penalty\"\xd4\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x33\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x1e.tserve.generation.v1.TokenIdsH\x00\x12\x1b\n\x0emax_new_tokens\x18\x04 \x01(\rH\x01\x88\x01\x01\x12:\n\x08sampling\x18\x05 \x01(\x0b\x32(.tserve.generation.v1.SamplingParameters\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x12\n\nmin_tokens\x18\t \x01(\r\x12\x15\n\x08logprobs\x18\n \x01(\rH\x02\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x0b \x01(\rH\x03\x88\x01\x01\x12\x41\n\x11structured_output\x18\x0c \x01(\x0b\x32&.tserve.generation.v1.StructuredOutput\x12\x0e\n\x01n\x18\r \x01(\rH\x04\x88\x01\x01\x42\x08\n\x06promptB\x11\n\x0f_max_new_tokensB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x04\n\x02_n\"\xca\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12@\n\x06\x63hoice\x18\x04 \x01(\x0b\x32..tserve.generation.v1.StructuredOutput.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x1a\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\tB\x06\n\x04kind\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"q\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x14\n\x07logprob\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12-\n\x03top\x18\x03 \x03(\x0b\x32 .tserve.generation.v1.TopLogprobB\n\n\x08_logprob\"8\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\"\\\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xcc\x04\n\x10GenerateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x03\x12\x39\n\rfinish_reason\x18\x05 \x01(\x0e\x32\".tserve.generation.v1.FinishReason\x12*\n\x05usage\x18\x06 \x01(\x0b\x32\x1b.tserve.generation.v1.Usage\x12.\n\x07timings\x18\x07 \x01(\x0b\x32\x1d.tserve.generation.v1.Timings\x12\x34\n\x08logprobs\x18\x08 \x03(\x0b\x32\".tserve.generation.v1.TokenLogprob\x12;\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\".tserve.generation.v1.TokenLogprob\x12>\n\x07\x63hoices\x18\n \x03(\x0b\x32-.tserve.generation.v1.GenerateResponse.Choice\x1a\xa9\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12\x39\n\rfinish_reason\x18\x04 \x01(\x0e\x32\".tserve.generation.v1.FinishReason\x12\x34\n\x08logprobs\x18\x05 \x03(\x0b\x32\".tserve.generation.v1.TokenLogprob\"\xd2\x02\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x39\n\rfinish_reason\x18\x03 \x01(\x0e\x32\".tserve.generation.v1.FinishReason\x12*\n\x05usage\x18\x04 \x01(\x0b\x32\x1b.tserve.generation.v1.Usage\x12.\n\x07timings\x18\x05 \x01(\x0b\x32\x1d.tserve.generation.v1.Timings\x12\x34\n\x08logprobs\x18\x06 \x03(\x0b\x32\".tserve.generation.v1.TokenLogprob\x12;\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\".tserve.generation.v1.TokenLogprob\x12\r\n\x05index\x18\x08 \x01(\r*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xd8\x01\n\x0eTextGeneration\x12[\n\x08Generate\x12%.tserve.generation.v1.GenerateRequest\x1a&.tserve.generation.v1.GenerateResponse\"\x00\x12i\n\x0eGenerateStream\x12%.tserve.generation.v1.GenerateRequest\x1a,.tserve.generation.v1.GenerateStreamResponse\"\x00\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2191
-  _globals['_FINISHREASON']._serialized_end=2338
+  _globals['_FINISHREASON']._serialized_start=2464
+  _globals['_FINISHREASON']._serialized_end=2611
   _globals['_TOKENIDS']._serialized_start=42
   _globals['_TOKENIDS']._serialized_end=65
   _globals['_SAMPLINGPARAMETERS']._serialized_start=68
@@ -43,23 +43,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._serialized_start=368
   _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._serialized_end=416
   _globals['_GENERATEREQUEST']._serialized_start=540
-  _globals['_GENERATEREQUEST']._serialized_end=986
-  _globals['_STRUCTUREDOUTPUT']._serialized_start=989
-  _globals['_STRUCTUREDOUTPUT']._serialized_end=1191
-  _globals['_STRUCTUREDOUTPUT_CHOICES']._serialized_start=1157
-  _globals['_STRUCTUREDOUTPUT_CHOICES']._serialized_end=1183
-  _globals['_TOPLOGPROB']._serialized_start=1193
-  _globals['_TOPLOGPROB']._serialized_end=1240
-  _globals['_TOKENLOGPROB']._serialized_start=1242
-  _globals['_TOKENLOGPROB']._serialized_end=1355
-  _globals['_USAGE']._serialized_start=1357
-  _globals['_USAGE']._serialized_end=1413
-  _globals['_TIMINGS']._serialized_start=1415
-  _globals['_TIMINGS']._serialized_end=1507
-  _globals['_GENERATERESPONSE']._serialized_start=1510
-  _globals['_GENERATERESPONSE']._serialized_end=1862
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1865
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2188
-  _globals['_TEXTGENERATION']._serialized_start=2341
-  _globals['_TEXTGENERATION']._serialized_end=2557
+  _globals['_GENERATEREQUEST']._serialized_end=1008
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=1011
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=1213
+  _globals['_STRUCTUREDOUTPUT_CHOICES']._serialized_start=1179
+  _globals['_STRUCTUREDOUTPUT_CHOICES']._serialized_end=1205
+  _globals['_TOPLOGPROB']._serialized_start=1215
+  _globals['_TOPLOGPROB']._serialized_end=1262
+  _globals['_TOKENLOGPROB']._serialized_start=1264
+  _globals['_TOKENLOGPROB']._serialized_end=1377
+  _globals['_USAGE']._serialized_start=1379
+  _globals['_USAGE']._serialized_end=1435
+  _globals['_TIMINGS']._serialized_start=1437
+  _globals['_TIMINGS']._serialized_end=1529
+  _globals['_GENERATERESPONSE']._serialized_start=1532
+  _globals['_GENERATERESPONSE']._serialized_end=2120
+  _globals['_GENERATERESPONSE_CHOICE']._serialized_start=1951
+  _globals['_GENERATERESPONSE_CHOICE']._serialized_end=2120
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=2123
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2461
+  _globals['_TEXTGENERATION']._serialized_start=2614
+  _globals['_TEXTGENERATION']._serialized_end=2830
 # @@protoc_insertion_point(module_scope)

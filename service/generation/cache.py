@@ -13,10 +13,11 @@ engine never asks which cache it has.
                                             pass as the prefill, cross-attention caches in
                                             preallocated slots, self-attention caches left-padded
 
-The life of a sequence in a cache: `prefill` (one or more prompt chunks, into state of its own),
-then `join` with the first chosen token (it becomes the last running row), `decode` once a step
-with the others (or `verify` with a draft), `finish` when it ends (its row becomes a hole), gone
-at the next `compact`. A sequence that ends before joining is `release`d.
+The life of a sequence in a cache: `prefill` (one or more prompt chunks, into state of its own;
+or `fork`, a copy of another's, for the other choices of an n > 1 request), then `join` with
+the first chosen token (it becomes the last running row), `decode` once a step with the others
+(or `verify` with a draft), `finish` when it ends (its row becomes a hole), gone at the next
+`compact`. A sequence that ends before joining is `release`d.
 
 A cache's failures are TServeErrors raised from the run that failed; the engine attributes
 them: a prompt chunk to its sequence, a batched decode by `decode_apart`.
@@ -58,6 +59,10 @@ class KVCache(Protocol):
         token after the chunk), or the error that chunk's run raised. The caller advances
         `seq.prefilled`. A cache may run several chunks in one run; one chunk's failure must not
         fail the others."""
+
+    def fork(self, src: Sequence, dst: Sequence) -> None:
+        """Give `dst` (a sequence with no state here) a copy of fully prefilled `src`'s state, as
+        if `dst` had been prefilled itself: n > 1 choices prefill their prompt once."""
 
     def join(self, seq: Sequence, token: int) -> None:
         """Make a fully prefilled sequence the last running row, feeding `token` next."""

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.errors import DeadlineExceeded, InternalError, QueueFull, TServeError, Unavailable
+from service.errors import DeadlineExceeded, InternalError, InvalidInput, QueueFull, TServeError, Unavailable
 from service.generation.cache import KVCache
 from service.generation.sampling import TokenLogprob, choose_tokens, prompt_logprobs
 from service.generation.sequence import FinishReason, Sequence
@@ -143,6 +143,12 @@ class GenerationEngine:
         self._deliver([], stats)  # the gauges go to zero
 
     def submit(self, seq: Sequence) -> None:
+        """Queue a sequence (with its siblings, n > 1: the group is admitted whole)."""
+        if len(seq.group) > self.limits.max_sequences:
+            raise InvalidInput(
+                f"n is {len(seq.group)}; model {self.name!r} generates at most {self.limits.max_sequences} "
+                "sequences at once (--generation-max-sequences)"
+            )
         with self._lock:
             if len(self.waiting) >= self.limits.max_queue:
                 raise QueueFull(
@@ -163,10 +169,11 @@ class GenerationEngine:
         self._touched.clear()
 
     def cancel(self, seq: Sequence) -> None:
-        """Stop a sequence; the engine frees it within one step."""
-        if not seq.finished:
-            seq.cancelled = True
-            self._wakeup.set()
+        """Stop a sequence and its siblings; the engine frees them within one step."""
+        for s in seq.group:
+            if not s.finished:
+                s.cancelled = True
+                self._wakeup.set()
 
     @property
     def active(self) -> int:
@@ -273,11 +280,13 @@ class GenerationEngine:
             expired = [s for s in self.waiting if s.expired(now)]
             for seq in expired:
                 self.waiting.remove(seq)
+        expired = [s for seq in expired for s in seq.group]  # a group waits whole
         expired += [s for s in self.prefilling if s.expired(now)]
         for seq in expired:
             if seq in self.prefilling:
-                self.prefilling.remove(seq)
-                self.rows.release(seq)
+                for orphan in self._leave_prefill(seq):  # its siblings end with it
+                    orphan.cancelled = orphan.cancelled or seq.cancelled
+                    self._expire(orphan, now, stats)
             self._expire(seq, now, stats)
         for row, seq in enumerate(self.rows.seqs):
             if not seq.finished and seq.expired(now):
@@ -286,16 +295,18 @@ class GenerationEngine:
         self.rows.compact()
         if not (self.static and len(self.rows)):
             with self._lock:
-                while self.waiting and self.active < self.limits.max_sequences:
-                    seq = self.waiting.popleft()
-                    seq.admitted = now
-                    self.prefilling.append(seq)
+                while self.waiting and self.active + len(self.waiting[0].group) <= self.limits.max_sequences:
+                    for seq in self.waiting.popleft().group:  # siblings are admitted with it, and counted
+                        seq.admitted = now
+                        self.prefilling.append(seq)
         plan = Plan(decode=len(self.rows) > 0, draft=self._draft())
         if self.rows.chunked_prefill:  # prompt chunks share the decoder's budget with the running rows
             budget = self.limits.token_budget - self.rows.live - len(plan.draft or ())  # holes cost compute, not budget
         else:
             budget = self.limits.encoder_token_budget
         for seq in self.prefilling:
+            if seq.prefill_from is not None:  # a sibling: its cache is copied from its group's prefill
+                continue
             if budget <= 0:
                 break
             n = len(seq.prompt) - seq.prefilled
@@ -377,8 +388,8 @@ class GenerationEngine:
         done = []  # prompts prefilled whole this step, with their last logits
         for (seq, n), out in zip(plan.prefill, results.prefill):
             if isinstance(out, TServeError):
-                self.prefilling.remove(seq)
-                self.rows.release(seq)
+                for s in self._leave_prefill(seq):
+                    self._end(s, FinishReason.ERROR, now, stats, error=out)
                 self._end(seq, FinishReason.ERROR, now, stats, error=out)
                 continue
             if seq.prompt_logprobs is not None:  # echo: each prompt token's log-probability
@@ -388,6 +399,11 @@ class GenerationEngine:
             stats.prefill_tokens += n
             if seq.prefilled == len(seq.prompt):
                 done.append((seq, out[-1]))
+                for sibling in seq.siblings:  # n > 1: the prompt ran once; each choice gets a copy
+                    if sibling in self.prefilling and not sibling.finished:
+                        self.rows.fork(seq, sibling)
+                        sibling.prefilled, sibling.prompt_records = seq.prefilled, list(seq.prompt_records)
+                        done.append((sibling, out[-1]))
         starting = [(seq, logits) for seq, logits in done if not seq.finished]  # not cancelled meanwhile
         if starting:
             firsts, logprobs = choose_tokens(np.stack([logits for _, logits in starting]), [seq for seq, _ in starting])
@@ -400,6 +416,16 @@ class GenerationEngine:
             if seq.finished:
                 self.rows.release(seq)
         self.rows.compact()
+
+    def _leave_prefill(self, seq: Sequence) -> list[Sequence]:
+        """A sequence that ends before its prefill completed leaves `prefilling`; siblings
+        waiting for its prefill leave with it (returned, for the caller to end)."""
+        self.prefilling.remove(seq)
+        self.rows.release(seq)
+        orphans = [s for s in seq.siblings if s in self.prefilling]
+        for s in orphans:
+            self.prefilling.remove(s)
+        return orphans
 
     def _take_decode(self, logits: np.ndarray, now: float, stats: StepStats) -> None:
         rows = self.rows

@@ -108,6 +108,10 @@ class Grammar:
         self.matcher = matcher
         self.error = ""
 
+    def copy(self) -> Grammar:
+        """The same grammar at the same place, for another choice of the request."""
+        return Grammar(self.matcher.deep_copy())
+
     def consume(self, token: int) -> None:
         if not self.error and not self.matcher.consume_token(token):
             self.error = self.matcher.get_error() or f"token {token} is outside the grammar"

@@ -87,6 +87,9 @@ class KVRows:
     def release(self, seq: Sequence) -> None:
         self._own.pop(seq, None)
 
+    def fork(self, src: Sequence, dst: Sequence) -> None:
+        self._own[dst] = [a.copy() for a in self._own[src]]
+
     def _decode_inputs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
         """(input_ids [B, 1], attention_mask [B, columns + 1], position_ids [B, 1], past)."""
         B = len(self.seqs)

@@ -179,6 +179,14 @@ class KVSlots(SlotTable):
         self.lengths[slot] = start + n
         return logits[0]
 
+    def fork(self, src: Sequence, dst: Sequence) -> None:
+        """A free slot for `dst`, holding a copy of `src`'s columns."""
+        s, d = self.slot_of[src], self.slot(dst)
+        n = int(self.lengths[s])
+        for b in self.buffers:
+            b[d, :, :n] = b[s, :, :n]
+        self.lengths[d] = n
+
     def _mask(self, rows: np.ndarray) -> np.ndarray:
         lengths = self.lengths[rows] + 1
         if len(lengths) == 1:

@@ -3,6 +3,8 @@ against it before it reaches the engine."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from dataclasses import dataclass
 
 from service.errors import InvalidInput, short
@@ -14,6 +16,7 @@ from service.generation.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 from service.types import ModelSpec
 
 DEFAULT_CONTEXT = 1024  # when neither the config nor the manifest says
+MAX_CHOICES = 128  # n, as OpenAI bounds it
 
 
 @dataclass
@@ -40,6 +43,7 @@ class GenerateInput:
     logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely
     prompt_logprobs: int | None = None  # None: none; k: the same for each prompt token (echo)
     constraint: Constraint | None = None  # structured output
+    n: int = 1  # choices: the prompt is prefilled once, each choice samples on its own
 
 
 @dataclass(frozen=True)
@@ -152,22 +156,35 @@ def to_sequence(
     stops = tuple(s for s in req.stop if s)
     if any(len(s) > 256 for s in stops) or len(stops) > 16:
         raise InvalidInput(f"at most 16 stop sequences of at most 256 characters ({short(stops[:2])})")
-    return Sequence(
-        request_id=req.request_id,
-        prompt=prompt,
-        params=params,
-        max_new_tokens=max_new,
-        min_tokens=req.min_tokens,
-        stop=stops,
-        deadline=deadline,
-        eos_token_ids=frozenset() if req.ignore_eos else config.eos_token_ids,
-        prompt_logprobs=req.prompt_logprobs,
-        grammar=grammar,
-        # a continuation's text follows its prompt's; an encoder-decoder's output starts afresh
-        decoder=config.tokenizer.decoder(prompt if config.seq2seq_max_new is None else [])
-        if config.tokenizer
-        else None,
-    )
+    if not 1 <= req.n <= MAX_CHOICES:
+        raise InvalidInput(f"n must be between 1 and {MAX_CHOICES} (got {req.n})")
+
+    def choice(index: int, parent: Sequence | None) -> Sequence:
+        # choice i of seed s draws as one choice of seed s + i: reproducible, and each its own stream
+        seed = None if params.seed is None else (params.seed + index) % (1 << 64)
+        return Sequence(
+            request_id=req.request_id,
+            prompt=prompt,
+            params=dataclasses.replace(params, seed=seed),
+            max_new_tokens=max_new,
+            min_tokens=req.min_tokens,
+            stop=stops,
+            deadline=deadline,
+            eos_token_ids=frozenset() if req.ignore_eos else config.eos_token_ids,
+            prompt_logprobs=req.prompt_logprobs,
+            grammar=None if grammar is None else (grammar if parent is None else grammar.copy()),
+            # a continuation's text follows its prompt's; an encoder-decoder's output starts afresh
+            decoder=config.tokenizer.decoder(prompt if config.seq2seq_max_new is None else [])
+            if config.tokenizer
+            else None,
+            index=index,
+            prefill_from=parent,
+            events=parent.events if parent is not None else asyncio.Queue(),
+        )
+
+    first = choice(0, None)
+    first.siblings = [choice(i, first) for i in range(1, req.n)]
+    return first
 
 
 def sampling_params(

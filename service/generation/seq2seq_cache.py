@@ -182,6 +182,17 @@ class Seq2SeqCache(SlotTable):
         self._first_self.pop(seq, None)
         super().release(seq)
 
+    def fork(self, src: Sequence, dst: Sequence) -> None:
+        """A free slot for `dst`, holding a copy of `src`'s cross caches; its first pass's self-attention too."""
+        s, d = self.slot_of[src], self.slot(dst)
+        L = int(self.source_len[s])
+        for b in self.cross:
+            b[d, :, :L] = b[s, :, :L]
+            b[d, :, L:] = 0
+        self.encoder_mask[d] = self.encoder_mask[s]
+        self.source_len[d] = L
+        self._first_self[dst] = [a.copy() for a in self._first_self[src]]
+
     def decode(self) -> np.ndarray:
         rows = self.rows
         ids = self.next_ids[:rows, None]

@@ -47,6 +47,7 @@ class Event:
     total_s: float = 0.0
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token id, when asked for
     prompt_logprobs: list[TokenLogprob] | None = None  # the first event's, when asked for (echo)
+    index: int = 0  # which of the request's choices (n > 1)
 
 
 @dataclass(eq=False)
@@ -69,6 +70,11 @@ class Sequence:
     prompt_logprobs: int | None = None  # k: each prompt token's log-probability and the k most likely (echo)
     prompt_records: list[TokenLogprob] = field(default_factory=list)  # filled while prefilling
     grammar: Grammar | None = None  # structured output: the grammar its tokens stay in
+    # n > 1: the request's other choices, submitted with this one (which prefills the prompt
+    # once for all: each sibling's cache is a copy of this one's), sharing its events queue
+    index: int = 0
+    siblings: list[Sequence] = field(default_factory=list)
+    prefill_from: Sequence | None = None  # a sibling's: the choice whose prefill it copies
     lookup: PromptLookup | None = None  # its n-gram index, once it drafts (speculative decoding)
     logits_seen: list[np.ndarray] | None = (
         None  # when a list: each token's logits, as the model gave them (load-time checks)
@@ -90,6 +96,11 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def group(self) -> list[Sequence]:
+        """This sequence and its siblings: the choices of one request."""
+        return [self, *self.siblings]
 
     def expired(self, now: float) -> bool:
         return self.cancelled or self.past_deadline(now)
@@ -144,6 +155,7 @@ class Sequence:
             [] if token is None else [token],
             logprobs=[logprob] if logprob is not None and token is not None else [],
             prompt_logprobs=prompt if self.prompt_logprobs is not None else None,
+            index=self.index,
             **last,
         )
 

@@ -66,7 +66,7 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=128)
     user: str | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
@@ -128,8 +128,6 @@ class _Sampling(BaseModel):
         return asked[0] if asked else None
 
     def refuse_unsupported(self) -> None:
-        if self.n != 1:
-            raise InvalidInput("n must be 1: tserve returns one choice per request")
         for key, value in (self.model_extra or {}).items():
             if key in UNSUPPORTED and value not in UNSUPPORTED[key]:
                 why = WHY.get(key, "")
@@ -187,6 +185,7 @@ class _Sampling(BaseModel):
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             constraint=self.constraint(),
+            n=self.n,
         )
 
 
@@ -233,12 +232,18 @@ def _parse(model: type[BaseModel], body: bytes) -> Any:
         raise InvalidInput(f"{where}: {first['msg']}") from None
 
 
-def _usage(last: Event) -> dict:
-    return {
-        "prompt_tokens": last.prompt_tokens,
-        "completion_tokens": last.generated_tokens,
-        "total_tokens": last.prompt_tokens + last.generated_tokens,
-    }
+def _usage(finals: list[Event]) -> dict:
+    """The request's usage from each choice's last event: the prompt once, every choice's tokens."""
+    prompt, completion = finals[0].prompt_tokens, sum(e.generated_tokens for e in finals)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def by_choice(events: list[Event]) -> dict[int, list[Event]]:
+    """A chunk's events, choice by choice (in index order)."""
+    out: dict[int, list[Event]] = {}
+    for e in sorted(events, key=lambda e: e.index):
+        out.setdefault(e.index, []).append(e)
+    return out
 
 
 def _logprob(value: float) -> float:
@@ -315,13 +320,15 @@ def routes(dp: DataPlane) -> list[Route]:
         async def body() -> AsyncIterator[bytes]:
             async with aclosing(chunks):
                 try:
-                    last = first[-1]
-                    yield _sse(shape_chunk(first))
+                    finals = [e for e in first if e.finish_reason is not None]
+                    for doc in shape_chunk(first):  # one chunk per choice, as OpenAI streams n > 1
+                        yield _sse(doc)
                     async for chunk in chunks:
-                        last = chunk[-1]
-                        yield _sse(shape_chunk(chunk))
+                        finals += [e for e in chunk if e.finish_reason is not None]
+                        for doc in shape_chunk(chunk):
+                            yield _sse(doc)
                     if req.include_usage:  # OpenAI's last chunk: no choices, the usage
-                        yield _sse({**shape_usage(), "choices": [], "usage": _usage(last)})
+                        yield _sse({**shape_usage(), "choices": [], "usage": _usage(finals)})
                 except TServeError as e:  # after the stream opened: an error event, as OpenAI sends one
                     yield _sse(openai_body(status_of(e), e.message))
             yield _sse("[DONE]")
@@ -367,33 +374,32 @@ def routes(dp: DataPlane) -> list[Route]:
             echoed = (
                 prompt if isinstance(prompt, str) else (config.tokenizer.decode(prompt) if config.tokenizer else "")
             )
-        sent = {"chars": 0, "echoed": False}  # the choice's text so far (text_offset counts from it)
+        sent: dict[int, int] = {}  # each choice's text so far, in characters (text_offset counts from it)
 
-        def choice(events: list[Event]) -> dict:
+        def choice(index: int, events: list[Event]) -> dict:
             text = "".join(e.text for e in events)
             records = [r for e in events for r in e.logprobs]
-            if req.echo and not sent["echoed"]:
-                sent["echoed"], text = True, echoed + text
+            if req.echo and index not in sent:  # the choice's first text: the prompt before it
+                text = echoed + text
                 if echo_logprobs:
                     records = (events[0].prompt_logprobs or []) + records
-            logprobs = None
-            if req.logprobs is not None:
-                logprobs = texts.legacy(records, sent["chars"])
-            sent["chars"] += len(text)
-            return {
-                "index": 0,
-                "text": text,
-                "logprobs": logprobs,
-                "finish_reason": FINISH.get(events[-1].finish_reason),
-            }
+            offset = sent.get(index, 0)
+            sent[index] = offset + len(text)
+            finish = FINISH.get(events[-1].finish_reason)
+            logprobs = texts.legacy(records, offset) if req.logprobs is not None else None
+            return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
         def head() -> dict:
             return {"id": rid, "object": "text_completion", "created": created, "model": req.model}
 
-        def whole(events: list[Event]) -> dict:
-            return {**head(), "choices": [choice(events)], "usage": _usage(events[-1])}
+        def chunk(events: list[Event]) -> list[dict]:
+            return [{**head(), "choices": [choice(i, evs)]} for i, evs in by_choice(events).items()]
 
-        return await run(gen, request, req, lambda events: {**head(), "choices": [choice(events)]}, whole, head)
+        def whole(events: list[Event]) -> dict:
+            choices = [choice(i, evs) for i, evs in by_choice(events).items()]
+            return {**head(), "choices": choices, "usage": _usage([e for e in events if e.finish_reason])}
+
+        return await run(gen, request, req, chunk, whole, head)
 
     @openai
     async def chat_completions(request: Request) -> Response:
@@ -413,7 +419,7 @@ def routes(dp: DataPlane) -> list[Route]:
         gen = req.generate_input(
             rid, text, None, req.max_completion_tokens or req.max_tokens, add_special_tokens=False, logprobs=k
         )
-        opened = [False]
+        opened: set[int] = set()  # the choices whose first delta (with the role) went out
 
         def logprobs(events: list[Event]) -> dict | None:
             if k is None:
@@ -423,23 +429,27 @@ def routes(dp: DataPlane) -> list[Route]:
         def head(kind: str = "chat.completion.chunk") -> dict:
             return {"id": rid, "object": kind, "created": created, "model": req.model}
 
-        def chunk(events: list[Event]) -> dict:
-            delta: dict[str, str] = {"content": "".join(e.text for e in events)}
-            if not opened[0]:
-                delta, opened[0] = {"role": "assistant", **delta}, True
+        def delta(index: int, events: list[Event]) -> dict:
+            content: dict[str, str] = {"content": "".join(e.text for e in events)}
+            if index not in opened:
+                opened.add(index)
+                content = {"role": "assistant", **content}
             finish = FINISH.get(events[-1].finish_reason)
-            return {
-                **head(),
-                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs(events), "finish_reason": finish}],
-            }
+            return {"index": index, "delta": content, "logprobs": logprobs(events), "finish_reason": finish}
+
+        def chunk(events: list[Event]) -> list[dict]:
+            return [{**head(), "choices": [delta(i, evs)]} for i, evs in by_choice(events).items()]
 
         def whole(events: list[Event]) -> dict:
-            message = {"role": "assistant", "content": "".join(e.text for e in events)}
-            finish = FINISH.get(events[-1].finish_reason)
+            choices = []
+            for i, evs in by_choice(events).items():
+                message = {"role": "assistant", "content": "".join(e.text for e in evs)}
+                finish = FINISH.get(evs[-1].finish_reason)
+                choices.append({"index": i, "message": message, "logprobs": logprobs(evs), "finish_reason": finish})
             return {
                 **head("chat.completion"),
-                "choices": [{"index": 0, "message": message, "logprobs": logprobs(events), "finish_reason": finish}],
-                "usage": _usage(events[-1]),
+                "choices": choices,
+                "usage": _usage([e for e in events if e.finish_reason]),
             }
 
         return await run(gen, request, req, chunk, whole, head)

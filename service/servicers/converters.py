@@ -169,6 +169,7 @@ def generate_input_from_proto(req: gen.GenerateRequest) -> GenerateInput:
         logprobs=req.logprobs if req.HasField("logprobs") else None,
         prompt_logprobs=req.prompt_logprobs if req.HasField("prompt_logprobs") else None,
         constraint=_constraint(req.structured_output) if req.HasField("structured_output") else None,
+        n=req.n if req.HasField("n") else 1,
     )
 
 
@@ -219,24 +220,53 @@ def _finish_fields(event: Event) -> dict:
     }
 
 
-def stream_chunk_to_proto(events: list[Event]) -> gen.GenerateStreamResponse:
-    last = events[-1]
-    extra = _finish_fields(last) if last.finish_reason else {}
-    return gen.GenerateStreamResponse(
-        text="".join(e.text for e in events),
-        token_ids=[t for e in events for t in e.token_ids],
-        **extra,
-        **_logprob_fields(events),
-    )
+def _by_choice(events: list[Event]) -> dict[int, list[Event]]:
+    out: dict[int, list[Event]] = {}
+    for e in sorted(events, key=lambda e: e.index):
+        out.setdefault(e.index, []).append(e)
+    return out
+
+
+def stream_chunk_to_proto(events: list[Event]) -> list[gen.GenerateStreamResponse]:
+    """A chunk of events -> one message per choice in it."""
+    messages = []
+    for index, evs in _by_choice(events).items():
+        last = evs[-1]
+        extra = _finish_fields(last) if last.finish_reason else {}
+        messages.append(
+            gen.GenerateStreamResponse(
+                text="".join(e.text for e in evs),
+                token_ids=[t for e in evs for t in e.token_ids],
+                index=index,
+                **extra,
+                **_logprob_fields(evs),
+            )
+        )
+    return messages
 
 
 def generate_response_to_proto(model: str, request_id: str, events: list[Event]) -> gen.GenerateResponse:
-    last = events[-1]
-    return gen.GenerateResponse(
+    choices = _by_choice(events)
+    first = choices[0]
+    finals = [e for e in events if e.finish_reason is not None]
+    fields = _finish_fields(first[-1])
+    generated = sum(e.generated_tokens for e in finals)
+    fields["usage"] = gen.Usage(prompt_tokens=first[-1].prompt_tokens, generated_tokens=generated)
+    res = gen.GenerateResponse(
         model=model,
         request_id=request_id,
-        text="".join(e.text for e in events),
-        token_ids=[t for e in events for t in e.token_ids],
-        **_finish_fields(last),
-        **_logprob_fields(events),
+        text="".join(e.text for e in first),
+        token_ids=[t for e in first for t in e.token_ids],
+        **fields,
+        **_logprob_fields(first),
     )
+    if len(choices) > 1:
+        for index, evs in choices.items():
+            res.choices.add(
+                index=index,
+                text="".join(e.text for e in evs),
+                token_ids=[t for e in evs for t in e.token_ids],
+                finish_reason=FINISH[evs[-1].finish_reason],
+                logprobs=_logprobs([r for e in evs for r in e.logprobs]),
+            )
+    return res

@@ -27,4 +27,5 @@ class GenerationServicer(gen_grpc.TextGenerationServicer):
         domain = converters.generate_input_from_proto(request)
         async with aclosing(self.dp.generate(domain, deadline_of(context))) as chunks:
             async for chunk in chunks:
-                yield converters.stream_chunk_to_proto(chunk)
+                for message in converters.stream_chunk_to_proto(chunk):
+                    yield message

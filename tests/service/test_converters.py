@@ -126,9 +126,9 @@ def test_stream_chunks_and_the_final_response():
         Event("b", [98]),
         Event("c", [99], FinishReason.LENGTH, prompt_tokens=2, generated_tokens=3, ttft_s=0.5, total_s=1.0),
     ]
-    chunk = converters.stream_chunk_to_proto(events[:2])
+    chunk = converters.stream_chunk_to_proto(events[:2])[0]
     assert chunk.text == "ab" and list(chunk.token_ids) == [97, 98] and chunk.finish_reason == 0
-    last = converters.stream_chunk_to_proto(events[2:])
+    last = converters.stream_chunk_to_proto(events[2:])[0]
     assert last.finish_reason == gen.FINISH_REASON_LENGTH and last.usage.generated_tokens == 3
     whole = converters.generate_response_to_proto("m", "r", events)
     assert whole.text == "abc" and list(whole.token_ids) == [97, 98, 99] and whole.usage.prompt_tokens == 2

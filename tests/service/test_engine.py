@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from service.conventions.seq2seq import DECODER, DECODER_WITH_PAST, ENCODER
 from service.errors import DeadlineExceeded, InvalidInput
 from service.generation.engine import EngineLimits, GenerationEngine
+from service.generation.requests import GenerateInput, to_sequence
 from service.generation.kv_rows import KVRows
 from service.generation.kv_slots import KVSlots
 from service.generation.sampling import SamplingParams
@@ -130,9 +131,11 @@ def model(request, manager, traced_runtime) -> Model:
 
 
 async def drain(seq: Sequence) -> list:
-    events = []
-    while not events or events[-1].finish_reason is None:
+    """A sequence's events (and its siblings', n > 1: they share its queue) to the last finish."""
+    events, running = [], len(seq.group)
+    while running:
         events.append(await seq.events.get())
+        running -= events[-1].finish_reason is not None
     return events
 
 
@@ -200,6 +203,46 @@ def test_a_busy_batch_gives_each_sequence_its_tokens_alone(model, alone):
     assert max(s.decode_rows for s in steps) <= 3  # joiners took holes instead of adding rows
     assert sum(s.prefill_tokens for s in steps) == sum(map(len, model.prompts))
     assert sum(s.tokens for s in steps) == sum(LENGTHS)
+    assert steps[-1].active == 0 and steps[-1].kv_cache_bytes == 0
+
+
+def test_n_choices_prefill_once_and_each_samples_as_its_own_seed(model, manager, alone):
+    """A request for 3 sampled choices (seed 7), beside two greedy sequences: the prompt is
+    prefilled once, and choice i draws exactly what a request for one choice with seed 7 + i
+    draws alone; the greedy neighbours keep their tokens."""
+    config = manager.get(model.name).generation
+    prompt = model.prompts[2]
+
+    def request(n: int, seed: int) -> Sequence:
+        return to_sequence(
+            config,
+            GenerateInput(
+                model=model.name,
+                text=None,
+                token_ids=prompt,
+                max_new_tokens=20,
+                temperature=0.9,
+                top_k=None,
+                top_p=None,
+                seed=seed,
+                stop=[],
+                request_id="n",
+                ignore_eos=True,
+                n=n,
+            ),
+            64,
+            None,
+        )
+
+    singles = [tokens(run(model, [request(1, 7 + i)], EngineLimits(max_sequences=1))[0]) for i in range(3)]
+    steps = []
+    group = request(3, 7)
+    neighbours = [greedy(p, n) for p, n in zip(model.prompts[:2], LENGTHS[:2])]
+    results = run(model, [neighbours[0], group, neighbours[1]], EngineLimits(max_sequences=5, token_budget=16), steps)
+    choices = [tokens([e for e in results[1] if e.index == i]) for i in range(3)]
+    assert choices == singles and len({tuple(c) for c in choices}) == 3
+    assert [tokens(results[0]), tokens(results[2])] == alone[:2]
+    assert sum(s.prefill_tokens for s in steps) == len(prompt) + len(model.prompts[0]) + len(model.prompts[1])
     assert steps[-1].active == 0 and steps[-1].kv_cache_bytes == 0
 
 

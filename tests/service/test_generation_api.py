@@ -230,3 +230,44 @@ def test_a_constraint_that_does_not_compile_is_refused_naming_it(oai, body, word
         oai.completions.create(model="gpt2", prompt="x", max_tokens=4, extra_body=body)
     message = e.value.body["message"]
     assert all(w in message for w in words), message
+
+
+def test_n_choices_are_each_a_seeded_request_of_their_own(oai, stub):
+    """n 3 with seed 5: choice i is what one choice with seed 5 + i gives, unary and streamed
+    (one chunk per choice, with its index), over both APIs; usage counts every choice's tokens."""
+    kw = {"model": "llama", "prompt": PROMPT, "max_tokens": 16, "temperature": 1.0}
+    singles = [oai.completions.create(**kw, seed=5 + i).choices[0].text for i in range(3)]
+    res = oai.completions.create(**kw, seed=5, n=3, logprobs=1)
+    assert [c.index for c in res.choices] == [0, 1, 2] and [c.text for c in res.choices] == singles
+    assert res.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in res.choices) == 48
+    assert len(set(singles)) == 3
+    chunks = list(oai.completions.create(**kw, seed=5, n=3, stream=True, stream_options={"include_usage": True}))
+    streamed = ["".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) for i in range(3)]
+    assert streamed == singles and chunks[-1].usage.completion_tokens == 48
+    chat = oai.chat.completions.create(
+        model="llama", messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=1.0, seed=2, n=2
+    )
+    assert [c.index for c in chat.choices] == [0, 1] and all(c.message.role == "assistant" for c in chat.choices)
+    request = gen.GenerateRequest(
+        model="llama",
+        text=PROMPT,
+        max_new_tokens=16,
+        ignore_eos=True,
+        n=3,
+        sampling=gen.SamplingParameters(temperature=1.0, seed=5),
+    )
+    unary = stub.Generate(request, timeout=60)
+    assert [c.text for c in unary.choices] == singles and unary.text == singles[0]
+    assert unary.usage.generated_tokens == 48
+    messages = list(stub.GenerateStream(request, timeout=60))
+    assert ["".join(m.text for m in messages if m.index == i) for i in range(3)] == singles
+    assert sum(m.finish_reason != gen.FINISH_REASON_UNSPECIFIED for m in messages) == 3
+
+
+def test_n_beyond_the_engines_sequences_is_refused_naming_it(oai):
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(model="llama", prompt="x", max_tokens=2, n=9)
+    assert "n is 9" in e.value.body["message"] and "--generation-max-sequences" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as best_of:
+        oai.completions.create(model="llama", prompt="x", max_tokens=2, best_of=2)
+    assert "best_of" in best_of.value.body["message"] and "n" in best_of.value.body["message"]
