@@ -105,9 +105,9 @@ def main() -> None:
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(source / "tokenizer.json"))
-    text = Path(os.__file__).read_text()
-    ids = tokenizer.encode(text).ids
-    prompts = [ids[i * 997 : i * 997 + PROMPT_TOKENS] for i in range(STREAMS)]
+    ids = tokenizer.encode(Path(os.__file__).read_text()).ids  # the standard library's os.py
+    step = (len(ids) - PROMPT_TOKENS) // STREAMS
+    prompts = [ids[i * step : i * step + PROMPT_TOKENS] for i in range(STREAMS)]
     pinned = {SERVER_CORE, CLIENT_CORE} <= os.sched_getaffinity(0)
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp)

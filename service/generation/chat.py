@@ -14,6 +14,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from service.errors import InvalidInput, ModelLoadError
+from service.generation.tools import template_style
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ class ChatTemplate:
     source: str
     bos_token: str = ""
     eos_token: str = ""
+    tool_source: str | None = None  # a named `tool_use` template, for requests with tools
 
     def __post_init__(self) -> None:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -34,13 +36,27 @@ class ChatTemplate:
         env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
         try:
             object.__setattr__(self, "_template", env.from_string(self.source))
+            tools = env.from_string(self.tool_source) if self.tool_source else self._template
+            object.__setattr__(self, "_tool_template", tools)
         except jinja2.TemplateError as e:
             raise ModelLoadError(f"the chat template does not compile: {e}") from e
 
-    def render(self, messages: list[dict[str, str]]) -> str:
+    @property
+    def tool_style(self) -> str | None:
+        """The tool-call format the template teaches (generation/tools.py), if one tserve parses."""
+        return template_style(self.tool_source or self.source)
+
+    def render(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        """The prompt, as transformers' apply_chat_template(messages, tools=tools,
+        add_generation_prompt=True) renders it."""
+        template = self._tool_template if tools else self._template
         try:
-            return self._template.render(
-                messages=messages, add_generation_prompt=True, bos_token=self.bos_token, eos_token=self.eos_token
+            return template.render(
+                messages=messages,
+                tools=tools,
+                add_generation_prompt=True,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
             )
         except InvalidInput:
             raise
@@ -63,12 +79,18 @@ def load_chat_template(version_dir: Path) -> ChatTemplate | None:
             config = json.loads(config_path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ModelLoadError(f"tokenizer_config.json is unreadable: {e}") from e
-    source = config.get("chat_template")
-    if isinstance(source, list):  # named templates: the default one
-        source = next((t.get("template") for t in source if isinstance(t, dict) and t.get("name") == "default"), None)
+    source, tool_source = config.get("chat_template"), None
+    if isinstance(source, list):  # named templates: the default one, and the one for tools
+        named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
+        source, tool_source = named.get("default"), named.get("tool_use")
     jinja_file = version_dir / "chat_template.jinja"
     if not isinstance(source, str) and jinja_file.is_file():
         source = jinja_file.read_text()
     if not isinstance(source, str) or not source.strip():
         return None
-    return ChatTemplate(source, _token_text(config.get("bos_token")), _token_text(config.get("eos_token")))
+    return ChatTemplate(
+        source,
+        _token_text(config.get("bos_token")),
+        _token_text(config.get("eos_token")),
+        tool_source if isinstance(tool_source, str) else None,
+    )

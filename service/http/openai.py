@@ -3,9 +3,20 @@
 
 Requests are checked by pydantic models (a wrong field answers 400 naming it), turned into the
 same GenerateInput the gRPC API builds, and run through the data plane's generate road: the same
-validation, admission, deadlines, drain, cancellation and metrics (protocol="openai"). Parameters
-OpenAI has and tserve does not implement (n > 1, logprobs, echo, penalties, ...) are refused,
-never silently ignored.
+validation, admission, deadlines, drain, cancellation and metrics (protocol="openai").
+
+Implemented: n, logprobs (and echo), penalties, logit_bias, response_format (and vLLM's
+structured outputs), tools and tool_choice (generation/tools.py), stream_options.include_usage.
+Parameters OpenAI has and tserve does not implement (UNSUPPORTED: best_of, suffix, audio,
+modalities, prediction, web_search_options, service_tier, store, metadata, reasoning_effort, the
+deprecated functions/function_call) are refused by name with the reason, never silently ignored.
+
+Log-probabilities are those of the distribution each token was drawn from: after logit bias,
+penalties and temperature (1 when greedy), before min_p, top_k and top_p cut it (vLLM's
+"processed" choice; its default is the raw logits'). A token no distribution allows (-inf) is
+reported as -9999.0, as OpenAI does. A token's text is its own bytes decoded (a byte-level BPE
+piece of a multi-byte character shows U+FFFD; `bytes` has the exact bytes); a model without a
+tokenizer names tokens `token_id:<id>`, as vLLM does.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ from service.generation.grammar import Constraint
 from service.generation.requests import GenerateInput
 from service.generation.sampling import MAX_TOP_LOGPROBS, TokenLogprob
 from service.generation.sequence import Event, FinishReason
+from service.generation.tools import HERMES_OPEN, ToolCall, ToolPlan, plan
 from service.http.errors import handled, openai_body, status_of
 from service.http.kserve import deadline_of
 
@@ -37,12 +49,31 @@ FINISH = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", FinishReason
 UNSUPPORTED: dict[str, tuple] = {
     "suffix": (None, ""),
     "best_of": (None, 1),
-    "tools": (None, []),
     "functions": (None, []),
     "function_call": (None, "none"),
-    "tool_choice": (None, "none"),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "web_search_options": (None,),
+    "service_tier": (None, "auto", "default"),
+    "store": (None, False),
+    "metadata": (None, {}),
+    "reasoning_effort": (None,),
 }
-WHY = {"best_of": "ask for n choices with logprobs and rank them yourself (vLLM dropped best_of too)"}
+WHY = {
+    "best_of": "ask for n choices with logprobs and rank them yourself (vLLM dropped best_of too)",
+    "suffix": "insertion needs a model trained for fill-in-the-middle",
+    "functions": "deprecated by OpenAI: use tools",
+    "function_call": "deprecated by OpenAI: use tool_choice",
+    "audio": "tserve's models read and write text",
+    "modalities": "tserve's models read and write text",
+    "prediction": "not implemented (prompt-lookup speculation is: --generation-speculative-tokens)",
+    "web_search_options": "tserve does not search the web",
+    "service_tier": "tserve has one tier",
+    "store": "tserve stores no completions",
+    "metadata": "tserve stores no completions to tag",
+    "reasoning_effort": "tserve's models have no reasoning budget to set",
+}
 NO_LOGPROB = -9999.0  # what OpenAI reports for a token no distribution allows
 
 
@@ -161,6 +192,7 @@ class _Sampling(BaseModel):
         add_special_tokens: bool = True,
         logprobs: int | None = None,
         prompt_logprobs: int | None = None,
+        constraint: Constraint | None = None,
     ) -> GenerateInput:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return GenerateInput(
@@ -184,7 +216,7 @@ class _Sampling(BaseModel):
             logit_bias=self.token_bias(),
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
-            constraint=self.constraint(),
+            constraint=constraint or self.constraint(),
             n=self.n,
         )
 
@@ -198,9 +230,39 @@ class CompletionRequest(_Sampling):
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict[str, Any]]
+    content: str | list[dict[str, Any]] | None = None  # None: an assistant message of tool calls
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    name: str | None = None
+
+    def rendered(self) -> dict:
+        """The message as a chat template reads it (transformers' shapes: a call's arguments
+        as an object, where OpenAI sends them as a JSON string)."""
+        doc: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            calls = []
+            for i, call in enumerate(self.tool_calls):
+                function = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                    raise InvalidInput(f"tool_calls[{i}]: {{'type': 'function', 'function': {{'name', 'arguments'}}}}")
+                arguments = function.get("arguments", "{}")
+                try:
+                    arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+                except json.JSONDecodeError:
+                    raise InvalidInput(f"tool_calls[{i}].function.arguments: not JSON") from None
+                calls.append(
+                    {"id": call.get("id"), "type": "function", "function": {**function, "arguments": arguments}}
+                )
+            doc["tool_calls"] = calls
+        if self.tool_call_id is not None:
+            doc["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            doc["name"] = self.name
+        return doc
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         parts = []
@@ -216,6 +278,9 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     def logprobs_k(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:
@@ -288,6 +353,48 @@ class TokenTexts:
                 out["token_logprobs"].append(_logprob(r.logprob))
                 out["top_logprobs"].append({self.text(t): _logprob(lp) for t, lp in r.top})
         return out
+
+
+class CallStream:
+    """One choice's text when its output may hold tool calls: content streams until a call may
+    begin (a whole-message JSON call, or the template's call marker), and is held from there;
+    the calls are read at the end."""
+
+    def __init__(self, tools: ToolPlan, style: str | None) -> None:
+        self.tools, self.style = tools, style
+        self.text, self.sent, self.holding = "", 0, tools.constrained
+
+    def push(self, new: str) -> str:
+        """The content that may stream now."""
+        self.text += new
+        if self.holding:
+            return ""
+        if not self.sent and (not self.text.strip() or self.text.lstrip().startswith("{")):
+            self.holding = self.text.lstrip().startswith("{")  # perhaps one JSON call: wait for all of it
+            return ""
+        safe = len(self.text)
+        if self.style == "hermes":
+            at = self.text.find(HERMES_OPEN, self.sent)
+            if at != -1:
+                self.holding, safe = True, at
+            else:  # the start of a marker may be arriving
+                safe -= next((k for k in range(len(HERMES_OPEN) - 1, 0, -1) if self.text.endswith(HERMES_OPEN[:k])), 0)
+        out, self.sent = self.text[self.sent : safe], max(self.sent, safe)
+        return out
+
+    def finish(self, finish: str | None) -> tuple[str, list[ToolCall]]:
+        """At the choice's end: (the content not yet streamed, the calls)."""
+        content, calls = self.read(self.text, finish)
+        return ("", calls) if calls else (self.text[self.sent :], [])
+
+    def read(self, text: str, finish: str | None) -> tuple[str | None, list[ToolCall]]:
+        """(content, calls) of a whole output; an output cut short (length) stays text."""
+        if finish != "stop":
+            return text, []
+        try:
+            return self.tools.calls(text, self.style)
+        except (ValueError, KeyError, TypeError):  # not the calls it should be: left as text
+            return text, []
 
 
 def _sse(doc: dict | str) -> bytes:
@@ -414,12 +521,26 @@ def routes(dp: DataPlane) -> list[Route]:
             )
         k = req.logprobs_k()
         texts = TokenTexts(config.tokenizer)
-        text = template.render([{"role": m.role, "content": m.text()} for m in req.messages])
+        tools = plan(req.tools, req.tool_choice, req.parallel_tool_calls)
+        constraint = None
+        if tools is not None and tools.constrained:
+            if req.constraint() is not None:
+                raise InvalidInput("tool_choice and response_format both constrain the output: ask for one")
+            constraint = Constraint("json_schema", tools.schema(), "tools")
+        calling = tools is not None and tools.choice != "none"  # the output may hold calls
+        text = template.render([m.rendered() for m in req.messages], tools.tools if tools else None)
         rid, created = request_id(request, "chatcmpl"), int(time.time())
         gen = req.generate_input(
-            rid, text, None, req.max_completion_tokens or req.max_tokens, add_special_tokens=False, logprobs=k
+            rid,
+            text,
+            None,
+            req.max_completion_tokens or req.max_tokens,
+            add_special_tokens=False,
+            logprobs=k,
+            constraint=constraint,
         )
         opened: set[int] = set()  # the choices whose first delta (with the role) went out
+        streams: dict[int, CallStream] = {}
 
         def logprobs(events: list[Event]) -> dict | None:
             if k is None:
@@ -430,11 +551,20 @@ def routes(dp: DataPlane) -> list[Route]:
             return {"id": rid, "object": kind, "created": created, "model": req.model}
 
         def delta(index: int, events: list[Event]) -> dict:
-            content: dict[str, str] = {"content": "".join(e.text for e in events)}
+            new, finish = "".join(e.text for e in events), FINISH.get(events[-1].finish_reason)
+            content: dict[str, Any] = {"content": new}
+            if calling:  # content streams until a call may begin; the calls go out at the end
+                stream = streams.setdefault(index, CallStream(tools, template.tool_style))
+                content = {"content": stream.push(new)}
+                if finish is not None:
+                    rest, calls = stream.finish(finish)
+                    content["content"] += rest
+                    if calls:
+                        content["tool_calls"] = [c.openai(i) for i, c in enumerate(calls)]
+                        finish = "tool_calls"
             if index not in opened:
                 opened.add(index)
                 content = {"role": "assistant", **content}
-            finish = FINISH.get(events[-1].finish_reason)
             return {"index": index, "delta": content, "logprobs": logprobs(events), "finish_reason": finish}
 
         def chunk(events: list[Event]) -> list[dict]:
@@ -443,8 +573,13 @@ def routes(dp: DataPlane) -> list[Route]:
         def whole(events: list[Event]) -> dict:
             choices = []
             for i, evs in by_choice(events).items():
-                message = {"role": "assistant", "content": "".join(e.text for e in evs)}
-                finish = FINISH.get(evs[-1].finish_reason)
+                content, finish = "".join(e.text for e in evs), FINISH.get(evs[-1].finish_reason)
+                message: dict[str, Any] = {"role": "assistant", "content": content}
+                if calling:
+                    content, calls = CallStream(tools, template.tool_style).read(content, finish)
+                    if calls:
+                        message = {"role": "assistant", "content": content, "tool_calls": [c.openai() for c in calls]}
+                        finish = "tool_calls"
                 choices.append({"index": i, "message": message, "logprobs": logprobs(evs), "finish_reason": finish})
             return {
                 **head("chat.completion"),

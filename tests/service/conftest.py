@@ -120,9 +120,18 @@ def random_ids(rng: np.random.Generator, batch: int, length: int, vocab: int) ->
 # -- third-party decoders, built from a config after a fixed seed and exported by Optimum -----
 
 POSITIONS, VOCAB = 128, 300
+LLAMA_POSITIONS = 512  # room for a chat with tools
+# tools-aware, Hermes-style: the tools in a system block, calls as <tool_call>{...}</tool_call>
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    "{% if tools %}<|system|>tools:{% for t in tools %} {{ t.function.name }}"
+    "({{ t.function.parameters.properties | list | join(',') }}){% endfor %}\n{% endif %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'tool' %}<|tool|>{{ m['content'] }}\n"
+    "{% elif m.tool_calls is defined and m.tool_calls %}<|assistant|>{% for c in m.tool_calls %}"
+    '<tool_call>{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}</tool_call>'
+    "{% endfor %}\n"
+    "{% else %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
 
@@ -201,7 +210,7 @@ def llama(export, tmp_path_factory) -> tuple[Path, Path]:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=POSITIONS,
+        max_position_embeddings=LLAMA_POSITIONS,
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )

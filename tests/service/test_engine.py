@@ -14,12 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
+import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
 from service.conventions.seq2seq import DECODER, DECODER_WITH_PAST, ENCODER
 from service.errors import DeadlineExceeded, InvalidInput
 from service.generation.engine import EngineLimits, GenerationEngine
+from service.generation.grammar import Constraint
 from service.generation.requests import GenerateInput, to_sequence
 from service.generation.kv_rows import KVRows
 from service.generation.kv_slots import KVSlots
@@ -644,3 +646,43 @@ def test_an_encoder_step_encodes_whole_sources_within_its_own_budget(manager):
     steps = []
     assert [tokens(e) for e in run(m, jobs(), EngineLimits(token_budget=8), steps)] == alone
     assert steps[0].prefill_tokens == sum(map(len, m.prompts))  # the default budget takes them all at once
+
+
+def request(model: Model, config, prompt: list[int], **kw) -> Sequence:
+    """A sequence as the APIs build it (generation/requests.py), with these extras."""
+    fields = dict(max_new_tokens=30, temperature=None, top_k=None, top_p=None, seed=None, stop=[])
+    return to_sequence(
+        config,
+        GenerateInput(model=model.name, text=None, token_ids=prompt, request_id="x", **{**fields, **kw}),
+        64,
+        None,
+    )
+
+
+def test_logprobs_and_a_grammar_on_every_cache(model, manager, alone):
+    """Greedy with logprobs beside a sequence held to a choice of two strings, on each cache: the
+    free one keeps its tokens alone, each with its log-probability (the best of its top 2, as
+    greedy chose it); the constrained one writes exactly one of the choices and ends there."""
+    config = manager.get(model.name).generation
+    free = request(model, config, model.prompts[0], max_new_tokens=LENGTHS[0], logprobs=2, ignore_eos=True)
+    held = request(model, config, model.prompts[1], constraint=Constraint("choice", ["alpha beta", "gamma"]))
+    events = run(model, [free, held], EngineLimits(max_sequences=4))
+    records = [r for e in events[0] for r in e.logprobs]
+    assert tokens(events[0]) == alone[0] == [r.token for r in records]
+    assert all(r.top[0] == (r.token, r.logprob) and r.logprob <= 0 and len(r.top) == 2 for r in records)
+    assert model.text(tokens(events[1])) in {"alpha beta", "gamma"}
+    assert events[1][-1].finish_reason == FinishReason.EOS
+
+
+def test_a_verified_draft_gives_the_same_logprobs(fused, manager):
+    """Prompt lookup on the shared buffer with logprobs asked: the tokens and their
+    log-probabilities of one token a run, within 1e-4 (a draft's positions run in one pass)."""
+    config = manager.get("bytegpt").generation
+    prompt = fused.prompts[2]
+    plain = run(fused, [request(fused, config, prompt, max_new_tokens=120, logprobs=0)], EngineLimits(max_sequences=4))
+    steps = []
+    drafted = run(fused, [request(fused, config, prompt, max_new_tokens=120, logprobs=0)], SPECULATIVE, steps)
+    assert tokens(drafted[0]) == tokens(plain[0]) and sum(s.accepted_tokens for s in steps) > 0
+    got, want = ([r.logprob for e in evs[0] for r in e.logprobs] for evs in (drafted, plain))
+    assert len(got) == 120
+    np.testing.assert_allclose(got, want, atol=1e-4)

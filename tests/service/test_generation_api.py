@@ -271,3 +271,96 @@ def test_n_beyond_the_engines_sequences_is_refused_naming_it(oai):
     with pytest.raises(openai.BadRequestError) as best_of:
         oai.completions.create(model="llama", prompt="x", max_tokens=2, best_of=2)
     assert "best_of" in best_of.value.body["message"] and "n" in best_of.value.body["message"]
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["c", "f"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}, "additionalProperties": False}},
+}
+ASK = [{"role": "user", "content": "Weather in Oslo?"}]
+
+
+def test_tool_messages_render_as_transformers_renders_them(oai, references):
+    """A conversation with the tools, an assistant's call (arguments as OpenAI's JSON string) and
+    the tool's answer: the prompt is transformers' apply_chat_template(..., tools=...)."""
+    _, tokenizer = references["llama"]
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    messages = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    messages.append({"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 3}'})
+    res = oai.chat.completions.create(
+        model="llama", messages=messages, tools=[WEATHER, TIME], tool_choice="none", max_tokens=1
+    )
+    hf_messages = [
+        *messages[:1],
+        {**messages[1], "tool_calls": [{**call, "function": {**call["function"], "arguments": {"city": "Oslo"}}}]},
+        messages[2],
+    ]
+    want = tokenizer.apply_chat_template(hf_messages, tools=[WEATHER, TIME], add_generation_prompt=True, tokenize=True)
+    assert res.usage.prompt_tokens == len(want) and res.choices[0].finish_reason != "tool_calls"
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_constrained_tool_calls_are_valid_calls_streamed_or_not(oai, choice):
+    """tool_choice required or a named function, sampled from the random-weight Llama with 6
+    seeds: every answer is finish_reason tool_calls with calls of the request's functions whose
+    arguments validate against their parameters; streamed, the same calls as tool-call deltas."""
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
+    kw = {"model": "llama", "messages": ASK, "tools": [WEATHER, TIME], "tool_choice": choice, "max_tokens": 300}
+    for seed in range(6):
+        res = oai.chat.completions.create(**kw, temperature=1.0, seed=seed)
+        message = res.choices[0].message
+        assert res.choices[0].finish_reason == "tool_calls" and message.content is None and message.tool_calls
+        for call in message.tool_calls:
+            jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+        if isinstance(choice, dict):
+            assert [c.function.name for c in message.tool_calls] == ["get_weather"]
+    stream = list(oai.chat.completions.create(**kw, temperature=1.0, seed=5, stream=True))
+    deltas = [d for c in stream if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+    assert [(d.function.name, d.function.arguments) for d in deltas] == [
+        (c.function.name, c.function.arguments) for c in message.tool_calls
+    ]
+    assert stream[-1].choices[0].finish_reason == "tool_calls"
+    assert all(not (c.choices[0].delta.content or "") for c in stream if c.choices)
+
+
+def test_auto_parses_a_hermes_call_out_of_the_text(oai):
+    """tool_choice auto on a template that teaches <tool_call> blocks: text the model writes in
+    that format comes back as a call (here the model is held to such text by a regex), unary and
+    streamed; text that is no call stays content."""
+    regex = r'Checking\. <tool_call>\{"name": "get_time", "arguments": \{\}\}</tool_call>'
+    kw = {"model": "llama", "messages": ASK, "tools": [WEATHER, TIME], "max_tokens": 200}
+    res = oai.chat.completions.create(**kw, extra_body={"structured_outputs": {"regex": regex}})
+    message = res.choices[0].message
+    assert res.choices[0].finish_reason == "tool_calls" and message.content == "Checking."
+    assert [(c.function.name, c.function.arguments) for c in message.tool_calls] == [("get_time", "{}")]
+    stream = list(oai.chat.completions.create(**kw, stream=True, extra_body={"structured_outputs": {"regex": regex}}))
+    content = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    calls = [d.function.name for c in stream if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+    assert content.strip() == "Checking." and "<tool" not in content and calls == ["get_time"]
+    plain = oai.chat.completions.create(**kw, extra_body={"structured_outputs": {"regex": "No calls, thanks"}})
+    assert plain.choices[0].message.content == "No calls, thanks" and not plain.choices[0].message.tool_calls
+
+
+def test_a_call_round_trips_through_the_openai_client(oai):
+    """The client's own loop: ask, take the call, answer it with a tool message, ask again."""
+    first = oai.chat.completions.create(
+        model="llama", messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=60, temperature=0
+    )
+    call = first.choices[0].message.tool_calls[0]
+    messages = [*ASK, first.choices[0].message.model_dump(exclude_none=True)]
+    messages.append({"role": "tool", "tool_call_id": call.id, "content": '{"temp": 3}'})
+    second = oai.chat.completions.create(model="llama", messages=messages, tools=[WEATHER], max_tokens=8)
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens and second.choices[0].message.role == "assistant"

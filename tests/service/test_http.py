@@ -469,6 +469,28 @@ def test_openai_sampling_parameters_out_of_range_are_refused_by_name(http_server
     assert status == 400 and all(w in message for w in words), message
 
 
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"suffix": "x"}, ["suffix", "fill-in-the-middle"]),
+        ({"store": True}, ["store", "stores no completions"]),
+        ({"service_tier": "flex"}, ["service_tier"]),
+        ({"functions": [{"name": "f"}]}, ["functions", "use tools"]),
+        ({"modalities": ["text", "audio"]}, ["modalities"]),
+    ],
+)
+def test_openai_parameters_tserve_does_not_implement_are_refused_with_why(http_server, body, words):
+    """Never silently ignored; the values that ask for nothing (store false, modalities
+    ["text"]) are accepted."""
+    status, _, data = request(
+        http_server, "POST", "/v1/completions", json.dumps({"model": "bytegpt", "prompt": "x", **body}).encode()
+    )
+    message = json.loads(data)["error"]["message"]
+    assert status == 400 and all(w in message for w in words), message
+    ok = {"model": "bytegpt", "prompt": "x", "max_tokens": 2, "store": False, "modalities": ["text"]}
+    assert request(http_server, "POST", "/v1/completions", json.dumps(ok).encode())[0] == 200
+
+
 def test_openai_chat_top_logprobs_needs_logprobs(oai):
     with pytest.raises(openai.BadRequestError) as e:
         oai.chat.completions.create(model="bytegpt_chat", messages=[{"role": "user", "content": "x"}], top_logprobs=2)
