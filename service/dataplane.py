@@ -20,7 +20,9 @@ from collections.abc import AsyncIterator
 from contextlib import contextmanager
 from typing import Iterator
 
-from service.errors import FailedPrecondition, InternalError, InvalidInput, TServeError, Unavailable
+from service.errors import FailedPrecondition, InternalError, InvalidInput, QueueFull, TServeError, Unavailable
+from service.conventions.encoder import LAST_HIDDEN_STATE
+from service.embeddings import EmbedRequest, EmbedResult
 from service.generation.requests import GenerateInput, to_sequence
 from service.generation.sequence import Event, FinishReason
 from service.logs import request_id
@@ -31,7 +33,7 @@ from service.validation import prepare
 
 log = logging.getLogger(__name__)
 
-INFER, GENERATE = "infer", "generate"  # the request kinds (the `api` label)
+INFER, GENERATE, EMBED = "infer", "generate", "embed"  # the request kinds (the `api` label)
 GRPC, HTTP, OPENAI = "grpc", "http", "openai"  # the front ends (the `protocol` label)
 
 
@@ -187,6 +189,51 @@ class DataPlane:
                         return
             finally:
                 mv.engine.cancel(seq)  # a no-op when finished; frees the slot on cancel or disconnect
+
+    async def embed(self, request: EmbedRequest, deadline: float | None = None, protocol: str = HTTP) -> EmbedResult:
+        """Texts -> vectors: each text its own row for the batcher (so the texts of many requests
+        share batches, and a request of many texts is never held to a row cap), pooled and
+        normalised as the model's folder says (service/embeddings.py)."""
+        self.admit()
+        mv = self.manager.get(request.model, request.model_version)
+        if mv.embedder is None or mv.batcher is None:
+            raise FailedPrecondition(
+                f"model {request.model!r} is not a text embedder (an encoder with last_hidden_state and a "
+                "tokenizer.json)"
+            )
+        with self._request(mv, EMBED, protocol, request.request_id) as outcome:
+            embedder = mv.embedder
+            if request.dimensions is not None and embedder.hidden_size is not None:
+                if not 1 <= request.dimensions <= embedder.hidden_size:
+                    raise InvalidInput(
+                        f"dimensions must be between 1 and {embedder.hidden_size} (got {request.dimensions})"
+                    )
+            rows = embedder.token_ids(request)
+            if mv.batcher.queued + len(rows) > mv.batcher.max_queue:  # all of the texts queue, or none
+                raise QueueFull(
+                    f"model {mv.name!r} has {mv.batcher.queued} requests queued; {len(rows)} more texts would pass "
+                    f"its max_queue_size {mv.batcher.max_queue}"
+                )
+            prepared = [
+                prepare(
+                    mv.spec, InferRequest(mv.name, "", request.request_id, embedder.inputs(ids), (LAST_HIDDEN_STATE,))
+                )
+                for ids in rows
+            ]
+            results = await asyncio.gather(*(mv.batcher.submit(p, deadline) for p in prepared))
+            vectors = [embedder.finish(embedder.pool(out[LAST_HIDDEN_STATE]), request) for out, _ in results]
+            outcome.reason = None
+            outcome.queue_s = max(t.queue_s for _, t in results)
+            outcome.compute_s = sum(t.compute_s for _, t in results)
+            return EmbedResult(vectors, sum(map(len, rows)))
+
+    def embedders(self) -> list[ModelVersion]:
+        """The latest ready version of each text embedder."""
+        latest: dict[str, ModelVersion] = {}
+        for mv in self.manager.all():
+            if mv.ready and mv.embedder is not None and mv.version >= getattr(latest.get(mv.name), "version", -1):
+                latest[mv.name] = mv
+        return [latest[name] for name in sorted(latest)]
 
     # -- lookups for the front ends ----------------------------------------------------------
 

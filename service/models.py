@@ -25,8 +25,11 @@ from service.checks import (
     time_batches,
     warm_up,
 )
+from service.conventions import encoder
 from service.conventions.decoder import DecoderGraph
+from service.conventions.sentence_transformers import read_pooling
 from service.conventions.seq2seq import ENCODER, MergedBranch, decoder_files, is_seq2seq
+from service.embeddings import DEFAULT_EMBED_LENGTH, Embedder
 from service.errors import InvalidInput, ModelLoadError, ModelNotFound, Unavailable
 from service.generated import model_config_pb2 as mc
 from service.generation.engine import CacheFactory, EngineLimits, GenerationEngine
@@ -34,10 +37,12 @@ from service.generation.kv_rows import KVRows
 from service.generation.kv_slots import KVSlots
 from service.generation.requests import GenerationConfig
 from service.generation.seq2seq_cache import Seq2SeqCache
+from service.generation.tokenizer import HFTokenizer
 from service.metrics import Metrics, ModelObserver
 from service.repository import (
     build_spec,
     completed_config,
+    graph_file,
     model_names,
     read_config,
     read_manifest,
@@ -58,6 +63,29 @@ def decoder_cache(graph: DecoderGraph, runtime: OrtRuntime, limits: EngineLimits
     if graph.shared_kv:
         return KVSlots(graph, runtime, limits.max_sequences, fill_holes=fill_holes)
     return KVRows(graph, runtime, fill_holes=fill_holes)
+
+
+def embedder_of(spec: ModelSpec, version_dir: Path) -> Embedder | None:
+    """An encoder with a tokenizer.json is an embedder (pooled as its folder says)."""
+    names = {t.name for t in spec.inputs}
+    if spec.tokenizer_file is None or spec.output(encoder.LAST_HIDDEN_STATE) is None:
+        return None
+    if not {encoder.INPUT_IDS, encoder.ATTENTION_MASK} <= names <= set(encoder.PADDED):
+        return None
+    try:
+        pooling = read_pooling(version_dir)
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
+    limits = [n for n in (pooling.max_seq_length, spec.max_sequence_length) if n]
+    hidden = spec.output(encoder.LAST_HIDDEN_STATE).dims[-1]
+    return Embedder(
+        HFTokenizer(spec.tokenizer_file),
+        pooling,
+        min(limits) if limits else DEFAULT_EMBED_LENGTH,
+        hidden if hidden and hidden > 0 else None,
+        tuple(sorted(names)),
+        spec.vocab_size,
+    )
 
 
 def seq2seq_cache(spec: ModelSpec, encoder, decoder, with_past, limits: EngineLimits) -> Seq2SeqCache:
@@ -92,6 +120,7 @@ class ModelVersion:
     generation: GenerationConfig | None = None
     make_cache: CacheFactory | None = None
     engine: GenerationEngine | None = None
+    embedder: Embedder | None = None  # a text embedder: texts in, vectors out (service/embeddings.py)
 
     @property
     def ready(self) -> bool:
@@ -179,7 +208,7 @@ class ModelManager:
         providers = choose_providers(self.settings.execution_provider, self.settings.provider_fallback)
         if is_seq2seq(entry.path):
             return self._load_seq2seq_sync(mv, entry, providers)
-        model_file = entry.path / (entry.config.default_model_filename or "model.onnx")
+        model_file = graph_file(entry)
         manifest = read_manifest(entry.path)
         if model_file.exists():  # a missing graph is reported as such by the runtime
             check_manifest_files(entry.path, manifest)
@@ -196,6 +225,7 @@ class ModelManager:
             if spec.decoder is not None:
                 mv.generation = GenerationConfig.from_spec(spec)  # reads the tokenizer, if any
                 self._generation_graph(mv, entry, spec, runtime, providers)
+            mv.embedder = embedder_of(spec, entry.path)
         except Exception:
             for r in mv.graphs.values():
                 r.close()

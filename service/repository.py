@@ -18,6 +18,7 @@ from google.protobuf import text_format
 
 from service.conventions import encoder
 from service.conventions.decoder import INPUT_IDS, DecoderGraph
+from service.conventions.sentence_transformers import SNAPSHOT_GRAPH
 from service.conventions.seq2seq import ENCODER, Seq2SeqGraphs
 from service.errors import ModelLoadError
 from service.generation.chat import ChatTemplate, load_chat_template
@@ -75,6 +76,17 @@ def select_versions(model_dir: Path, config: mc.ModelConfig) -> list[VersionEntr
         n = config.version_policy.latest.num_versions or 1
         chosen = versions[-n:]
     return [VersionEntry(model_dir.name, v, model_dir / str(v), config) for v in chosen]
+
+
+def graph_file(entry: VersionEntry) -> Path:
+    """The version's graph: config.pbtxt's default_model_filename, else model.onnx, else a
+    sentence-transformers snapshot's onnx/model.onnx."""
+    if entry.config.default_model_filename:
+        return entry.path / entry.config.default_model_filename
+    plain = entry.path / "model.onnx"
+    if not plain.exists() and (entry.path / SNAPSHOT_GRAPH).is_file():
+        return entry.path / SNAPSHOT_GRAPH
+    return plain
 
 
 def read_manifest(version_dir: Path) -> dict | None:
@@ -298,7 +310,7 @@ def build_spec(
         name=entry.name,
         version=entry.version,
         platform="onnxruntime_onnx",
-        model_path=entry.path / (config.default_model_filename or "model.onnx"),
+        model_path=graph_file(entry),
         inputs=tuple(inputs),
         outputs=tuple(outputs),
         max_batch_size=max_batch,

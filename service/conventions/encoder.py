@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS = "input_ids", "attention_mask", "token_type_ids"
 LAST_HIDDEN_STATE = "last_hidden_state"
+PADDED = (INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS)
 
 
 def padding_rules(

@@ -1,4 +1,4 @@
-"""The HTTP front end: one Starlette app with the KServe v2 routes and the OpenAI routes, behind
+"""The HTTP front end: one Starlette app with the KServe v2, OpenAI and TEI routes, behind
 the same bearer-token check the gRPC interceptor makes (service/auth.py)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.auth import TokenAuth
 from service.dataplane import DataPlane
 from service.errors import Unauthenticated
-from service.http import kserve, openai
+from service.http import kserve, openai, tei
 from service.http.errors import kserve_body, openai_body
 
 OPEN_PREFIXES = ("/v2/health/",)  # probes, when auth_open_health
@@ -37,7 +37,7 @@ class BearerAuth:
 
 
 def build_app(dp: DataPlane, auth: TokenAuth | None, open_health: bool) -> ASGIApp:
-    app: ASGIApp = Starlette(routes=[*kserve.routes(dp), *openai.routes(dp)])
+    app: ASGIApp = Starlette(routes=[*kserve.routes(dp), *openai.routes(dp), *tei.routes(dp)])
     if auth is not None:
         app = BearerAuth(app, auth, open_health)
     return app

@@ -1,5 +1,6 @@
-"""The one place domain errors become HTTP answers, in the two shapes the HTTP APIs use:
-KServe v2 / Triton (`{"error": "<message>"}`) and OpenAI (`{"error": {"message", "type", ...}}`)."""
+"""The one place domain errors become HTTP answers, in the shapes the HTTP APIs use: KServe v2 /
+Triton (`{"error": "<message>"}`), OpenAI (`{"error": {"message", "type", ...}}`) and TEI
+(`{"error": "<message>", "error_type": ...}`)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,13 @@ def openai_body(status: int, message: str, param: str | None = None) -> dict:
     return {
         "error": {"message": message, "type": OPENAI_TYPE.get(status, "server_error"), "param": param, "code": status}
     }
+
+
+TEI_TYPE = {400: "Validation", 404: "Validation", 429: "Overloaded", 503: "Unhealthy"}
+
+
+def tei_body(status: int, message: str) -> dict:
+    return {"error": message, "error_type": TEI_TYPE.get(status, "Backend")}
 
 
 def _answer(e: Exception, where: str, shape: Callable[[int, str], dict]) -> Response:

@@ -1,5 +1,6 @@
-"""An OpenAI-compatible API for the models that generate: `GET /v1/models`,
-`POST /v1/completions`, `POST /v1/chat/completions`, with `stream: true` as server-sent events.
+"""An OpenAI-compatible API: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`
+(with `stream: true` as server-sent events) for the models that generate, `POST /v1/embeddings`
+for the text embedders (service/embeddings.py).
 
 Requests are checked by pydantic models (a wrong field answers 400 naming it), turned into the
 same GenerateInput the gRPC API builds, and run through the data plane's generate road: the same
@@ -21,6 +22,7 @@ tokenizer names tokens `token_id:<id>`, as vLLM does.
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import uuid
@@ -28,12 +30,14 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from service.dataplane import OPENAI, DataPlane
+from service.embeddings import EmbedRequest
 from service.errors import FailedPrecondition, InvalidInput, TServeError, short
 from service.generation.grammar import Constraint
 from service.generation.requests import GenerateInput
@@ -288,6 +292,25 @@ class ChatRequest(_Sampling):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+    truncate: bool = False  # beyond OpenAI (TEI's and vLLM's): cut a text past the model's limit
+    normalize: bool = True  # beyond OpenAI (TEI's)
+
+    def inputs(self) -> list:
+        if isinstance(self.input, str):
+            return [self.input]
+        if self.input and isinstance(self.input[0], int):
+            return [self.input]  # one text, as token ids
+        return list(self.input)
+
+
 def _parse(model: type[BaseModel], body: bytes) -> Any:
     try:
         return model.model_validate_json(body)
@@ -446,7 +469,8 @@ def routes(dp: DataPlane) -> list[Route]:
 
     @openai
     async def models(request: Request) -> Response:
-        data = [{"id": mv.name, "object": "model", "created": 0, "owned_by": "tserve"} for mv in dp.generators()]
+        served = {mv.name for mv in [*dp.generators(), *dp.embedders()]}
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": "tserve"} for name in sorted(served)]
         return JSONResponse({"object": "list", "data": data})
 
     def generator(name: str):
@@ -589,8 +613,30 @@ def routes(dp: DataPlane) -> list[Route]:
 
         return await run(gen, request, req, chunk, whole, head)
 
+    @openai
+    async def embeddings(request: Request) -> Response:
+        req = _parse(EmbeddingRequest, await request.body())
+        rid = request_id(request, "embd")
+        result = await dp.embed(
+            EmbedRequest(
+                req.model, req.inputs(), rid, truncate=req.truncate, normalize=req.normalize, dimensions=req.dimensions
+            ),
+            deadline_of(request),
+            OPENAI,
+        )
+
+        def encoded(v: np.ndarray):
+            if req.encoding_format == "base64":  # little-endian float32, as the openai client decodes it
+                return base64.b64encode(v.astype("<f4").tobytes()).decode()
+            return v.astype(np.float32).tolist()
+
+        data = [{"object": "embedding", "index": i, "embedding": encoded(v)} for i, v in enumerate(result.vectors)]
+        usage = {"prompt_tokens": result.tokens, "total_tokens": result.tokens}
+        return JSONResponse({"object": "list", "data": data, "model": req.model, "usage": usage})
+
     return [
         Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     ]
