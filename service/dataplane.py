@@ -21,8 +21,8 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from service.errors import FailedPrecondition, InternalError, InvalidInput, QueueFull, TServeError, Unavailable
-from service.conventions.encoder import LAST_HIDDEN_STATE
-from service.embeddings import EmbedRequest, EmbedResult
+from service.tasks.roles import WHAT, Role, TaskRequest, TaskResult
+from service.tasks.tensors import carries_bytes, task_outputs, task_request
 from service.generation.requests import GenerateInput, to_sequence
 from service.generation.sequence import Event, FinishReason
 from service.logs import request_id
@@ -33,7 +33,7 @@ from service.validation import prepare
 
 log = logging.getLogger(__name__)
 
-INFER, GENERATE, EMBED = "infer", "generate", "embed"  # the request kinds (the `api` label)
+INFER, GENERATE = "infer", "generate"  # the request kinds (the `api` label), with the task roles
 GRPC, HTTP, OPENAI = "grpc", "http", "openai"  # the front ends (the `protocol` label)
 
 
@@ -125,6 +125,16 @@ class DataPlane:
     async def infer(self, request: InferRequest, deadline: float | None = None, protocol: str = GRPC) -> InferResponse:
         self.admit()
         mv = self.manager.get(request.model_name, request.model_version)
+        if carries_bytes(request):  # text or images for the model's task: the task road
+            if mv.task is None:
+                raise InvalidInput(
+                    f"model {mv.name!r} takes no BYTES inputs: it has no task (text needs a tokenizer.json beside an "
+                    "encoder's graph; images a vision model's pixel_values)"
+                )
+            result = await self.run_task(task_request(mv.task, request), (mv.task.role,), deadline, protocol)
+            return InferResponse(
+                mv.name, str(mv.version), request.id, task_outputs(mv.task, result, request.requested_outputs)
+            )
         if mv.batcher is None:
             return await self._infer_graph(mv, request, protocol)
         with self._request(mv, INFER, protocol, request.id) as outcome:
@@ -190,49 +200,43 @@ class DataPlane:
             finally:
                 mv.engine.cancel(seq)  # a no-op when finished; frees the slot on cancel or disconnect
 
-    async def embed(self, request: EmbedRequest, deadline: float | None = None, protocol: str = HTTP) -> EmbedResult:
-        """Texts -> vectors: each text its own row for the batcher (so the texts of many requests
-        share batches, and a request of many texts is never held to a row cap), pooled and
-        normalised as the model's folder says (service/embeddings.py)."""
+    async def run_task(
+        self, request: TaskRequest, roles: tuple[Role, ...], deadline: float | None = None, protocol: str = HTTP
+    ) -> TaskResult:
+        """An encoder's or vision model's inputs -> one answer each (service/tasks/roles.py):
+        every input its own row for the batcher, so the inputs of many requests share batches
+        and a request of many inputs is never held to a row cap it did not choose."""
         self.admit()
         mv = self.manager.get(request.model, request.model_version)
-        if mv.embedder is None or mv.batcher is None:
+        task = mv.task
+        if task is None or task.role not in roles or mv.batcher is None:
             raise FailedPrecondition(
-                f"model {request.model!r} is not a text embedder (an encoder with last_hidden_state and a "
-                "tokenizer.json)"
+                f"model {request.model!r} is not {' or '.join(WHAT[r] for r in roles)}"
+                + (f"; it is {WHAT[task.role]}" if task is not None else "")
             )
-        with self._request(mv, EMBED, protocol, request.request_id) as outcome:
-            embedder = mv.embedder
-            if request.dimensions is not None and embedder.hidden_size is not None:
-                if not 1 <= request.dimensions <= embedder.hidden_size:
-                    raise InvalidInput(
-                        f"dimensions must be between 1 and {embedder.hidden_size} (got {request.dimensions})"
-                    )
-            rows = embedder.token_ids(request)
-            if mv.batcher.queued + len(rows) > mv.batcher.max_queue:  # all of the texts queue, or none
+        with self._request(mv, task.role.value, protocol, request.request_id) as outcome:
+            rows = task.rows(request)
+            if mv.batcher.queued + len(rows) > mv.batcher.max_queue:  # all of the inputs queue, or none
                 raise QueueFull(
-                    f"model {mv.name!r} has {mv.batcher.queued} requests queued; {len(rows)} more texts would pass "
+                    f"model {mv.name!r} has {mv.batcher.queued} requests queued; {len(rows)} more inputs would pass "
                     f"its max_queue_size {mv.batcher.max_queue}"
                 )
-            prepared = [
-                prepare(
-                    mv.spec, InferRequest(mv.name, "", request.request_id, embedder.inputs(ids), (LAST_HIDDEN_STATE,))
-                )
-                for ids in rows
-            ]
+            wanted = (task.output,)
+            prepared = [prepare(mv.spec, InferRequest(mv.name, "", request.request_id, r.feeds, wanted)) for r in rows]
             results = await asyncio.gather(*(mv.batcher.submit(p, deadline) for p in prepared))
-            vectors = [embedder.finish(embedder.pool(out[LAST_HIDDEN_STATE]), request) for out, _ in results]
+            values = [task.answer(row, out[task.output], request) for row, (out, _) in zip(rows, results)]
             outcome.reason = None
             outcome.queue_s = max(t.queue_s for _, t in results)
             outcome.compute_s = sum(t.compute_s for _, t in results)
-            return EmbedResult(vectors, sum(map(len, rows)))
+            return TaskResult(values, sum(r.tokens for r in rows))
 
-    def embedders(self) -> list[ModelVersion]:
-        """The latest ready version of each text embedder."""
+    def task_models(self, *roles: Role) -> list[ModelVersion]:
+        """The latest ready version of each model whose role is one of `roles`."""
         latest: dict[str, ModelVersion] = {}
         for mv in self.manager.all():
-            if mv.ready and mv.embedder is not None and mv.version >= getattr(latest.get(mv.name), "version", -1):
-                latest[mv.name] = mv
+            if mv.ready and mv.task is not None and mv.task.role in roles:
+                if mv.version >= getattr(latest.get(mv.name), "version", -1):
+                    latest[mv.name] = mv
         return [latest[name] for name in sorted(latest)]
 
     # -- lookups for the front ends ----------------------------------------------------------

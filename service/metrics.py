@@ -3,7 +3,8 @@
 
 Names follow Prometheus conventions: base units (seconds, bytes), `_total` on counters
 (prometheus-client appends it), histograms for durations and sizes. Request series carry an
-`api` label (infer, generate) and a `protocol` label (grpc, http, openai): every front end's
+`api` label (infer, generate, and the encoder tasks: embed, classify, rerank, token_classify,
+image_classify) and a `protocol` label (grpc, http, openai): every front end's
 requests are counted by the data plane in the same place.
 """
 
@@ -18,9 +19,10 @@ from service.types import ModelState
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+TOKEN_BUCKETS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 RATIO_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 MODEL = ("model", "version")
-API = "api"  # infer, generate
+API = "api"  # infer, generate, embed, classify, rerank, token_classify, image_classify
 PROTOCOL = "protocol"  # grpc, http (KServe v2), openai
 
 
@@ -73,6 +75,19 @@ class Metrics:
             "Real tokens / padded tokens in each padded batch.",
             MODEL,
             buckets=RATIO_BUCKETS,
+            registry=registry,
+        )
+        self.batch_tokens = Histogram(
+            "tserve_batch_tokens",
+            "Tokens each executed batch computed: rows x the padded length (sequence models only).",
+            MODEL,
+            buckets=TOKEN_BUCKETS,
+            registry=registry,
+        )
+        self.warmup_skipped = Counter(
+            "tserve_warmup_skipped",
+            "Model versions served without warm-up: no input could be derived, or the warm-up run failed.",
+            MODEL,
             registry=registry,
         )
         self.queue_depth = Gauge(
@@ -195,6 +210,7 @@ class ModelObserver:
         self._batch_size = m.batch_size.labels(*labels)
         self._batch_requests = m.batch_requests.labels(*labels)
         self._padding = m.padding_efficiency.labels(*labels)
+        self._batch_tokens = m.batch_tokens.labels(*labels)
         self._queue_duration = m.queue_duration.labels(*labels)
         self._ttft = m.gen_ttft.labels(*labels)
         self._itl = m.gen_itl.labels(*labels)
@@ -234,6 +250,11 @@ class ModelObserver:
         self._batch_requests.observe(run.requests)
         if run.padding_efficiency is not None:
             self._padding.observe(run.padding_efficiency)
+        if run.tokens is not None:
+            self._batch_tokens.observe(run.tokens)
+
+    def warmup_skipped(self) -> None:
+        self.metrics.warmup_skipped.labels(*self.labels).inc()
 
     # data plane: every request of either API
     def inflight(self, api: str, protocol: str, delta: int) -> None:
@@ -250,7 +271,7 @@ class ModelObserver:
         compute_s: float = 0.0,
     ) -> None:
         m = self.metrics
-        if api == "infer":  # Triton's ModelStatistics count inference requests
+        if api != "generate":  # Triton's ModelStatistics count inference requests (the tasks are too)
             s = self.stats
             (s.success if ok else s.fail).add(duration_s)
             if ok:

@@ -25,11 +25,8 @@ from service.checks import (
     time_batches,
     warm_up,
 )
-from service.conventions import encoder
 from service.conventions.decoder import DecoderGraph
-from service.conventions.sentence_transformers import read_pooling
 from service.conventions.seq2seq import ENCODER, MergedBranch, decoder_files, is_seq2seq
-from service.embeddings import DEFAULT_EMBED_LENGTH, Embedder
 from service.errors import InvalidInput, ModelLoadError, ModelNotFound, Unavailable
 from service.generated import model_config_pb2 as mc
 from service.generation.engine import CacheFactory, EngineLimits, GenerationEngine
@@ -37,8 +34,8 @@ from service.generation.kv_rows import KVRows
 from service.generation.kv_slots import KVSlots
 from service.generation.requests import GenerationConfig
 from service.generation.seq2seq_cache import Seq2SeqCache
-from service.generation.tokenizer import HFTokenizer
 from service.metrics import Metrics, ModelObserver
+from service.tasks.roles import TaskModel, task_of
 from service.repository import (
     build_spec,
     completed_config,
@@ -63,29 +60,6 @@ def decoder_cache(graph: DecoderGraph, runtime: OrtRuntime, limits: EngineLimits
     if graph.shared_kv:
         return KVSlots(graph, runtime, limits.max_sequences, fill_holes=fill_holes)
     return KVRows(graph, runtime, fill_holes=fill_holes)
-
-
-def embedder_of(spec: ModelSpec, version_dir: Path) -> Embedder | None:
-    """An encoder with a tokenizer.json is an embedder (pooled as its folder says)."""
-    names = {t.name for t in spec.inputs}
-    if spec.tokenizer_file is None or spec.output(encoder.LAST_HIDDEN_STATE) is None:
-        return None
-    if not {encoder.INPUT_IDS, encoder.ATTENTION_MASK} <= names <= set(encoder.PADDED):
-        return None
-    try:
-        pooling = read_pooling(version_dir)
-    except ValueError as e:
-        raise ModelLoadError(str(e)) from None
-    limits = [n for n in (pooling.max_seq_length, spec.max_sequence_length) if n]
-    hidden = spec.output(encoder.LAST_HIDDEN_STATE).dims[-1]
-    return Embedder(
-        HFTokenizer(spec.tokenizer_file),
-        pooling,
-        min(limits) if limits else DEFAULT_EMBED_LENGTH,
-        hidden if hidden and hidden > 0 else None,
-        tuple(sorted(names)),
-        spec.vocab_size,
-    )
 
 
 def seq2seq_cache(spec: ModelSpec, encoder, decoder, with_past, limits: EngineLimits) -> Seq2SeqCache:
@@ -120,7 +94,7 @@ class ModelVersion:
     generation: GenerationConfig | None = None
     make_cache: CacheFactory | None = None
     engine: GenerationEngine | None = None
-    embedder: Embedder | None = None  # a text embedder: texts in, vectors out (service/embeddings.py)
+    task: TaskModel | None = None  # an encoder's or vision model's role (service/tasks/roles.py)
 
     @property
     def ready(self) -> bool:
@@ -220,12 +194,21 @@ class ModelManager:
             )
             if self.settings.verify_golden:
                 check_golden(spec, runtime)
-            warm_up(spec, runtime)
-            mv.cost_seeds = time_batches(spec, runtime)
+            try:
+                warm_up(spec, runtime)
+                mv.cost_seeds = time_batches(spec, runtime)
+            except Exception as e:  # the first requests pay for the setup instead: never a reason to refuse
+                log.warning(
+                    "model %s version %d: warm-up skipped (%s); serving without it",
+                    entry.name,
+                    entry.version,
+                    str(e)[:200],
+                )
+                mv.observer.warmup_skipped()
             if spec.decoder is not None:
                 mv.generation = GenerationConfig.from_spec(spec)  # reads the tokenizer, if any
                 self._generation_graph(mv, entry, spec, runtime, providers)
-            mv.embedder = embedder_of(spec, entry.path)
+            mv.task = task_of(spec, entry.path)
         except Exception:
             for r in mv.graphs.values():
                 r.close()

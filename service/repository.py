@@ -21,6 +21,7 @@ from service.conventions.decoder import INPUT_IDS, DecoderGraph
 from service.conventions.sentence_transformers import SNAPSHOT_GRAPH
 from service.conventions.seq2seq import ENCODER, Seq2SeqGraphs
 from service.errors import ModelLoadError
+from service.tasks.vision import PIXEL_VALUES
 from service.generation.chat import ChatTemplate, load_chat_template
 from service.generated import model_config_pb2 as mc
 from service.types import DATATYPE_OF_ORT, DATATYPES, BatchingPolicy, ModelSpec, PaddingRules, TensorSpec
@@ -116,6 +117,7 @@ class ExportMetadata:
     # an onnxruntime-genai folder (genai_config.json): generation keeps a shared KV buffer
     shared_kv: bool = False
     head_size: int | None = None
+    image_shape: tuple[int, int, int] | None = None  # a vision model's [C, H, W] (num_channels, image_size)
 
 
 def _ids(value) -> tuple[int, ...]:
@@ -176,7 +178,19 @@ def read_export_metadata(version_dir: Path) -> ExportMetadata:
         # start at column 0, as KVSlots keeps them, whether or not genai itself shares the buffer
         shared_kv=bool(genai_model),
         head_size=genai_decoder.get("head_size") if isinstance(genai_decoder.get("head_size"), int) else None,
+        image_shape=_image_shape(config),
     )
+
+
+def _image_shape(config: dict) -> tuple[int, int, int] | None:
+    size, channels = config.get("image_size"), config.get("num_channels", 3)
+    if isinstance(size, int):
+        size = [size, size]
+    if not (isinstance(channels, int) and isinstance(size, list) and len(size) == 2):
+        return None
+    if not all(isinstance(d, int) and d > 0 for d in (channels, *size)):
+        return None
+    return (channels, size[0], size[1])
 
 
 def _parse_map(text: str) -> dict[str, float]:
@@ -278,6 +292,13 @@ def build_spec(
         latency_target_s=latency_ms / 1e3 if latency_ms else None,
     )
     export = read_export_metadata(entry.path)
+    if export.image_shape is not None:  # an image model's symbolic [C, H, W], as its config.json says
+        inputs = [
+            dataclasses.replace(t, dims=export.image_shape)
+            if t.name == PIXEL_VALUES and len(t.dims) == 3 and -1 in t.dims and max_batch
+            else t
+            for t in inputs
+        ]
     padding = PaddingRules(
         pad_values=_parse_map(params.get("tserve.pad_values", "")),
         unpad_outputs=tuple(s.strip() for s in params.get("tserve.unpad_outputs", "").split(",") if s.strip()),
@@ -287,7 +308,9 @@ def build_spec(
             raise ModelLoadError(f"tserve.pad_values names {name!r}, which is not an input")
     if not padding.pad_values and not has_config_tensors:
         # a BERT-style encoder with no config batches mixed lengths by itself
-        rules = encoder.padding_rules([t.name for t in inputs], [t.name for t in outputs], export.pad_token_id or 0)
+        rules = encoder.padding_rules(
+            [t.name for t in inputs], {t.name: t.dims for t in outputs}, export.pad_token_id or 0
+        )
         if rules is not None:
             padding = PaddingRules(*rules)
     vocab = (

@@ -46,6 +46,7 @@ class BatchRun:
     rows: int
     compute_s: float
     padding_efficiency: float | None  # real / padded tokens; None when nothing was padded
+    tokens: int | None = None  # rows x padded length, for sequence models
 
 
 @dataclass

@@ -12,8 +12,10 @@ import numpy as np
 
 from service.conventions.decoder import DecoderGraph
 
-# Open Inference Protocol datatype <-> numpy. BYTES (strings) is not served: ONNX Transformers
-# take token ids, and a tokenizer-in-server belongs to the generation API.
+# Open Inference Protocol datatype <-> numpy. BYTES (strings: texts, encoded images) is not a
+# graph's datatype here: a BYTES input goes to the model's task (service/tasks/), which tokenizes
+# or decodes it; in numpy it is an object array of bytes.
+BYTES = "BYTES"
 DATATYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
     "UINT8": np.dtype(np.uint8),
@@ -139,6 +141,7 @@ class InferRequest:
     id: str
     inputs: dict[str, np.ndarray]
     requested_outputs: tuple[str, ...]
+    parameters: dict[str, Any] = field(default_factory=dict)  # the task options (truncate, raw_scores, ...)
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """The BERT-style encoder convention: input_ids, attention_mask (and token_type_ids) ->
-last_hidden_state [batch, sequence, hidden].
+last_hidden_state [batch, sequence, hidden], or a classification head's logits.
 
 Such a graph can batch requests of different lengths with no configuration: right-pad the ids
 with the pad token, the mask and the token types with 0 (the mask hides the padding), and cut
@@ -11,20 +11,23 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS = "input_ids", "attention_mask", "token_type_ids"
-LAST_HIDDEN_STATE = "last_hidden_state"
+LAST_HIDDEN_STATE, LOGITS = "last_hidden_state", "logits"
 PADDED = (INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS)
 
 
 def padding_rules(
-    inputs: Iterable[str], outputs: Iterable[str], pad_token_id: int = 0
+    inputs: Iterable[str], outputs: dict[str, tuple[int, ...]], pad_token_id: int = 0
 ) -> tuple[dict[str, float], tuple[str, ...]] | None:
-    """(pad value per input, outputs to cut back) if the graph follows the convention, else None."""
+    """(pad value per input, outputs to cut back) if the graph follows the convention, else None.
+    `outputs` maps each output to its dims after the batch axis: those with a symbolic first dim
+    are per token (last_hidden_state [T, H], a token classifier's logits [T, L]) and are cut
+    back; the others (a sequence classifier's logits [L], a pooler output [H]) are per row."""
     names = set(inputs)
     if not ({INPUT_IDS, ATTENTION_MASK} <= names <= {INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS}):
         return None
-    if LAST_HIDDEN_STATE not in set(outputs):
+    if not ({LAST_HIDDEN_STATE, LOGITS} & set(outputs)):
         return None
     pads = {INPUT_IDS: float(pad_token_id), ATTENTION_MASK: 0.0}
     if TOKEN_TYPE_IDS in names:
         pads[TOKEN_TYPE_IDS] = 0.0
-    return pads, (LAST_HIDDEN_STATE,)
+    return pads, tuple(name for name, dims in outputs.items() if dims and dims[0] == -1)

@@ -1,6 +1,6 @@
 """An OpenAI-compatible API: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`
 (with `stream: true` as server-sent events) for the models that generate, `POST /v1/embeddings`
-for the text embedders (service/embeddings.py).
+for the text embedders (service/tasks/roles.py).
 
 Requests are checked by pydantic models (a wrong field answers 400 naming it), turned into the
 same GenerateInput the gRPC API builds, and run through the data plane's generate road: the same
@@ -37,10 +37,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from service.dataplane import OPENAI, DataPlane
-from service.embeddings import EmbedRequest
 from service.errors import FailedPrecondition, InvalidInput, TServeError, short
 from service.generation.grammar import Constraint
 from service.generation.requests import GenerateInput
+from service.tasks.roles import Role, TaskRequest
 from service.generation.sampling import MAX_TOP_LOGPROBS, TokenLogprob
 from service.generation.sequence import Event, FinishReason
 from service.generation.tools import HERMES_OPEN, ToolCall, ToolPlan, plan
@@ -469,7 +469,7 @@ def routes(dp: DataPlane) -> list[Route]:
 
     @openai
     async def models(request: Request) -> Response:
-        served = {mv.name for mv in [*dp.generators(), *dp.embedders()]}
+        served = {mv.name for mv in [*dp.generators(), *dp.task_models(Role.EMBED)]}
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "tserve"} for name in sorted(served)]
         return JSONResponse({"object": "list", "data": data})
 
@@ -617,10 +617,11 @@ def routes(dp: DataPlane) -> list[Route]:
     async def embeddings(request: Request) -> Response:
         req = _parse(EmbeddingRequest, await request.body())
         rid = request_id(request, "embd")
-        result = await dp.embed(
-            EmbedRequest(
+        result = await dp.run_task(
+            TaskRequest(
                 req.model, req.inputs(), rid, truncate=req.truncate, normalize=req.normalize, dimensions=req.dimensions
             ),
+            (Role.EMBED,),
             deadline_of(request),
             OPENAI,
         )
@@ -630,7 +631,7 @@ def routes(dp: DataPlane) -> list[Route]:
                 return base64.b64encode(v.astype("<f4").tobytes()).decode()
             return v.astype(np.float32).tolist()
 
-        data = [{"object": "embedding", "index": i, "embedding": encoded(v)} for i, v in enumerate(result.vectors)]
+        data = [{"object": "embedding", "index": i, "embedding": encoded(v)} for i, v in enumerate(result.values)]
         usage = {"prompt_tokens": result.tokens, "total_tokens": result.tokens}
         return JSONResponse({"object": "list", "data": data, "model": req.model, "usage": usage})
 

@@ -16,8 +16,16 @@ from typing import Any
 import numpy as np
 
 from service.errors import InvalidInput, short
-from service.types import DATATYPE_OF_NUMPY, InferRequest, InferResponse
-from service.wire import array_from_bytes, check_tensor_header, refuse_unsupported
+from service.tasks.tensors import TASK_PARAMETERS
+from service.types import BYTES, InferRequest, InferResponse
+from service.wire import (
+    array_from_bytes,
+    check_tensor_header,
+    datatype_of,
+    refuse_unsupported,
+    strings,
+    strings_to_bytes,
+)
 
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -57,6 +65,10 @@ def _json_tensor(name: str, datatype: str, shape: list[int], data: Any) -> np.nd
     count = math.prod(shape)
     if len(values) != count:
         raise InvalidInput(f"input {short(name)}: data holds {len(values)} values; shape {shape[:8]} needs {count}")
+    if datatype == BYTES:
+        if not all(isinstance(v, str) for v in values):
+            raise InvalidInput(f"input {short(name)}: BYTES data must be strings")
+        return strings([v.encode() for v in values], shape)
     if datatype == "BOOL":
         if not all(isinstance(v, bool) for v in values):
             raise InvalidInput(f"input {short(name)}: BOOL data must be true or false")
@@ -133,7 +145,12 @@ def decode_infer(body: bytes, header_length: str | None, model: str, version: st
     if timeout is not None and (not isinstance(timeout, int) or isinstance(timeout, bool)):
         raise InvalidInput(f"parameter 'timeout' must be an integer (microseconds), got {short(timeout)}")
     request = InferRequest(
-        model_name=model, model_version=version, id=request_id, inputs=inputs, requested_outputs=tuple(outputs)
+        model_name=model,
+        model_version=version,
+        id=request_id,
+        inputs=inputs,
+        requested_outputs=tuple(outputs),
+        parameters={k: v for k, v in params.items() if k in TASK_PARAMETERS},
     )
     return DecodedInfer(request, outputs, binary_default, timeout)
 
@@ -143,11 +160,17 @@ def encode_infer(res: InferResponse, decoded: DecodedInfer) -> tuple[bytes, int 
     outputs, chunks = [], []
     for name in decoded.request.requested_outputs or tuple(res.outputs):
         array = np.ascontiguousarray(res.outputs[name])
-        entry: dict[str, Any] = {"name": name, "datatype": DATATYPE_OF_NUMPY[array.dtype], "shape": list(array.shape)}
+        datatype = datatype_of(array)
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if decoded.binary_outputs.get(name, decoded.binary_default):
-            data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+            if datatype == BYTES:
+                data = strings_to_bytes(array)
+            else:
+                data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
             entry["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)
+        elif datatype == BYTES:
+            entry["data"] = [v.decode("utf-8", "replace") for v in array.reshape(-1)]
         else:
             entry["data"] = array.reshape(-1).tolist()
         outputs.append(entry)

@@ -20,8 +20,16 @@ from service.generation.requests import GenerateInput
 from service.generation.sequence import Event, FinishReason
 from service.models import ModelVersion
 from service.stats import Duration
-from service.types import DATATYPE_OF_NUMPY, DATATYPES, InferRequest, InferResponse
-from service.wire import array_from_bytes, check_tensor_header, refuse_unsupported
+from service.tasks.tensors import TASK_PARAMETERS
+from service.types import BYTES, DATATYPES, InferRequest, InferResponse
+from service.wire import (
+    array_from_bytes,
+    check_tensor_header,
+    datatype_of,
+    refuse_unsupported,
+    strings,
+    strings_to_bytes,
+)
 
 # typed `contents` field per datatype (FP16 and BF16 travel as raw bytes only, as in Triton)
 CONTENTS_FIELD = {
@@ -60,6 +68,15 @@ def infer_request_from_proto(req: pb.ModelInferRequest) -> InferRequest:
             inputs[name] = array_from_bytes(name, t.datatype, shape, raw[i], "raw_input_contents")
             continue
         dtype = check_tensor_header(name, t.datatype, shape)
+        if t.datatype == BYTES:
+            values, count = t.contents.bytes_contents, math.prod(shape)
+            if len(values) != count:
+                raise InvalidInput(
+                    f"input {short(name)}: contents.bytes_contents holds {len(values)} values; shape {shape[:8]} "
+                    f"needs {count}"
+                )
+            inputs[name] = strings(list(values), shape)
+            continue
         field = CONTENTS_FIELD.get(t.datatype)
         if field is None:
             raise InvalidInput(f"input {short(name)}: datatype {t.datatype} must be sent in raw_input_contents")
@@ -75,15 +92,21 @@ def infer_request_from_proto(req: pb.ModelInferRequest) -> InferRequest:
         id=req.id,
         inputs=inputs,
         requested_outputs=tuple(o.name for o in req.outputs),
+        parameters={k: _parameter(v) for k, v in req.parameters.items() if k in TASK_PARAMETERS},
     )
+
+
+def _parameter(p: pb.InferParameter):
+    return getattr(p, p.WhichOneof("parameter_choice")) if p.WhichOneof("parameter_choice") else None
 
 
 def infer_response_to_proto(res: InferResponse, order: tuple[str, ...] = ()) -> pb.ModelInferResponse:
     out = pb.ModelInferResponse(model_name=res.model_name, model_version=res.model_version, id=res.id)
     for name in order or tuple(res.outputs):
         array = np.ascontiguousarray(res.outputs[name])
-        out.outputs.add(name=name, datatype=DATATYPE_OF_NUMPY[array.dtype], shape=array.shape)
-        out.raw_output_contents.append(array.tobytes())
+        datatype = datatype_of(array)
+        out.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        out.raw_output_contents.append(strings_to_bytes(array) if datatype == BYTES else array.tobytes())
     return out
 
 

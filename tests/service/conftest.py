@@ -194,6 +194,34 @@ def optimum_export(source: Path, task: str, out: Path) -> Path:
     return out
 
 
+def wordpiece():
+    """A BERT WordPiece tokenizer trained on the model sources: (tokenizers', transformers')."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train(
+        [str(p) for p in sorted((ROOT / "model").glob("*.py"))],
+        trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials, show_progress=False),
+    )
+    sep, cls = tok.token_to_id("[SEP]"), tok.token_to_id("[CLS]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+    return tok, fast
+
+
 @pytest.fixture(scope="session")
 def llama(export, tmp_path_factory) -> tuple[Path, Path]:
     """A Llama-style decoder (rotary positions, grouped-query attention) with the same tokenizer and a

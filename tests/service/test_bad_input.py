@@ -98,7 +98,9 @@ CASES = {
         ["attention_mask", "[1, 3]"],
     ),
     "unknown output": (lambda: request(outputs=("scores",)), INVALID, ["scores"]),
-    "unsupported datatype": (lambda: _datatype("BYTES"), INVALID, ["BYTES"]),
+    "unsupported datatype": (lambda: _datatype("BF16"), INVALID, ["BF16"]),
+    "BYTES not in Triton's encoding": (lambda: _datatype("BYTES"), INVALID, ["BYTES", "past its end"]),
+    "text to a model with no task": (lambda: _text("bytegpt"), INVALID, ["bytegpt", "no BYTES inputs"]),
     "garbage datatype": (lambda: _datatype("x" * 500), INVALID, ["..."]),
     "long input name is quoted short": (
         lambda: request(inputs={"n" * 5000: np.ones((1, 2), np.int64)}),
@@ -106,6 +108,13 @@ CASES = {
         ["..."],
     ),
 }
+
+
+def _text(model: str) -> pb.ModelInferRequest:
+    req = pb.ModelInferRequest(model_name=model)
+    req.inputs.add(name="text", datatype="BYTES", shape=[1])
+    req.raw_input_contents.append(len(b"hello").to_bytes(4, "little") + b"hello")
+    return req
 
 
 def _datatype(dt: str) -> pb.ModelInferRequest:

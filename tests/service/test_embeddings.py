@@ -20,8 +20,7 @@ import pytest
 import torch
 
 from service.launcher import ServerProcess
-from tests.conftest import ROOT
-from tests.service.conftest import optimum_export
+from tests.service.conftest import optimum_export, wordpiece
 
 MAX_POSITIONS, ST_MAX_LENGTH = 64, 40
 TEXTS = [
@@ -36,29 +35,10 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory):
     """(transformers' BertModel and tokenizer, the Optimum export folder)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+    from transformers import BertConfig, BertModel
 
     root = tmp_path_factory.mktemp("bert_embed")
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train(
-        [str(p) for p in sorted((ROOT / "model").glob("*.py"))],
-        trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials, show_progress=False),
-    )
-    tok.post_processor = processors.BertProcessing(
-        ("[SEP]", tok.token_to_id("[SEP]")), ("[CLS]", tok.token_to_id("[CLS]"))
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-    )
+    tok, fast = wordpiece()
     torch.manual_seed(0)
     model = BertModel(
         BertConfig(
@@ -173,7 +153,7 @@ def test_tei_embed_on_every_layout(server, bert):
     _, cls = post(server, "/embed", {"model": "bert_cls", "inputs": TEXTS})
     np.testing.assert_allclose(cls, reference(bert, TEXTS, pooling="cls"), atol=1e-4)
     status, error = post(server, "/embed", {"inputs": "x"})
-    assert status == 400 and "3 embedders" in error["error"] and error["error_type"] == "Validation"
+    assert status == 400 and "serves 3 models" in error["error"] and error["error_type"] == "Validation"
 
 
 def test_many_texts_in_one_request_share_batches_with_others(oai, bert):
