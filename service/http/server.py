@@ -19,6 +19,26 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 
+def _listen(host: str, port: int, backlog: int) -> socket.socket:
+    """A listening TCP socket created with proto IPPROTO_TCP, not 0 as socket.create_server makes
+    it: asyncio sets TCP_NODELAY only on connections whose socket says IPPROTO_TCP, and without it
+    Nagle holds a response's body behind its headers until the client's delayed ACK, 40 ms later,
+    on every keep-alive request whose answer is written in two parts (measured here: 56-88 ms
+    for a 25 ms embedding, 12-40 ms once set)."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self):  # SIGTERM starts tserve's drain, not uvicorn's exit
@@ -53,7 +73,7 @@ class HttpServer:
         # bound here, not by uvicorn, whose bind failure is a sys.exit inside the loop
         config = self.server.config
         try:
-            sock = socket.create_server((config.host, config.port), backlog=config.backlog)
+            sock = _listen(config.host, config.port, config.backlog)
         except OSError as e:
             raise OSError(f"could not bind HTTP to {config.host}:{config.port}: {e.strerror}") from e
         self.port = sock.getsockname()[1]
