@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 SYSTEM  := $(VENV)/.system-tools
 REPO    ?= model_repository
 
-.PHONY: install install-serve check-serve-install serve test test-unit lint chaos container-test train parse-rate export protos check-protos bench-serve bench-frontend bench-options bench-http bench-generation bench-structured bench-engine-ab bench-genai bench-seq2seq train-seq2seq export-seq2seq cluster-up cluster-down clean
+.PHONY: install install-serve check-serve-install serve test test-unit lint chaos container-test train parse-rate export protos check-protos bench-serve bench-frontend bench-options bench-http bench-generation bench-structured bench-engine-ab bench-genai bench-embed bench-seq2seq train-seq2seq export-seq2seq cluster-up cluster-down clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -126,6 +126,18 @@ $(GENAI_VENV)/.installed: pyproject.toml $(STAMP)
 
 bench-genai: $(STAMP) $(GENAI_VENV)/.installed
 	$(PYTHON) -m bench.genai_bench
+
+# The embedding peer's own environment: Infinity on its ONNX Runtime engine (optimum), with the
+# CPU torch it needs first by exact version.
+INFINITY_VENV := .venv-infinity
+$(INFINITY_VENV)/.installed:
+	python3 -m venv $(INFINITY_VENV)
+	$(INFINITY_VENV)/bin/pip install -q torch==2.13.0
+	$(INFINITY_VENV)/bin/pip install -q "infinity-emb[server,optimum]==0.0.78"
+	touch $@
+
+bench-embed: $(STAMP) $(INFINITY_VENV)/.installed
+	$(PYTHON) -m bench.embed_bench
 
 cluster-up: $(STAMP) $(SYSTEM)
 	$(PYTHON) -m deploy.local.cluster up

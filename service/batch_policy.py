@@ -13,6 +13,16 @@ bounded by the model's max_queue_delay and, when the model sets one, by a latenc
 client never waits (its next request cannot come before this one is answered, so the gap it
 shows is a whole round trip), while a burst of arrivals is gathered into one run.
 
+What to run is decided from the same line. The batch starts from the oldest request (or, when
+one waiting behind it would miss its deadline only because the oldest's run comes first, from
+that one: a long input never holds short ones past their deadline) and takes the requests
+closest to it in length, each only while the batch stays within the row cap and the token
+budget (rows x padded length) and costs no more than its rows run apart:
+
+    merge q  iff  cost((rows + q.rows) x max(length, q.length))  <=  cost(rows x length) + cost(q.rows x q.length)
+
+so a short sentence is not padded to a long one's length when running it apart is cheaper.
+
 The cost line is fitted by exponentially weighted least squares: seeded at load from timed
 warm-up runs at two batch sizes, then updated from every executed batch. The arrival gap is an
 exponentially weighted mean of the gaps between submissions.
@@ -20,8 +30,11 @@ exponentially weighted mean of the gaps between submissions.
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 
 class CostModel:
@@ -85,12 +98,69 @@ class Decision:
     reason: str
 
 
+class Queued(Protocol):
+    rows: int
+    length: int | None  # tokens per row of a padded (sequence) input; None for fixed shapes
+    enqueued: float
+    deadline: float | None
+
+
+Q = TypeVar("Q", bound=Queued)
+
+
 class BatchPolicy:
-    def __init__(self, max_delay_s: float, latency_target_s: float | None = None) -> None:
+    def __init__(
+        self, max_delay_s: float, latency_target_s: float | None = None, max_tokens: int | None = None
+    ) -> None:
         self.max_delay_s = max_delay_s
         self.latency_target_s = latency_target_s
+        self.max_tokens = max_tokens  # rows x padded length of one batch, for sequence models
         self.costs = CostModel()
         self.arrivals = ArrivalRate()
+
+    def _cost(self, rows: int, length: int | None) -> float:
+        return self.costs.estimate(rows * (length or 1))
+
+    def _anchor(self, queued: Sequence[Q], now: float) -> Q:
+        oldest = queued[0]
+        if not self.costs.known or len(queued) == 1:
+            return oldest
+        behind = self._cost(oldest.rows, oldest.length)
+        urgent = [
+            q
+            for q in itertools.islice(queued, 1, None)
+            if q.deadline is not None and now + self._cost(q.rows, q.length) <= q.deadline < now + behind
+        ]
+        return min(urgent, key=lambda q: q.deadline) if urgent else oldest
+
+    def select(self, queued: Sequence[Q], max_rows: int, now: float | None = None) -> list[Q]:
+        """The batch to run from one group's queue, oldest first: see the module's docstring."""
+        now = time.monotonic() if now is None else now
+        anchor = self._anchor(queued, now)
+        batch, rows, longest = [anchor], anchor.rows, anchor.length
+        if max_rows <= 1:
+            return batch
+        target = anchor.length or 0
+        ranked = sorted(
+            (q for q in queued if q is not anchor), key=lambda q: (abs((q.length or 0) - target), q.enqueued)
+        )
+        for q in ranked:
+            if rows + q.rows > max_rows:
+                continue
+            if longest is not None and q.length is not None:
+                padded = max(longest, q.length)
+                if self.max_tokens and (rows + q.rows) * padded > self.max_tokens:
+                    continue
+                if self.costs.known and self._cost(rows + q.rows, padded) > self._cost(rows, longest) + self._cost(
+                    q.rows, q.length
+                ):
+                    continue
+                longest = padded
+            batch.append(q)
+            rows += q.rows
+            if rows >= max_rows:
+                break
+        return batch
 
     def decide(
         self, oldest_enqueued: float, rows: int, length: int | None, max_rows: int, now: float | None = None

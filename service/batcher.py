@@ -4,8 +4,10 @@ Requests wait in groups of batch-compatible shapes. A batch starts when an insta
 and either enough rows are waiting for the largest preferred batch size, the oldest request
 has waited max_queue_delay, or the batch policy (service/batch_policy.py) finds that the next
 request is not expected soon enough to pay for waiting: it compares the expected gap to the
-next arrival with the fixed cost of a run, both measured. It takes the oldest request and, from the same group,
-the requests closest to it in length, so padding stays low; inputs the model declares
+next arrival with the fixed cost of a run, both measured. The policy also picks the batch: the
+oldest request (or one whose deadline it would otherwise miss) and, from the same group, the
+requests closest to it in length within the row cap and token budget, each only if merging it
+costs less than running it apart, so padding stays low; inputs the model declares
 paddable are right-padded to the longest, outputs are cut back and split so every caller
 gets exactly its own rows.
 
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.batch_policy import BatchPolicy
-from service.errors import DeadlineExceeded, InternalError, QueueFull, TServeError
+from service.errors import DeadlineExceeded, InternalError, InvalidInput, QueueFull, TServeError
 from service.metrics import ModelObserver
 from service.runtime import OrtRuntime
 from service.stats import BatchRun
@@ -48,6 +50,14 @@ class _Item:
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
 
+    @property
+    def rows(self) -> int:
+        return self.prepared.rows
+
+    @property
+    def length(self) -> int | None:
+        return self.prepared.length
+
 
 class DynamicBatcher:
     def __init__(
@@ -61,7 +71,7 @@ class DynamicBatcher:
         preferred = [p for p in policy.preferred_batch_sizes if p <= policy.max_batch_size]
         self.target_rows = max(preferred) if preferred else policy.max_batch_size
         self.max_queue = policy.max_queue_size
-        self.policy = BatchPolicy(policy.max_queue_delay_s, policy.latency_target_s)
+        self.policy = BatchPolicy(policy.max_queue_delay_s, policy.latency_target_s, policy.max_batch_tokens)
         for tokens, seconds in cost_seeds:  # timed at load: (rows x length, seconds) of whole runs
             self.policy.costs.observe(tokens, seconds)
         observer.queue_capacity(self.max_queue)
@@ -95,6 +105,32 @@ class DynamicBatcher:
             raise QueueFull(
                 f"model {self.spec.name!r} has {self._queued} requests queued (max_queue_size {self.max_queue})"
             )
+        return await self._enqueue(prepared, deadline)
+
+    async def submit_all(
+        self, prepared: list[Prepared], deadline: float | None
+    ) -> list[tuple[dict[str, np.ndarray], Timing]]:
+        """The rows of one request (a task's inputs): queued together or not at all, and when
+        one fails the others are withdrawn, so the request gets one answer and frees its places."""
+        if len(prepared) > self.max_queue:
+            raise InvalidInput(
+                f"the request holds {len(prepared)} inputs; model {self.spec.name!r} queues at most "
+                f"{self.max_queue} (max_queue_size): send them in smaller requests"
+            )
+        if self._queued + len(prepared) > self.max_queue:
+            raise QueueFull(
+                f"model {self.spec.name!r} has {self._queued} requests queued; {len(prepared)} more inputs would pass "
+                f"its max_queue_size {self.max_queue}"
+            )
+        futures = [self._enqueue(p, deadline) for p in prepared]  # no await between the check and here
+        try:
+            return await asyncio.gather(*futures)
+        except BaseException:
+            for f in futures:
+                f.cancel()  # a cancelled place is freed at once (_forget)
+            raise
+
+    def _enqueue(self, prepared: Prepared, deadline: float | None) -> asyncio.Future:
         item = _Item(prepared, deadline, asyncio.get_running_loop().create_future())
         self.policy.arrivals.arrived(item.enqueued)
         self._groups.setdefault(prepared.group, deque()).append(item)
@@ -102,7 +138,7 @@ class DynamicBatcher:
         self.observer.queue_depth(self._queued)
         item.future.add_done_callback(lambda f, it=item: self._forget(it) if f.cancelled() else None)
         self._wakeup.set()
-        return await item.future
+        return item.future
 
     def _forget(self, item: _Item) -> None:
         """A cancelled caller frees its place in the queue at once."""
@@ -168,19 +204,9 @@ class DynamicBatcher:
 
     def _take(self, key: tuple) -> list[_Item]:
         group = self._groups[key]
-        oldest = group.popleft()
-        batch, rows = [oldest], oldest.prepared.rows
-        if self.max_rows and group:
-            length = oldest.prepared.length
-            # closest in length first (less padding), then oldest first
-            ranked = sorted(group, key=lambda it: (abs((it.prepared.length or 0) - (length or 0)), it.enqueued))
-            for it in ranked:
-                if rows + it.prepared.rows <= self.max_rows:
-                    batch.append(it)
-                    rows += it.prepared.rows
-                    group.remove(it)
-                if rows >= self.max_rows:
-                    break
+        batch = self.policy.select(group, self.max_rows)  # closest in length, within budget and cost
+        for it in batch:
+            group.remove(it)
         if not group:
             del self._groups[key]
         self._queued -= len(batch)
@@ -238,15 +264,17 @@ class DynamicBatcher:
         results = await self.runtime.run(feeds, outputs)
         compute_s = time.perf_counter() - t0
         rows = sum(it.prepared.rows for it in items)
-        self.observer.batch(BatchRun(len(items), rows, compute_s, efficiency))
-        self.policy.costs.observe(rows * (max(it.prepared.length or 1 for it in items)), compute_s)
+        padded = rows * max(it.prepared.length or 1 for it in items)
+        lengths = items[0].prepared.length is not None
+        self.observer.batch(BatchRun(len(items), rows, compute_s, efficiency, padded if lengths else None))
+        self.policy.costs.observe(padded, compute_s)
         start = 0
         for it, pad in zip(items, pads):
             n = it.prepared.rows
             own: dict[str, np.ndarray] = {}
             for name, value in zip(outputs, results):
                 part = value[start : start + n] if spec.max_batch_size else value
-                if pad:
+                if pad and spec.padding.unpads(name):
                     axis = spec.output(name).variable_axis
                     part = part[(slice(None),) * axis + (slice(0, part.shape[axis] - pad),)]
                 own[name] = part

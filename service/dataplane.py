@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from contextlib import contextmanager
 from typing import Iterator
 
-from service.errors import FailedPrecondition, InternalError, InvalidInput, QueueFull, TServeError, Unavailable
+from service.errors import FailedPrecondition, InternalError, InvalidInput, TServeError, Unavailable
 from service.tasks.roles import WHAT, Role, TaskRequest, TaskResult
 from service.tasks.tensors import carries_bytes, task_outputs, task_request
 from service.generation.requests import GenerateInput, to_sequence
@@ -216,18 +216,13 @@ class DataPlane:
             )
         with self._request(mv, task.role.value, protocol, request.request_id) as outcome:
             rows = task.rows(request)
-            if mv.batcher.queued + len(rows) > mv.batcher.max_queue:  # all of the inputs queue, or none
-                raise QueueFull(
-                    f"model {mv.name!r} has {mv.batcher.queued} requests queued; {len(rows)} more inputs would pass "
-                    f"its max_queue_size {mv.batcher.max_queue}"
-                )
             wanted = (task.output,)
             prepared = [prepare(mv.spec, InferRequest(mv.name, "", request.request_id, r.feeds, wanted)) for r in rows]
-            results = await asyncio.gather(*(mv.batcher.submit(p, deadline) for p in prepared))
+            results = await mv.batcher.submit_all(prepared, deadline)  # all of the inputs queue, or none
             values = [task.answer(row, out[task.output], request) for row, (out, _) in zip(rows, results)]
             outcome.reason = None
             outcome.queue_s = max(t.queue_s for _, t in results)
-            outcome.compute_s = sum(t.compute_s for _, t in results)
+            outcome.compute_s = sum({t.compute_s for _, t in results})  # a batch its rows shared counts once
             return TaskResult(values, sum(r.tokens for r in rows))
 
     def task_models(self, *roles: Role) -> list[ModelVersion]:

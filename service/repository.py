@@ -29,6 +29,8 @@ from service.types import DATATYPE_OF_ORT, DATATYPES, BatchingPolicy, ModelSpec,
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH_SIZE = 8  # for a graph with a dynamic batch axis and no config saying otherwise
+ENCODER_MAX_BATCH_SIZE = 32  # the same for a BERT-style encoder, whose batches the token budget bounds
+DEFAULT_MAX_BATCH_TOKENS = 16384  # rows x padded length of one batch of a padded model (TEI's default)
 
 
 @dataclass
@@ -118,6 +120,7 @@ class ExportMetadata:
     shared_kv: bool = False
     head_size: int | None = None
     image_shape: tuple[int, int, int] | None = None  # a vision model's [C, H, W] (num_channels, image_size)
+    head: str | None = None  # "sequence" / "token": config.json's architectures name a classification head
 
 
 def _ids(value) -> tuple[int, ...]:
@@ -160,7 +163,6 @@ def read_export_metadata(version_dir: Path) -> ExportMetadata:
     tokenizer = version_dir / "tokenizer.json"
     return ExportMetadata(
         vocab_size=vocab if isinstance(vocab, int) and vocab > 0 else None,
-        max_positions=positions if isinstance(positions, int) and positions > 0 else None,
         eos_token_ids=eos,
         pad_token_id=config["pad_token_id"] if isinstance(config.get("pad_token_id"), int) else None,
         tokenizer_file=tokenizer if tokenizer.is_file() else None,
@@ -179,7 +181,29 @@ def read_export_metadata(version_dir: Path) -> ExportMetadata:
         shared_kv=bool(genai_model),
         head_size=genai_decoder.get("head_size") if isinstance(genai_decoder.get("head_size"), int) else None,
         image_shape=_image_shape(config),
+        head=encoder.classification_head(a for a in config.get("architectures") or [] if isinstance(a, str)),
+        max_positions=_usable_positions(config, positions, version_dir),
     )
+
+
+OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "mpnet", "longformer"}  # pad_token_id + 1 positions unused
+
+
+def _usable_positions(config: dict, positions, version_dir: Path) -> int | None:
+    """The longest input the position table takes: RoBERTa-family tables start after the pad id
+    (514 entries, 512 usable, as TEI counts them), and a tokenizer's model_max_length may be lower."""
+    if not (isinstance(positions, int) and positions > 0):
+        return None
+    pad = config.get("pad_token_id")
+    if config.get("model_type") in OFFSET_POSITIONS and isinstance(pad, int) and 0 <= pad < positions:
+        positions -= pad + 1
+    try:
+        limit = json.loads((version_dir / "tokenizer_config.json").read_text()).get("model_max_length")
+    except (OSError, ValueError, AttributeError):
+        limit = None
+    if isinstance(limit, int) and 0 < limit < positions:
+        positions = limit
+    return positions
 
 
 def _image_shape(config: dict) -> tuple[int, int, int] | None:
@@ -309,10 +333,18 @@ def build_spec(
     if not padding.pad_values and not has_config_tensors:
         # a BERT-style encoder with no config batches mixed lengths by itself
         rules = encoder.padding_rules(
-            [t.name for t in inputs], {t.name: t.dims for t in outputs}, export.pad_token_id or 0
+            [t.name for t in inputs], {t.name: t.dims for t in outputs}, export.pad_token_id or 0, export.head
         )
         if rules is not None:
             padding = PaddingRules(*rules)
+            if config.max_batch_size == 0 and max_batch:  # rows are cheap when the token budget bounds them
+                max_batch = ENCODER_MAX_BATCH_SIZE
+                batching = dataclasses.replace(batching, max_batch_size=max_batch)
+            if batching.enabled:
+                batching = dataclasses.replace(batching, max_batch_tokens=DEFAULT_MAX_BATCH_TOKENS)
+    tokens = _positive(params, "tserve.max_batch_tokens", int)
+    if tokens and padding.pad_values and batching.enabled:
+        batching = dataclasses.replace(batching, max_batch_tokens=tokens)
     vocab = (
         params.get("tserve.vocab_size")
         or (manifest or {}).get("tokenizer", {}).get("vocab_size")

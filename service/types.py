@@ -85,6 +85,7 @@ class BatchingPolicy:
     max_queue_delay_s: float = 0.0
     max_queue_size: int = 1024
     latency_target_s: float | None = None  # tserve.latency_target_ms: bounds waiting for a fuller batch
+    max_batch_tokens: int | None = None  # rows x padded length of one batch (padded models; tserve.max_batch_tokens)
 
 
 @dataclass(frozen=True)

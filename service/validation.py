@@ -112,6 +112,11 @@ def prepare(spec: ModelSpec, request: InferRequest) -> Prepared:
     return Prepared(inputs, rows, length, outputs, group)
 
 
+def _per_row(spec: ModelSpec, output: str) -> bool:
+    t = spec.output(output)
+    return t is not None and t.variable_axis is None
+
+
 def _batching_key(spec: ModelSpec, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]) -> tuple[int | None, tuple]:
     """Which requests may share a batch: equal shapes apart from the batch axis and, for the
     inputs the model declares paddable, the sequence axis."""
@@ -119,7 +124,8 @@ def _batching_key(spec: ModelSpec, inputs: dict[str, np.ndarray], outputs: tuple
         return None, ()
     pad = spec.padding.pad_values
     paddable = [n for n in (t.name for t in spec.inputs) if n in pad and n in inputs]
-    can_pad = bool(paddable) and all(spec.padding.unpads(o) for o in outputs)
+    # every output is cut back to the caller's length, or has no sequence axis (one value per row)
+    can_pad = bool(paddable) and all(spec.padding.unpads(o) or _per_row(spec, o) for o in outputs)
     primary = paddable[0] if can_pad else None
     primary_len = inputs[primary].shape[spec.input(primary).variable_axis] if primary else None
     key: list = [outputs]

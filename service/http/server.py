@@ -25,8 +25,9 @@ def _listen(host: str, port: int, backlog: int) -> socket.socket:
     Nagle holds a response's body behind its headers until the client's delayed ACK, 40 ms later,
     on every keep-alive request whose answer is written in two parts (measured here: 56-88 ms
     for a 25 ms embedding, 12-40 ms once set)."""
+    family = socket.AF_INET6 if ":" in (host or "") else socket.AF_INET  # as socket.create_server chose
     family, kind, proto, _, address = socket.getaddrinfo(
-        host or None, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE
+        host or None, port, family, socket.SOCK_STREAM, socket.IPPROTO_TCP, socket.AI_PASSIVE
     )[0]
     sock = socket.socket(family, kind, proto)
     try:

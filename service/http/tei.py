@@ -162,7 +162,10 @@ def routes(dp: DataPlane) -> list[Route]:
         raw = body.inputs
         single = isinstance(raw, str) or (not images and bool(raw) and isinstance(raw[0], str))
         if images:  # a base64 image, or a list of them
-            inputs = [_image(x, f"inputs[{i}]") for i, x in enumerate([raw] if isinstance(raw, str) else raw)]
+            items = [raw] if isinstance(raw, str) else raw
+            if not all(isinstance(x, str) for x in items):
+                raise InvalidInput("inputs: a base64 image, or a list of them")
+            inputs = [_image(x, f"inputs[{i}]") for i, x in enumerate(items)]
         else:  # TEI's shapes: a text, [text] or [text, text] (a pair), or a batch of those
             sequences = [raw] if single else raw
             inputs = []

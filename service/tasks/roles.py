@@ -223,6 +223,7 @@ def task_of(spec: ModelSpec, version_dir: Path) -> TaskModel | None:
     if len(logits.dims) == 1:
         role = Role.RERANK if count == 1 else Role.CLASSIFY
         return TaskModel(role, LOGITS, text, labels=_labels(config, count), multi_label=multi)
-    if len(logits.dims) == 2 and logits.dims[0] == -1:
+    architectures = [a for a in config.get("architectures") or [] if isinstance(a, str)]
+    if len(logits.dims) == 2 and logits.dims[0] == -1 and encoder.classification_head(architectures) == "token":
         return TaskModel(Role.TOKEN_CLASSIFY, LOGITS, text, labels=_labels(config, count), multi_label=multi)
     return None

@@ -106,6 +106,8 @@ def task_request(task: TaskModel, request: InferRequest) -> TaskRequest:
             f"output {short(sorted(requested)[0])}: a {task.role.value} model answers {list(OUTPUTS[task.role])}"
         )
     dims = _option(request, "dimensions", int, None)
+    if dims is not None and dims < 1:
+        raise InvalidInput(f"parameter 'dimensions' must be at least 1 (got {dims})")
     return TaskRequest(
         request.model_name,
         inputs,

@@ -60,7 +60,7 @@ class ImageProcessor:
 
     def __call__(self, data: bytes, where: str) -> np.ndarray:
         """One image's bytes -> float32 [C, H, W]."""
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
 
         if len(data) > MAX_IMAGE_BYTES:
             raise InvalidInput(f"{where}: {len(data):,} bytes, above the {MAX_IMAGE_BYTES:,} an image may take")
@@ -70,8 +70,12 @@ class ImageProcessor:
                     raise InvalidInput(f"{where}: {img.width}x{img.height} pixels is too large")
                 img.load()
                 img = img.convert("RGB" if self.channels == 3 else "L")
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-            raise InvalidInput(f"{where} is not an image tserve can decode ({type(e).__name__}: {e})") from None
+        except InvalidInput:
+            raise
+        except Exception as e:  # Pillow raises many kinds (SyntaxError on a bad chunk, struct.error, EOFError)
+            raise InvalidInput(
+                f"{where} is not an image tserve can decode ({type(e).__name__}: {str(e)[:200]})"
+            ) from None
         if self.resize is not None:
             if isinstance(self.resize, int):
                 short, (w, h) = self.resize, img.size

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -192,6 +195,18 @@ def optimum_export(source: Path, task: str, out: Path) -> Path:
     )
     assert res.returncode == 0, res.stderr[-2000:]
     return out
+
+
+def post(server, path: str, body: dict) -> tuple[int, object]:
+    """(status, parsed JSON) of a POST to the server's HTTP port, errors included."""
+    req = urllib.request.Request(
+        server.http_url + path, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as res:
+            return res.status, json.loads(res.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
 
 
 def wordpiece():

@@ -8,10 +8,7 @@ with transformers' own token states, pooled and normalised as sentence-transform
 from __future__ import annotations
 
 import base64
-import json
 import shutil
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -19,8 +16,9 @@ import openai
 import pytest
 import torch
 
+from export.sentence_transformers import write_snapshot
 from service.launcher import ServerProcess
-from tests.service.conftest import optimum_export, wordpiece
+from tests.service.conftest import optimum_export, post, wordpiece
 
 MAX_POSITIONS, ST_MAX_LENGTH = 64, 40
 TEXTS = [
@@ -56,24 +54,7 @@ def bert(tmp_path_factory):
 
 
 def snapshot(export, folder, pooling: str, normalize: bool) -> None:
-    """A sentence-transformers Hub snapshot's layout around the same graph."""
-    folder.mkdir(parents=True)
-    for f in export.iterdir():
-        if f.suffix != ".onnx":
-            shutil.copy(f, folder / f.name)
-    (folder / "onnx").mkdir()
-    shutil.copy(export / "model.onnx", folder / "onnx" / "model.onnx")
-    modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-    ]
-    if normalize:
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
-    (folder / "modules.json").write_text(json.dumps(modules))
-    (folder / "1_Pooling").mkdir()
-    modes = {f"pooling_mode_{m}": m == pooling for m in ("cls_token", "mean_tokens", "max_tokens", "lasttoken")}
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32, **modes}))
-    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": ST_MAX_LENGTH}))
+    write_snapshot(export, folder, 32, pooling, normalize, ST_MAX_LENGTH)
 
 
 @pytest.fixture(scope="module")
@@ -102,17 +83,6 @@ def reference(bert, texts: list[str], pooling: str = "mean", normalize: bool = T
         v = states[0] if pooling == "cls" else states.mean(0)
         out.append(v / np.linalg.norm(v) if normalize else v)
     return np.array(out)
-
-
-def post(server, path: str, body: dict):
-    req = urllib.request.Request(
-        server.http_url + path, json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=60) as res:
-            return res.status, json.loads(res.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def test_openai_embeddings_equal_sentence_transformers(server, oai, bert):

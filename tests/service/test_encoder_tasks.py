@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from service.launcher import ServerProcess
-from tests.service.conftest import optimum_export, wordpiece
+from tests.service.conftest import optimum_export, post, wordpiece
 
 TEXTS = [
     "def forward(self, x):",
@@ -110,17 +110,6 @@ def server(models, tmp_path_factory):
     (repo / "vit_bare" / "1" / "config.json").write_text(json.dumps(config))
     with ServerProcess(repo) as s:
         yield s
-
-
-def post(server, path: str, body: dict):
-    req = urllib.request.Request(
-        server.http_url + path, json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=60) as res:
-            return res.status, json.loads(res.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def logits_of(models, name: str, *texts) -> np.ndarray:
