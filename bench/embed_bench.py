@@ -10,13 +10,14 @@
 2. Deterministic sentences of 8-128 words. Each configuration sends all of them: cXbY = X
    requests in flight, Y sentences per request, through each server's OpenAI-compatible
    `/embeddings` route (tserve: `/v1/embeddings`, text in, tokenized and pooled by the server).
-3. Cores: by default the servers, this client and raw ONNX Runtime share both cores, as the
-   issue's measurement did: Infinity gives no way to set ONNX Runtime's thread count, and pinned
-   to one core its two intra-op threads fight over it (measured: 14.6 sentences/s at c1b1,
-   against 32.5 for tserve, whose threads follow the cores it may use) — a comparison of thread
-   counts, not of servers. `--pin` runs each server on core 1 and this client on core 0 anyway.
-   Raw ONNX Runtime in-process (intra-op = the cores in use) at batch 1 and at batches of 16
-   sorted by length is the limit.
+3. Cores. Against the peer, the servers and this client share both cores, as the issue's
+   measurement did: Infinity gives no way to set ONNX Runtime's thread count, and pinned to
+   one core its two intra-op threads fight over it (measured: 14.6 sentences/s at c1b1, against
+   32.5 for tserve, whose threads follow the cores it may use) — a comparison of thread counts,
+   not of servers. The limit is measured as the house measures one: tserve on core 1, this
+   client on core 0, and raw ONNX Runtime in-process on core 1 (one intra-op thread) at batch 1
+   and at batches of 16 sorted by length; raw ONNX Runtime on both cores with no client beside
+   it is printed too.
 4. Both servers stay up through a round and are measured in turn, config by config, the
    first alternating; every figure is printed as the median over rounds with the
    range, and the ratios are same-round ratios. Embeddings are compared (cosine).
@@ -249,15 +250,32 @@ def spread(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
+def pinned_leg(repo: Path, snapshot: Path, texts: list[str]) -> dict:
+    """The limit as the house measures one: the server on core 1 and this client on core 0,
+    raw ONNX Runtime (one intra-op thread) on the server's core."""
+    every = os.sched_getaffinity(0)
+    leg: dict = {"raw_ort": raw_ort(snapshot, texts, {SERVER_CORE})}
+    os.sched_setaffinity(0, {CLIENT_CORE})
+    server = ServerProcess(repo, cores={SERVER_CORE}).start()
+    try:
+        url = server.http_url + "/v1/embeddings"
+        asyncio.run(drive(url, NAME, texts[:32], 4, 4))
+        for c, b in CONFIGS:
+            res = asyncio.run(drive(url, NAME, texts, c, b))
+            res.pop("vectors")
+            leg[f"c{c}b{b}"] = res
+    finally:
+        server.terminate()
+        os.sched_setaffinity(0, every)
+    return leg
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--sentences", type=int, default=512)
-    parser.add_argument("--pin", action="store_true", help="servers on core 1, this client on core 0")
     args = parser.parse_args()
     every = os.sched_getaffinity(0)
-    server_cores = {SERVER_CORE} if args.pin else every
-    os.sched_setaffinity(0, {CLIENT_CORE} if args.pin else every)
     snapshot = build(BUILD)
     texts = sentences(args.sentences)
     from tokenizers import Tokenizer
@@ -268,19 +286,15 @@ def main() -> None:
     shutil.rmtree(repo, ignore_errors=True)
     (repo / NAME).mkdir(parents=True)
     (repo / NAME / "1").symlink_to(snapshot)
-    results: dict = {
-        "rounds": [],
-        "lengths": [min(lengths), max(lengths), statistics.mean(lengths)],
-        "cores": "servers on core 1, client on core 0" if args.pin else f"everything on cores {sorted(every)}",
-    }
-    print(results["cores"])
+    results: dict = {"rounds": [], "lengths": [min(lengths), max(lengths), statistics.mean(lengths)]}
+    print(f"peers: everything on cores {sorted(every)}; limit: server on core {SERVER_CORE}, client on {CLIENT_CORE}")
     for r in range(args.rounds):
-        round_: dict = {"raw_ort": raw_ort(snapshot, texts, server_cores)}
+        round_: dict = {"raw_ort": raw_ort(snapshot, texts, every)}
         print(f"round {r + 1}: raw ORT " + ", ".join(f"{k} {v:.1f}/s" for k, v in round_["raw_ort"].items()))
         servers: dict = {}
         try:  # both up for the whole round, measured in turn config by config (drift hits both alike)
-            tserve = servers["tserve"] = ServerProcess(repo, cores=server_cores).start()
-            infinity = servers["infinity"] = Infinity(snapshot, BUILD / "infinity.log", server_cores)
+            tserve = servers["tserve"] = ServerProcess(repo, cores=every).start()
+            infinity = servers["infinity"] = Infinity(snapshot, BUILD / "infinity.log", every)
             urls = {"tserve": tserve.http_url + "/v1/embeddings", "infinity": infinity.url + "/embeddings"}
             for url in urls.values():
                 asyncio.run(drive(url, NAME, texts[:32], 4, 4))  # warm
@@ -296,6 +310,17 @@ def main() -> None:
         finally:
             for server in servers.values():
                 server.terminate()
+        if len(every) > 1:
+            try:
+                leg = round_["pinned"] = pinned_leg(repo, snapshot, texts)
+                print(
+                    "  pinned: raw ORT "
+                    + ", ".join(f"{k} {v:.1f}/s" for k, v in leg["raw_ort"].items())
+                    + "; tserve "
+                    + ", ".join(f"{k} {leg[k]['sentences_per_s']:.1f}/s" for k in leg if k != "raw_ort")
+                )
+            except Exception as e:
+                print(f"  round {r + 1} pinned leg failed: {e}")
         results["rounds"].append(round_)
     summarize(results)
 
@@ -316,11 +341,24 @@ def summarize(results: dict) -> None:
             f"{key}: tserve {spread(t)}  Infinity {spread(i)}  tserve / Infinity {spread(ratio)}x  "
             f"p50 tserve / Infinity {spread(p50)}x  min cosine {cos:.6f}"
         )
-    limit = [r["raw_ort"]["batch 16 sorted by length"] for r in rounds]
-    vs_raw = [r["tserve"]["c16b1"]["sentences_per_s"] / r["raw_ort"]["batch 16 sorted by length"] for r in rounds]
-    print(f"raw ORT batch 16 sorted: {spread(limit)}/s; tserve c16b1 / that: {spread(vs_raw)}x")
-    summary["raw_ort_sorted16"] = limit
-    summary["tserve_c16b1_vs_raw"] = vs_raw
+    sorted16 = "batch 16 sorted by length"
+    shared = [r["tserve"]["c16b1"]["sentences_per_s"] / r["raw_ort"][sorted16] for r in rounds]
+    print(
+        f"shared cores: raw ORT batch 16 sorted {spread([r['raw_ort'][sorted16] for r in rounds])}/s (no client "
+        f"beside it); tserve c16b1 / that: {spread(shared)}x"
+    )
+    summary["tserve_c16b1_vs_raw_shared"] = shared
+    pinned = [r["pinned"] for r in results["rounds"] if "pinned" in r]
+    if pinned:
+        limit = [p["raw_ort"][sorted16] for p in pinned]
+        vs_raw = [p["c16b1"]["sentences_per_s"] / p["raw_ort"][sorted16] for p in pinned]
+        c1 = [p["c1b1"]["sentences_per_s"] / p["raw_ort"]["batch 1"] for p in pinned]
+        print(
+            f"pinned (server core {SERVER_CORE}, client core {CLIENT_CORE}): raw ORT batch 16 sorted "
+            f"{spread(limit)}/s; tserve c16b1 / that: {spread(vs_raw)}x; tserve c1b1 / raw batch 1: {spread(c1)}x"
+        )
+        summary["raw_ort_sorted16_pinned"] = limit
+        summary["tserve_c16b1_vs_raw_pinned"] = vs_raw
     for r in results["rounds"]:
         for peer in ("tserve", "infinity"):
             for v in r.get(peer, {}).values():

@@ -25,7 +25,6 @@ from __future__ import annotations
 import base64
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any, Literal
@@ -46,6 +45,7 @@ from service.generation.sequence import Event, FinishReason
 from service.generation.tools import HERMES_OPEN, ToolCall, ToolPlan, plan
 from service.http.errors import handled, openai_body, status_of
 from service.http.kserve import deadline_of
+from service.logs import new_id
 
 openai = handled(openai_body)
 FINISH = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", FinishReason.EOS: "stop"}
@@ -426,7 +426,7 @@ def _sse(doc: dict | str) -> bytes:
 
 def routes(dp: DataPlane) -> list[Route]:
     def request_id(request: Request, prefix: str) -> str:
-        return request.headers.get("x-request-id") or f"{prefix}-{uuid.uuid4().hex}"
+        return request.headers.get("x-request-id") or new_id(prefix)
 
     async def first_chunk(gen: GenerateInput, request: Request) -> tuple[AsyncIterator[list[Event]], list[Event]]:
         """Start generating and wait for the first chunk, so that a bad request or a refusal

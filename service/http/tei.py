@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import uuid
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -29,6 +28,7 @@ from service.dataplane import HTTP, DataPlane
 from service.errors import InvalidInput
 from service.http.errors import handled, tei_body
 from service.http.kserve import deadline_of
+from service.logs import new_id
 from service.tasks.roles import Role, TaskRequest
 
 tei = handled(tei_body)
@@ -97,7 +97,7 @@ def routes(dp: DataPlane) -> list[Route]:
         return names[0]
 
     def rid(request: Request, kind: str) -> str:
-        return request.headers.get("x-request-id") or f"{kind}-{uuid.uuid4().hex}"
+        return request.headers.get("x-request-id") or new_id(kind)
 
     @tei
     async def embed(request: Request) -> Response:
