@@ -11,8 +11,10 @@ costs less than running it apart, so padding stays low; inputs the model declare
 paddable are right-padded to the longest, outputs are cut back and split so every caller
 gets exactly its own rows.
 
-The queue is bounded (QueueFull at once beyond it), requests whose deadline passed or whose
-caller went away are dropped before compute, and a batch that fails is re-run one request
+The queue is bounded (QueueFull at once beyond it), and so is the wait: a request whose
+deadline would pass before its predicted start (the queued work on the measured cost line) is
+refused at once. Requests whose deadline passed or whose caller went away are dropped before
+compute, and a batch that fails is re-run one request
 at a time so a failure stays with the request that caused it.
 """
 
@@ -58,6 +60,10 @@ class _Item:
     def length(self) -> int | None:
         return self.prepared.length
 
+    @property
+    def tokens(self) -> int:
+        return self.prepared.rows * (self.prepared.length or 1)
+
 
 class DynamicBatcher:
     def __init__(
@@ -77,6 +83,8 @@ class DynamicBatcher:
         observer.queue_capacity(self.max_queue)
         self._groups: dict[tuple, deque[_Item]] = {}
         self._queued = 0
+        self._queued_rows = self._queued_tokens = 0  # for the predicted wait
+        self._in_flight = self._in_flight_tokens = 0  # batches running, and their padded tokens
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(runtime.instances)
         self._running: set[asyncio.Task] = set()
@@ -102,10 +110,36 @@ class DynamicBatcher:
 
     async def submit(self, prepared: Prepared, deadline: float | None) -> tuple[dict[str, np.ndarray], Timing]:
         if self._queued >= self.max_queue:
+            self.observer.refused("queue_full")
             raise QueueFull(
                 f"model {self.spec.name!r} has {self._queued} requests queued (max_queue_size {self.max_queue})"
             )
+        self._admit_by_deadline(deadline)
         return await self._enqueue(prepared, deadline)
+
+    def predicted_wait_s(self) -> float:
+        """How long a request queued now waits before its run starts: the queued work (the cost
+        line's fixed part per batch of target_rows, its per-token part per queued token) and the
+        runs in progress, shared by the instances. 0 until the cost line is known."""
+        costs = self.policy.costs
+        if not costs.known or not (self._queued or self._in_flight):
+            return 0.0
+        batches = -(-self._queued_rows // max(1, self.target_rows or 1)) + self._in_flight
+        work = batches * costs.fixed_s + (self._queued_tokens + self._in_flight_tokens) * costs.per_token_s
+        return work / self.runtime.instances
+
+    def _admit_by_deadline(self, deadline: float | None) -> None:
+        """A request whose deadline passes before its run could start is refused now, at once,
+        rather than queued to expire (RESOURCE_EXHAUSTED: the server is too busy for it)."""
+        if deadline is None:
+            return
+        left, wait = deadline - time.monotonic(), self.predicted_wait_s()
+        if wait > left:
+            self.observer.refused("deadline")
+            raise QueueFull(
+                f"model {self.spec.name!r} is too busy for this request's deadline: predicted queue wait "
+                f"{wait * 1e3:.0f} ms, {max(0.0, left) * 1e3:.0f} ms left"
+            )
 
     async def submit_all(
         self, prepared: list[Prepared], deadline: float | None
@@ -118,10 +152,12 @@ class DynamicBatcher:
                 f"{self.max_queue} (max_queue_size): send them in smaller requests"
             )
         if self._queued + len(prepared) > self.max_queue:
+            self.observer.refused("queue_full")
             raise QueueFull(
                 f"model {self.spec.name!r} has {self._queued} requests queued; {len(prepared)} more inputs would pass "
                 f"its max_queue_size {self.max_queue}"
             )
+        self._admit_by_deadline(deadline)
         futures = [self._enqueue(p, deadline) for p in prepared]  # no await between the check and here
         try:
             return await asyncio.gather(*futures)
@@ -135,6 +171,8 @@ class DynamicBatcher:
         self.policy.arrivals.arrived(item.enqueued)
         self._groups.setdefault(prepared.group, deque()).append(item)
         self._queued += 1
+        self._queued_rows += item.rows
+        self._queued_tokens += item.tokens
         self.observer.queue_depth(self._queued)
         item.future.add_done_callback(lambda f, it=item: self._forget(it) if f.cancelled() else None)
         self._wakeup.set()
@@ -146,6 +184,8 @@ class DynamicBatcher:
         if group is not None and item in group:
             group.remove(item)
             self._queued -= 1
+            self._queued_rows -= item.rows
+            self._queued_tokens -= item.tokens
             if not group:
                 del self._groups[item.prepared.group]
             self.observer.queue_depth(self._queued)
@@ -210,12 +250,17 @@ class DynamicBatcher:
         if not group:
             del self._groups[key]
         self._queued -= len(batch)
+        self._queued_rows -= sum(it.rows for it in batch)
+        self._queued_tokens -= sum(it.tokens for it in batch)
         self.observer.queue_depth(self._queued)
         return batch
 
     # -- execution --------------------------------------------------------------------------
 
     async def _execute(self, batch: list[_Item]) -> None:
+        tokens = sum(it.rows for it in batch) * max(it.length or 1 for it in batch)
+        self._in_flight += 1
+        self._in_flight_tokens += tokens
         try:
             now = time.monotonic()
             live = []
@@ -245,6 +290,8 @@ class DynamicBatcher:
                     except Exception as e2:
                         self._fail(it, e2)
         finally:
+            self._in_flight -= 1
+            self._in_flight_tokens -= tokens
             self._slots.release()
 
     def _fail(self, item: _Item, error: Exception) -> None:

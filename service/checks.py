@@ -29,6 +29,7 @@ from service.generation.kv_rows import KVRows
 from service.generation.kv_slots import KVSlots
 from service.generation.sampling import SamplingParams
 from service.generation.sequence import FinishReason, Sequence
+from service.graph_limits import discover_position_limit
 from service.runtime import OrtRuntime
 from service.types import DATATYPES, ModelSpec
 
@@ -184,6 +185,25 @@ def warm_up_feeds(spec: ModelSpec, batch: int = 1, length: int = 1) -> dict[str,
         shape = ([batch] if spec.max_batch_size else []) + [length if d == -1 else d for d in t.dims]
         feeds[t.name] = np.ones(shape, t.dtype) if t.name == "attention_mask" else np.zeros(shape, t.dtype)
     return feeds
+
+
+def probe_position_limit(spec: ModelSpec, runtime: OrtRuntime) -> int | None:
+    """For a model that declares no length limit: its graph's position table, confirmed by a run
+    at that length and a failing one past it (service/graph_limits.py), so over-long requests are
+    refused before compute with the limit named instead of failing inside ONNX Runtime."""
+    variable = any(-1 in t.dims for t in spec.inputs if t.name in spec.token_inputs) or spec.decoder is not None
+    if not variable:
+        return None
+    outputs = [t.name for t in spec.outputs]
+
+    def runs_at(length: int) -> bool:
+        try:
+            runtime.sessions[0].run(outputs, warm_up_feeds(spec, 1, length))
+            return True
+        except Exception:
+            return False
+
+    return discover_position_limit(spec.model_path, spec.vocab_size, runs_at, spec.name)
 
 
 def warm_up(spec: ModelSpec, runtime: OrtRuntime) -> None:

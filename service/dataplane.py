@@ -63,6 +63,10 @@ class DataPlane:
         """Requests of either API received and not yet fully answered."""
         return self._inflight
 
+    def refused(self, cause: str) -> None:
+        """A refusal before any model was chosen (the HTTP in-flight bound)."""
+        self.manager.metrics.refusals.labels("", "", cause).inc()
+
     def ready(self) -> bool:
         """Server readiness: loading finished (and, with strict_readiness, every model is
         ready); not draining."""

@@ -34,6 +34,12 @@ class QueueFull(TServeError):
     reason = "resource_exhausted"
 
 
+class PayloadTooLarge(TServeError):
+    """A request body over max_message_bytes (HTTP 413), refused before it is read whole."""
+
+    reason = "resource_exhausted"
+
+
 class OutOfMemory(TServeError):
     """A run could not allocate what it needed: the request is too big for this server now."""
 

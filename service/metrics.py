@@ -84,6 +84,14 @@ class Metrics:
             buckets=TOKEN_BUCKETS,
             registry=registry,
         )
+        self.refusals = Counter(
+            "tserve_admission_refusals",
+            "Requests refused at admission, by cause: queue_full (the model's queue bound), deadline (the "
+            "predicted queue wait passes the request's deadline), concurrency (HTTP requests beyond "
+            "max_concurrent_rpcs; gRPC's own refusals happen in its core and are not counted here).",
+            [*MODEL, "cause"],
+            registry=registry,
+        )
         self.warmup_skipped = Counter(
             "tserve_warmup_skipped",
             "Model versions served without warm-up: no input could be derived, or the warm-up run failed.",
@@ -252,6 +260,9 @@ class ModelObserver:
             self._padding.observe(run.padding_efficiency)
         if run.tokens is not None:
             self._batch_tokens.observe(run.tokens)
+
+    def refused(self, cause: str) -> None:
+        self.metrics.refusals.labels(*self.labels, cause).inc()
 
     def warmup_skipped(self) -> None:
         self.metrics.warmup_skipped.labels(*self.labels).inc()

@@ -22,6 +22,7 @@ from service.checks import (
     check_seq2seq_golden,
     fused_mismatch,
     generate_greedy,
+    probe_position_limit,
     time_batches,
     warm_up,
 )
@@ -194,6 +195,8 @@ class ModelManager:
             )
             if self.settings.verify_golden:
                 check_golden(spec, runtime)
+            if spec.max_sequence_length is None and (limit := probe_position_limit(spec, runtime)):
+                spec = dataclasses.replace(spec, max_sequence_length=limit)
             try:
                 warm_up(spec, runtime)
                 mv.cost_seeds = time_batches(spec, runtime)

@@ -27,22 +27,40 @@ log = logging.getLogger(__name__)
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
-# ORT's verdicts on the feeds themselves (shape, type, values a kernel refuses)
-_INPUT_ERRORS = (ort_state.InvalidArgument, ort_state.InvalidGraph)
+# ORT's verdicts on a run of a graph that loaded and warmed up: the feeds' shapes, types or
+# values (an index past a position table, a length the graph cannot broadcast). The session is
+# sound, so the input is the cause: the batcher and the engine re-run a failed batch apart
+# first, and what still fails alone is that request's INVALID_ARGUMENT, with ORT's words.
+_INPUT_ERRORS = (
+    ort_state.InvalidArgument,
+    ort_state.InvalidGraph,
+    ort_state.Fail,
+    ort_state.RuntimeException,
+    ort_state.NotImplemented,
+)
 _OOM_SIGNS = ("Failed to allocate memory", "bad_alloc", "out of memory", "CUDA_ERROR_OUT_OF_MEMORY")
 
 
 def classify(error: Exception) -> TServeError:
-    """The domain error for an exception a run raised."""
+    """The domain error for an exception a run raised. INTERNAL is left for tserve's own faults
+    and the device's (EPFail, EngineError, DeviceReset)."""
     if isinstance(error, TServeError):
         return error
-    if isinstance(error, _INPUT_ERRORS):
-        return InvalidInput(f"ONNX Runtime rejected the input: {str(error)[:300]}")
     if isinstance(error, MemoryError) or any(s in str(error) for s in _OOM_SIGNS):
         return OutOfMemory(
             f"the run could not allocate the memory it needs; send smaller requests ({str(error)[-160:]})"
         )
+    if isinstance(error, _INPUT_ERRORS):
+        return InvalidInput(f"the model cannot run on this input: ONNX Runtime says {_ort_words(error)}")
     return InternalError(f"inference failed: {type(error).__name__}: {str(error)[:200]}")
+
+
+def _ort_words(error: Exception) -> str:
+    """ORT's message without its status prefix ('[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : ')."""
+    text = str(error)
+    if text.startswith("[ONNXRuntimeError]"):
+        text = text.split(" : ", 3)[-1]
+    return text[:300]
 
 
 def choose_providers(requested: str, fallback: str) -> list[str]:

@@ -11,6 +11,7 @@ from service.auth import TokenAuth
 from service.dataplane import DataPlane
 from service.errors import Unauthenticated
 from service.http import kserve, openai, tei
+from service.http.limits import Admission
 from service.http.errors import kserve_body, openai_body
 
 OPEN_PREFIXES = ("/v2/health/",)  # probes, when auth_open_health
@@ -36,8 +37,11 @@ class BearerAuth:
         return await self.app(scope, receive, send)
 
 
-def build_app(dp: DataPlane, auth: TokenAuth | None, open_health: bool) -> ASGIApp:
+def build_app(
+    dp: DataPlane, auth: TokenAuth | None, open_health: bool, max_in_flight: int = 0, max_body_bytes: int = 1 << 26
+) -> ASGIApp:
     app: ASGIApp = Starlette(routes=[*kserve.routes(dp), *openai.routes(dp), *tei.routes(dp)])
+    app = Admission(app, max_in_flight, max_body_bytes, dp.refused)
     if auth is not None:
         app = BearerAuth(app, auth, open_health)
     return app

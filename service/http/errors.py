@@ -20,6 +20,7 @@ HTTP_STATUS = {
     errors.FailedPrecondition: 400,
     errors.Unauthenticated: 401,
     errors.ModelNotFound: 404,
+    errors.PayloadTooLarge: 413,
     errors.QueueFull: 429,
     errors.OutOfMemory: 429,
     errors.InternalError: 500,
@@ -30,6 +31,7 @@ OPENAI_TYPE = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
+    413: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     503: "service_unavailable",
@@ -51,7 +53,7 @@ def openai_body(status: int, message: str, param: str | None = None) -> dict:
     }
 
 
-TEI_TYPE = {400: "Validation", 404: "Validation", 429: "Overloaded", 503: "Unhealthy"}
+TEI_TYPE = {400: "Validation", 404: "Validation", 413: "Validation", 429: "Overloaded", 503: "Unhealthy"}
 
 
 def tei_body(status: int, message: str) -> dict:
@@ -61,7 +63,7 @@ def tei_body(status: int, message: str) -> dict:
 def _answer(e: Exception, where: str, shape: Callable[[int, str], dict]) -> Response:
     if isinstance(e, errors.TServeError):
         status = status_of(e)
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {"Retry-After": "1"} if status == 429 else None
         return JSONResponse(shape(status, e.message), status_code=status, headers=headers)
     log.error("unhandled error in %s", where, exc_info=e)
     return JSONResponse(shape(500, f"internal error in {where}; see the server log"), status_code=500)

@@ -150,6 +150,8 @@ def routes(dp: DataPlane) -> list[Route]:
             doc = json.loads(body)
         except ValueError as e:
             raise InvalidInput(f"the request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise InvalidInput("the request body's JSON is nested too deeply") from None
         if not isinstance(doc, dict):
             raise InvalidInput("the request body must be a JSON object")
         return doc

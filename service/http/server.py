@@ -55,7 +55,7 @@ class HttpServer:
             if s.tls_client_ca_file is not None:
                 tls.update(ssl_ca_certs=str(s.tls_client_ca_file), ssl_cert_reqs=ssl.CERT_REQUIRED)
         config = uvicorn.Config(
-            build_app(dp, auth, s.auth_open_health),
+            build_app(dp, auth, s.auth_open_health, s.max_concurrent_rpcs, s.max_message_bytes),
             host=s.host,
             port=s.http_port,
             http="httptools",
@@ -63,7 +63,7 @@ class HttpServer:
             log_config=None,
             access_log=False,
             server_header=False,
-            limit_concurrency=s.max_concurrent_rpcs or None,
+            # the in-flight bound is tserve's (service/http/limits.py): 429 with Retry-After, not 503
             **tls,
         )
         self.server = _Server(config)

@@ -50,12 +50,17 @@ def _parameters(entry: dict, where: str) -> dict:
     return params
 
 
-def _flat(data: Any) -> list:
+MAX_JSON_DEPTH = 64  # a tensor has at most a few dimensions; deeper nesting is refused, not recursed into
+
+
+def _flat(data: Any, depth: int = 0) -> list:
     """Nested JSON lists (row-major, as KServe allows) flattened."""
     if not isinstance(data, list):
         return [data]
+    if depth > MAX_JSON_DEPTH:
+        raise InvalidInput(f"tensor data is nested deeper than {MAX_JSON_DEPTH} levels")
     if data and isinstance(data[0], list):
-        return [v for row in data for v in _flat(row)]
+        return [v for row in data for v in _flat(row, depth + 1)]
     return data
 
 
@@ -98,6 +103,8 @@ def decode_infer(body: bytes, header_length: str | None, model: str, version: st
         doc = json.loads(header)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InvalidInput(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InvalidInput("the request body's JSON is nested too deeply") from None
     doc = _object(doc, "the request body")
     params = _parameters(doc, "the request")
     raw_inputs = doc.get("inputs")

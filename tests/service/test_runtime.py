@@ -24,10 +24,27 @@ pytestmark = pytest.mark.unit  # in-process, no servers or exports: make test-un
         ),
         (MemoryError(), OutOfMemory),
         (
+            # a sound session failing on a run: the input's fault (re-run apart first by the batcher)
             ort_state.Fail("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Gather"),
-            InternalError,
+            InvalidInput,
         ),
+        (
+            ort_state.RuntimeException(
+                "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while running Add node. "
+                "Attempting to broadcast an axis by a dimension other than 1. 64 by 70"
+            ),
+            InvalidInput,
+        ),
+        (ort_state.EPFail("[ONNXRuntimeError] : 11 : EP_FAIL : CUDA failure 700"), InternalError),
+        (ValueError("a bug of ours"), InternalError),
     ],
 )
 def test_ort_errors_are_classified(error, kind):
     assert type(classify(error)) is kind
+
+
+def test_the_input_error_carries_ort_words_without_its_status_prefix():
+    error = classify(
+        ort_state.InvalidArgument("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : indices element out of data bounds")
+    )
+    assert error.message == "the model cannot run on this input: ONNX Runtime says indices element out of data bounds"
