@@ -133,7 +133,10 @@ class DynamicBatcher:
         rather than queued to expire (RESOURCE_EXHAUSTED: the server is too busy for it)."""
         if deadline is None:
             return
-        left, wait = deadline - time.monotonic(), self.predicted_wait_s()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded("the request's deadline passed before it reached the queue")
+        wait = self.predicted_wait_s()
         if wait > left:
             self.observer.refused("deadline")
             raise QueueFull(
