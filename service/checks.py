@@ -197,8 +197,12 @@ def probe_position_limit(spec: ModelSpec, runtime: OrtRuntime) -> int | None:
     outputs = [t.name for t in spec.outputs]
 
     def runs_at(length: int) -> bool:
+        feeds = warm_up_feeds(spec, 1, length)
+        for name, value in feeds.items():  # positions as a client sends them: 0 .. length-1
+            if "position" in name and value.shape[-1:] == (length,):
+                feeds[name] = np.broadcast_to(np.arange(length, dtype=value.dtype), value.shape).copy()
         try:
-            runtime.sessions[0].run(outputs, warm_up_feeds(spec, 1, length))
+            runtime.sessions[0].run(outputs, feeds)
             return True
         except Exception:
             return False

@@ -25,13 +25,42 @@ from service.tasks.roles import WHAT, Role, TaskRequest, TaskResult
 from service.tasks.tensors import carries_bytes, task_outputs, task_request
 from service.generation.requests import GenerateInput, to_sequence
 from service.generation.sequence import Event, FinishReason
-from service.logs import request_id
+from service.logs import request_id, trace_id
 from service.models import ModelManager, ModelVersion
 from service.settings import Settings
+from service.tracing import Tracing
 from service.types import InferRequest, InferResponse
 from service.validation import prepare
 
 log = logging.getLogger(__name__)
+access = logging.getLogger("tserve.access")  # one line per answered request, with access_log
+
+
+def genai_attributes(request: GenerateInput, model: str, ends: list[Event]) -> dict:
+    """A generation's span attributes, as OpenTelemetry's GenAI semantic conventions name them."""
+    attributes = {
+        "gen_ai.operation.name": "text_completion",
+        "gen_ai.provider.name": "tserve",
+        "gen_ai.request.model": request.model,
+        "gen_ai.response.model": model,
+        "gen_ai.request.choice.count": request.n,
+        "gen_ai.usage.input_tokens": ends[0].prompt_tokens if ends else 0,
+        "gen_ai.usage.output_tokens": sum(e.generated_tokens for e in ends),
+        "gen_ai.response.finish_reasons": [e.finish_reason.value for e in ends if e.finish_reason is not None],
+    }
+    for key, value in (
+        ("gen_ai.request.max_tokens", request.max_new_tokens),
+        ("gen_ai.request.temperature", request.temperature),
+        ("gen_ai.request.top_p", request.top_p),
+        ("gen_ai.request.top_k", request.top_k),
+        ("gen_ai.request.seed", request.seed),
+        ("gen_ai.request.presence_penalty", request.presence_penalty),
+        ("gen_ai.request.frequency_penalty", request.frequency_penalty),
+    ):
+        if value is not None:
+            attributes[key] = value
+    return attributes
+
 
 INFER, GENERATE = "infer", "generate"  # the request kinds (the `api` label), with the task roles
 GRPC, HTTP, OPENAI = "grpc", "http", "openai"  # the front ends (the `protocol` label)
@@ -45,12 +74,32 @@ class _Outcome:
         self.answered = False  # the last message has been handed to the front end
         self.queue_s = 0.0
         self.compute_s = 0.0
+        self.done_at = 0.0  # perf_counter when the result came back (the trace's anchor)
+        self.last: Event | None = None  # generation: the final event (tokens, times)
+        self.attributes: dict = {}  # the trace span's, beyond the ones every request has
+        self.phases: list[tuple[str, float, float, dict]] = []  # (name, start, end, attributes) for the trace
+
+    def trace_phases(self, started: float) -> None:
+        """The request's queue, compute or prefill/decode spans, from the times it recorded."""
+        if self.last is not None:  # generation: times since the sequence was submitted
+            e, end = self.last, self.done_at or time.perf_counter()
+            submitted = end - e.total_s
+            prompt = {"gen_ai.usage.input_tokens": e.prompt_tokens}
+            self.phases = [
+                ("queue", submitted, submitted + e.queue_s, {}),
+                ("prefill", submitted + e.queue_s, submitted + e.ttft_s, prompt),
+                ("decode", submitted + e.ttft_s, end, {"gen_ai.usage.output_tokens": e.generated_tokens}),
+            ]
+        elif self.done_at:
+            ran = self.done_at - self.compute_s
+            self.phases = [("queue", max(started, ran - self.queue_s), ran, {}), ("compute", ran, self.done_at, {})]
 
 
 class DataPlane:
-    def __init__(self, manager: ModelManager, settings: Settings) -> None:
+    def __init__(self, manager: ModelManager, settings: Settings, tracing: Tracing | None = None) -> None:
         self.manager = manager
         self.settings = settings
+        self.tracing = tracing  # None: tracing off, and no request pays for it
         self.draining = False  # SIGTERM came: not ready
         self.refusing = False  # the drain's intake window is over: new requests get UNAVAILABLE
         self.loading_done = False
@@ -88,6 +137,19 @@ class DataPlane:
         """In-flight count and outcome record around one request of either API."""
         request_id.set(rid[:64])
         observer, outcome, started = mv.observer, _Outcome(), time.perf_counter()
+        span = None
+        if self.tracing is not None:
+            span = self.tracing.start(
+                f"{api} {mv.name}",
+                {
+                    "tserve.api": api,
+                    "tserve.protocol": protocol,
+                    "tserve.model": mv.name,
+                    "tserve.model_version": mv.version,
+                    "tserve.request_id": rid[:64],
+                },
+            )
+            trace_id.set(self.tracing.trace_id(span))
         self._inflight += 1
         observer.inflight(api, protocol, 1)
         try:
@@ -105,7 +167,23 @@ class DataPlane:
         finally:
             self._inflight -= 1
             observer.inflight(api, protocol, -1)
-            duration = time.perf_counter() - started
+            ended = time.perf_counter()
+            duration = ended - started
+            if span is not None:
+                outcome.trace_phases(started)
+                self.tracing.finish(span, outcome, time.time_ns())
+            if self.settings.access_log:
+                access.info(
+                    "%s %s/%d %s %s %.2f ms (queue %.2f ms, compute %.2f ms)",
+                    api,
+                    mv.name,
+                    mv.version,
+                    protocol,
+                    outcome.reason or "ok",
+                    duration * 1e3,
+                    outcome.queue_s * 1e3,
+                    outcome.compute_s * 1e3,
+                )
             observer.request_done(
                 api,
                 protocol,
@@ -145,6 +223,7 @@ class DataPlane:
             prepared = prepare(mv.spec, request)
             outputs, timing = await mv.batcher.submit(prepared, deadline)
             outcome.reason, outcome.queue_s, outcome.compute_s = None, timing.queue_s, timing.compute_s
+            outcome.done_at = time.perf_counter()
             return InferResponse(mv.name, str(mv.version), request.id, outputs)
 
     async def _infer_graph(self, mv: ModelVersion, request: InferRequest, protocol: str) -> InferResponse:
@@ -183,6 +262,7 @@ class DataPlane:
             seq = await asyncio.to_thread(to_sequence, *args) if request.constraint else to_sequence(*args)
             mv.engine.submit(seq)
             running = len(seq.group)  # n > 1: the choices share one events queue; each event has its index
+            ends: list[Event] = []  # each choice's last event
             try:
                 while True:
                     chunk = [await seq.events.get()]
@@ -192,12 +272,16 @@ class DataPlane:
                         if event.error is not None:
                             raise event.error
                     finished = [e for e in chunk if e.finish_reason is not None]
+                    ends += finished
                     running -= len(finished)
                     if running == 0:
                         last = finished[-1]
                         outcome.reason = "cancelled" if last.finish_reason == FinishReason.CANCELLED else None
                         outcome.queue_s = last.queue_s
                         outcome.answered = True
+                        outcome.last, outcome.done_at = last, time.perf_counter()
+                        if self.tracing is not None:
+                            outcome.attributes = genai_attributes(request, mv.name, ends)
                     yield chunk
                     if running == 0:
                         return
@@ -227,6 +311,8 @@ class DataPlane:
             outcome.reason = None
             outcome.queue_s = max(t.queue_s for _, t in results)
             outcome.compute_s = sum({t.compute_s for _, t in results})  # a batch its rows shared counts once
+            outcome.done_at = time.perf_counter()
+            outcome.attributes = {"tserve.inputs": len(rows)}
             return TaskResult(values, sum(r.tokens for r in rows))
 
     def task_models(self, *roles: Role) -> list[ModelVersion]:

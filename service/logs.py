@@ -11,6 +11,7 @@ import sys
 import time
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+trace_id: contextvars.ContextVar[str] = contextvars.ContextVar("trace_id", default="")  # with tracing on
 
 # Request ids need to be unique, not secret: uuid4 reads the OS's random source on every call
 # (about a tenth of the event loop's time per embedding request, profiled at c16b1).
@@ -25,6 +26,7 @@ def new_id(prefix: str) -> str:
 class _RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id.get()
+        record.trace_id = trace_id.get()
         return True
 
 
@@ -38,6 +40,8 @@ class JsonFormatter(logging.Formatter):
         }
         if getattr(record, "request_id", ""):
             entry["request_id"] = record.request_id
+        if getattr(record, "trace_id", ""):
+            entry["trace_id"] = record.trace_id
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry)

@@ -34,6 +34,7 @@ from service.servicers.auth import AuthInterceptor
 from service.servicers.generation import GenerationServicer
 from service.servicers.inference import InferenceServicer
 from service.settings import Settings
+from service.tracing import from_env
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ class TServe:
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
         self.manager = ModelManager(settings, self.metrics)
-        self.dataplane = DataPlane(self.manager, settings)
+        self.tracing = from_env()  # None unless the OTEL_* environment asks for traces
+        self.dataplane = DataPlane(self.manager, settings, self.tracing)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.http: HttpServer | None = None
@@ -188,6 +190,8 @@ class TServe:
         if self.server:
             await self.server.stop(max(0.0, deadline - time.monotonic()))
         await self.manager.close()
+        if self.tracing is not None:
+            self.tracing.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         log.info("stopped")

@@ -69,6 +69,11 @@ class Settings(BaseSettings):
         "second (0.3-0.5 ms a request, measured); the models' queues and predicted waits refuse the rest "
         "(0: no bound).",
     )
+    access_log: bool = Field(
+        default=False,
+        description="Log one line per answered request (logger tserve.access, level info): API, model, protocol, "
+        "outcome, duration, queue and compute time; JSON lines (log_format json) carry its request id and trace id.",
+    )
     drain_grace_seconds: float = Field(
         default=20.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
+from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.auth import TokenAuth
@@ -12,6 +13,7 @@ from service.dataplane import DataPlane
 from service.errors import Unauthenticated
 from service.http import kserve, openai, tei
 from service.http.limits import Admission
+from service.http.openapi import document
 from service.http.errors import kserve_body, openai_body
 
 OPEN_PREFIXES = ("/v2/health/",)  # probes, when auth_open_health
@@ -40,8 +42,9 @@ class BearerAuth:
 def build_app(
     dp: DataPlane, auth: TokenAuth | None, open_health: bool, max_in_flight: int = 0, max_body_bytes: int = 1 << 26
 ) -> ASGIApp:
-    app: ASGIApp = Starlette(routes=[*kserve.routes(dp), *openai.routes(dp), *tei.routes(dp)])
-    app = Admission(app, max_in_flight, max_body_bytes, dp.refused)
+    spec = Route("/openapi.json", lambda request: JSONResponse(document()), methods=["GET"])
+    app: ASGIApp = Starlette(routes=[*kserve.routes(dp), *openai.routes(dp), *tei.routes(dp), spec])
+    app = Admission(app, max_in_flight, max_body_bytes, dp.refused, traced=dp.tracing is not None)
     if auth is not None:
         app = BearerAuth(app, auth, open_health)
     return app

@@ -9,6 +9,7 @@ from __future__ import annotations
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import tracing
 from service.errors import PayloadTooLarge
 from service.http.errors import kserve_body, openai_body, tei_body
 
@@ -24,8 +25,11 @@ def _shape(path: str):
 
 
 class Admission:
-    def __init__(self, app: ASGIApp, max_in_flight: int, max_body_bytes: int, on_refused=None) -> None:
+    def __init__(
+        self, app: ASGIApp, max_in_flight: int, max_body_bytes: int, on_refused=None, traced: bool = False
+    ) -> None:
         self.app = app
+        self.traced = traced  # tracing on: keep the caller's traceparent/tracestate for the request's span
         self.max_in_flight = max_in_flight  # 0: no bound
         self.max_body = max_body_bytes
         self.on_refused = on_refused or (lambda cause: None)
@@ -59,6 +63,8 @@ class Admission:
                     raise PayloadTooLarge(f"the request body holds more than {self.max_body} bytes (max_message_bytes)")
             return message
 
+        if self.traced:
+            tracing.take(scope["headers"])
         self.in_flight += 1
         try:
             await self.app(scope, bounded_receive, send)

@@ -6,7 +6,7 @@ import time
 
 import grpc
 
-from service import __version__
+from service import __version__, tracing
 from service.dataplane import DataPlane
 from service.errors import TServeError
 from service.generated import grpc_service_pb2 as pb
@@ -20,6 +20,12 @@ EXTENSIONS = ["model_configuration", "statistics", "model_repository", "model_re
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
+
+
+def traced(dp: DataPlane, context: grpc.aio.ServicerContext) -> None:
+    """With tracing on, keep the caller's traceparent/tracestate metadata for the request's span."""
+    if dp.tracing is not None:
+        tracing.take(context.invocation_metadata() or ())
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -59,12 +65,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @handle_errors
     async def ModelInfer(self, request, context):
         domain = converters.infer_request_from_proto(request)
+        traced(self.dp, context)
         result = await self.dp.infer(domain, deadline_of(context))
         return converters.infer_response_to_proto(result, domain.requested_outputs)
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Each streamed request is answered in order; an error goes in error_message and the
         stream carries on, as Triton does."""
+        traced(self.dp, context)
         async for request in request_iterator:
             try:
                 domain = converters.infer_request_from_proto(request)
