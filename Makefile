@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 SYSTEM  := $(VENV)/.system-tools
 REPO    ?= model_repository
 
-.PHONY: install install-serve check-serve-install serve test test-unit lint chaos container-test train parse-rate export protos check-protos bench-serve bench-frontend bench-options bench-http bench-generation bench-structured bench-engine-ab bench-genai bench-embed bench-seq2seq train-seq2seq export-seq2seq cluster-up cluster-down clean
+.PHONY: install install-serve check-serve-install serve test test-unit lint chaos container-test train parse-rate export protos check-protos bench-serve bench-frontend bench-options bench-http bench-generation bench-structured bench-engine-ab bench-genai bench-embed bench-tracing bench-seq2seq train-seq2seq export-seq2seq cluster-up cluster-down clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -138,6 +138,10 @@ $(INFINITY_VENV)/.installed:
 
 bench-embed: $(STAMP) $(INFINITY_VENV)/.installed
 	$(PYTHON) -m bench.embed_bench
+
+# tracing off and on (100% sampled, to a real collector) against the commit before tracing
+bench-tracing: $(STAMP)
+	$(PYTHON) -m bench.tracing_bench
 
 cluster-up: $(STAMP) $(SYSTEM)
 	$(PYTHON) -m deploy.local.cluster up
