@@ -60,14 +60,13 @@ class Settings(BaseSettings):
         ge=1024,
         description="Largest gRPC message accepted or sent (RESOURCE_EXHAUSTED beyond).",
     )
-    max_concurrent_rpcs: int = Field(
-        default=256,
+    max_concurrent_rpcs: int | None = Field(
+        default=None,
         ge=0,
-        description="Requests the server takes at once on each of gRPC and HTTP (streams included); beyond, gRPC "
-        "answers RESOURCE_EXHAUSTED and HTTP 429 with Retry-After at once instead of holding them in the intake "
-        "until their deadline passes. The default is what one event loop takes in within about a tenth of a "
-        "second (0.3-0.5 ms a request, measured); the models' queues and predicted waits refuse the rest "
-        "(0: no bound).",
+        description="Requests the server takes at once on each of gRPC and HTTP, streams included; beyond, gRPC "
+        "answers RESOURCE_EXHAUSTED and HTTP 429 with Retry-After at once. Unset: twice generation_max_sequences "
+        "(64 by default): a full generation batch and as many streams again waiting, and a bound on what waits "
+        "for the one event loop; the models' queues and predicted waits refuse the rest. 0: no bound.",
     )
     access_log: bool = Field(
         default=False,
@@ -178,6 +177,13 @@ class Settings(BaseSettings):
             if path is not None and not path.is_file():
                 raise ValueError(f"{name} {str(path)!r} is not a file")
         return self
+
+    @property
+    def admission_bound(self) -> int:
+        """Requests taken at once per protocol (0: no bound); see max_concurrent_rpcs."""
+        if self.max_concurrent_rpcs is None:
+            return 2 * self.generation_max_sequences
+        return self.max_concurrent_rpcs
 
     @property
     def session_threads(self) -> int:

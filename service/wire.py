@@ -33,6 +33,9 @@ def refuse_unsupported(parameters: Iterable[str], where: str) -> None:
             )
 
 
+MAX_RANK, MAX_DIM = 16, (1 << 31) - 1
+
+
 def check_tensor_header(name: str, datatype: str, shape: list[int]) -> np.dtype:
     """The datatype's numpy dtype (little-endian on the wire), after checking datatype and shape."""
     if datatype not in DATATYPES and datatype != BYTES:
@@ -42,6 +45,11 @@ def check_tensor_header(name: str, datatype: str, shape: list[int]) -> np.dtype:
         )
     if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape):
         raise InvalidInput(f"input {short(name)} has a negative dimension (or one not an integer) in shape {shape[:8]}")
+    # an empty tensor may claim any other dimension; one no array can have is refused here
+    if len(shape) > MAX_RANK or any(d > MAX_DIM for d in shape):
+        raise InvalidInput(
+            f"input {short(name)} has shape {shape[:8]}: at most {MAX_RANK} dimensions of at most {MAX_DIM} each"
+        )
     if datatype == BYTES:
         return np.dtype(np.object_)
     return DATATYPES[datatype].newbyteorder("<")

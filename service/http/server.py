@@ -55,7 +55,7 @@ class HttpServer:
             if s.tls_client_ca_file is not None:
                 tls.update(ssl_ca_certs=str(s.tls_client_ca_file), ssl_cert_reqs=ssl.CERT_REQUIRED)
         config = uvicorn.Config(
-            build_app(dp, auth, s.auth_open_health, s.max_concurrent_rpcs, s.max_message_bytes),
+            build_app(dp, auth, s.auth_open_health, s.admission_bound, s.max_message_bytes),
             host=s.host,
             port=s.http_port,
             http="httptools",
