@@ -142,3 +142,29 @@ def test_a_cancelled_caller_frees_its_place(runtime):
         np.testing.assert_array_equal(outputs["y"], TABLE[[[7, 7]]])
 
     asyncio.run(with_batcher(runtime, body))
+
+
+def test_a_deadline_the_queue_cannot_meet_is_refused_at_once(runtime):
+    """Predicted wait = the queued work on the cost line (here 10 ms a token, from its seeds):
+    a request whose deadline comes sooner is refused at admission, one with time enough queues."""
+
+    async def body():
+        s = spec()
+        observer = ModelObserver(Metrics(CollectorRegistry()), s.name, s.version)
+        batcher = DynamicBatcher(s, runtime, observer, cost_seeds=[(10.0, 0.1), (100.0, 1.0)])  # not started
+        waiting = asyncio.ensure_future(submit(s, batcher, np.ones((1, 20), np.int64)))  # 20 tokens: 0.2 s
+        await asyncio.sleep(0)
+        assert batcher.predicted_wait_s() == pytest.approx(0.2, rel=0.05)
+        started = time.perf_counter()
+        with pytest.raises(QueueFull, match="predicted queue wait 200 ms"):
+            await submit(s, batcher, np.ones((1, 3), np.int64), deadline=time.monotonic() + 0.05)
+        assert time.perf_counter() - started < 0.01  # refused at once, not after the deadline
+        late = asyncio.ensure_future(submit(s, batcher, np.ones((1, 3), np.int64), deadline=time.monotonic() + 5))
+        await asyncio.sleep(0)
+        assert batcher.queued == 2
+        refusals = observer.metrics.refusals.labels(s.name, str(s.version), "deadline")._value.get()
+        await batcher.close()
+        await asyncio.gather(waiting, late, return_exceptions=True)
+        return refusals
+
+    assert asyncio.run(body()) == 1
