@@ -64,6 +64,19 @@ def _dtname(dtype: np.dtype) -> str:
     return DATATYPE_OF_NUMPY.get(dtype, str(dtype))
 
 
+def _check_positions(spec: ModelSpec, name: str, a: np.ndarray) -> None:
+    """Position ids index the position table: [0, max_sequence_length) when the limit is known
+    (a negative one would wrap around inside ONNX Runtime's Gather and silently read another row)."""
+    if not spec.max_sequence_length or "position" not in name or a.size == 0 or a.dtype.kind not in "iu":
+        return
+    lo, hi = int(a.min()), int(a.max())
+    if lo < 0 or hi >= spec.max_sequence_length:
+        raise InvalidInput(
+            f"input {name!r} holds position {lo if lo < 0 else hi}, outside model {spec.name!r}'s positions "
+            f"[0, {spec.max_sequence_length})"
+        )
+
+
 def _check_tokens(spec: ModelSpec, name: str, a: np.ndarray) -> None:
     if spec.vocab_size is None or name not in spec.token_inputs or a.size == 0:
         return
@@ -99,6 +112,7 @@ def prepare(spec: ModelSpec, request: InferRequest) -> Prepared:
     for name, a in inputs.items():
         _check_tensor(spec, known[name], a, allow_empty=name in past_names)
         _check_tokens(spec, name, a)
+        _check_positions(spec, name, a)
     if decoder is not None and (problem := decoder.check_lengths(inputs, spec.max_sequence_length)):
         raise InvalidInput(f"model {spec.name!r}: {problem}")
 

@@ -139,7 +139,10 @@ def decode_infer(body: bytes, header_length: str | None, model: str, version: st
         raise InvalidInput(f"the body has {len(binary) - offset} bytes of binary data no input claims")
     binary_default = bool(params.get("binary_data_output", False))
     outputs: dict[str, bool] = {}
-    for entry in doc.get("outputs") or []:
+    requested = doc.get("outputs") or []
+    if not isinstance(requested, list):
+        raise InvalidInput("the request's 'outputs' must be a list of objects")
+    for entry in requested:
         entry = _object(entry, "each output")
         name = entry.get("name")
         if not isinstance(name, str):

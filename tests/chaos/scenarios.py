@@ -179,26 +179,27 @@ def gpt2_request(length: int, batch: int = 1, positions: np.ndarray | None = Non
 
 
 def fuzz_gpt2(rng: random.Random) -> pb.ModelInferRequest:
-    """Input the third-party GPT's graph cannot take though the server can decode it: longer than
-    its position table, positions past it or negative, inputs whose lengths disagree."""
+    """Input the third-party GPT cannot take though the server can decode it: longer than its
+    position table, positions past it or negative, a mask shorter than the ids, token ids past its
+    vocabulary."""
     kind = rng.randrange(5)
     if kind == 0:  # over-long: refused before compute, the limit found in the graph
         return gpt2_request(rng.choice([65, 66, 100, 233, 1024]), rng.choice([1, 2]), seed=rng.randrange(99))
     length = rng.choice([1, 5, 17, 64])
-    if kind == 1:  # positions past the table (a Gather out of range inside ONNX Runtime)
-        pos = np.arange(length)[None] + rng.choice([1, 64, 1000, 1 << 40])
+    if kind == 1:  # the last position past the table
+        pos = np.arange(length)[None] + (third_party.POSITIONS - length) + rng.choice([1, 64, 1000, 1 << 40])
         return gpt2_request(length, positions=pos)
-    if kind == 2:
+    if kind == 2:  # negative positions (ONNX Runtime's Gather would wrap them around)
         return gpt2_request(length, positions=np.full((1, length), rng.choice([-1, -65, -(1 << 62)])))
     req = gpt2_request(length)
-    if kind == 3:  # the mask's length disagrees with the ids'
-        n = length + rng.choice([1, -1 if length > 1 else 2, 30])
+    if kind == 3 and length > 1:  # a mask shorter than the ids (ONNX Runtime's Gather fails inside the batch)
+        n = rng.randrange(1, length)
         req.inputs[1].shape[1] = n
         req.raw_input_contents[1] = np.ones((1, n), np.int64).tobytes()
-    else:  # token ids past the declared vocabulary
-        bad = np.zeros((1, length), np.int64)
-        bad[0, -1] = rng.choice([third_party.VOCAB, 1 << 33, -1])
-        req.raw_input_contents[0] = bad.tobytes()
+        return req
+    bad = np.zeros((1, length), np.int64)
+    bad[0, -1] = rng.choice([third_party.VOCAB, 1 << 33, -1])
+    req.raw_input_contents[0] = bad.tobytes()
     return req
 
 
