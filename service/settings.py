@@ -64,9 +64,9 @@ class Settings(BaseSettings):
         default=None,
         ge=0,
         description="Requests the server takes at once on each of gRPC and HTTP, streams included; beyond, gRPC "
-        "answers RESOURCE_EXHAUSTED and HTTP 429 with Retry-After at once. Unset: twice generation_max_sequences "
-        "(64 by default): a full generation batch and as many streams again waiting, and a bound on what waits "
-        "for the one event loop; the models' queues and predicted waits refuse the rest. 0: no bound.",
+        "answers RESOURCE_EXHAUSTED and HTTP 429 with Retry-After at once. Unset: generation_max_sequences + "
+        "generation_max_queue (288 by default), every stream one generating model holds, running or waiting; "
+        "the models' queues and predicted waits refuse the rest. 0: no bound.",
     )
     access_log: bool = Field(
         default=False,
@@ -182,7 +182,7 @@ class Settings(BaseSettings):
     def admission_bound(self) -> int:
         """Requests taken at once per protocol (0: no bound); see max_concurrent_rpcs."""
         if self.max_concurrent_rpcs is None:
-            return 2 * self.generation_max_sequences
+            return self.generation_max_sequences + self.generation_max_queue
         return self.max_concurrent_rpcs
 
     @property

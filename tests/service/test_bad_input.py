@@ -137,7 +137,11 @@ def test_negative_and_huge_dims(stub):
     expect(stub, req, INVALID, "negative")
     req = request()
     del req.inputs[0].shape[:]
-    req.inputs[0].shape.extend([1 << 40, 1 << 40])  # must not allocate: the byte count disagrees first
+    req.inputs[0].shape.extend([1 << 40, 1 << 40])  # must not allocate: refused on the shape alone
+    expect(stub, req, INVALID, "input_ids", "at most 16 dimensions of at most 2147483647 each")
+    req = request()
+    del req.inputs[0].shape[:]
+    req.inputs[0].shape.extend([1, 1 << 30])  # a possible shape: the byte count disagrees
     expect(stub, req, INVALID, "input_ids", "bytes")
 
 

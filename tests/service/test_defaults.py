@@ -88,7 +88,12 @@ def test_a_1_gib_body_is_refused_with_413_before_it_is_read(server):
             b"POST /v2/models/gpt2/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Content-Length: 1073741824\r\n\r\n" + b"[" * 65536
         )
-        answer = sock.recv(65536)
+        answer = b""
+        while b"max_message_bytes" not in answer and b"}" not in answer.partition(b"\r\n\r\n")[2]:
+            part = sock.recv(65536)
+            if not part:
+                break
+            answer += part
         took = time.monotonic() - started
         try:  # the server closes the connection: the rest of the gigabyte is never taken in
             for _ in range(256):
