@@ -124,6 +124,8 @@ class DynamicBatcher:
         costs = self.policy.costs
         if not costs.known or not (self._queued or self._in_flight):
             return 0.0
+        if not self._queued and self._in_flight < self.runtime.instances:
+            return 0.0  # an instance is free: the run starts at once
         batches = -(-self._queued_rows // max(1, self.target_rows or 1)) + self._in_flight
         work = batches * costs.fixed_s + (self._queued_tokens + self._in_flight_tokens) * costs.per_token_s
         return work / self.runtime.instances

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from contextlib import contextmanager
 from typing import Iterator
 
-from service.errors import FailedPrecondition, InternalError, InvalidInput, TServeError, Unavailable
+from service.errors import FailedPrecondition, InternalError, InvalidInput, QueueFull, TServeError, Unavailable
 from service.tasks.roles import WHAT, Role, TaskRequest, TaskResult
 from service.tasks.tensors import carries_bytes, task_outputs, task_request
 from service.generation.requests import GenerateInput, to_sequence
@@ -113,7 +113,7 @@ class DataPlane:
         return self._inflight
 
     def refused(self, cause: str) -> None:
-        """A refusal before any model was chosen (the HTTP in-flight bound)."""
+        """A refusal before any model was chosen (the in-flight bound)."""
         self.manager.metrics.refusals.labels("", "", cause).inc()
 
     def ready(self) -> bool:
@@ -127,8 +127,15 @@ class DataPlane:
         return self.manager.get(name, version, ready=False).ready and not self.draining
 
     def admit(self) -> None:
+        """Before a request of either API is taken: refused when draining, or at once when the
+        server already holds max_concurrent_rpcs requests (health, metadata and repository calls
+        are never counted or refused: a probe must get through a loaded server)."""
         if self.refusing:
             raise Unavailable("the server is shutting down; retry on another replica")
+        bound = self.settings.admission_bound
+        if bound and self._inflight >= bound:
+            self.refused("concurrency")
+            raise QueueFull(f"the server has {self._inflight} requests in flight (max_concurrent_rpcs {bound})")
 
     # -- the two request kinds --------------------------------------------------------------
 

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 # ops an index passes through unchanged in value on its way to a Gather
 _PASS_THROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand"}
-PROBE_MAX = 16384  # longer tables are not probed: a run that long costs too much at load
+PROBE_MAX = 4096  # longer tables are not probed: a run that long costs too much memory at load
 
 
 def position_tables(model_file: Path, vocab_size: int | None = None) -> list[int]:

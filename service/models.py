@@ -196,7 +196,7 @@ class ModelManager:
             if self.settings.verify_golden:
                 check_golden(spec, runtime)
             if spec.max_sequence_length is None and (limit := probe_position_limit(spec, runtime)):
-                spec = dataclasses.replace(spec, max_sequence_length=limit)
+                spec = dataclasses.replace(spec, max_sequence_length=limit, position_table=limit)
             try:
                 warm_up(spec, runtime)
                 mv.cost_seeds = time_batches(spec, runtime)

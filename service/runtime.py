@@ -39,6 +39,8 @@ _INPUT_ERRORS = (
     ort_state.NotImplemented,
 )
 _OOM_SIGNS = ("Failed to allocate memory", "bad_alloc", "out of memory", "CUDA_ERROR_OUT_OF_MEMORY")
+# ...except where the device failed, whatever code ORT gave it: a poisoned CUDA context is no 400
+_DEVICE_SIGNS = ("CUDA", "CUBLAS", "CUDNN", "cudnn", "cublas", "illegal memory", "TensorRT", "device")
 
 
 def classify(error: Exception) -> TServeError:
@@ -50,7 +52,7 @@ def classify(error: Exception) -> TServeError:
         return OutOfMemory(
             f"the run could not allocate the memory it needs; send smaller requests ({str(error)[-160:]})"
         )
-    if isinstance(error, _INPUT_ERRORS):
+    if isinstance(error, _INPUT_ERRORS) and not any(s in str(error) for s in _DEVICE_SIGNS):
         return InvalidInput(f"the model cannot run on this input: ONNX Runtime says {_ort_words(error)}")
     return InternalError(f"inference failed: {type(error).__name__}: {str(error)[:200]}")
 

@@ -75,7 +75,6 @@ class TServe:
         interceptors = [AuthInterceptor(auth, self.settings.auth_open_health)] if auth else []
         server = grpc.aio.server(
             interceptors=interceptors,
-            maximum_concurrent_rpcs=self.settings.admission_bound or None,
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),

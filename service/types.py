@@ -113,6 +113,7 @@ class ModelSpec:
     vocab_size: int | None = None
     token_inputs: tuple[str, ...] = ()
     max_sequence_length: int | None = None
+    position_table: int | None = None  # rows of the position table found in the graph (position ids < it)
     manifest: dict[str, Any] | None = None
     decoder: DecoderGraph | None = None  # set when the graph follows the decoder-with-past convention
     eos_token_ids: tuple[int, ...] = ()  # from an export's generation_config.json / config.json

@@ -65,15 +65,16 @@ def _dtname(dtype: np.dtype) -> str:
 
 
 def _check_positions(spec: ModelSpec, name: str, a: np.ndarray) -> None:
-    """Position ids index the position table: [0, max_sequence_length) when the limit is known
-    (a negative one would wrap around inside ONNX Runtime's Gather and silently read another row)."""
-    if not spec.max_sequence_length or "position" not in name or a.size == 0 or a.dtype.kind not in "iu":
+    """Position ids index the position table found in the graph: [0, rows) (a negative one would
+    wrap around inside ONNX Runtime's Gather and silently read another row). Only that table's
+    bound: a RoBERTa-family export's positions start past its pad id, above its length limit."""
+    if not spec.position_table or "position" not in name or a.size == 0 or a.dtype.kind not in "iu":
         return
     lo, hi = int(a.min()), int(a.max())
-    if lo < 0 or hi >= spec.max_sequence_length:
+    if lo < 0 or hi >= spec.position_table:
         raise InvalidInput(
             f"input {name!r} holds position {lo if lo < 0 else hi}, outside model {spec.name!r}'s positions "
-            f"[0, {spec.max_sequence_length})"
+            f"[0, {spec.position_table})"
         )
 
 

@@ -33,7 +33,7 @@ def refuse_unsupported(parameters: Iterable[str], where: str) -> None:
             )
 
 
-MAX_RANK, MAX_DIM = 16, (1 << 31) - 1
+MAX_RANK, MAX_DIM, MAX_ELEMENTS = 16, (1 << 31) - 1, 1 << 40
 
 
 def check_tensor_header(name: str, datatype: str, shape: list[int]) -> np.dtype:
@@ -46,9 +46,10 @@ def check_tensor_header(name: str, datatype: str, shape: list[int]) -> np.dtype:
     if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape):
         raise InvalidInput(f"input {short(name)} has a negative dimension (or one not an integer) in shape {shape[:8]}")
     # an empty tensor may claim any other dimension; one no array can have is refused here
-    if len(shape) > MAX_RANK or any(d > MAX_DIM for d in shape):
+    if len(shape) > MAX_RANK or any(d > MAX_DIM for d in shape) or math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
         raise InvalidInput(
-            f"input {short(name)} has shape {shape[:8]}: at most {MAX_RANK} dimensions of at most {MAX_DIM} each"
+            f"input {short(name)} has shape {shape[:8]}: at most {MAX_RANK} dimensions of at most {MAX_DIM} each, "
+            f"{MAX_ELEMENTS} elements in all (counting empty dimensions as 1)"
         )
     if datatype == BYTES:
         return np.dtype(np.object_)

@@ -60,10 +60,16 @@ def tei_body(status: int, message: str) -> dict:
     return {"error": message, "error_type": TEI_TYPE.get(status, "Backend")}
 
 
+_HEADERS = {401: {"WWW-Authenticate": "Bearer"}, 429: {"Retry-After": "1"}}  # a 413 keeps the connection:
+# closing it while a client still sends a chunked body resets the client before it reads the answer
+
+
 def _answer(e: Exception, where: str, shape: Callable[[int, str], dict]) -> Response:
     if isinstance(e, errors.TServeError):
         status = status_of(e)
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {"Retry-After": "1"} if status == 429 else None
+        headers = {401: {"WWW-Authenticate": "Bearer"}, 429: {"Retry-After": "1"}, 413: {"Connection": "close"}}.get(
+            status
+        )
         return JSONResponse(shape(status, e.message), status_code=status, headers=headers)
     log.error("unhandled error in %s", where, exc_info=e)
     return JSONResponse(shape(500, f"internal error in {where}; see the server log"), status_code=500)

@@ -36,6 +36,13 @@ pytestmark = pytest.mark.unit  # in-process, no servers or exports: make test-un
             InvalidInput,
         ),
         (ort_state.EPFail("[ONNXRuntimeError] : 11 : EP_FAIL : CUDA failure 700"), InternalError),
+        # the device failed, whatever code ORT gave it: no 400 for a poisoned CUDA context
+        (
+            ort_state.Fail(
+                "[ONNXRuntimeError] : 1 : FAIL : CUDA failure 700: an illegal memory access was encountered"
+            ),
+            InternalError,
+        ),
         (ValueError("a bug of ours"), InternalError),
     ],
 )
