@@ -87,8 +87,8 @@ class Metrics:
         self.refusals = Counter(
             "tserve_admission_refusals",
             "Requests refused at admission, by cause: queue_full (the model's queue bound), deadline (the "
-            "predicted queue wait passes the request's deadline), concurrency (HTTP requests beyond "
-            "max_concurrent_rpcs; gRPC's own refusals happen in its core and are not counted here).",
+            "predicted queue wait passes the request's deadline), concurrency (requests beyond "
+            "max_concurrent_rpcs in flight).",
             [*MODEL, "cause"],
             registry=registry,
         )

@@ -63,8 +63,9 @@ class Settings(BaseSettings):
     max_concurrent_rpcs: int | None = Field(
         default=None,
         ge=0,
-        description="Requests the server takes at once on each of gRPC and HTTP, streams included; beyond, gRPC "
-        "answers RESOURCE_EXHAUSTED and HTTP 429 with Retry-After at once. Unset: generation_max_sequences + "
+        description="Inference and generation requests the server holds at once, streams included (health and "
+        "metadata calls are never refused); beyond, RESOURCE_EXHAUSTED / HTTP 429 with Retry-After at once. "
+        "Unset: generation_max_sequences + "
         "generation_max_queue (288 by default), every stream one generating model holds, running or waiting; "
         "the models' queues and predicted waits refuse the rest. 0: no bound.",
     )
