@@ -28,38 +28,12 @@ from service.generation.sequence import Event, FinishReason
 from service.logs import request_id, trace_id
 from service.models import ModelManager, ModelVersion
 from service.settings import Settings
-from service.tracing import Tracing
+from service.tracing import Tracing, genai_attributes
 from service.types import InferRequest, InferResponse
 from service.validation import prepare
 
 log = logging.getLogger(__name__)
 access = logging.getLogger("tserve.access")  # one line per answered request, with access_log
-
-
-def genai_attributes(request: GenerateInput, model: str, ends: list[Event]) -> dict:
-    """A generation's span attributes, as OpenTelemetry's GenAI semantic conventions name them."""
-    attributes = {
-        "gen_ai.operation.name": "text_completion",
-        "gen_ai.provider.name": "tserve",
-        "gen_ai.request.model": request.model,
-        "gen_ai.response.model": model,
-        "gen_ai.request.choice.count": request.n,
-        "gen_ai.usage.input_tokens": ends[0].prompt_tokens if ends else 0,
-        "gen_ai.usage.output_tokens": sum(e.generated_tokens for e in ends),
-        "gen_ai.response.finish_reasons": [e.finish_reason.value for e in ends if e.finish_reason is not None],
-    }
-    for key, value in (
-        ("gen_ai.request.max_tokens", request.max_new_tokens),
-        ("gen_ai.request.temperature", request.temperature),
-        ("gen_ai.request.top_p", request.top_p),
-        ("gen_ai.request.top_k", request.top_k),
-        ("gen_ai.request.seed", request.seed),
-        ("gen_ai.request.presence_penalty", request.presence_penalty),
-        ("gen_ai.request.frequency_penalty", request.frequency_penalty),
-    ):
-        if value is not None:
-            attributes[key] = value
-    return attributes
 
 
 INFER, GENERATE = "infer", "generate"  # the request kinds (the `api` label), with the task roles
@@ -174,8 +148,7 @@ class DataPlane:
         finally:
             self._inflight -= 1
             observer.inflight(api, protocol, -1)
-            ended = time.perf_counter()
-            duration = ended - started
+            duration = time.perf_counter() - started
             if span is not None:
                 outcome.trace_phases(started)
                 self.tracing.finish(span, outcome, time.time_ns())

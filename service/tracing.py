@@ -23,12 +23,43 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.generation.requests import GenerateInput
+    from service.generation.sequence import Event
 
 log = logging.getLogger(__name__)
 
 # the caller's trace headers, set by the front end in the request's own task
 incoming: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("trace_headers", default=None)
 HEADERS = ("traceparent", "tracestate")
+
+
+def genai_attributes(request: GenerateInput, model: str, ends: list[Event]) -> dict:
+    """A generation's span attributes, as OpenTelemetry's GenAI semantic conventions name them."""
+    attributes = {
+        "gen_ai.operation.name": "text_completion",
+        "gen_ai.provider.name": "tserve",
+        "gen_ai.request.model": request.model,
+        "gen_ai.response.model": model,
+        "gen_ai.request.choice.count": request.n,
+        "gen_ai.usage.input_tokens": ends[0].prompt_tokens if ends else 0,
+        "gen_ai.usage.output_tokens": sum(e.generated_tokens for e in ends),
+        "gen_ai.response.finish_reasons": [e.finish_reason.value for e in ends if e.finish_reason is not None],
+    }
+    for key, value in (
+        ("gen_ai.request.max_tokens", request.max_new_tokens),
+        ("gen_ai.request.temperature", request.temperature),
+        ("gen_ai.request.top_p", request.top_p),
+        ("gen_ai.request.top_k", request.top_k),
+        ("gen_ai.request.seed", request.seed),
+        ("gen_ai.request.presence_penalty", request.presence_penalty),
+        ("gen_ai.request.frequency_penalty", request.frequency_penalty),
+    ):
+        if value is not None:
+            attributes[key] = value
+    return attributes
 
 
 def wanted(env: Mapping[str, str] = os.environ) -> bool:
