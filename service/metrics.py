@@ -133,8 +133,9 @@ class Metrics:
         )
         self.generation_graph = Gauge(
             "tserve_generation_graph",
-            "1 for the graph a decoder generates with: fused (its manifest's fused graph, "
-            "checked against model.onnx at load) or plain (model.onnx).",
+            "1 for the graph a decoder generates with: fused (a genai folder's graph or its manifest's fused "
+            "graph), derived (a fused graph tserve derived from an Optimum export's weights) or plain (model.onnx); "
+            "a fused or derived graph is used only after it gave model.onnx's logits at load.",
             [*MODEL, "graph"],
             registry=registry,
         )
@@ -320,7 +321,7 @@ class ModelObserver:
             self.metrics.model_state.labels(*self.labels, st.value).set(1 if st == state else 0)
 
     def generation_graph(self, kind: str) -> None:
-        for k in ("fused", "plain"):
+        for k in ("fused", "derived", "plain"):
             self.metrics.generation_graph.labels(*self.labels, k).set(1 if k == kind else 0)
 
     def loaded(self, seconds: float, provider: str) -> None:

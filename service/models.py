@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -30,6 +32,7 @@ from service.conventions.decoder import DecoderGraph
 from service.conventions.seq2seq import ENCODER, MergedBranch, decoder_files, is_seq2seq
 from service.errors import InvalidInput, ModelLoadError, ModelNotFound, Unavailable
 from service.generated import model_config_pb2 as mc
+from service.generation.derived_graph import NotDerivable, cached_derivation
 from service.generation.engine import CacheFactory, EngineLimits, GenerationEngine
 from service.generation.kv_rows import KVRows
 from service.generation.kv_slots import KVSlots
@@ -222,30 +225,42 @@ class ModelManager:
         self, mv: ModelVersion, entry, spec: ModelSpec, runtime: OrtRuntime, providers: list[str]
     ) -> None:
         """The graph and cache a decoder generates with. An onnxruntime-genai folder's one graph
-        is itself fused (a shared KV buffer). A manifest may name a fused generation graph
-        (generation.graph, written by export/gqa_graph.py: GroupQueryAttention over a shared KV
-        buffer): the engine runs it only if, driven by the engine, it gives model.onnx's logits
-        on the golden prompt and the decode steps after it; otherwise, or if it does not load,
-        the engine runs model.onnx and the log says why. A model never changes its outputs for
-        speed."""
+        is itself fused (a shared KV buffer). Otherwise a fused graph (GroupQueryAttention over a
+        shared KV buffer) stands in for model.onnx in generation: the one a manifest names
+        (generation.graph, written by export/gqa_graph.py), or, for an Optimum export of a
+        family tserve knows, one derived from its weights (generation/derived_graph.py, cached
+        under cache_dir by the export's checksum). The engine runs it only if, driven by the
+        engine, it gives model.onnx's logits on the golden prompt and the decode steps after it;
+        otherwise, or if it cannot be had, the engine runs model.onnx and the log says why. A
+        model never changes its outputs for speed."""
         mv.make_cache = partial(decoder_cache, spec.decoder, runtime)
         self._check_kv_reservation(spec.decoder)  # a genai folder's own graph shares its buffer
+        where = f"model {entry.name} version {entry.version}"
         name = (spec.manifest or {}).get("generation", {}).get("graph")
-        if not name or name in mv.graphs:  # none, or the model's own graph
+        if spec.decoder.shared_kv or name in mv.graphs:  # already fused, or the model's own graph
             mv.observer.generation_graph("fused" if spec.decoder.shared_kv else "plain")
             return
-        kind = "plain"
+        kind, path, temporary = "fused", entry.path / name if name else None, None
+        if path is None:
+            path, temporary = self._derived_graph(entry, where)
+            if path is None:
+                mv.observer.generation_graph("plain")
+                return
+            kind = "derived"
         try:
-            fused = self._runtime(entry.path / name, providers, entry, instances=1)  # the engine runs one session
+            fused = self._runtime(path, providers, entry, instances=1)  # the engine runs one session
         except Exception as e:
             log.warning(
-                "model %s version %d: the fused generation graph %s does not load (%s); generating with model.onnx",
-                entry.name,
-                entry.version,
-                name,
+                "%s: the fused generation graph %s does not load (%s); generating with model.onnx",
+                where,
+                path,
                 str(e)[:200],
             )
-        else:
+            fused, kind = None, "plain"
+        finally:
+            if temporary is not None:  # ONNX Runtime holds the weights once the session exists
+                shutil.rmtree(temporary, ignore_errors=True)
+        if fused is not None:
             graph = dataclasses.replace(spec.decoder, shared_kv=True, max_length=spec.max_sequence_length or 0)
             try:
                 problem = fused_mismatch(spec, runtime, fused, graph)
@@ -256,14 +271,44 @@ class ModelManager:
             except Exception as e:
                 problem = f"could not be checked ({type(e).__name__}: {str(e)[:200]})"
             if problem is None:
-                mv.graphs[name], mv.make_cache, kind = fused, partial(decoder_cache, graph, fused), "fused"
-                log.info("model %s version %d generates with %s (shared KV buffer)", entry.name, entry.version, name)
+                mv.graphs[str(path)], mv.make_cache = fused, partial(decoder_cache, graph, fused)
+                log.info("%s generates with %s (%s graph, shared KV buffer)", where, path, kind)
             else:
                 fused.close()
-                log.warning(
-                    "model %s version %d: %s %s; generating with model.onnx", entry.name, entry.version, name, problem
-                )
+                kind = "plain"
+                log.warning("%s: the fused generation graph %s %s; generating with model.onnx", where, path, problem)
         mv.observer.generation_graph(kind)
+
+    def _derived_graph(self, entry, where: str) -> tuple[Path | None, Path | None]:
+        """The fused graph derived from an Optimum decoder export, and a temporary folder to
+        remove once it is loaded (where the cache directory cannot be written); (None, None)
+        where none is derived, with the reason in the log."""
+        if self.settings.generation_fused_graph == "off":
+            return None, None
+        model_file = graph_file(entry)
+        try:
+            try:
+                return cached_derivation(model_file, self.settings.cache_dir), None
+            except OSError as e:  # a read-only cache: derive for this load alone
+                log.warning(
+                    "%s: cache_dir %s cannot be written (%s); deriving the fused graph into a temporary folder",
+                    where,
+                    self.settings.cache_dir,
+                    e,
+                )
+                temporary = Path(tempfile.mkdtemp(prefix="tserve-derived-"))
+                try:
+                    return cached_derivation(model_file, temporary), temporary
+                except BaseException:
+                    shutil.rmtree(temporary, ignore_errors=True)
+                    raise
+        except NotDerivable as e:
+            log.info("%s generates with model.onnx: %s", where, e)
+        except Exception as e:  # a graph tserve cannot read: its own graph still serves
+            log.warning(
+                "%s: no fused graph derived (%s: %s); generating with model.onnx", where, type(e).__name__, str(e)[:200]
+            )
+        return None, None
 
     def _check_kv_reservation(self, graph: DecoderGraph) -> None:
         """A shared KV buffer may grow to slots x context: refuse one that would exceed the setting."""

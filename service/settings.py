@@ -134,6 +134,17 @@ class Settings(BaseSettings):
         "buffer (slots x context x layers) or an encoder-decoder's cross-attention buffers (slots x longest source "
         "x layers); a model above it is UNAVAILABLE, with the figure (lower generation_max_sequences or the context).",
     )
+    generation_fused_graph: Literal["auto", "off"] = Field(
+        default="auto",
+        description="auto: a decoder exported by Optimum (Llama, Mistral, Qwen2, Phi-3, SmolLM or GPT-2) generates on "
+        "a fused graph tserve derives from its weights (GroupQueryAttention over a shared KV buffer), used only if it "
+        "gives the export's logits at load, and cached under cache_dir; off: on the export's own graph.",
+    )
+    cache_dir: Path = Field(
+        default_factory=lambda: Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tserve",
+        description="Where tserve keeps what it derives from models (fused generation graphs), keyed by the model's "
+        "checksum, outside the model repository. Unwritable: derived at every load into a temporary folder.",
+    )
     generation_default_max_new_tokens: int = Field(
         default=64, ge=1, description="max_new_tokens when a request leaves it out (capped by the context left)."
     )

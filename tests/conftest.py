@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# what servers started by the tests derive from models (fused generation graphs) goes to a folder
+# of the run's own, not the user's cache; inherited by every ServerProcess
+os.environ.setdefault("TSERVE_CACHE_DIR", tempfile.mkdtemp(prefix="tserve-test-cache-"))
 DEFAULT_REPOSITORY = ROOT / "model_repository"
 DEFAULT_CHECKPOINT = ROOT / "model" / "checkpoints" / "bytegpt.pt"
 # the shipped decoder's vocabulary: the width of its logits, one past its largest token id

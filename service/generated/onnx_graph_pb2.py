@@ -25,23 +25,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x10onnx_graph.proto\x12\x0btserve.onnx\"<\n\x0bTensorProto\x12\x0c\n\x04\x64ims\x18\x01 \x03(\x03\x12\x11\n\tdata_type\x18\x02 \x01(\x05\x12\x0c\n\x04name\x18\x08 \x01(\t\"\\\n\x0e\x41ttributeProto\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\t\n\x01i\x18\x03 \x01(\x03\x12#\n\x01t\x18\x05 \x01(\x0b\x32\x18.tserve.onnx.TensorProto\x12\x0c\n\x04ints\x18\x08 \x03(\x03\"\x89\x01\n\tNodeProto\x12\r\n\x05input\x18\x01 \x03(\t\x12\x0e\n\x06output\x18\x02 \x03(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0f\n\x07op_type\x18\x04 \x01(\t\x12.\n\tattribute\x18\x05 \x03(\x0b\x32\x1b.tserve.onnx.AttributeProto\x12\x0e\n\x06\x64omain\x18\x07 \x01(\t\"\x1e\n\x0eValueInfoProto\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xc8\x01\n\nGraphProto\x12$\n\x04node\x18\x01 \x03(\x0b\x32\x16.tserve.onnx.NodeProto\x12\x0c\n\x04name\x18\x02 \x01(\t\x12-\n\x0binitializer\x18\x05 \x03(\x0b\x32\x18.tserve.onnx.TensorProto\x12*\n\x05input\x18\x0b \x03(\x0b\x32\x1b.tserve.onnx.ValueInfoProto\x12+\n\x06output\x18\x0c \x03(\x0b\x32\x1b.tserve.onnx.ValueInfoProto\"H\n\nModelProto\x12\x12\n\nir_version\x18\x01 \x01(\x03\x12&\n\x05graph\x18\x07 \x01(\x0b\x32\x17.tserve.onnx.GraphProto')
+DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x10onnx_graph.proto\x12\x0btserve.onnx\"4\n\x16StringStringEntryProto\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\x84\x03\n\x0bTensorProto\x12\x0c\n\x04\x64ims\x18\x01 \x03(\x03\x12\x11\n\tdata_type\x18\x02 \x01(\x05\x12\x16\n\nfloat_data\x18\x04 \x03(\x02\x42\x02\x10\x01\x12\x16\n\nint32_data\x18\x05 \x03(\x05\x42\x02\x10\x01\x12\x16\n\nint64_data\x18\x07 \x03(\x03\x42\x02\x10\x01\x12\x0c\n\x04name\x18\x08 \x01(\t\x12\x10\n\x08raw_data\x18\t \x01(\x0c\x12:\n\rexternal_data\x18\r \x03(\x0b\x32#.tserve.onnx.StringStringEntryProto\x12<\n\rdata_location\x18\x0e \x01(\x0e\x32%.tserve.onnx.TensorProto.DataLocation\"G\n\x08\x44\x61taType\x12\r\n\tUNDEFINED\x10\x00\x12\t\n\x05\x46LOAT\x10\x01\x12\t\n\x05INT32\x10\x06\x12\t\n\x05INT64\x10\x07\x12\x0b\n\x07\x46LOAT16\x10\n\")\n\x0c\x44\x61taLocation\x12\x0b\n\x07\x44\x45\x46\x41ULT\x10\x00\x12\x0c\n\x08\x45XTERNAL\x10\x01\"\x9d\x02\n\x0e\x41ttributeProto\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\t\n\x01\x66\x18\x02 \x01(\x02\x12\t\n\x01i\x18\x03 \x01(\x03\x12\t\n\x01s\x18\x04 \x01(\x0c\x12#\n\x01t\x18\x05 \x01(\x0b\x32\x18.tserve.onnx.TensorProto\x12\x0e\n\x06\x66loats\x18\x07 \x03(\x02\x12\x0c\n\x04ints\x18\x08 \x03(\x03\x12\x37\n\x04type\x18\x14 \x01(\x0e\x32).tserve.onnx.AttributeProto.AttributeType\"`\n\rAttributeType\x12\r\n\tUNDEFINED\x10\x00\x12\t\n\x05\x46LOAT\x10\x01\x12\x07\n\x03INT\x10\x02\x12\n\n\x06STRING\x10\x03\x12\n\n\x06TENSOR\x10\x04\x12\n\n\x06\x46LOATS\x10\x06\x12\x08\n\x04INTS\x10\x07\"\x89\x01\n\tNodeProto\x12\r\n\x05input\x18\x01 \x03(\t\x12\x0e\n\x06output\x18\x02 \x03(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0f\n\x07op_type\x18\x04 \x01(\t\x12.\n\tattribute\x18\x05 \x03(\x0b\x32\x1b.tserve.onnx.AttributeProto\x12\x0e\n\x06\x64omain\x18\x07 \x01(\t\"\x88\x01\n\x10TensorShapeProto\x12\x34\n\x03\x64im\x18\x01 \x03(\x0b\x32\'.tserve.onnx.TensorShapeProto.Dimension\x1a>\n\tDimension\x12\x13\n\tdim_value\x18\x01 \x01(\x03H\x00\x12\x13\n\tdim_param\x18\x02 \x01(\tH\x00\x42\x07\n\x05value\"\x95\x01\n\tTypeProto\x12\x34\n\x0btensor_type\x18\x01 \x01(\x0b\x32\x1d.tserve.onnx.TypeProto.TensorH\x00\x1aI\n\x06Tensor\x12\x11\n\telem_type\x18\x01 \x01(\x05\x12,\n\x05shape\x18\x02 \x01(\x0b\x32\x1d.tserve.onnx.TensorShapeProtoB\x07\n\x05value\"D\n\x0eValueInfoProto\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x04type\x18\x02 \x01(\x0b\x32\x16.tserve.onnx.TypeProto\"\xc8\x01\n\nGraphProto\x12$\n\x04node\x18\x01 \x03(\x0b\x32\x16.tserve.onnx.NodeProto\x12\x0c\n\x04name\x18\x02 \x01(\t\x12-\n\x0binitializer\x18\x05 \x03(\x0b\x32\x18.tserve.onnx.TensorProto\x12*\n\x05input\x18\x0b \x03(\x0b\x32\x1b.tserve.onnx.ValueInfoProto\x12+\n\x06output\x18\x0c \x03(\x0b\x32\x1b.tserve.onnx.ValueInfoProto\"5\n\x12OperatorSetIdProto\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\x96\x01\n\nModelProto\x12\x12\n\nir_version\x18\x01 \x01(\x03\x12\x15\n\rproducer_name\x18\x02 \x01(\t\x12&\n\x05graph\x18\x07 \x01(\x0b\x32\x17.tserve.onnx.GraphProto\x12\x35\n\x0copset_import\x18\x08 \x03(\x0b\x32\x1f.tserve.onnx.OperatorSetIdProto')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'onnx_graph_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TENSORPROTO']._serialized_start=33
-  _globals['_TENSORPROTO']._serialized_end=93
-  _globals['_ATTRIBUTEPROTO']._serialized_start=95
-  _globals['_ATTRIBUTEPROTO']._serialized_end=187
-  _globals['_NODEPROTO']._serialized_start=190
-  _globals['_NODEPROTO']._serialized_end=327
-  _globals['_VALUEINFOPROTO']._serialized_start=329
-  _globals['_VALUEINFOPROTO']._serialized_end=359
-  _globals['_GRAPHPROTO']._serialized_start=362
-  _globals['_GRAPHPROTO']._serialized_end=562
-  _globals['_MODELPROTO']._serialized_start=564
-  _globals['_MODELPROTO']._serialized_end=636
+  _globals['_TENSORPROTO'].fields_by_name['float_data']._loaded_options = None
+  _globals['_TENSORPROTO'].fields_by_name['float_data']._serialized_options = b'\020\001'
+  _globals['_TENSORPROTO'].fields_by_name['int32_data']._loaded_options = None
+  _globals['_TENSORPROTO'].fields_by_name['int32_data']._serialized_options = b'\020\001'
+  _globals['_TENSORPROTO'].fields_by_name['int64_data']._loaded_options = None
+  _globals['_TENSORPROTO'].fields_by_name['int64_data']._serialized_options = b'\020\001'
+  _globals['_STRINGSTRINGENTRYPROTO']._serialized_start=33
+  _globals['_STRINGSTRINGENTRYPROTO']._serialized_end=85
+  _globals['_TENSORPROTO']._serialized_start=88
+  _globals['_TENSORPROTO']._serialized_end=476
+  _globals['_TENSORPROTO_DATATYPE']._serialized_start=362
+  _globals['_TENSORPROTO_DATATYPE']._serialized_end=433
+  _globals['_TENSORPROTO_DATALOCATION']._serialized_start=435
+  _globals['_TENSORPROTO_DATALOCATION']._serialized_end=476
+  _globals['_ATTRIBUTEPROTO']._serialized_start=479
+  _globals['_ATTRIBUTEPROTO']._serialized_end=764
+  _globals['_ATTRIBUTEPROTO_ATTRIBUTETYPE']._serialized_start=668
+  _globals['_ATTRIBUTEPROTO_ATTRIBUTETYPE']._serialized_end=764
+  _globals['_NODEPROTO']._serialized_start=767
+  _globals['_NODEPROTO']._serialized_end=904
+  _globals['_TENSORSHAPEPROTO']._serialized_start=907
+  _globals['_TENSORSHAPEPROTO']._serialized_end=1043
+  _globals['_TENSORSHAPEPROTO_DIMENSION']._serialized_start=981
+  _globals['_TENSORSHAPEPROTO_DIMENSION']._serialized_end=1043
+  _globals['_TYPEPROTO']._serialized_start=1046
+  _globals['_TYPEPROTO']._serialized_end=1195
+  _globals['_TYPEPROTO_TENSOR']._serialized_start=1113
+  _globals['_TYPEPROTO_TENSOR']._serialized_end=1186
+  _globals['_VALUEINFOPROTO']._serialized_start=1197
+  _globals['_VALUEINFOPROTO']._serialized_end=1265
+  _globals['_GRAPHPROTO']._serialized_start=1268
+  _globals['_GRAPHPROTO']._serialized_end=1468
+  _globals['_OPERATORSETIDPROTO']._serialized_start=1470
+  _globals['_OPERATORSETIDPROTO']._serialized_end=1523
+  _globals['_MODELPROTO']._serialized_start=1526
+  _globals['_MODELPROTO']._serialized_end=1676
 # @@protoc_insertion_point(module_scope)
