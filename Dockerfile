@@ -22,7 +22,8 @@ RUN python3 -m venv /opt/tserve \
     fi
 
 FROM ${BASE_IMAGE} AS runtime
-RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin tserve
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin tserve \
+ && install -d -o 10001 -g 10001 /var/cache/tserve
 COPY --from=build /opt/tserve /opt/tserve
 COPY model_repository/ /models/
 ENV PATH=/opt/tserve/bin:$PATH \
@@ -32,7 +33,10 @@ ENV PATH=/opt/tserve/bin:$PATH \
     TSERVE_HTTP_PORT=8000 \
     TSERVE_GRPC_PORT=8001 \
     TSERVE_METRICS_PORT=8002 \
-    TSERVE_LOG_FORMAT=json
+    TSERVE_LOG_FORMAT=json \
+    TSERVE_CACHE_DIR=/var/cache/tserve
+# /var/cache/tserve: the fused generation graphs derived from Optimum exports (a volume keeps
+# them across restarts; without one they are derived again at each start)
 USER 10001
 EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 CMD ["python3", "-m", "service.healthcheck"]

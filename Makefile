@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 SYSTEM  := $(VENV)/.system-tools
 REPO    ?= model_repository
 
-.PHONY: install install-serve check-serve-install serve test test-unit lint chaos container-test train parse-rate export protos check-protos bench-serve bench-frontend bench-options bench-http bench-generation bench-structured bench-engine-ab bench-genai bench-embed bench-tracing bench-seq2seq train-seq2seq export-seq2seq cluster-up cluster-down clean
+.PHONY: install install-serve check-serve-install serve test test-unit lint chaos container-test train parse-rate export protos check-protos bench-serve bench-frontend bench-options bench-http bench-generation bench-structured bench-engine-ab bench-genai bench-smol bench-embed bench-tracing bench-seq2seq train-seq2seq export-seq2seq cluster-up cluster-down clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -126,6 +126,11 @@ $(GENAI_VENV)/.installed: pyproject.toml $(STAMP)
 
 bench-genai: $(STAMP) $(GENAI_VENV)/.installed
 	$(PYTHON) -m bench.genai_bench
+
+# The SmolLM-135M-shaped Llama: tserve (Optimum export, derived graph; genai's folder) against
+# onnxruntime-genai, prefix caching on and off, a long prompt joining running streams (~15 min)
+bench-smol: $(STAMP) $(GENAI_VENV)/.installed
+	$(PYTHON) -m bench.smol_bench
 
 # The embedding peer's own environment: Infinity on its ONNX Runtime engine (optimum), with the
 # CPU torch it needs first by exact version.

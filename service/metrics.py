@@ -186,6 +186,27 @@ class Metrics:
         self.gen_kv_bytes = Gauge(
             "tserve_generation_kv_cache_bytes", "Bytes held by KV caches of active sequences.", MODEL, registry=registry
         )
+        self.gen_prefix_hit_tokens = Counter(
+            "tserve_generation_prefix_cache_hit_tokens",
+            "Prompt tokens restored from the prefix cache instead of computed.",
+            MODEL,
+            registry=registry,
+        )
+        self.gen_prefix_queried_tokens = Counter(
+            "tserve_generation_prefix_cache_queried_tokens",
+            "Prompt tokens looked up in the prefix cache (hit rate: hit_tokens / queried_tokens).",
+            MODEL,
+            registry=registry,
+        )
+        self.gen_prefix_evictions = Counter(
+            "tserve_generation_prefix_cache_evictions",
+            "Prompt blocks evicted from the prefix cache (least recently used first).",
+            MODEL,
+            registry=registry,
+        )
+        self.gen_prefix_bytes = Gauge(
+            "tserve_generation_prefix_cache_bytes", "Bytes held by the prefix cache.", MODEL, registry=registry
+        )
         self.gen_steps = Counter("tserve_generation_steps", "Generation engine steps run.", MODEL, registry=registry)
         self.gen_decode_rows = Histogram(
             "tserve_generation_decode_batch_size",
@@ -232,6 +253,10 @@ class ModelObserver:
         self._active = m.gen_active.labels(*labels)
         self._queued = m.gen_queued.labels(*labels)
         self._kv_bytes = m.gen_kv_bytes.labels(*labels)
+        self._prefix_hit_tokens = m.gen_prefix_hit_tokens.labels(*labels)
+        self._prefix_queried_tokens = m.gen_prefix_queried_tokens.labels(*labels)
+        self._prefix_evictions = m.gen_prefix_evictions.labels(*labels)
+        self._prefix_bytes = m.gen_prefix_bytes.labels(*labels)
         self._per_api: dict[tuple, object] = {}  # per-request series, resolved on first use
 
     def _series(self, metric, *labels):
@@ -309,11 +334,17 @@ class ModelObserver:
         if step.draft_tokens:
             self._draft_tokens.inc(step.draft_tokens)
             self._accepted_tokens.inc(step.accepted_tokens)
+        if step.prefix_queried_tokens:
+            self._prefix_queried_tokens.inc(step.prefix_queried_tokens)
+            self._prefix_hit_tokens.inc(step.prefix_cached_tokens)
+        if step.prefix_evictions:
+            self._prefix_evictions.inc(step.prefix_evictions)
         for reason in step.finished:
             self.metrics.gen_finished.labels(*self.labels, reason).inc()
         self._active.set(step.active)
         self._queued.set(step.queued)
         self._kv_bytes.set(step.kv_cache_bytes)
+        self._prefix_bytes.set(step.prefix_cache_bytes)
 
     # model lifecycle
     def state(self, state: ModelState) -> None:

@@ -145,6 +145,15 @@ class Settings(BaseSettings):
         description="Where tserve keeps what it derives from models (fused generation graphs), keyed by the model's "
         "checksum, outside the model repository. Unwritable: derived at every load into a temporary folder.",
     )
+    generation_prefix_cache_bytes: int = Field(
+        default=512 << 20,
+        ge=0,
+        description="Automatic prefix caching, per generating decoder version: the keys and values of prompts' full "
+        "16-token blocks are kept after their sequences end, up to this many bytes (least recently used blocks "
+        "evicted first), and a later prompt starting with the same tokens skips their prefill, with the same "
+        "output; at least its last token is always run. Not for encoder-decoders (every cached value depends on "
+        "the whole source) nor for requests asking prompt logprobs. Default 512 MiB; 0: off.",
+    )
     generation_default_max_new_tokens: int = Field(
         default=64, ge=1, description="max_new_tokens when a request leaves it out (capped by the context left)."
     )

@@ -55,6 +55,8 @@ class StepStats:
 
     decode_rows: int = 0  # rows in the batched decode run (holes included)
     prefill_tokens: int = 0  # prompt tokens run this step
+    prefix_cached_tokens: int = 0  # prompt tokens restored from the prefix cache instead of run
+    prefix_queried_tokens: int = 0  # prompt tokens looked up there (hit rate: cached / queried)
     tokens: int = 0  # tokens generated this step
     draft_tokens: int = 0  # speculative tokens proposed (prompt lookup) and checked this step
     accepted_tokens: int = 0  # of those, the ones greedy decoding kept
@@ -64,3 +66,5 @@ class StepStats:
     active: int = 0  # sequences in prefill or decoding
     queued: int = 0  # requests waiting for a slot
     kv_cache_bytes: int = 0
+    prefix_evictions: int = 0  # prompt blocks the prefix cache evicted (since the last step that said)
+    prefix_cache_bytes: int = 0  # bytes the prefix cache holds

@@ -19,6 +19,20 @@ the first chosen token (it becomes the last running row), `decode` once a step w
 (or `verify` with a draft), `finish` when it ends (its row becomes a hole), gone at the next
 `compact`. A sequence that ends before joining is `release`d.
 
+Prefix caching (generation/prefix_cache.py): a decoder cache built with a prefix cache keeps
+the keys and values of every prompt's full blocks once its last chunk is prefilled, and
+`restore` copies the longest kept prefix of a newly admitted sequence's prompt into the
+sequence's own prefill state (never the whole prompt: its last token still runs, for the
+logits). The engine sets `seq.prefilled` to the tokens restored, so the prompt's chunks start
+there, and asks for no restore where every prompt position's logits are wanted (prompt
+logprobs) or where the state is a sibling's copy. KVSlots restores into the sequence's slot,
+KVRows into its own past; the values restored are the ones the prompt's own run would have
+computed (a token's keys and values depend on the tokens before it only), so the output is
+the same. Seq2SeqCache has none: its decoder's prompt is the start token alone, and every
+decoder key and value depends, through cross-attention, on that request's encoded source,
+while the encoder is bidirectional (each source token's states depend on the whole source),
+so no prefix of either is the same for two requests that are not wholly the same.
+
 A cache's failures are TServeErrors raised from the run that failed; the engine attributes
 them: a prompt chunk to its sequence, a batched decode by `decode_apart`.
 """
@@ -31,12 +45,15 @@ from typing import Protocol
 import numpy as np
 
 from service.errors import TServeError
+from service.generation.prefix_cache import PrefixCache
 from service.generation.sequence import Sequence
 
 
 class KVCache(Protocol):
     # whether a prompt may be prefilled a chunk a step (an encoder reads its source whole)
     chunked_prefill: bool
+    # the kept prompt blocks (None: no prefix caching, off or not applicable)
+    prefix_cache: PrefixCache | None
 
     @property
     def seqs(self) -> list[Sequence]:
@@ -59,6 +76,11 @@ class KVCache(Protocol):
         token after the chunk), or the error that chunk's run raised. The caller advances
         `seq.prefilled`. A cache may run several chunks in one run; one chunk's failure must not
         fail the others."""
+
+    def restore(self, seq: Sequence) -> int:
+        """Give a sequence about to be prefilled (no state here yet) the kept prefix of its prompt
+        as its own prefill state: the tokens restored, fewer than its prompt (0: none kept, or no
+        prefix cache). Its later `prefill` chunks start there."""
 
     def fork(self, src: Sequence, dst: Sequence) -> None:
         """Give `dst` (a sequence with no state here) a copy of fully prefilled `src`'s state, as

@@ -7,8 +7,10 @@ loop is never blocked. The loop thread submits and cancels; after each step the 
 the step's events and stats to the loop in one call. Each step is
 
     schedule  end sequences that were cancelled or passed their deadline; admit waiting
-              requests while there is room; give joiners prompt chunks within the token budget
-              (a whole source where the cache cannot chunk it: an encoder reads it at once)
+              requests while there is room, each starting from the longest kept prefix of its
+              prompt where the cache keeps them (generation/prefix_cache.py); give joiners
+              prompt chunks within the token budget (a whole source where the cache cannot
+              chunk it: an encoder reads it at once)
     execute   run the prompt chunks, and one batched decode for every running row (a greedy
               sequence running alone may run a prompt-lookup draft with its next token where
               the cache can verify one: generation/speculation.py, off unless
@@ -66,6 +68,10 @@ class EngineLimits:
     # a running sequence's tokens are handed to its reader this many at a time (its first token
     # and its end at once): fewer stream messages, each costing the event loop and the client
     stream_interval: int = 1
+    # automatic prefix caching (generation/prefix_cache.py): bytes of prompt blocks' keys and
+    # values a decoder's cache keeps for later prompts that start with the same tokens; 0: off.
+    # The cache factory hands it to the caches it applies to.
+    prefix_cache_bytes: int = 512 << 20
 
 
 @dataclass
@@ -105,6 +111,7 @@ class GenerationEngine:
         self.prefilling: list[Sequence] = []  # the rest is the engine thread's own
         self._make_cache = make_cache
         self.rows: KVCache = make_cache(limits)  # the running batch's cache; it runs the graphs
+        self._evictions = 0  # the prefix cache's evictions already reported
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._stopping = False
@@ -214,6 +221,7 @@ class GenerationEngine:
         except Exception:
             log.exception("the generation cache of %s could not be cleared; starting a new one", self.name)
             self.rows = self._make_cache(self.limits)
+            self._evictions = 0
         self.prefilling.clear()
         for seq in held:
             self._end(seq, FinishReason.ERROR, now, stats, error=error)
@@ -271,6 +279,10 @@ class GenerationEngine:
         stats.active = self.active
         stats.queued = len(self.waiting)
         stats.kv_cache_bytes = self.rows.nbytes
+        prefix = self.rows.prefix_cache
+        if prefix is not None:
+            stats.prefix_cache_bytes = prefix.nbytes
+            stats.prefix_evictions, self._evictions = prefix.evictions - self._evictions, prefix.evictions
 
     # -- schedule ---------------------------------------------------------------------------
 
@@ -293,12 +305,16 @@ class GenerationEngine:
                 self._expire(seq, now, stats)
                 self.rows.finish(row)
         self.rows.compact()
+        admitted = []
         if not (self.static and len(self.rows)):
             with self._lock:
                 while self.waiting and self.active + len(self.waiting[0].group) <= self.limits.max_sequences:
                     for seq in self.waiting.popleft().group:  # siblings are admitted with it, and counted
                         seq.admitted = now
                         self.prefilling.append(seq)
+                        admitted.append(seq)
+        for seq in admitted:
+            self._restore(seq, stats)
         plan = Plan(decode=len(self.rows) > 0, draft=self._draft())
         if self.rows.chunked_prefill:  # prompt chunks share the decoder's budget with the running rows
             budget = self.limits.token_budget - self.rows.live - len(plan.draft or ())  # holes cost compute, not budget
@@ -315,6 +331,16 @@ class GenerationEngine:
             plan.prefill.append((seq, n))
             budget -= n
         return plan
+
+    def _restore(self, seq: Sequence, stats: StepStats) -> None:
+        """Start a newly admitted sequence's prefill after the kept prefix of its prompt, where the
+        cache keeps prefixes; not for a sibling (it copies its group's prefill), nor for one that
+        wants each prompt token's log-probability (that takes every position's logits)."""
+        if self.rows.prefix_cache is None or seq.prefill_from is not None or seq.prompt_logprobs is not None:
+            return
+        seq.prefilled = self.rows.restore(seq)
+        stats.prefix_queried_tokens += len(seq.prompt)
+        stats.prefix_cached_tokens += seq.prefilled
 
     def _draft(self) -> list[int] | None:
         """A prompt-lookup draft for the running row, when one greedy sequence runs alone and

@@ -24,6 +24,7 @@ import numpy as np
 from service.conventions.decoder import DecoderGraph
 from service.errors import TServeError
 from service.generation.cache import prefill_each
+from service.generation.prefix_cache import PrefixCache, concatenated
 from service.generation.sequence import Sequence
 from service.runtime import OrtRuntime
 
@@ -39,10 +40,13 @@ def _left_pad(a: np.ndarray, n: int, axis: int) -> np.ndarray:
 class KVRows:
     chunked_prefill = True
 
-    def __init__(self, graph: DecoderGraph, runtime: OrtRuntime, fill_holes: bool = True) -> None:
+    def __init__(
+        self, graph: DecoderGraph, runtime: OrtRuntime, fill_holes: bool = True, prefix_cache_bytes: int = 0
+    ) -> None:
         self.graph, self.runtime = graph, runtime
         # static batching (a benchmark baseline) never reuses a row mid-batch
         self.fill_holes = fill_holes
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
         self._own: dict[Sequence, list[np.ndarray]] = {}  # the past of each sequence being prefilled
         self.clear()
 
@@ -82,7 +86,17 @@ class KVRows:
         past = self._own.get(seq) or graph.empty_past(1)
         out = self.runtime.run_sync(graph.feeds(ids, mask, positions, past), graph.outputs)
         self._own[seq] = out[1:]
+        if self.prefix_cache is not None and start + n == len(seq.prompt):  # the whole prompt: keep its blocks
+            self.prefix_cache.insert(seq.prompt, lambda a, b: [p[0, :, a:b] for p in out[1:]])
         return out[0][0]
+
+    def restore(self, seq: Sequence) -> int:
+        """The kept blocks that start the prompt as `seq`'s own past: [1, heads, n, head_dim] each."""
+        blocks = self.prefix_cache.lookup(seq.prompt) if self.prefix_cache is not None else []
+        if not blocks:
+            return 0
+        self._own[seq] = [columns[None] for columns in concatenated(blocks)]
+        return len(blocks) * self.prefix_cache.block_tokens
 
     def release(self, seq: Sequence) -> None:
         self._own.pop(seq, None)

@@ -40,6 +40,7 @@ import onnxruntime as ort
 from service.conventions.decoder import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, DecoderGraph
 from service.errors import TServeError
 from service.generation.cache import prefill_each
+from service.generation.prefix_cache import PrefixCache, concatenated
 from service.generation.sequence import Sequence
 from service.generation.slots import SlotTable
 from service.runtime import OrtRuntime
@@ -59,10 +60,18 @@ def _width(columns: int, max_length: int) -> int:
 class KVSlots(SlotTable):
     chunked_prefill = True
 
-    def __init__(self, graph: DecoderGraph, runtime: OrtRuntime, slots: int, fill_holes: bool = True) -> None:
+    def __init__(
+        self,
+        graph: DecoderGraph,
+        runtime: OrtRuntime,
+        slots: int,
+        fill_holes: bool = True,
+        prefix_cache_bytes: int = 0,
+    ) -> None:
         self.graph, self.runtime = graph, runtime
         # static batching (a benchmark baseline) keeps finished rows computing until all end
         self.fill_holes = fill_holes
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
         self.min_width = _width(WIDTH_STEP, graph.max_length)
         self.buffers = self._allocate(slots, self.min_width)
         self.column_bytes = column_bytes(graph)  # one token of one sequence, every past input
@@ -177,7 +186,22 @@ class KVSlots(SlotTable):
         ids = np.array([seq.prompt[start : start + n]], np.int64)
         logits = self._run(slot, slot + 1, ids, np.ones((1, start + n), np.int64))
         self.lengths[slot] = start + n
+        if self.prefix_cache is not None and start + n == len(seq.prompt):  # the whole prompt: keep its blocks
+            self.prefix_cache.insert(seq.prompt, lambda a, b: [buffer[slot, :, a:b] for buffer in self.buffers])
         return logits[0]
+
+    def restore(self, seq: Sequence) -> int:
+        """Copy the kept blocks that start the prompt into a slot for `seq`: its columns [0, n)."""
+        blocks = self.prefix_cache.lookup(seq.prompt) if self.prefix_cache is not None else []
+        if not blocks:
+            return 0
+        slot = self.slot(seq)
+        n = len(blocks) * self.prefix_cache.block_tokens
+        self._fit(n)
+        for buffer, columns in zip(self.buffers, concatenated(blocks)):
+            buffer[slot, :, :n] = columns
+        self.lengths[slot] = n
+        return n
 
     def fork(self, src: Sequence, dst: Sequence) -> None:
         """A free slot for `dst`, holding a copy of `src`'s columns."""

@@ -68,6 +68,8 @@ def length_groups(lengths: list[int], min_efficiency: float = MIN_PADDING_EFFICI
 
 class Seq2SeqCache(SlotTable):
     chunked_prefill = False
+    # no prefix caching (generation/cache.py says why): every cached value depends on the source whole
+    prefix_cache = None
 
     def __init__(
         self,
@@ -177,6 +179,9 @@ class Seq2SeqCache(SlotTable):
         )
         self.lengths[row] = 1
         self.next_ids[row] = token
+
+    def restore(self, seq: Sequence) -> int:
+        return 0
 
     def release(self, seq: Sequence) -> None:
         self._first_self.pop(seq, None)

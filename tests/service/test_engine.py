@@ -24,11 +24,11 @@ from service.generation.engine import EngineLimits, GenerationEngine
 from service.generation.grammar import Constraint
 from service.generation.requests import GenerateInput, to_sequence
 from service.generation.kv_rows import KVRows
-from service.generation.kv_slots import KVSlots
+from service.generation.kv_slots import KVSlots, column_bytes
 from service.generation.sampling import SamplingParams
 from service.generation.seq2seq_cache import Seq2SeqCache
 from service.generation.sequence import FinishReason, Sequence
-from service.metrics import Metrics
+from service.metrics import Metrics, ModelObserver
 from service.models import ModelManager, decoder_cache, seq2seq_cache
 from service.runtime import OrtRuntime
 from service.settings import Settings
@@ -686,3 +686,163 @@ def test_a_verified_draft_gives_the_same_logprobs(fused, manager):
     got, want = ([r.logprob for e in evs[0] for r in e.logprobs] for evs in (drafted, plain))
     assert len(got) == 120
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+# -- automatic prefix caching (generation/prefix_cache.py) ----------------------------------
+
+SHARED = (  # a shared preamble, as a system prompt is: six 16-token blocks on bytegpt
+    "# helpers.py: small functions over lists and strings, each with a docstring and a test.\n"
+    "# They are written for clarity, not speed; keep them short and pure, and name them well.\n"
+    "# Every function takes its inputs as arguments and returns its result; nothing is global.\n\n"
+)
+
+
+def prefix_cached(graph, runtime, limits: EngineLimits):
+    """models.decoder_cache, with the limits' prefix cache."""
+    fill_holes, bound = limits.scheduling != "static", limits.prefix_cache_bytes
+    if graph.shared_kv:
+        return KVSlots(graph, runtime, limits.max_sequences, fill_holes=fill_holes, prefix_cache_bytes=bound)
+    return KVRows(graph, runtime, fill_holes=fill_holes, prefix_cache_bytes=bound)
+
+
+@pytest.fixture(scope="module", params=["KVRows", "KVSlots"])
+def decoder(request, manager, traced_runtime) -> Model:
+    """Each decoder cache, built with the limits' prefix cache."""
+    m = (traced_model if request.param == "KVRows" else fused_model)(manager, traced_runtime)
+    return dataclasses.replace(m, factory=partial(prefix_cached, m.factory.args[0]))
+
+
+def shared_prompts(m: Model) -> list[list[int]]:
+    return [m.tokenizer.encode(SHARED + t, False) for t in TEXTS]
+
+
+def run_in_waves(m: Model, waves: list[list[Sequence]], limits: EngineLimits, steps: list, engines=None) -> list:
+    """One engine; each wave submitted once the one before has finished (so it finds the
+    prefixes the earlier waves left). Returns each wave's events, sequence by sequence."""
+
+    async def main():
+        engine = GenerationEngine(m.name, m.make_cache(), limits, on_step=steps.append)
+        if engines is not None:
+            engines.append(engine)
+        engine.start()
+        try:
+            results = []
+            for wave in waves:
+                for seq in wave:
+                    engine.submit(seq)
+                results.append(await asyncio.gather(*(drain(s) for s in wave)))
+            return results
+        finally:
+            await engine.close()
+
+    return LOOP.run_until_complete(main())
+
+
+def kept_prefix(prompt: list[int], kept: list[int], block: int = 16) -> int:
+    """Tokens of `prompt` a cache holding `kept`'s full blocks restores."""
+    common = next((i for i, (a, b) in enumerate(zip(prompt, kept)) if a != b), min(len(prompt), len(kept)))
+    return min(common // block, len(kept) // block, (len(prompt) - 1) // block) * block
+
+
+def test_a_prompt_starting_with_a_kept_prefix_restores_it_and_generates_the_same(decoder):
+    """One request, then six more sharing its preamble (one of them the same prompt): each later
+    prompt restores the first's full blocks up to where they differ (never its last token) and
+    runs only the rest, and every sequence gets the tokens it gets with the cache off. The
+    metrics say so."""
+    prompts = shared_prompts(decoder)
+    first = prompts[0]
+    waves = lambda: [[greedy(first, 10)], [greedy(p, n) for p, n in zip(prompts, LENGTHS)]]  # noqa: E731
+    on, off = [], []
+    with_cache = run_in_waves(decoder, waves(), EngineLimits(max_sequences=8), on)
+    without = run_in_waves(decoder, waves(), EngineLimits(max_sequences=8, prefix_cache_bytes=0), off)
+    assert [[tokens(e) for e in wave] for wave in with_cache] == [[tokens(e) for e in wave] for wave in without]
+    restored = sum(kept_prefix(p, first) for p in prompts)
+    assert restored >= 6 * 5 * 16  # the preamble's blocks for each prompt, the first's own (it is 6 blocks long)
+    assert sum(s.prefix_cached_tokens for s in on) == restored
+    assert sum(s.prefix_queried_tokens for s in on) == len(first) + sum(map(len, prompts))
+    assert sum(s.prefill_tokens for s in on) == len(first) + sum(map(len, prompts)) - restored
+    assert sum(s.prefill_tokens for s in off) == len(first) + sum(map(len, prompts))
+    assert not any(s.prefix_cached_tokens or s.prefix_queried_tokens or s.prefix_cache_bytes for s in off)
+    assert max(s.prefix_cache_bytes for s in on) > 0 and sum(s.prefix_evictions for s in on) == 0
+
+    registry = CollectorRegistry()
+    observer = ModelObserver(Metrics(registry), decoder.name, 1)
+    for s in on[:-1]:  # the last is the closing engine's (its gauges zeroed)
+        observer.generation_step(s)
+    value = lambda name: registry.get_sample_value(name, {"model": decoder.name, "version": "1"})  # noqa: E731
+    assert value("tserve_generation_prefix_cache_hit_tokens_total") == restored
+    assert value("tserve_generation_prefix_cache_queried_tokens_total") == len(first) + sum(map(len, prompts))
+    assert value("tserve_generation_prefix_cache_bytes") == on[-2].prefix_cache_bytes > 0
+    assert value("tserve_generation_prefix_cache_evictions_total") == 0
+
+
+def test_seeded_sampling_and_n_choices_are_the_same_from_a_kept_prefix(decoder, manager):
+    """Sampled sequences (seeded) and a request for three choices, after a request that left
+    the preamble: the same draws as with the cache off; the choices prefill (and restore) once."""
+    config = manager.get(decoder.name).generation
+    prompts = shared_prompts(decoder)
+
+    def waves():
+        choices = request(decoder, config, prompts[2], temperature=0.9, seed=7, n=3, ignore_eos=True, max_new_tokens=20)
+        sampled = [
+            Sequence("s", list(p), SamplingParams(temperature=0.9, top_k=40, seed=11 + i), 25)
+            for i, p in enumerate(prompts[3:])
+        ]
+        return [[greedy(prompts[0], 5)], [choices, *sampled]]
+
+    on, off = [], []
+    with_cache = run_in_waves(decoder, waves(), EngineLimits(max_sequences=8), on)
+    without = run_in_waves(decoder, waves(), EngineLimits(max_sequences=8, prefix_cache_bytes=0), off)
+    by_choice = lambda events: [tokens([e for e in events if e.index == i]) for i in range(3)]  # noqa: E731
+    assert by_choice(with_cache[1][0]) == by_choice(without[1][0])
+    assert len({tuple(c) for c in by_choice(with_cache[1][0])}) == 3
+    assert [tokens(e) for e in with_cache[1][1:]] == [tokens(e) for e in without[1][1:]]
+    assert sum(s.prefix_cached_tokens for s in on) == sum(kept_prefix(p, prompts[0]) for p in prompts[2:]) > 0
+
+
+def test_a_sequence_asking_prompt_logprobs_is_not_restored(decoder, manager):
+    """Each prompt token's log-probability takes every position's logits: that prompt runs
+    whole, beside one that restores, and its records are the cache-off ones."""
+    config = manager.get(decoder.name).generation
+    prompts = shared_prompts(decoder)
+
+    def waves():
+        echo = request(decoder, config, prompts[1], max_new_tokens=5, prompt_logprobs=1)
+        return [[greedy(prompts[0], 5)], [echo, greedy(prompts[2], 5)]]
+
+    on, off = [], []
+    with_cache = run_in_waves(decoder, waves(), EngineLimits(), on)
+    without = run_in_waves(decoder, waves(), EngineLimits(prefix_cache_bytes=0), off)
+    records = [[(r.token, r.logprob) for r in wave[1][0][0].prompt_logprobs] for wave in (with_cache, without)]
+    assert len(records[0]) == len(prompts[1]) and records[0] == records[1]
+    assert sum(s.prefix_cached_tokens for s in on) == kept_prefix(prompts[2], prompts[0]) > 0
+    assert sum(s.prefix_queried_tokens for s in on) == len(prompts[0]) + len(prompts[2])
+
+
+def test_a_bound_of_zero_turns_it_off_and_a_small_one_evicts(decoder):
+    """prefix_cache_bytes 0: no prefix cache at all. Three blocks' worth: each prompt's blocks
+    evict the last one's, leaf first, within the bound, and the tokens stay the cache-off ones."""
+    prompts = shared_prompts(decoder)
+    engines = []
+    run_in_waves(decoder, [[greedy(prompts[0], 3)]], EngineLimits(prefix_cache_bytes=0), [], engines)
+    assert engines[0].rows.prefix_cache is None
+
+    block = 16 * column_bytes(decoder.factory.args[0])
+    distinct = [decoder.tokenizer.encode(t * 12, False) for t in ("alpha beta ", "gamma delta ", "epsilon zeta ")]
+    assert all(len(p) > 3 * 16 for p in distinct)
+    waves = lambda: [[greedy(p, 4)] for p in [*distinct, distinct[0]]]  # noqa: E731
+    on, off = [], []
+    small = run_in_waves(decoder, waves(), EngineLimits(prefix_cache_bytes=3 * block), on, engines)
+    plain = run_in_waves(decoder, waves(), EngineLimits(prefix_cache_bytes=0), off)
+    assert [tokens(w[0]) for w in small] == [tokens(w[0]) for w in plain]
+    assert max(s.prefix_cache_bytes for s in on) == 3 * block
+    assert sum(s.prefix_evictions for s in on) == 3 * 3  # the second, third and fourth prompt evicted three each
+    assert sum(s.prefix_cached_tokens for s in on) == 0  # the first prompt's blocks were gone by its return
+    assert engines[1].rows.prefix_cache.evictions == 9
+
+
+def test_an_encoder_decoder_restores_nothing(manager):
+    m = seq2seq_model(manager)
+    cache = m.make_cache()(EngineLimits())
+    assert cache.prefix_cache is None and cache.restore(greedy(m.prompts[0], 3)) == 0
+
