@@ -154,6 +154,14 @@ class Settings(BaseSettings):
         "output; at least its last token is always run. Not for encoder-decoders (every cached value depends on "
         "the whole source) nor for requests asking prompt logprobs. Default 512 MiB; 0: off.",
     )
+    generation_prefill_stall: float = Field(
+        default=1.0,
+        ge=0,
+        description="While sequences are decoding, a step's prompt chunks are held to what the engine's measured "
+        "costs predict to take at most this many decode steps' time (at least 16 tokens a step), so a long "
+        "prompt joining does not stall the running streams; with none decoding, the whole token budget. "
+        "0: always the whole token budget.",
+    )
     generation_default_max_new_tokens: int = Field(
         default=64, ge=1, description="max_new_tokens when a request leaves it out (capped by the context left)."
     )

@@ -9,8 +9,10 @@ the step's events and stats to the loop in one call. Each step is
     schedule  end sequences that were cancelled or passed their deadline; admit waiting
               requests while there is room, each starting from the longest kept prefix of its
               prompt where the cache keeps them (generation/prefix_cache.py); give joiners
-              prompt chunks within the token budget (a whole source where the cache cannot
-              chunk it: an encoder reads it at once)
+              prompt chunks within the token budget, and while rows are running within what
+              the measured costs predict to take at most `prefill_stall` decode steps
+              (generation/pacing.py) (a whole source where the cache cannot chunk it: an
+              encoder reads it at once)
     execute   run the prompt chunks, and one batched decode for every running row (a greedy
               sequence running alone may run a prompt-lookup draft with its next token where
               the cache can verify one: generation/speculation.py, off unless
@@ -41,6 +43,7 @@ import numpy as np
 
 from service.errors import DeadlineExceeded, InternalError, InvalidInput, QueueFull, TServeError, Unavailable
 from service.generation.cache import KVCache
+from service.generation.pacing import PrefillPacer
 from service.generation.sampling import TokenLogprob, choose_tokens, prompt_logprobs
 from service.generation.sequence import FinishReason, Sequence
 from service.generation.speculation import PromptLookup, accepted
@@ -72,6 +75,9 @@ class EngineLimits:
     # values a decoder's cache keeps for later prompts that start with the same tokens; 0: off.
     # The cache factory hands it to the caches it applies to.
     prefix_cache_bytes: int = 512 << 20
+    # while rows are running, a step's prompt chunks are held to what the measured costs predict
+    # takes this many decode steps' time, at least 16 tokens (generation/pacing.py); 0: no cap
+    prefill_stall: float = 1.0
 
 
 @dataclass
@@ -111,6 +117,7 @@ class GenerationEngine:
         self.prefilling: list[Sequence] = []  # the rest is the engine thread's own
         self._make_cache = make_cache
         self.rows: KVCache = make_cache(limits)  # the running batch's cache; it runs the graphs
+        self.pacer = PrefillPacer(limits.prefill_stall)  # the measured costs of prompt runs and decodes
         self._evictions = 0  # the prefix cache's evictions already reported
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
@@ -318,6 +325,7 @@ class GenerationEngine:
         plan = Plan(decode=len(self.rows) > 0, draft=self._draft())
         if self.rows.chunked_prefill:  # prompt chunks share the decoder's budget with the running rows
             budget = self.limits.token_budget - self.rows.live - len(plan.draft or ())  # holes cost compute, not budget
+            budget = self.pacer.budget(budget, running=self.rows.live > 0)
         else:
             budget = self.limits.encoder_token_budget
         for seq in self.prefilling:
@@ -366,13 +374,20 @@ class GenerationEngine:
     # -- execute ----------------------------------------------------------------------------
 
     def _execute(self, plan: Plan) -> Results:
-        results = Results(prefill=self.rows.prefill(plan.prefill) if plan.prefill else [])
+        results = Results()
+        if plan.prefill:
+            started = time.perf_counter()
+            results.prefill = self.rows.prefill(plan.prefill)
+            if not any(isinstance(out, TServeError) for out in results.prefill):  # a failure's time says little
+                self.pacer.prefill_ran(sum(n for _, n in plan.prefill), time.perf_counter() - started)
         if plan.decode:
             try:
                 if plan.draft:
                     results.decode, results.draft = self.rows.verify(plan.draft), plan.draft
                 else:
+                    started = time.perf_counter()
                     results.decode = self.rows.decode()
+                    self.pacer.decode_ran(time.perf_counter() - started)
             except TServeError as e:
                 # find the rows that made it fail: each live row runs alone
                 log.warning("batched decode failed for %s (%s); running its rows apart", self.name, e.message)

@@ -25,6 +25,7 @@ from service.generation.grammar import Constraint
 from service.generation.requests import GenerateInput, to_sequence
 from service.generation.kv_rows import KVRows
 from service.generation.kv_slots import KVSlots, column_bytes
+from service.generation.pacing import PrefillPacer
 from service.generation.sampling import SamplingParams
 from service.generation.seq2seq_cache import Seq2SeqCache
 from service.generation.sequence import FinishReason, Sequence
@@ -846,3 +847,74 @@ def test_an_encoder_decoder_restores_nothing(manager):
     cache = m.make_cache()(EngineLimits())
     assert cache.prefix_cache is None and cache.restore(greedy(m.prompts[0], 3)) == 0
 
+
+# -- prefill that does not stall decode (generation/pacing.py) -----------------------------
+
+
+class KnownCosts(PrefillPacer):
+    """The engine's pacer fed known timings once and deaf to the engine's own: the rule,
+    deterministically (prompt runs 0.5 ms a token, a decode 10.25 ms: 20 tokens a step)."""
+
+    def __init__(self, stall: float) -> None:
+        super().__init__(stall)
+        for n in (100, 50):
+            super().prefill_ran(n, 0.0005 * n)
+        super().decode_ran(0.01025)
+
+    def prefill_ran(self, tokens: int, seconds: float) -> None:
+        pass
+
+    def decode_ran(self, seconds: float) -> None:
+        pass
+
+
+def test_a_long_prompt_joins_running_rows_in_chunks_the_decode_time_allows(decoder, alone_decoder):
+    """Stepped by hand: the first prompt runs whole (nothing is decoding); a long prompt that
+    comes while it decodes runs 20 tokens a step, what the costs predict fits one decode step;
+    once it runs alone, the rest of a third prompt runs whole. Every sequence gets its tokens alone."""
+    prompts = shared_prompts(decoder)
+    engine = GenerationEngine(decoder.name, decoder.make_cache(), EngineLimits(max_sequences=4, prefix_cache_bytes=0))
+    engine.pacer = KnownCosts(engine.limits.prefill_stall)
+    assert engine.pacer.budget(256, running=True) == 20
+    short, long = greedy(decoder.prompts[0], 12), greedy(prompts[1], 3)
+    engine.submit(short)
+    chunks = [engine.step().prefill_tokens]
+    engine.submit(long)
+    while not long.generated:
+        chunks.append(engine.step().prefill_tokens)
+    whole, rest = divmod(len(long.prompt), 20)
+    assert chunks == [len(short.prompt), *[20] * whole, *([rest] if rest else [])]
+    while not engine.idle:
+        engine.step()
+    later = greedy(prompts[2], 3)
+    engine.submit(later)
+    assert engine.step().prefill_tokens == len(later.prompt)  # nothing decoding: the whole budget
+    while not engine.idle:
+        engine.step()
+    assert [short.generated, long.generated, later.generated] == alone_decoder([short, long, later])
+    LOOP.run_until_complete(engine.close())
+
+
+@pytest.fixture(scope="module")
+def alone_decoder(decoder):
+    def alone(seqs: list[Sequence]) -> list[list[int]]:
+        return [
+            tokens(run(decoder, [greedy(s.prompt, s.max_new_tokens)], EngineLimits(max_sequences=1))[0]) for s in seqs
+        ]
+
+    return alone
+
+
+def test_prefill_stall_zero_gives_the_whole_budget_beside_running_rows(decoder):
+    prompts = shared_prompts(decoder)
+    limits = EngineLimits(max_sequences=4, prefix_cache_bytes=0, prefill_stall=0)
+    engine = GenerationEngine(decoder.name, decoder.make_cache(), limits)
+    engine.pacer = KnownCosts(limits.prefill_stall)
+    engine.submit(greedy(decoder.prompts[0], 12))
+    engine.step()
+    long = greedy(prompts[1], 3)
+    engine.submit(long)
+    assert engine.step().prefill_tokens == len(long.prompt)
+    while not engine.idle:
+        engine.step()
+    LOOP.run_until_complete(engine.close())
