@@ -125,6 +125,24 @@ class KVCache(Protocol):
         """Drop every running row (their sequences have ended); prefilling state stays."""
 
 
+MIN_PADDING_EFFICIENCY = 0.8  # a batched prompt run's real tokens / its padded tokens, at least
+
+
+def length_groups(lengths: list[int], min_efficiency: float = MIN_PADDING_EFFICIENCY) -> list[list[int]]:
+    """Indices grouped for batched runs, shortest first: a group takes the next longer one while
+    its real tokens stay at least `min_efficiency` of its padded ones."""
+    groups: list[list[int]] = []
+    real = 0
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if groups and (real + lengths[i]) >= min_efficiency * (len(groups[-1]) + 1) * lengths[i]:
+            groups[-1].append(i)
+            real += lengths[i]
+        else:
+            groups.append([i])
+            real = lengths[i]
+    return groups
+
+
 def prefill_each(
     chunks: list[tuple[Sequence, int]], run: Callable[[Sequence, int], np.ndarray]
 ) -> list[np.ndarray | TServeError]:

@@ -12,7 +12,11 @@ A joiner whose cache is no longer than the batch's is written into a hole in pla
 right-aligned; otherwise it is appended and everyone is left-padded to the longer past.
 `compact` gathers the live rows and trims columns that are padding for every row, once holes
 or dead columns pile up, so joins and leaves cost one sequence's cache, not the batch's.
-A sequence being prefilled keeps its own cache here (`_own`) until it joins.
+A sequence being prefilled keeps its own cache here (`_own`) until it joins. The step's prompt
+chunks of similar lengths run in one batch: each row's past left-padded to the longest past,
+its new tokens right after it and right-padded to the longest chunk, so a real token never
+attends to padding that causality would let it see, and each padding query still sees real
+tokens before it (no fully masked row for the graph's softmax).
 
 Implements generation/cache.py's KVCache; it verifies no drafts.
 """
@@ -23,7 +27,7 @@ import numpy as np
 
 from service.conventions.decoder import DecoderGraph
 from service.errors import TServeError
-from service.generation.cache import prefill_each
+from service.generation.cache import length_groups, prefill_each
 from service.generation.prefix_cache import PrefixCache, concatenated
 from service.generation.sequence import Sequence
 from service.runtime import OrtRuntime
@@ -75,20 +79,59 @@ class KVRows:
     # -- running the graph ------------------------------------------------------------------
 
     def prefill(self, chunks: list[tuple[Sequence, int]]) -> list[np.ndarray | TServeError]:
-        """Each chunk in a run of its own, on its sequence's own cache (which this extends)."""
-        return prefill_each(chunks, self._prefill)
+        """The chunks on their sequences' own caches (which this extends): chunks of similar
+        lengths in one run (grouped so padding stays under a fifth of the new tokens); a failed
+        batched run is re-run a chunk at a time, so only the culprit fails."""
+        results: list[np.ndarray | TServeError | None] = [None] * len(chunks)
+        for group in length_groups([n for _, n in chunks]):
+            batch = [chunks[i] for i in group]
+            if len(batch) > 1 and self._fits(batch):
+                try:
+                    for i, logits in zip(group, self._prefill_batch(batch)):
+                        results[i] = logits
+                    continue
+                except TServeError:
+                    pass  # find the chunk that made it fail: each runs alone
+            for i, result in zip(group, prefill_each(batch, self._prefill)):
+                results[i] = result
+        return results
+
+    def _fits(self, batch: list[tuple[Sequence, int]]) -> bool:
+        """A batched run's columns (the longest past + the longest chunk) within the context."""
+        columns = max(seq.prefilled for seq, _ in batch) + max(n for _, n in batch)
+        return not self.graph.max_length or columns <= self.graph.max_length
 
     def _prefill(self, seq: Sequence, n: int) -> np.ndarray:
-        graph, start = self.graph, seq.prefilled
-        ids = np.array([seq.prompt[start : start + n]], np.int64)
-        mask = np.ones((1, start + n), np.int64)
-        positions = np.arange(start, start + n, dtype=np.int64)[None]
-        past = self._own.get(seq) or graph.empty_past(1)
+        return self._prefill_batch([(seq, n)])[0]
+
+    def _prefill_batch(self, chunks: list[tuple[Sequence, int]]) -> list[np.ndarray]:
+        """One run for these chunks: row i is chunk i's sequence, its past left-padded to the
+        longest (P columns), its n_i new tokens from column P, right-padded to the longest chunk
+        (T). Returns each chunk's logits [n_i, vocab]; each sequence's past grows by its n_i."""
+        graph, B = self.graph, len(chunks)
+        starts = [seq.prefilled for seq, _ in chunks]
+        P, T = max(starts), max(n for _, n in chunks)
+        ids = np.zeros((B, T), np.int64)
+        mask = np.zeros((B, P + T), np.int64)
+        positions = np.zeros((B, T), np.int64)
+        pasts = []
+        for i, ((seq, n), start) in enumerate(zip(chunks, starts)):
+            ids[i, :n] = seq.prompt[start : start + n]
+            mask[i, P - start : P + n] = 1
+            positions[i, :n] = np.arange(start, start + n)
+            positions[i, n:] = start + n - 1  # padding: any position the graph has
+            own = self._own.get(seq) or graph.empty_past(1)
+            pasts.append([_left_pad(p, P - start, 2) for p in own])  # [1, heads, P, head_dim] each
+        past = pasts[0] if B == 1 else [np.concatenate(layer) for layer in zip(*pasts)]
         out = self.runtime.run_sync(graph.feeds(ids, mask, positions, past), graph.outputs)
-        self._own[seq] = out[1:]
-        if self.prefix_cache is not None and start + n == len(seq.prompt):  # the whole prompt: keep its blocks
-            self.prefix_cache.insert(seq.prompt, lambda a, b: [p[0, :, a:b] for p in out[1:]])
-        return out[0][0]
+        logits = []
+        for i, ((seq, n), start) in enumerate(zip(chunks, starts)):
+            own = out[1:] if B == 1 else [np.ascontiguousarray(p[i : i + 1, :, P - start : P + n]) for p in out[1:]]
+            self._own[seq] = own
+            if self.prefix_cache is not None and start + n == len(seq.prompt):  # the whole prompt: keep its blocks
+                self.prefix_cache.insert(seq.prompt, lambda a, b: [p[0, :, a:b] for p in own])
+            logits.append(out[0][i, :n])
+        return logits
 
     def restore(self, seq: Sequence) -> int:
         """The kept blocks that start the prompt as `seq`'s own past: [1, heads, n, head_dim] each."""

@@ -33,11 +33,11 @@ import numpy as np
 
 from service.conventions.seq2seq import Seq2SeqGraphs
 from service.errors import TServeError
+from service.generation.cache import length_groups
 from service.generation.sequence import Sequence
 from service.generation.slots import SlotTable
 
 WIDTH_STEP = 32  # cross buffer widths are multiples of this many columns
-MIN_PADDING_EFFICIENCY = 0.8  # an encoder run's real tokens / its padded tokens, at least
 
 
 def _width(columns: int, max_width: int) -> int:
@@ -49,21 +49,6 @@ def _width(columns: int, max_width: int) -> int:
 def _left_pad(a: np.ndarray, width: int) -> np.ndarray:
     extra = width - a.shape[2]
     return a if extra <= 0 else np.pad(a, [(0, 0), (0, 0), (extra, 0), (0, 0)])
-
-
-def length_groups(lengths: list[int], min_efficiency: float = MIN_PADDING_EFFICIENCY) -> list[list[int]]:
-    """Indices grouped for batched runs, shortest first: a group takes the next longer one while
-    its real tokens stay at least `min_efficiency` of its padded ones."""
-    groups: list[list[int]] = []
-    real = 0
-    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
-        if groups and (real + lengths[i]) >= min_efficiency * (len(groups[-1]) + 1) * lengths[i]:
-            groups[-1].append(i)
-            real += lengths[i]
-        else:
-            groups.append([i])
-            real = lengths[i]
-    return groups
 
 
 class Seq2SeqCache(SlotTable):

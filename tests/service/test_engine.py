@@ -19,7 +19,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from service.conventions.seq2seq import DECODER, DECODER_WITH_PAST, ENCODER
-from service.errors import DeadlineExceeded, InvalidInput
+from service.errors import DeadlineExceeded, InvalidInput, TServeError
 from service.generation.engine import EngineLimits, GenerationEngine
 from service.generation.grammar import Constraint
 from service.generation.requests import GenerateInput, to_sequence
@@ -917,4 +917,81 @@ def test_prefill_stall_zero_gives_the_whole_budget_beside_running_rows(decoder):
     assert engine.step().prefill_tokens == len(long.prompt)
     while not engine.idle:
         engine.step()
+    LOOP.run_until_complete(engine.close())
+
+
+# -- KVRows: the step's prompt chunks in one run -------------------------------------------
+
+
+class CountingRuntime:
+    """A runtime that records each run's input_ids shape."""
+
+    def __init__(self, runtime) -> None:
+        self.runtime, self.shapes = runtime, []
+
+    def run_sync(self, feeds, outputs):
+        self.shapes.append(feeds["input_ids"].shape)
+        return self.runtime.run_sync(feeds, outputs)
+
+
+def test_kvrows_runs_a_steps_prompt_chunks_in_one_run_with_each_ones_logits(traced):
+    """Three chunks of different lengths from different pasts (one fresh, two part-prefilled) in
+    one run: each chunk's logits and its sequence's cache are those of running it alone (within
+    float rounding); then a chunk with a token the graph lacks fails alone, the others as alone."""
+    prompts = shared_prompts(traced)
+    graph, runtime = traced.factory.args[0], CountingRuntime(traced.runtimes[0])
+    jobs = [(prompts[0], 0, 20), (prompts[1], 13, 24), (prompts[2], 30, 22)]  # (prompt, prefilled, chunk)
+
+    def start(cache: KVRows, prompt, prefilled) -> Sequence:
+        seq = greedy(prompt, 1)
+        if prefilled:
+            cache.prefill([(seq, prefilled)])
+            seq.prefilled = prefilled
+        return seq
+
+    apart = []
+    for prompt, prefilled, n in jobs:
+        cache = KVRows(graph, runtime)
+        seq = start(cache, prompt, prefilled)
+        apart.append((cache.prefill([(seq, n)])[0], cache._own[seq]))
+    together = KVRows(graph, runtime)
+    seqs = [start(together, prompt, prefilled) for prompt, prefilled, _ in jobs]
+    runtime.shapes.clear()
+    got = together.prefill([(s, n) for s, (_, _, n) in zip(seqs, jobs)])
+    assert runtime.shapes == [(3, 24)]  # one run, right-padded to the longest chunk
+    for seq, (_, prefilled, n), out, (logits, own) in zip(seqs, jobs, got, apart):
+        assert out.shape == logits.shape == (n, logits.shape[-1])
+        np.testing.assert_allclose(out, logits, atol=1e-4)
+        assert [p.shape for p in together._own[seq]] == [p.shape for p in own]
+        for p, q in zip(together._own[seq], own):
+            np.testing.assert_allclose(p, q, atol=1e-5)
+
+    bad = greedy([1, 2, 70000, 3], 1)
+    cache = KVRows(graph, runtime)
+    good = [start(cache, prompt, prefilled) for prompt, prefilled, _ in jobs[:2]]
+    runtime.shapes.clear()
+    results = cache.prefill([(good[0], 20), (bad, 4), (good[1], 24)])
+    assert isinstance(results[1], TServeError)
+    assert bad not in cache._own and len(runtime.shapes) > 1  # the batched run failed: each ran alone
+    np.testing.assert_allclose(results[0], apart[0][0], atol=1e-4)
+    np.testing.assert_allclose(results[2], apart[1][0], atol=1e-4)
+
+
+def test_kvrows_joiners_prefill_together_and_generate_as_alone(traced):
+    """Stepped by hand, six joiners at once: the first step's chunks (the token budget's 256 of
+    their prompts) run in one batched run, later chunks beside the decode too, and each sequence
+    gets its tokens alone."""
+    prompts = shared_prompts(traced)
+    alone = [tokens(run(traced, [greedy(p, n)], EngineLimits(max_sequences=1))[0]) for p, n in zip(prompts, LENGTHS)]
+    counting = []
+    wrap = lambda r: counting.append(CountingRuntime(r)) or counting[-1]  # noqa: E731
+    engine = GenerationEngine(traced.name, traced.make_cache(wrap), EngineLimits(prefill_stall=0))
+    seqs = [greedy(p, n) for p, n in zip(prompts, LENGTHS)]
+    for seq in seqs:
+        engine.submit(seq)
+    first = engine.step()
+    assert first.prefill_tokens == 256 and counting[0].shapes[0][0] > 1  # several chunks, one run
+    while not engine.idle:
+        engine.step()
+    assert [s.generated for s in seqs] == alone
     LOOP.run_until_complete(engine.close())
