@@ -2,4 +2,5 @@ import sys
 
 from service.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not when --workers' spawned processes import it
+    sys.exit(main())

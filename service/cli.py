@@ -35,7 +35,12 @@ def serve(args: argparse.Namespace) -> int:
         print(f"tserve: invalid settings:\n{e}", file=sys.stderr)
         return 2
     configure(settings.log_level, settings.log_format)
+    from service.workers import Supervisor, worker_count
+
+    workers = worker_count(settings)
     try:
+        if workers > 1:
+            return Supervisor(settings, workers).run()
         asyncio.run(TServe(settings).run())
     except OSError as e:  # a port taken, a certificate unreadable: say which and stop
         print(f"tserve: {e}", file=sys.stderr)

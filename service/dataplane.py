@@ -75,6 +75,8 @@ class DataPlane:
         self.settings = settings
         self.tracing = tracing  # None: tracing off, and no request pays for it
         self.draining = False  # SIGTERM came: not ready
+        self.peers_ready = True  # --workers: whether every other worker is ready (service/workers.py)
+        self.fanout = None  # --workers: async (op, name) doing a repository load/unload in every worker
         self.refusing = False  # the drain's intake window is over: new requests get UNAVAILABLE
         self.loading_done = False
         self._inflight = 0
@@ -91,8 +93,12 @@ class DataPlane:
         self.manager.metrics.refusals.labels("", "", cause).inc()
 
     def ready(self) -> bool:
-        """Server readiness: loading finished (and, with strict_readiness, every model is
-        ready); not draining."""
+        """Server readiness: this process is ready, and so is every other worker (--workers)."""
+        return self.ready_here() and self.peers_ready
+
+    def ready_here(self) -> bool:
+        """This process's readiness: loading finished (and, with strict_readiness, every model
+        is ready); not draining."""
         return (
             self.loading_done and not self.draining and (self.manager.all_ready or not self.settings.strict_readiness)
         )
@@ -333,7 +339,7 @@ class DataPlane:
     async def load(self, name: str) -> None:
         if self.draining:
             raise Unavailable("the server is shutting down; it loads no models")
-        await self.manager.load(name)
+        await (self.fanout("load", name) if self.fanout else self.manager.load(name))
 
     async def unload(self, name: str) -> None:
-        await self.manager.unload(name)
+        await (self.fanout("unload", name) if self.fanout else self.manager.unload(name))

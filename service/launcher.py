@@ -166,8 +166,9 @@ def outcome_codes(futures) -> list[grpc.StatusCode]:
     return codes
 
 
-def channel(address: str) -> grpc.Channel:
-    """A client channel that accepts the large logits tensors some tests ask for."""
-    return grpc.insecure_channel(
-        address, options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
-    )
+def channel(address: str, own: bool = False) -> grpc.Channel:
+    """A client channel that accepts the large logits tensors some tests ask for; `own`: on a
+    connection of its own, not shared with the process's other channels to the address (grpc's
+    global subchannel pool), so that --workers' kernel balancing sees each as a client."""
+    options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+    return grpc.insecure_channel(address, options=options + ([("grpc.use_local_subchannel_pool", 1)] if own else []))

@@ -99,36 +99,45 @@ class Metrics:
             registry=registry,
         )
         self.queue_depth = Gauge(
-            "tserve_queue_depth", "Requests waiting in the batcher's queue.", MODEL, registry=registry
+            "tserve_queue_depth",
+            "Requests waiting in the batcher's queue.",
+            MODEL,
+            multiprocess_mode="livesum",
+            registry=registry,
         )
         self.queue_capacity = Gauge(
             "tserve_queue_capacity",
             "Most requests the batcher's queue holds (RESOURCE_EXHAUSTED beyond).",
             MODEL,
+            multiprocess_mode="livesum",
             registry=registry,
         )
         self.inflight = Gauge(
             "tserve_inflight_requests",
             "Requests received and not yet answered (streams until their last message).",
             [*MODEL, API, PROTOCOL],
+            multiprocess_mode="livesum",
             registry=registry,
         )
         self.model_load_duration = Gauge(
             "tserve_model_load_duration_seconds",
             "Time the last load of a model version took (with warm-up).",
             MODEL,
+            multiprocess_mode="livemax",
             registry=registry,
         )
         self.model_state = Gauge(
             "tserve_model_state",
             "1 for the state a model version is in (LOADING, READY, UNAVAILABLE, UNLOADED).",
             [*MODEL, "state"],
+            multiprocess_mode="livemax",
             registry=registry,
         )
         self.execution_provider = Gauge(
             "tserve_execution_provider",
             "1 for the ONNX Runtime execution provider a model version runs on.",
             [*MODEL, "provider"],
+            multiprocess_mode="livemax",
             registry=registry,
         )
         self.generation_graph = Gauge(
@@ -137,9 +146,12 @@ class Metrics:
             "graph), derived (a fused graph tserve derived from an Optimum export's weights) or plain (model.onnx); "
             "a fused or derived graph is used only after it gave model.onnx's logits at load.",
             [*MODEL, "graph"],
+            multiprocess_mode="livemax",
             registry=registry,
         )
-        self.server_ready = Gauge("tserve_server_ready", "1 when the server reports SERVING.", registry=registry)
+        self.server_ready = Gauge(
+            "tserve_server_ready", "1 when the server reports SERVING.", multiprocess_mode="livemin", registry=registry
+        )
         # generation
         self.gen_ttft = Histogram(
             "tserve_generation_time_to_first_token_seconds",
@@ -178,13 +190,25 @@ class Metrics:
             registry=registry,
         )
         self.gen_active = Gauge(
-            "tserve_generation_active_sequences", "Sequences in prefill or decoding.", MODEL, registry=registry
+            "tserve_generation_active_sequences",
+            "Sequences in prefill or decoding.",
+            MODEL,
+            multiprocess_mode="livesum",
+            registry=registry,
         )
         self.gen_queued = Gauge(
-            "tserve_generation_queued_requests", "Generation requests waiting for a slot.", MODEL, registry=registry
+            "tserve_generation_queued_requests",
+            "Generation requests waiting for a slot.",
+            MODEL,
+            multiprocess_mode="livesum",
+            registry=registry,
         )
         self.gen_kv_bytes = Gauge(
-            "tserve_generation_kv_cache_bytes", "Bytes held by KV caches of active sequences.", MODEL, registry=registry
+            "tserve_generation_kv_cache_bytes",
+            "Bytes held by KV caches of active sequences.",
+            MODEL,
+            multiprocess_mode="livesum",
+            registry=registry,
         )
         self.gen_prefix_hit_tokens = Counter(
             "tserve_generation_prefix_cache_hit_tokens",
@@ -205,7 +229,11 @@ class Metrics:
             registry=registry,
         )
         self.gen_prefix_bytes = Gauge(
-            "tserve_generation_prefix_cache_bytes", "Bytes held by the prefix cache.", MODEL, registry=registry
+            "tserve_generation_prefix_cache_bytes",
+            "Bytes held by the prefix cache.",
+            MODEL,
+            multiprocess_mode="livesum",
+            registry=registry,
         )
         self.gen_steps = Counter("tserve_generation_steps", "Generation engine steps run.", MODEL, registry=registry)
         self.gen_decode_rows = Histogram(

@@ -52,8 +52,20 @@ def _register_in_pool(*files) -> None:
 
 
 class TServe:
-    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: CollectorRegistry | None = None,
+        link=None,
+        late_bind: bool = False,
+        replay: list[tuple[str, str]] = (),
+    ) -> None:
+        """`link`: this process is one of --workers (service/workers.py): the ports are shared
+        (SO_REUSEPORT), the supervisor serves the metrics, health waits for every worker, and
+        repository loads and unloads go to every worker. `late_bind`: a restarted worker loads
+        its models (and `replay`s the repository calls made since start) before it listens."""
         self.settings = settings
+        self.link, self.late_bind, self.replay = link, late_bind, list(replay)
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
         self.manager = ModelManager(settings, self.metrics)
@@ -68,6 +80,9 @@ class TServe:
         self._metrics_server = None
         self._stopping = asyncio.Event()
         self.auth = TokenAuth.from_settings(settings)
+        if link is not None:
+            self.dataplane.peers_ready = link.peers_ready
+            self.dataplane.fanout = link.repository
 
     def _build_server(self) -> grpc.aio.Server:
         limit = self.settings.max_message_bytes
@@ -78,7 +93,7 @@ class TServe:
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 1 if self.link else 0),  # workers share the port
             ],
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.dataplane), server)
@@ -106,6 +121,9 @@ class TServe:
         )
 
     async def refresh_health(self) -> None:
+        if self.link is not None:  # the supervisor decides whether every worker is ready
+            self.link.ready(self.dataplane.ready_here())
+            self.dataplane.peers_ready = self.link.peers_ready
         ready = self.dataplane.ready()
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         await self.health.set("", status)
@@ -123,9 +141,21 @@ class TServe:
 
     async def start(self) -> None:
         started = time.perf_counter()
-        self._metrics_server, self.metrics_port = serve_metrics(
-            self.registry, self.settings.host, self.settings.metrics_port
-        )
+        if self.link is None:
+            self._metrics_server, self.metrics_port = serve_metrics(
+                self.registry, self.settings.host, self.settings.metrics_port
+            )
+        else:
+            self.link.start(self, asyncio.get_running_loop())
+        if self.late_bind:  # a restarted worker: no request reaches it before its models are in
+            await self._load()
+        await self._listen()
+        if not self.late_bind:
+            await self._load()
+        states = {f"{mv.name}/{mv.version}": mv.state for mv in self.manager.all()}
+        log.info("loading finished in %.2fs: %s", time.perf_counter() - started, states)
+
+    async def _listen(self) -> None:
         self.server = self._build_server()
         address = f"{self.settings.host}:{self.settings.grpc_port}"
         credentials = self._tls_credentials()
@@ -136,7 +166,7 @@ class TServe:
             raise OSError(f"could not bind gRPC to {self.settings.host}:{self.settings.grpc_port}")
         await self.server.start()
         if self.settings.http:
-            self.http = HttpServer(self.dataplane, self.settings, self.auth)
+            self.http = HttpServer(self.dataplane, self.settings, self.auth, reuse_port=self.link is not None)
             self.http_port = await self.http.start()
         await self.refresh_health()  # NOT_SERVING while loading
         if self.settings.port_file:
@@ -144,20 +174,21 @@ class TServe:
                 json.dumps({"grpc": self.grpc_port, "http": self.http_port, "metrics": self.metrics_port})
             )
         log.info(
-            "listening: gRPC %s:%d, HTTP %s (%s), metrics %s:%d",
+            "listening: gRPC %s:%d, HTTP %s (%s), metrics %s",
             self.settings.host,
             self.grpc_port,
             f"{self.settings.host}:{self.http_port}" if self.http else "off",
             "mutual TLS" if self.settings.tls_client_ca_file else "TLS" if credentials else "plaintext",
-            self.settings.host,
-            self.metrics_port,
+            f"{self.settings.host}:{self.metrics_port}" if self.link is None else "the supervisor's",
         )
+
+    async def _load(self) -> None:
         await self.manager.load_all()
+        for op, name in self.replay:  # a restarted worker catches up with the others
+            await (self.manager.load(name) if op == "load" else self.manager.unload(name))
         self.dataplane.loading_done = True
         self.manager.on_change.append(self._model_changed)
         await self.refresh_health()
-        states = {f"{mv.name}/{mv.version}": mv.state for mv in self.manager.all()}
-        log.info("loading finished in %.2fs: %s", time.perf_counter() - started, states)
 
     async def _model_changed(self, _mv) -> None:
         """A load or unload through the repository API: health follows before the RPC returns."""
@@ -176,6 +207,8 @@ class TServe:
         started = time.monotonic()
         self.dataplane.draining = True  # readiness off ...
         self.metrics.server_ready.set(0)
+        if self.link is not None:  # ... for every worker: the pod leaves the load balancer whole
+            self.link.ready(False)
         await self.health.enter_graceful_shutdown()
         # ... but what was sent before the signal and is still in gRPC's intake gets served
         if intake > 0 and self.dataplane.loading_done:  # nothing was taken before start-up finished

@@ -38,6 +38,13 @@ class Settings(BaseSettings):
     metrics_port: int = Field(
         default=8002, ge=0, le=65535, description="Prometheus /metrics port (0: pick a free one)."
     )
+    workers: str = Field(
+        default="1",
+        pattern=r"^([1-9][0-9]*|auto)$",
+        description="Serving processes sharing the gRPC and HTTP ports (SO_REUSEPORT) under one supervisor that "
+        "serves /metrics for all, restarts one that dies and drains all on SIGTERM; each has its own sessions. "
+        "auto: the cores this process may use / intra_op_threads.",
+    )
     execution_provider: Literal["cpu", "cuda"] = Field(default="cpu", description="ONNX Runtime execution provider.")
     provider_fallback: Literal["cpu", "fail"] = Field(
         default="cpu", description="When the requested provider is unavailable: run on CPU (logged), or fail the load."

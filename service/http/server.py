@@ -19,7 +19,7 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def _listen(host: str, port: int, backlog: int) -> socket.socket:
+def _listen(host: str, port: int, backlog: int, reuse_port: bool = False) -> socket.socket:
     """A listening TCP socket created with proto IPPROTO_TCP, not 0 as socket.create_server makes
     it: asyncio sets TCP_NODELAY only on connections whose socket says IPPROTO_TCP, and without it
     Nagle holds a response's body behind its headers until the client's delayed ACK, 40 ms later,
@@ -32,6 +32,8 @@ def _listen(host: str, port: int, backlog: int) -> socket.socket:
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:  # --workers: every worker listens on the port, the kernel spreads connections
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
         sock.listen(backlog)
     except OSError:
@@ -47,7 +49,8 @@ class _Server(uvicorn.Server):
 
 
 class HttpServer:
-    def __init__(self, dp: DataPlane, settings: Settings, auth: TokenAuth | None) -> None:
+    def __init__(self, dp: DataPlane, settings: Settings, auth: TokenAuth | None, reuse_port: bool = False) -> None:
+        self.reuse_port = reuse_port
         s = settings
         tls = {}
         if s.tls_cert_file is not None:
@@ -74,7 +77,7 @@ class HttpServer:
         # bound here, not by uvicorn, whose bind failure is a sys.exit inside the loop
         config = self.server.config
         try:
-            sock = _listen(config.host, config.port, config.backlog)
+            sock = _listen(config.host, config.port, config.backlog, self.reuse_port)
         except OSError as e:
             raise OSError(f"could not bind HTTP to {config.host}:{config.port}: {e.strerror}") from e
         self.port = sock.getsockname()[1]

@@ -56,13 +56,30 @@ class Size:
     overload_waves: int
     overload_burst: int
     sigterms: int
+    sigterms_workers: int  # SIGTERMs to a server of two workers (--workers 2)
     kills: int
     soak_s: float
 
 
-SHORT = Size(malformed=600, crosstalk_rounds=4, overload_waves=1, overload_burst=400, sigterms=2, kills=1, soak_s=24.0)
+SHORT = Size(
+    malformed=600,
+    crosstalk_rounds=4,
+    overload_waves=1,
+    overload_burst=400,
+    sigterms=2,
+    sigterms_workers=2,
+    kills=1,
+    soak_s=24.0,
+)
 LONG = Size(
-    malformed=20_000, crosstalk_rounds=40, overload_waves=3, overload_burst=2000, sigterms=20, kills=5, soak_s=120.0
+    malformed=20_000,
+    crosstalk_rounds=40,
+    overload_waves=3,
+    overload_burst=2000,
+    sigterms=20,
+    sigterms_workers=10,
+    kills=5,
+    soak_s=120.0,
 )
 
 
@@ -497,17 +514,24 @@ def overload(waves: int, burst: int) -> dict:
 # -- SIGTERM, kill -9 ------------------------------------------------------------------------
 
 
-def sigterms(rounds: int, calls: int = 80) -> dict:
+def sigterms(rounds: int, calls: int = 80, workers: int = 1) -> dict:
     """SIGTERM with 80 ModelInfer calls and 2 generation streams sent just before: every one
-    must finish with its full answer; a call after the intake window gets UNAVAILABLE; exit 0."""
+    must finish with its full answer; a call after the intake window gets UNAVAILABLE; exit 0.
+    With workers, the calls go over 8 connections, which the kernel spreads over the workers,
+    and the SIGTERM goes to the supervisor, as Kubernetes sends it to the container's first
+    process."""
     failed, exits, late_codes = 0, [], {}
     ids = np.random.default_rng(5).integers(0, VOCAB, (4, 128))
+    args = ("--log-level", "warning", "--drain-grace-seconds", "30", "--workers", str(workers))
     for _ in range(rounds):
-        server = ServerProcess(_repository(), "--log-level", "warning", "--drain-grace-seconds", "30").start()
-        ch = channel(server.address)
-        stub, gstub = pb_grpc.GRPCInferenceServiceStub(ch), gen_grpc.TextGenerationStub(ch)
-        stub.ModelInfer(infer_request(ids[:1, :4]), timeout=30)  # connected
-        futures = [stub.ModelInfer.future(infer_request(ids), timeout=60) for _ in range(calls)]
+        server = ServerProcess(_repository(), *args).start()
+        # connections of their own (grpc shares one between a process's channels to an address)
+        chs = [channel(server.address, own=True) for _ in range(8 if workers > 1 else 1)]
+        stubs = [pb_grpc.GRPCInferenceServiceStub(ch) for ch in chs]
+        stub, gstub = stubs[0], gen_grpc.TextGenerationStub(chs[0])
+        for s in stubs:
+            s.ModelInfer(infer_request(ids[:1, :4]), timeout=30)  # connected
+        futures = [stubs[i % len(stubs)].ModelInfer.future(infer_request(ids), timeout=60) for i in range(calls)]
         streams = [
             gstub.GenerateStream(gen.GenerateRequest(model="bytegpt", text="def f(x):", max_new_tokens=64), timeout=60)
             for _ in range(2)
@@ -531,9 +555,11 @@ def sigterms(rounds: int, calls: int = 80) -> dict:
             late = e.code().name
         late_codes[late] = late_codes.get(late, 0) + 1
         exits.append(server.proc.wait(60))
-        ch.close()
+        for ch in chs:
+            ch.close()
         server.terminate()
     return {
+        "workers": workers,
         "sigterms": rounds,
         "in_flight": rounds * (calls + 2),
         "in_flight_failed": failed,
@@ -774,6 +800,11 @@ def targets(name: str, f: dict, long: bool) -> dict[str, bool]:
             and f["exit_codes"] == [0]
             and set(f["after_window"]) == {"UNAVAILABLE"}
         },
+        "sigterm_workers": lambda: {
+            "0 in flight lost over 2 workers, exit 0, later calls UNAVAILABLE": f["in_flight_failed"] == 0
+            and f["exit_codes"] == [0]
+            and set(f["after_window"]) == {"UNAVAILABLE"}
+        },
         "kill9": lambda: {"every restart SERVING and serving": f["restarted_and_served"] == f["kills"]},
         "soak": lambda: {
             f"0 failed, RSS growth over the second half <= {rss}%": f["failed"] == 0
@@ -792,6 +823,7 @@ SCENARIOS = {
     "crosstalk": lambda size: crosstalk(size.crosstalk_rounds),
     "overload": lambda size: overload(size.overload_waves, size.overload_burst),
     "sigterm": lambda size: sigterms(size.sigterms),
+    "sigterm_workers": lambda size: sigterms(size.sigterms_workers, workers=2),
     "kill9": lambda size: kills(size.kills),
     "soak": lambda size: soak(size.soak_s),
     "auth": lambda size: auth(),
