@@ -312,16 +312,12 @@ class GenerationEngine:
                 self._expire(seq, now, stats)
                 self.rows.finish(row)
         self.rows.compact()
-        admitted = []
         if not (self.static and len(self.rows)):
             with self._lock:
                 while self.waiting and self.active + len(self.waiting[0].group) <= self.limits.max_sequences:
                     for seq in self.waiting.popleft().group:  # siblings are admitted with it, and counted
                         seq.admitted = now
                         self.prefilling.append(seq)
-                        admitted.append(seq)
-        for seq in admitted:
-            self._restore(seq, stats)
         plan = Plan(decode=len(self.rows) > 0, draft=self._draft())
         if self.rows.chunked_prefill:  # prompt chunks share the decoder's budget with the running rows
             budget = self.limits.token_budget - self.rows.live - len(plan.draft or ())  # holes cost compute, not budget
@@ -333,6 +329,8 @@ class GenerationEngine:
                 continue
             if budget <= 0:
                 break
+            if not seq.prefix_looked_up:  # at its first chunk, not at admission: a prompt admitted
+                self._restore(seq, stats)  # beside another with its prefix then finds that one's blocks
             n = len(seq.prompt) - seq.prefilled
             if self.rows.chunked_prefill:
                 n = min(n, max(1, budget))
@@ -341,9 +339,11 @@ class GenerationEngine:
         return plan
 
     def _restore(self, seq: Sequence, stats: StepStats) -> None:
-        """Start a newly admitted sequence's prefill after the kept prefix of its prompt, where the
-        cache keeps prefixes; not for a sibling (it copies its group's prefill), nor for one that
-        wants each prompt token's log-probability (that takes every position's logits)."""
+        """Start a sequence's prefill, at its first prompt chunk, after the kept prefix of its
+        prompt, where the cache keeps prefixes (blocks are kept as each chunk is computed); not
+        for a sibling (it copies its group's prefill), nor for one that wants each prompt
+        token's log-probability (that takes every position's logits)."""
+        seq.prefix_looked_up = True
         if self.rows.prefix_cache is None or seq.prefill_from is not None or seq.prompt_logprobs is not None:
             return
         seq.prefilled = self.rows.restore(seq)

@@ -128,8 +128,8 @@ class KVRows:
         for i, ((seq, n), start) in enumerate(zip(chunks, starts)):
             own = out[1:] if B == 1 else [np.ascontiguousarray(p[i : i + 1, :, P - start : P + n]) for p in out[1:]]
             self._own[seq] = own
-            if self.prefix_cache is not None and start + n == len(seq.prompt):  # the whole prompt: keep its blocks
-                self.prefix_cache.insert(seq.prompt, lambda a, b: [p[0, :, a:b] for p in own])
+            if self.prefix_cache is not None:  # keep the full blocks computed so far: a prompt beside it may use them
+                self.prefix_cache.insert(seq.prompt[: start + n], lambda a, b, own=own: [p[0, :, a:b] for p in own])
             logits.append(out[0][i, :n])
         return logits
 

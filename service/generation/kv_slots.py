@@ -186,8 +186,10 @@ class KVSlots(SlotTable):
         ids = np.array([seq.prompt[start : start + n]], np.int64)
         logits = self._run(slot, slot + 1, ids, np.ones((1, start + n), np.int64))
         self.lengths[slot] = start + n
-        if self.prefix_cache is not None and start + n == len(seq.prompt):  # the whole prompt: keep its blocks
-            self.prefix_cache.insert(seq.prompt, lambda a, b: [buffer[slot, :, a:b] for buffer in self.buffers])
+        if self.prefix_cache is not None:  # keep the full blocks computed so far: a prompt beside it may use them
+            self.prefix_cache.insert(
+                seq.prompt[: start + n], lambda a, b: [buffer[slot, :, a:b] for buffer in self.buffers]
+            )
         return logits[0]
 
     def restore(self, seq: Sequence) -> int:

@@ -67,6 +67,7 @@ class Sequence:
     text: str = ""
     emitted: int = 0  # characters of `text` already streamed
     prefilled: int = 0  # prompt tokens whose keys/values are cached (what each cache keeps is its own)
+    prefix_looked_up: bool = False  # the prefix cache was asked for its prompt's kept prefix
     prompt_logprobs: int | None = None  # k: each prompt token's log-probability and the k most likely (echo)
     prompt_records: list[TokenLogprob] = field(default_factory=list)  # filled while prefilling
     grammar: Grammar | None = None  # structured output: the grammar its tokens stay in

@@ -777,6 +777,25 @@ def test_a_prompt_starting_with_a_kept_prefix_restores_it_and_generates_the_same
     assert value("tserve_generation_prefix_cache_evictions_total") == 0
 
 
+def test_prompts_arriving_together_find_the_prefix_the_first_is_computing(decoder):
+    """Six prompts sharing the preamble, submitted at once with a token budget that takes one
+    prompt's chunks a step: each later prompt looks the cache up at its first chunk, not at
+    admission, so it starts from the blocks the earlier ones computed meanwhile (blocks are
+    kept chunk by chunk), and generates what it generates with the cache off."""
+    prompts = shared_prompts(decoder)
+    waves = lambda: [[greedy(p, n) for p, n in zip(prompts, LENGTHS)]]  # noqa: E731
+    on, off = [], []
+    limits = EngineLimits(max_sequences=8, token_budget=48)
+    with_cache = run_in_waves(decoder, waves(), limits, on)
+    without = run_in_waves(decoder, waves(), dataclasses.replace(limits, prefix_cache_bytes=0), off)
+    assert [tokens(e) for e in with_cache[0]] == [tokens(e) for e in without[0]]
+    restored = sum(s.prefix_cached_tokens for s in on)
+    # the preamble is five blocks; the first prompt has computed them all by the time the third
+    # prompt's first chunk is scheduled (the second may start beside the first's last chunk)
+    assert restored >= 4 * 5 * 16
+    assert sum(s.prefill_tokens for s in on) == sum(map(len, prompts)) - restored
+
+
 def test_seeded_sampling_and_n_choices_are_the_same_from_a_kept_prefix(decoder, manager):
     """Sampled sequences (seeded) and a request for three choices, after a request that left
     the preamble: the same draws as with the cache off; the choices prefill (and restore) once."""
