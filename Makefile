@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 SYSTEM  := $(VENV)/.system-tools
 REPO    ?= model_repository
 
-.PHONY: install install-serve check-serve-install serve test test-unit lint chaos container-test train parse-rate export protos check-protos bench-serve bench-frontend bench-options bench-http bench-generation bench-structured bench-engine-ab bench-genai bench-smol bench-embed bench-tracing bench-seq2seq train-seq2seq export-seq2seq cluster-up cluster-down clean
+.PHONY: install install-serve check-serve-install serve test test-unit lint chaos container-test train parse-rate export protos check-protos bench-serve bench-frontend bench-options bench-http bench-generation bench-structured bench-engine-ab bench-genai bench-smol bench-workers bench-embed bench-tracing bench-seq2seq train-seq2seq export-seq2seq cluster-up cluster-down clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -131,6 +131,10 @@ bench-genai: $(STAMP) $(GENAI_VENV)/.installed
 # onnxruntime-genai, prefix caching on and off, a long prompt joining running streams (~15 min)
 bench-smol: $(STAMP) $(GENAI_VENV)/.installed
 	$(PYTHON) -m bench.smol_bench
+
+# --workers 2 against 1 on a BERT-style encoder and bytegpt under perf_analyzer (~6 min)
+bench-workers: $(STAMP)
+	$(PYTHON) -m bench.workers_bench
 
 # The embedding peer's own environment: Infinity on its ONNX Runtime engine (optimum), with the
 # CPU torch it needs first by exact version.
