@@ -93,7 +93,10 @@ def generate_greedy(
     """Greedy generation of (prompt, max_new_tokens) jobs on an engine of its own, run on the
     calling thread, all at once (so batching is part of what is checked). A sequence that fails
     raises ModelLoadError with its error."""
-    engine = GenerationEngine("load-check", make_cache, EngineLimits(max_sequences=max(1, len(jobs))))
+    # the checks run the plain path: no prefix kept between their prompts
+    engine = GenerationEngine(
+        "load-check", make_cache, EngineLimits(max_sequences=max(1, len(jobs)), prefix_cache_bytes=0)
+    )
     seqs = [
         Sequence(
             f"load-check-{i}",

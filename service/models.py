@@ -61,9 +61,10 @@ log = logging.getLogger(__name__)
 def decoder_cache(graph: DecoderGraph, runtime: OrtRuntime, limits: EngineLimits) -> KVRows | KVSlots:
     """A decoder's engine cache: a shared buffer for a graph that reads row lengths from its mask."""
     fill_holes = limits.scheduling != "static"
+    kept = limits.prefix_cache_bytes  # automatic prefix caching (generation/prefix_cache.py); 0: off
     if graph.shared_kv:
-        return KVSlots(graph, runtime, limits.max_sequences, fill_holes=fill_holes)
-    return KVRows(graph, runtime, fill_holes=fill_holes)
+        return KVSlots(graph, runtime, limits.max_sequences, fill_holes=fill_holes, prefix_cache_bytes=kept)
+    return KVRows(graph, runtime, fill_holes=fill_holes, prefix_cache_bytes=kept)
 
 
 def seq2seq_cache(spec: ModelSpec, encoder, decoder, with_past, limits: EngineLimits) -> Seq2SeqCache:
@@ -161,7 +162,7 @@ class ModelManager:
             mv.spec = seq2seq_spec(entry, decoders[0].graph_outputs, decoders[1].graph_inputs, manifest)
             mv.make_cache = partial(seq2seq_cache, mv.spec, runtimes[0], *decoders)
             mv.generation = GenerationConfig.from_spec(mv.spec)
-            warm = mv.make_cache(EngineLimits(max_sequences=1))
+            warm = mv.make_cache(EngineLimits(max_sequences=1, prefix_cache_bytes=0))
             generate_greedy(lambda limits: warm, [([0, 0], 2)])  # warm-up: every graph once, through the engine
             self._check_reservation(  # the cross-attention buffers grow to slots x the longest source
                 self.settings.generation_max_sequences * mv.generation.max_context * warm.cross_column_bytes,
@@ -392,6 +393,8 @@ class ModelManager:
                 speculative_tokens=s.generation_speculative_tokens,
                 prompt_lookup_max=s.generation_prompt_lookup_max,
                 stream_interval=s.generation_stream_interval,
+                prefix_cache_bytes=s.generation_prefix_cache_bytes,
+                prefill_stall=s.generation_prefill_stall,
             )
             mv.engine = GenerationEngine(mv.name, mv.make_cache, limits, mv.observer.generation_step)
             mv.engine.start()

@@ -290,3 +290,30 @@ def test_stream_interval_sends_tokens_several_a_message():
     assert messages[-1].finish_reason == gen.FINISH_REASON_LENGTH
     assert [t for m in messages for t in m.token_ids] == list(unary.token_ids)
     assert "".join(m.text for m in messages) == unary.text
+
+
+def test_prefix_caching_is_on_by_default_and_changes_no_output():
+    """The defaults: a request whose prompt starts like an earlier one's restores that prefix
+    (the metrics count it) and gets what a server with prefix caching off gives, greedy and
+    seeded; the tokens of the shared preamble are prefilled once."""
+    preamble = "# utils.py: small helpers over strings and lists, each with a docstring and a test.\n" * 2
+    asks = [
+        make(preamble + "def first(xs):", max_new_tokens=24, temperature=0.0),
+        make(preamble + "def last(xs):", max_new_tokens=24, temperature=0.0),
+        make(preamble + "def middle(xs):", max_new_tokens=24, temperature=0.9, seed=3),
+    ]
+    outputs = {}
+    for name, args in (("on", ()), ("off", ("--generation-prefix-cache-bytes", "0"))):
+        with ServerProcess(DEFAULT_REPOSITORY, *args) as s, grpc.insecure_channel(s.address) as ch:
+            stub = gen_grpc.TextGenerationStub(ch)
+            outputs[name] = [list(stub.Generate(req, timeout=60).token_ids) for req in asks]
+            outputs[name + " restored"] = metric(s, "tserve_generation_prefix_cache_hit_tokens_total")
+            outputs[name + " queried"] = metric(s, "tserve_generation_prefix_cache_queried_tokens_total")
+    assert outputs["on"] == outputs["off"]
+    tokenizer = bytegpt_tokenizer()
+    prompts = [tokenizer.encode(r.text, False) for r in asks]
+    common = min(next(i for i, (a, b) in enumerate(zip(prompts[0], p)) if a != b) for p in prompts[1:])
+    assert common >= 32  # the preamble is two blocks of 16 at least
+    assert outputs["on restored"] == 2 * (common // 16 * 16)  # the full blocks of the shared start, twice
+    assert outputs["on queried"] == sum(map(len, prompts))
+    assert outputs["off restored"] == outputs["off queried"] == 0
