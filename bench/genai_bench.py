@@ -89,18 +89,24 @@ def transformers_greedy(source: Path, prompts: list[list[int]], new_tokens: int)
     return out[:, len(prompts[0]) :].tolist()
 
 
-def run_genai(model: Path, prompts: list[list[int]], new_tokens: int) -> dict:
+def run_genai(
+    model: Path, prompts: list[list[int]], new_tokens: int, threads: int = THREADS, cores: set[int] | None = None
+) -> dict:
+    """onnxruntime-genai in its own environment, with `threads` intra-op threads, pinned to
+    `cores` if given."""
+    pin = ["taskset", "-c", ",".join(map(str, sorted(cores)))] if cores else []
     with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
         json.dump(prompts, f)
         f.flush()
         res = subprocess.run(
             [
+                *pin,
                 str(GENAI_PYTHON),
                 str(ROOT / "bench" / "genai_peer.py"),
                 str(model),
                 f.name,
                 str(new_tokens),
-                str(THREADS),
+                str(threads),
             ],
             capture_output=True,
             text=True,

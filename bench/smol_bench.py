@@ -23,7 +23,10 @@ repeated over rounds (medians, ranges):
                median of their gaps before it arrived, and over the median of the same gaps
 
 Everything shares the machine's cores, as a user's quick run would (genai has no client beside
-it; tserve's client is an asyncio loop). Writes bench/results/smol.json.
+it; tserve's client is an asyncio loop). With --pinned, the fair limit instead: this process
+(the client) on core 0, genai and the tserve server on core 1 with one intra-op thread each, so
+the client's CPU is no one's but its own; it runs the peer part alone. Writes
+bench/results/smol.json (smol_pinned.json with --pinned).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -120,8 +124,12 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "smol", help="where the models are built (once)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--parts", default="peer,prefix,join")
+    p.add_argument("--pinned", action="store_true", help="client on core 0, genai and tserve on core 1 (peer part)")
     args = p.parse_args()
-    parts = set(args.parts.split(","))
+    parts = {"peer"} if args.pinned else set(args.parts.split(","))
+    server_cores = {1} if args.pinned else None
+    if args.pinned:  # before any thread starts: every thread of the client inherits it
+        os.sched_setaffinity(0, {0})
     source, optimum = build_smol(args.work)
     genai = export_genai(source, args.work)
     ids = source_ids(source)
@@ -136,8 +144,8 @@ def main() -> None:
     reference = transformers_greedy(source, prompts, NEW_TOKENS) if "peer" in parts else None
     t0 = time.perf_counter()
     with (
-        ServerProcess(repo, env=env) as server,
-        ServerProcess(repo, "--generation-prefix-cache-bytes", "0", env=env) as no_cache,
+        ServerProcess(repo, env=env, cores=server_cores) as server,
+        ServerProcess(repo, "--generation-prefix-cache-bytes", "0", env=env, cores=server_cores) as no_cache,
     ):
         print(f"two servers loaded in {time.perf_counter() - t0:.1f} s (the first derives the fused graph)", flush=True)
         for model in ("smol", "smol_genai"):
@@ -147,7 +155,7 @@ def main() -> None:
             r: dict = {}
             checks: dict[str, bool] = {}
             if "peer" in parts:
-                peer = run_genai(genai, prompts, NEW_TOKENS)
+                peer = run_genai(genai, prompts, NEW_TOKENS, *((1, server_cores) if args.pinned else ()))
                 r["genai_1"], r["genai_16"] = peer["one_stream_tokens_per_s"], peer["batch_tokens_per_s"]
                 r["genai_ttft_16_ms"] = peer["batch_ttft_ms"]
                 for name, model in (("optimum", "smol"), ("genai_folder", "smol_genai")):
@@ -190,7 +198,8 @@ def main() -> None:
     med = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
     figures: dict[str, list[float]] = {}
     if "peer" in parts:
-        print("\n| path | 1 stream tok/s | 16 streams tok/s | TTFT at 16 ms |\n|---|---|---|---|")
+        where = "client on core 0, genai and tserve on core 1, one thread" if args.pinned else "all cores shared"
+        print(f"\n{where}:\n| path | 1 stream tok/s | 16 streams tok/s | TTFT at 16 ms |\n|---|---|---|---|")
         print(
             f"| onnxruntime-genai 0.18, static batch | {med['genai_1']:.1f} | {med['genai_16']:.1f} | "
             f"{med['genai_ttft_16_ms']:.0f} |"
@@ -236,7 +245,7 @@ def main() -> None:
     if agree:
         print("greedy ids equal: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in agree.items()))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "smol.json").write_text(
+    (RESULTS / ("smol_pinned.json" if args.pinned else "smol.json")).write_text(
         json.dumps({"rounds": rounds, "median": med, "ratios": figures, "ids_agree": agree}, indent=1) + "\n"
     )
 

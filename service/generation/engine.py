@@ -321,7 +321,8 @@ class GenerationEngine:
         plan = Plan(decode=len(self.rows) > 0, draft=self._draft())
         if self.rows.chunked_prefill:  # prompt chunks share the decoder's budget with the running rows
             budget = self.limits.token_budget - self.rows.live - len(plan.draft or ())  # holes cost compute, not budget
-            budget = self.pacer.budget(budget, running=self.rows.live > 0)
+            waiting = sum(s.prefill_from is None for s in self.prefilling)
+            budget = self.pacer.budget(budget, running=self.rows.live, waiting=waiting)
         else:
             budget = self.limits.encoder_token_budget
         for seq in self.prefilling:

@@ -4,9 +4,12 @@ A step runs its prompt chunks and then the batched decode, so every running stre
 the chunks: a long prompt joining in chunks of the whole token budget makes each of those steps
 several decode steps long, and the streams' inter-token latency spikes while it joins. So while
 rows are running, a step's prompt tokens are capped so that their predicted time is at most
-`stall` times the decode step's:
+`stall` times the decode step's, times the sequences waiting to be prefilled per running row
+where there are more of them than rows (a burst of arrivals joins at once; one long prompt
+beside many rows is held to one decode step):
 
-    tokens  =  (stall x decode_s - fixed_s) / per_token_s      at least FLOOR, at most the budget
+    tokens  =  (stall x decode_s x max(1, waiting / running) - fixed_s) / per_token_s
+               at least FLOOR, at most the budget
 
 with the whole budget when no row is running (nothing waits: the joiner's time to first token
 is all that counts). `decode_s` is an exponentially weighted mean of the decode runs' times;
@@ -58,11 +61,17 @@ class PrefillPacer:
             return self.costs.estimate(tokens)
         return tokens * self._seconds / self._tokens if self._seconds > 0 else None
 
-    def budget(self, budget: int, running: bool) -> int:
-        """The prompt tokens this step may run, out of `budget`, while rows are `running` or not."""
+    def budget(self, budget: int, running: int, waiting: int = 1) -> int:
+        """The prompt tokens this step may run, out of `budget`, beside `running` rows, with
+        `waiting` sequences to prefill. The stall is shared out: a step may hold the running
+        rows up by one decode step (x stall) for each waiting sequence per running row, so a
+        burst of prompts arriving a few milliseconds apart joins in a step or two (rather than
+        one a step, the first rows decoding alone meanwhile: 78 decode runs of 13 rows, not 64
+        of 16, for 16 SmolLM-shaped streams, by hand), while one prompt joining many rows
+        holds each of them up by one decode step's time at most."""
         if not running or self.stall <= 0 or self.decode_s is None or self.predict(1) is None:
             return budget
-        allowed = self.stall * self.decode_s
+        allowed = self.stall * self.decode_s * max(1.0, waiting / running)
         if self._line:
             tokens = (allowed - self.costs.fixed_s) / self.costs.per_token_s
         else:

@@ -102,7 +102,12 @@ def test_a_derived_graph_gives_the_exports_tokens_and_logits_batched_and_chunked
     rng = np.random.default_rng(0)
     jobs = [(rng.integers(1, VOCAB, size=n).tolist(), 12) for n in (3, 17, 9)]  # mixed lengths, one batch
     want = generate_greedy(lambda limits: KVRows(plain_graph, plain), jobs, record_logits=True)
+    runs, run_binding = [], fused.run_binding
+    fused.run_binding = lambda binding: runs.append(binding) or run_binding(binding)  # count the runs
     got = generate_greedy(lambda limits: KVSlots(fused_graph, fused, limits.max_sequences), jobs, record_logits=True)
+    assert (
+        len(runs) == 1 + 11
+    )  # the three fresh prompts in one run, right-padded; then a decode a token after the first
     for w, g in zip(want, got):
         assert g.generated == w.generated, kind
         diff = max(float(np.abs(a - b).max()) for a, b in zip(w.logits_seen, g.logits_seen))

@@ -60,3 +60,11 @@ def test_the_decode_time_is_a_moving_mean_and_the_line_follows_new_costs():
         for tokens in (30, 60):
             pacer.prefill_ran(tokens, FIXED + 2 * PER_TOKEN * tokens)
     assert pacer.budget(256, running=True) == pytest.approx(20, abs=1)
+
+
+def test_the_stall_is_shared_out_over_the_sequences_waiting_per_running_row():
+    one = timed().budget(256, running=1)
+    assert timed().budget(256, running=1, waiting=1) == one  # one joiner beside one row: the plain cap
+    assert timed().budget(256, running=15, waiting=1) == one  # one joiner beside many rows: the same
+    assert timed().budget(256, running=2, waiting=4) == timed(stall=2.0).budget(256, running=1)  # 2 per row
+    assert timed().budget(4096, running=1, waiting=15) > 10 * one  # a burst behind one row joins at once
