@@ -13,7 +13,8 @@ repeated over rounds (medians, ranges):
                16 as one static batch) against a real tserve serving the Optimum export and
                genai's folder over gRPC streams (one at a time; 16 at once): 32-token prompts,
                64 new tokens, greedy, end-of-sequence banned; every path's greedy ids compared
-               with transformers' own generate
+               with transformers' own generate. tserve runs with prefix caching off here: the
+               same prompts come back on every path and in every round
     prefix     prefix caching on (the default) and off: the time to first token of a request
                whose 1,024-token prefix an earlier request computed, over the earlier one's;
                16 chat-like requests sharing a 512-token system prompt, all at once (64 new
@@ -148,9 +149,9 @@ def main() -> None:
         ServerProcess(repo, "--generation-prefix-cache-bytes", "0", env=env, cores=server_cores) as no_cache,
     ):
         print(f"two servers loaded in {time.perf_counter() - t0:.1f} s (the first derives the fused graph)", flush=True)
-        for model in ("smol", "smol_genai"):
-            run_streams(server.address, [greedy(prompts[0], 4, model)])  # warm
-        run_streams(no_cache.address, [greedy(prompts[0], 4)])
+        for model in ("smol", "smol_genai"):  # warm
+            run_streams(server.address, [greedy(prompts[0], 4, model)])
+            run_streams(no_cache.address, [greedy(prompts[0], 4, model)])
         for k in range(args.rounds):
             r: dict = {}
             checks: dict[str, bool] = {}
@@ -159,9 +160,11 @@ def main() -> None:
                 r["genai_1"], r["genai_16"] = peer["one_stream_tokens_per_s"], peer["batch_tokens_per_s"]
                 r["genai_ttft_16_ms"] = peer["batch_ttft_ms"]
                 for name, model in (("optimum", "smol"), ("genai_folder", "smol_genai")):
+                    # on the server with prefix caching off: the same prompts run on every path
+                    # and in every round, and genai keeps nothing between its runs
                     reqs = [greedy(q, NEW_TOKENS, model) for q in prompts]
-                    single = one_at_a_time(server.address, reqs)
-                    together = run_streams(server.address, reqs, keep_tokens=True)
+                    single = one_at_a_time(no_cache.address, reqs)
+                    together = run_streams(no_cache.address, reqs, keep_tokens=True)
                     r[f"tserve_{name}_1"], r[f"tserve_{name}_16"] = single["tokens_per_s"], together["tokens_per_s"]
                     r[f"tserve_{name}_ttft_16_ms"] = together["ttft_p50_ms"]
                     checks[f"tserve {name} 1 stream"] = single["token_ids"] == reference

@@ -105,7 +105,10 @@ class Settings(BaseSettings):
         default=256, ge=1, description="Generation requests waiting for a slot (RESOURCE_EXHAUSTED beyond)."
     )
     generation_token_budget: int = Field(
-        default=256, ge=8, description="Tokens per engine step: decode tokens first, then prompt chunks of joiners."
+        default=512,
+        ge=8,
+        description="Tokens per engine step: decode tokens first, then prompt chunks of joiners (while sequences "
+        "decode, also held to generation_prefill_stall). 512: a burst of 16 prompts of 32 tokens joins in one step.",
     )
     generation_encoder_token_budget: int = Field(
         default=2048,

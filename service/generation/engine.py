@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 class EngineLimits:
     max_sequences: int = 32  # sequences in prefill or decoding at once
     max_queue: int = 256  # requests waiting for a slot (QueueFull beyond)
-    token_budget: int = 256  # tokens per step: one per running row, the rest for prompt chunks
+    token_budget: int = 512  # tokens per step: one per running row, the rest for prompt chunks
     # source tokens per step where an encoder reads the prompts (an encoder-decoder): whole
     # sources, at least one a step; the encoder is another graph than the decoder the token
     # budget bounds (vLLM's max_num_encoder_input_tokens)

@@ -1004,7 +1004,7 @@ def test_kvrows_joiners_prefill_together_and_generate_as_alone(traced):
     alone = [tokens(run(traced, [greedy(p, n)], EngineLimits(max_sequences=1))[0]) for p, n in zip(prompts, LENGTHS)]
     counting = []
     wrap = lambda r: counting.append(CountingRuntime(r)) or counting[-1]  # noqa: E731
-    engine = GenerationEngine(traced.name, traced.make_cache(wrap), EngineLimits(prefill_stall=0))
+    engine = GenerationEngine(traced.name, traced.make_cache(wrap), EngineLimits(prefill_stall=0, token_budget=256))
     seqs = [greedy(p, n) for p, n in zip(prompts, LENGTHS)]
     for seq in seqs:
         engine.submit(seq)
