@@ -73,10 +73,10 @@ def build_bert(out: Path) -> Path:
 
 def bert_input(path: Path) -> Path:
     ids = [101] + [(7 * i) % 8000 + 100 for i in range(LENGTH - 2)] + [102]
-    row = {
-        "input_ids": {"content": ids, "shape": [1, LENGTH]},
-        "attention_mask": {"content": [1] * LENGTH, "shape": [1, LENGTH]},
-        "token_type_ids": {"content": [0] * LENGTH, "shape": [1, LENGTH]},
+    row = {  # the model batches (its config says so), so shapes leave the batch axis out
+        "input_ids": {"content": ids, "shape": [LENGTH]},
+        "attention_mask": {"content": [1] * LENGTH, "shape": [LENGTH]},
+        "token_type_ids": {"content": [0] * LENGTH, "shape": [LENGTH]},
     }
     path.write_text(json.dumps({"data": [row]}))
     return path

@@ -157,6 +157,10 @@ class TServe:
 
     async def _listen(self) -> None:
         self.server = self._build_server()
+        # grpc's health servicer starts out SERVING for the server as a whole: say otherwise
+        # before the port opens, or a probe in the moment after could hear SERVING from a
+        # server still loading (a supervisor's workers are probed as soon as they bind)
+        await self.refresh_health()
         address = f"{self.settings.host}:{self.settings.grpc_port}"
         credentials = self._tls_credentials()
         self.grpc_port = (
